@@ -1,0 +1,333 @@
+"""`enricher`: the command line.
+
+Settings come from ENRICHER_* variables; the global flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .config import ConfigError, Settings
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Something the user must fix; printed without a traceback."""
+
+
+def _settings(args, **extra) -> Settings:
+    return Settings.from_env(data_dir=args.data_dir, broker=args.broker, clickhouse_url=args.clickhouse_url, **extra)
+
+
+def _registry(settings: Settings):
+    from models.registry import ModelRegistry
+
+    return ModelRegistry(settings.registry_dir)
+
+
+# -- broker ------------------------------------------------------------------
+def cmd_broker(args) -> int:
+    from .broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(args.host, args.port).start()
+    print(f"embedded broker (Tansu, memory storage) listening on {broker.url}; Ctrl-C stops it", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    try:
+        broker.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+    return 0
+
+
+# -- models --------------------------------------------------------------------
+def cmd_models_register(args) -> int:
+    settings = _settings(args)
+    try:
+        schema = json.loads(Path(args.schema).read_text())
+    except FileNotFoundError:
+        raise UserError(f"schema file {args.schema!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"schema file {args.schema!r} is not valid JSON: {exc}") from None
+    spec = _registry(settings).register(args.model_id, schema, args.reference)
+    print(f"registered {spec.model_id}: {spec.task}, {len(spec.features)} features, "
+          f"{len(spec.attributes)} attributes")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    registry = _registry(_settings(args))
+    ids = registry.ids()
+    if not ids:
+        print("no models registered (see `enricher models register --help`)")
+    for model_id in ids:
+        on = [n for n, t in registry.enrichments(model_id).items() if t["enabled"]]
+        print(f"{model_id}\t{registry.get(model_id).task}\tenrichments: {', '.join(on) or 'none'}")
+    return 0
+
+
+def cmd_models_show(args) -> int:
+    from models.artifact import ArtifactStore
+
+    settings = _settings(args)
+    registry = _registry(settings)
+    spec = registry.get(args.model_id)
+    store = ArtifactStore(settings.artifact_dir, settings.artifact_key)
+    enrichments = {}
+    for name, toggle in registry.enrichments(args.model_id).items():
+        enrichments[name] = {**toggle, "artifact_version": store.current_version(args.model_id, name),
+                             "versions": store.versions(args.model_id, name)}
+    doc = {"model_id": spec.model_id, "schema": spec.to_json(),
+           "reference_rows": registry.reference(args.model_id).num_rows, "enrichments": enrichments}
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+# -- enrichments ---------------------------------------------------------------
+def _parse_assignment(text: str):
+    if "=" not in text:
+        raise UserError(f"{text!r}: write NAME=on, NAME=off or NAME.SETTING=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_enrichments_set(args) -> int:
+    from models import ENRICHMENTS
+
+    registry = _registry(_settings(args))
+    current = registry.enrichments(args.model_id)
+    changes: dict[str, dict] = {}
+    for item in args.assignments:
+        key, value = _parse_assignment(item)
+        name, _, setting = key.partition(".")
+        if name not in ENRICHMENTS:
+            raise UserError(f"unknown enrichment {name!r}; known: {', '.join(sorted(ENRICHMENTS))}")
+        change = changes.setdefault(name, {"enabled": current[name]["enabled"],
+                                           "config": dict(current[name]["config"])})
+        if setting:
+            change["config"][setting] = value
+        elif value in ("on", True, "true"):
+            change["enabled"] = True
+        elif value in ("off", False, "false"):
+            change["enabled"] = False
+        else:
+            raise UserError(f"{item!r}: {name} takes on or off")
+    for name, change in changes.items():
+        registry.set_enrichment(args.model_id, name, change["enabled"], change["config"])
+    return cmd_enrichments_show(args)
+
+
+def cmd_enrichments_show(args) -> int:
+    from models.artifact import ArtifactStore
+
+    settings = _settings(args)
+    store = ArtifactStore(settings.artifact_dir, settings.artifact_key)
+    for name, toggle in _registry(settings).enrichments(args.model_id).items():
+        version = store.current_version(args.model_id, name)
+        state = "on" if toggle["enabled"] else "off"
+        trained = f"artifact v{version}" if version else "not trained"
+        print(f"{name}\t{state}\t{trained}\tconfig {json.dumps(toggle['config'])}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    # The CLI composes both halves; the streaming modules never import training.
+    from models.artifact import ArtifactStore
+    from pipelines.train import train
+
+    settings = _settings(args)
+    train(_registry(settings), ArtifactStore(settings.artifact_dir, settings.artifact_key), args.model_id,
+          only=args.enrichment or None)
+    return 0
+
+
+# -- streaming -----------------------------------------------------------------
+def cmd_worker(args) -> int:
+    from .worker import run_worker
+
+    overrides = {k: v for k, v in {"http_port": args.http_port, "batch_size": args.batch_size,
+                                   "batch_timeout": args.batch_timeout}.items() if v is not None}
+    run_worker(_settings(args, **overrides), loglevel=args.log_level)
+    return 0
+
+
+def cmd_produce(args) -> int:
+    from .producer import InferenceProducer
+    from .topics import ensure_topics
+
+    settings = _settings(args)
+    ensure_topics(settings)
+    producer = InferenceProducer(settings, topic=args.topic)
+    source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    with source:
+        n = producer.send_many(line.rstrip(b"\r\n") for line in source if line.strip())
+    producer.flush()
+    print(f"produced {n} messages to {producer.topic}")
+    return 0
+
+
+def cmd_query(args) -> int:
+    settings = _settings(args)
+    columns, rows = query(settings, args.sql)
+    if args.format == "json":
+        from .worker import _jsonable
+
+        for row in rows:
+            print(json.dumps(dict(zip(columns, row)), default=_jsonable))
+    else:
+        print(format_table(columns, rows))
+    return 0
+
+
+def query(settings: Settings, sql: str) -> tuple[list[str], list]:
+    """Run a read-only query: directly, or through the running worker that
+    holds the embedded store (chDB allows one process per data directory)."""
+    worker = _running_worker(settings)
+    if worker:
+        req = urllib.request.Request(worker + "/query", data=json.dumps({"sql": sql}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        if settings.api_token:
+            req.add_header("Authorization", f"Bearer {settings.api_token}")
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                doc = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise UserError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
+        return doc["columns"], doc["rows"]
+    from .clickhouse import connect, run_query
+
+    client = connect(settings, readonly=True)
+    try:
+        return run_query(client, sql)
+    finally:
+        client.close()
+
+
+def _running_worker(settings: Settings) -> str | None:
+    if not settings.clickhouse_url.startswith("chdb:"):
+        return None
+    try:
+        info = json.loads((settings.data_dir / "worker.json").read_text())
+        os.kill(info["pid"], 0)
+    except (FileNotFoundError, ProcessLookupError, ValueError, KeyError, PermissionError):
+        return None
+    return info["url"]
+
+
+def format_table(columns: list[str], rows: list) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "NULL" if v is None else str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in text]
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# -- parser ------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="enricher", description="Stream-processing inference enrichment.")
+    p.add_argument("--data-dir", help="registry, artifacts and embedded store (ENRICHER_DATA_DIR)")
+    p.add_argument("--broker", help="kafka://HOST:PORT (ENRICHER_BROKER; unset: the embedded broker)")
+    p.add_argument("--clickhouse-url", help="chdb:///PATH or http(s)://USER:PASSWORD@HOST:PORT/DB "
+                                            "(ENRICHER_CLICKHOUSE_URL)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, default=9092)
+    b.set_defaults(func=cmd_broker)
+
+    m = sub.add_parser("models", help="register, list and show models").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    r = m.add_parser("register", help="register a model (or update its schema and reference data)")
+    r.add_argument("model_id")
+    r.add_argument("--schema", required=True, help="JSON schema file")
+    r.add_argument("--reference", required=True, help="reference data, .parquet or .csv")
+    r.set_defaults(func=cmd_models_register)
+    m.add_parser("list", help="registered models").set_defaults(func=cmd_models_list)
+    s = m.add_parser("show", help="a model's schema, enrichments and artifacts")
+    s.add_argument("model_id")
+    s.set_defaults(func=cmd_models_show)
+
+    e = sub.add_parser("enrichments", help="turn enrichments on and off per model").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    es = e.add_parser("set", help="e.g. anomaly_detection=on anomaly_detection.n_estimators=200")
+    es.add_argument("model_id")
+    es.add_argument("assignments", nargs="+", metavar="NAME=on|off|NAME.SETTING=VALUE")
+    es.set_defaults(func=cmd_enrichments_set)
+    sh = e.add_parser("show", help="a model's enrichments and artifact versions")
+    sh.add_argument("model_id")
+    sh.set_defaults(func=cmd_enrichments_show)
+
+    t = sub.add_parser("train", help="fit and publish the model's enabled enrichments, locally")
+    t.add_argument("model_id")
+    t.add_argument("--enrichment", action="append", help="only this one (repeatable)")
+    t.set_defaults(func=cmd_train)
+
+    w = sub.add_parser("worker", help="consume inferences, enrich them, write them to ClickHouse")
+    w.add_argument("--http-port", type=int, help="ENRICHER_HTTP_PORT")
+    w.add_argument("--batch-size", type=int, help="ENRICHER_BATCH_SIZE")
+    w.add_argument("--batch-timeout", type=float, help="ENRICHER_BATCH_TIMEOUT (seconds)")
+    w.set_defaults(func=cmd_worker)
+
+    pr = sub.add_parser("produce", help="send JSON-lines inferences (one per line) to the inference topic")
+    pr.add_argument("file", help="a file, or - for standard input")
+    pr.add_argument("--topic", help="default: ENRICHER_INFERENCE_TOPIC")
+    pr.set_defaults(func=cmd_produce)
+
+    q = sub.add_parser("query", help="run a read-only SQL query against the enriched tables")
+    q.add_argument("sql")
+    q.add_argument("--format", choices=["table", "json"], default="table")
+    q.set_defaults(func=cmd_query)
+
+    d = sub.add_parser("demo", help="the whole flow on the embedded default, then a summary")
+    d.add_argument("--inferences", type=int, default=100_000)
+    d.add_argument("--port", type=int, default=0, help="embedded broker port (default: a free one)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from models.artifact import ArtifactError
+    from models.reference import ReferenceError
+    from models.registry import UnknownModel
+    from models.spec import SpecError
+
+    from .topics import BrokerUnavailable
+
+    try:
+        return args.func(args)
+    except (UserError, ConfigError, SpecError, ReferenceError, UnknownModel, ArtifactError,
+            BrokerUnavailable, ValueError) as exc:
+        print(f"enricher {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Prometheus metrics of the worker, served at /metrics on its HTTP port."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+CONSUMED = Counter("enricher_inferences_consumed", "Messages taken from the inference topic")
+ENRICHED = Counter("enricher_inferences_enriched", "Inferences enriched and written to ClickHouse", ["model"])
+DEAD_LETTERED = Counter("enricher_inferences_dead_lettered",
+                        "Messages sent to the dead-letter topic", ["model", "reason"])
+BATCH_ROWS = Histogram("enricher_batch_rows", "Messages per processed batch",
+                       buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000))
+ENRICHMENT_SECONDS = Histogram("enricher_enrichment_seconds", "Time spent in one enrichment's transform per batch",
+                               ["enrichment"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+ENRICHMENT_ERRORS = Counter("enricher_enrichment_errors", "Batches an enrichment failed on (columns left NULL)",
+                            ["model", "enrichment"])
+INSERT_SECONDS = Histogram("enricher_clickhouse_insert_seconds", "Duration of one ClickHouse insert",
+                           buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+INSERT_ROWS = Counter("enricher_clickhouse_rows_inserted", "Rows written to ClickHouse", ["model"])
+INSERT_FAILURES = Counter("enricher_clickhouse_insert_failures", "Failed inserts (the batch is retried)")
+E2E_LATENCY = Histogram("enricher_end_to_end_latency_seconds",
+                        "From an inference's timestamp to the insert of its enriched row",
+                        buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused", ["enrichment", "result"])
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """Observe a whole array at once: one bucket count per bucket, not one call per row.
+
+    prometheus-client has no bulk observe; this adds the counts to the same
+    bucket and sum values `observe()` would update (tests check the totals).
+    """
+    if values.size == 0:
+        return
+    bounds = np.asarray(histogram._upper_bounds)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i, c in enumerate(counts[: len(bounds)]):
+        if c:
+            histogram._buckets[i].inc(int(c))
+    histogram._sum.inc(float(values.sum()))

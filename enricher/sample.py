@@ -1,0 +1,97 @@
+"""Sample model and data for the demo, the tests and the benchmarks.
+
+A credit-scoring-like binary classifier: 10 numeric features and one
+categorical, a sensitive attribute, reference data drawn from one
+distribution, and inferences from the same one with a few planted anomalies
+(far outside the reference on several features at once, with an unseen
+category) and, on request, malformed messages of every kind the worker must
+dead-letter.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+MODEL_ID = "credit_default"
+NUMERIC = [f"f{i}" for i in range(10)]
+REGIONS = ["north", "south", "east", "west"]
+REGION_P = [0.4, 0.3, 0.2, 0.1]
+
+SCHEMA = {
+    "task": "binary_classification",
+    "features": [{"name": n, "type": "numeric"} for n in NUMERIC] + [{"name": "region", "type": "categorical"}],
+    "attributes": [{"name": "sex", "type": "categorical", "sensitive": True}],
+    "positive_threshold": 0.5,
+}
+
+
+def malformed(model_id: str = MODEL_ID, max_bytes: int = 1_048_576) -> list[tuple[bytes, str]]:
+    """One malformed message of each kind, with the reason the worker must give."""
+    good = {"model_id": model_id, "inference_id": "bad", "timestamp": 1764000000000,
+            "features": {**{n: 1.0 for n in NUMERIC}, "region": "north"}, "prediction": 0.5}
+
+    def variant(**changes) -> bytes:
+        msg = {**good, **changes}
+        return orjson.dumps({k: v for k, v in msg.items() if v is not _DROP})
+
+    nan_features = orjson.dumps(good["features"]).replace(b'"f0":1.0', b'"f0":NaN')
+    return [
+        (b"this is not json", "invalid_json"),
+        (b"[1, 2, 3]", "not_an_object"),
+        (variant(model_id=_DROP), "missing_field"),
+        (variant(model_id=7), "wrong_type"),
+        (variant(model_id="no_such_model"), "unknown_model"),
+        (variant(timestamp="yesterday"), "invalid_timestamp"),
+        (variant(features={"f0": 1.0}), "missing_feature"),
+        (variant(features={**good["features"], "f1": "high"}), "wrong_feature_type"),
+        (variant(features=_DROP)[:-1] + b',"features":' + nan_features + b"}", "non_finite"),
+        (variant(padding="x" * max_bytes), "too_large"),
+    ]
+
+
+_DROP = object()
+
+
+def _features(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    cols = {name: rng.normal(loc=i * 0.5, scale=1.0 + 0.1 * i, size=n) for i, name in enumerate(NUMERIC)}
+    cols["region"] = rng.choice(REGIONS, size=n, p=REGION_P)
+    return cols
+
+
+def reference_table(n: int = 10_000, seed: int = 7) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    cols = _features(rng, n)
+    logit = 0.8 * cols["f0"] - 0.5 * cols["f3"] + 0.3 * (cols["region"] == "west")
+    prediction = 1 / (1 + np.exp(-logit))
+    cols["prediction"] = prediction
+    cols["label"] = (rng.random(n) < prediction).astype(np.int64)
+    cols["sex"] = rng.choice(["f", "m"], size=n)
+    return pa.table(cols)
+
+
+def inferences(n: int, anomalies: int = 0, seed: int = 11, model_id: str = MODEL_ID,
+               id_prefix: str = "inf", start_ms: int | None = None) -> tuple[list[bytes], set[str]]:
+    """`n` JSON messages (the last `anomalies` of them planted, spread evenly)
+    and the set of planted inference ids."""
+    rng = np.random.default_rng(seed)
+    cols = _features(rng, n)
+    planted_rows = set(np.linspace(0, n - 1, anomalies, dtype=int).tolist()) if anomalies else set()
+    start = int(time.time() * 1000) if start_ms is None else start_ms
+    out, planted = [], set()
+    for i in range(n):
+        feats = {name: float(cols[name][i]) for name in NUMERIC}
+        feats["region"] = str(cols["region"][i])
+        iid = f"{id_prefix}-{i:07d}"
+        if i in planted_rows:
+            for k, name in enumerate(NUMERIC[:6]):
+                feats[name] = float(k * 0.5 + rng.choice([-1, 1]) * rng.uniform(6, 9))
+            feats["region"] = "atlantis"
+            planted.add(iid)
+        msg = {"model_id": model_id, "inference_id": iid, "timestamp": start + i,
+               "features": feats, "prediction": float(rng.random()), "attributes": {"sex": "f" if i % 2 else "m"}}
+        out.append(orjson.dumps(msg))
+    return out, planted

@@ -1,0 +1,130 @@
+"""What the worker serves with: model specs, toggles and loaded artifacts.
+
+Refreshed when the registry's GENERATION changes (a registration, a toggle,
+a published artifact). Artifacts are loaded lazily, on a model's first batch,
+and verified before use; a version that fails verification or loading is
+refused and counted, and the version already loaded keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from models import ENRICHMENTS
+from models.artifact import ArtifactError, ArtifactStore
+from models.registry import ModelRegistry, UnknownModel
+from models.spec import ModelSpec
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Active:
+    """One enrichment serving a model: its artifact version and fitted object."""
+
+    name: str
+    version: int
+    fitted: object
+
+
+class Serving:
+    def __init__(self, registry: ModelRegistry, store: ArtifactStore, min_refresh: float = 1.0):
+        self.registry = registry
+        self.store = store
+        self.min_refresh = min_refresh
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._checked = 0.0
+        self._specs: dict[str, ModelSpec] = {}
+        self._enabled: dict[str, dict[str, dict]] = {}
+        self._active: dict[str, dict[str, Active]] = {}
+        self.refresh()
+
+    # -- lookups used on the hot path ----------------------------------
+    def spec(self, model_id: str) -> ModelSpec | None:
+        spec = self._specs.get(model_id)
+        if spec is None and time.monotonic() - self._checked > self.min_refresh:
+            # A model registered after the worker started: look again, at most
+            # once per min_refresh, so a stream of unknown ids costs nothing.
+            self.refresh()
+            spec = self._specs.get(model_id)
+        return spec
+
+    def active(self, model_id: str) -> dict[str, Active]:
+        """The enrichments serving this model now; loads artifacts on first use."""
+        loaded = self._active.get(model_id)
+        if loaded is None:
+            with self._lock:
+                loaded = self._active.get(model_id)
+                if loaded is None:
+                    loaded = self._load(model_id, {})
+                    self._active[model_id] = loaded
+        return loaded
+
+    # -- change handling ----------------------------------------------
+    def refresh(self, force: bool = False) -> bool:
+        """Re-read the registry if its generation moved; returns whether it did."""
+        self._checked = time.monotonic()
+        generation = self.registry.generation()
+        if generation == self._generation and not force:
+            return False
+        with self._lock:
+            specs, enabled = {}, {}
+            for model_id in self.registry.ids():
+                try:
+                    specs[model_id] = self.registry.get(model_id)
+                    enabled[model_id] = self.registry.enabled(model_id)
+                except (UnknownModel, ValueError) as exc:
+                    log.error("model %s: cannot be read from the registry: %s", model_id, exc)
+            changed_specs = {m for m in specs if specs[m] != self._specs.get(m)}
+            self._specs, self._enabled = specs, enabled
+            # Reload what is loaded already (new versions, toggles); models not
+            # seen yet stay unloaded until their first batch.
+            active = {}
+            for model_id, previous in self._active.items():
+                if model_id in specs:
+                    keep = {} if model_id in changed_specs else previous
+                    active[model_id] = self._load(model_id, keep)
+            self._active = active
+            self._generation = generation
+        return True
+
+    def _load(self, model_id: str, previous: dict[str, Active]) -> dict[str, Active]:
+        spec = self._specs.get(model_id)
+        out: dict[str, Active] = {}
+        if spec is None:
+            return out
+        for name in self._enabled.get(model_id, {}):
+            try:
+                version = self.store.current_version(model_id, name)
+            except ArtifactError as exc:
+                log.error("model %s, %s: %s", model_id, name, exc)
+                version = None
+            old = previous.get(name)
+            if version is None:
+                continue  # enabled but not trained yet: columns stay NULL
+            if old is not None and old.version == version:
+                out[name] = old
+                continue
+            try:
+                artifact = self.store.load(model_id, name, version)
+                fitted = ENRICHMENTS[name].load(spec, artifact.manifest, artifact.blobs)
+            except Exception as exc:  # any failure: refuse this version, keep serving the old one
+                metrics.ARTIFACT_LOADS.labels(name, "refused").inc()
+                log.error("model %s: refused %s artifact v%s: %s%s", model_id, name, version, exc,
+                          f" (still serving v{old.version})" if old else "")
+                if old is not None:
+                    out[name] = old
+                continue
+            metrics.ARTIFACT_LOADS.labels(name, "loaded").inc()
+            log.info("model %s: serving %s artifact v%s", model_id, name, version)
+            out[name] = Active(name, version, fitted)
+        return out
+
+    def describe(self) -> dict:
+        return {m: {n: a.version for n, a in act.items()} for m, act in self._active.items()}

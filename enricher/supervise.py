@@ -1,0 +1,74 @@
+"""Run a worker as a child process and watch its progress (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from .config import Settings
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, log_path=None, extra_env: dict | None = None):
+        self.settings = settings
+        self.log_path = log_path
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.http_host}:{self.settings.http_port}"
+
+    def start(self) -> "WorkerProcess":
+        env = {**os.environ, **self.settings.to_env(), **self.extra_env}
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen([sys.executable, "-m", "enricher.cli", "worker"], env=env,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def status(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.url + "/status", timeout=2) as resp:
+                return json.loads(resp.read())
+        except (OSError, ValueError):
+            return None
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def wait_for(self, predicate, timeout: float, on_status=None, interval: float = 0.25) -> dict:
+        """Poll /status until predicate(status) holds; raises on timeout or exit."""
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with code {self.process.returncode}"
+                                   + (f"; see {self.log_path}" if self.log_path else ""))
+            status = self.status()
+            if status is not None:
+                if on_status:
+                    on_status(status)
+                if predicate(status):
+                    return status
+            time.sleep(interval)
+        raise TimeoutError(f"worker did not get there in {timeout}s; last status {status}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        return self.process.returncode

@@ -1,0 +1,31 @@
+"""Create the inference and dead-letter topics if they do not exist."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from .config import Settings
+
+
+class BrokerUnavailable(RuntimeError):
+    pass
+
+
+def ensure_topics(settings: Settings, timeout: float = 15.0) -> None:
+    admin = AdminClient(settings.kafka_config())
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        hint = " (start the embedded one with `enricher broker`)" if settings.broker_embedded else ""
+        raise BrokerUnavailable(f"no Kafka broker answers at {settings.broker}{hint}: {exc}") from exc
+    wanted = [NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=-1)
+              for t in (settings.inference_topic, settings.dlq_topic) if t not in existing]
+    if not wanted:
+        return
+    for topic, future in admin.create_topics(wanted, request_timeout=timeout).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise

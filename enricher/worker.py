@@ -1,0 +1,237 @@
+"""The streaming worker: a Faust agent over the inference topic.
+
+Per batch (up to ENRICHER_BATCH_SIZE messages or ENRICHER_BATCH_TIMEOUT
+seconds): parse and validate once, enrich, insert into ClickHouse, send dead
+letters, and only then acknowledge the messages. Faust commits acknowledged
+offsets, so an offset is committed only after its row is in ClickHouse and
+its dead letter is on the broker (at-least-once); a redelivered batch is
+absorbed by the table's view (see clickhouse.py).
+
+Faust's `take_events` acknowledges a batch's events when the agent asks for
+the next one, or when the agent stops. Each event's message is given one
+extra reference before any work, so that ack only drops the count back to
+one; our own ack after the durable write is the final one. A batch whose
+write never succeeded (a crash, a stop mid-insert) is therefore never
+committed and comes back on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from datetime import date, datetime
+from decimal import Decimal
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from models.artifact import ArtifactStore
+from models.registry import ModelRegistry
+
+from .batch import BatchProcessor
+from .clickhouse import connect, run_query
+from .config import Settings
+from .contract import ParsedBatch
+from .serving import Serving
+from .sink import ClickHouseSink
+from .topics import ensure_topics
+
+log = logging.getLogger("enricher.worker")
+
+RETRY_MAX_SECONDS = 30.0
+
+
+class Progress:
+    """Totals since start, for /status (the demo and operators read it)."""
+
+    def __init__(self):
+        self.consumed = 0
+        self.enriched = 0
+        self.dead_lettered = 0
+        self.batches = 0
+        self.started = time.time()
+
+    def as_dict(self) -> dict:
+        return {"consumed": self.consumed, "enriched": self.enriched, "dead_lettered": self.dead_lettered,
+                "batches": self.batches, "uptime_s": round(time.time() - self.started, 1)}
+
+
+def faust_credentials(settings: Settings):
+    import ssl
+
+    context = None
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.ssl_cafile)
+        if settings.ssl_certfile:
+            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
+                                     ssl_context=context, mechanism=settings.sasl_mechanism or "PLAIN")
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def build_app(settings: Settings) -> faust.App:
+    app = faust.App(
+        settings.consumer_group,
+        broker=settings.broker,
+        broker_credentials=faust_credentials(settings),
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=max(settings.session_timeout / 6, 0.5),
+        consumer_auto_offset_reset="earliest",
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=True,
+        web_bind=settings.http_host,
+        web_host=settings.http_host,
+        web_port=settings.http_port,
+        datadir=str(settings.data_dir / "faust"),
+        topic_partitions=settings.topic_partitions,
+        producer_acks=-1,
+        # The buffer must hold a whole batch or take_events can never fill one.
+        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+    )
+    registry = ModelRegistry(settings.registry_dir)
+    store = ArtifactStore(settings.artifact_dir, settings.artifact_key)
+    serving = Serving(registry, store)
+    processor = BatchProcessor(settings, serving, ClickHouseSink(settings))
+    progress = Progress()
+    app.enricher_progress = progress  # read by tests
+
+    inferences = app.topic(settings.inference_topic, value_serializer="raw", key_serializer="raw",
+                           partitions=settings.topic_partitions)
+    dead_letters = app.topic(settings.dlq_topic, value_serializer="raw", key_serializer="raw")
+
+    @app.agent(inferences)
+    async def enrich(stream):
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout):
+            for event in events:
+                event.message.incref()  # the final ack is ours, after the write (see module doc)
+            values = [e.message.value for e in events]
+            partitions = [e.message.partition for e in events]
+            offsets = [e.message.offset for e in events]
+            parsed = await asyncio.to_thread(processor.parse, values, partitions, offsets)
+            written = await _write_until_done(processor, parsed)
+            await _send_dead_letters(dead_letters, parsed, settings)
+            processor.count(parsed, written)
+            for event in events:
+                await stream.ack(event)
+            progress.batches += 1
+            progress.consumed += len(events)
+            progress.enriched += sum(written.values())
+            progress.dead_lettered += len(parsed.dead)
+
+    @app.timer(settings.refresh_interval)
+    async def refresh_models():
+        # Picks up registrations, toggles and newly published artifacts;
+        # loading happens off the event loop, and batches switch between runs.
+        await asyncio.to_thread(serving.refresh)
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.page("/status")
+    async def status_page(web, request):
+        return web.json({**progress.as_dict(), "serving": serving.describe(),
+                         "settings": settings.describe()})
+
+    query_client = {}
+
+    @app.page("/query")
+    async def query_page(web, request):
+        if request.method != "POST":
+            return web.json({"error": "POST a JSON body {\"sql\": \"SELECT ...\"}"}, status=405)
+        token = settings.api_token
+        if token and request.headers.get("Authorization", "") != f"Bearer {token}":
+            return web.json({"error": "missing or wrong bearer token"}, status=401)
+        try:
+            body = await request.json()
+            sql = body["sql"]
+            if not isinstance(sql, str):
+                raise TypeError
+        except Exception:
+            return web.json({"error": "body must be JSON {\"sql\": \"SELECT ...\"}"}, status=400)
+
+        def run():
+            if "client" not in query_client:
+                query_client["client"] = connect(settings, readonly=True)
+            return run_query(query_client["client"], sql)
+
+        try:
+            columns, rows = await asyncio.to_thread(run)
+        except Exception as exc:
+            return web.json({"error": str(exc)}, status=400)
+        return web.bytes(json.dumps({"columns": columns, "rows": rows}, default=_jsonable).encode(),
+                         content_type="application/json")
+
+    @app.task
+    async def announce():
+        # Lets `enricher query` reach this process while it holds the embedded store.
+        info = {"pid": os.getpid(), "url": f"http://{settings.http_host}:{settings.http_port}"}
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        (settings.data_dir / "worker.json").write_text(json.dumps(info))
+        log.info("worker ready: consuming %s, dead letters to %s, HTTP on %s",
+                 settings.inference_topic, settings.dlq_topic, info["url"])
+
+    return app
+
+
+def _jsonable(value):
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+async def _write_until_done(processor: BatchProcessor, parsed: ParsedBatch) -> dict[str, int]:
+    """Insert the batch, retrying with backoff for as long as it takes.
+
+    The stream waits meanwhile: no offset moves past rows that are not stored.
+    """
+    delay = 0.5
+    while True:
+        try:
+            return await asyncio.to_thread(processor.write, parsed)
+        except Exception as exc:
+            log.error("ClickHouse write failed (%s); retrying the batch in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+
+async def _send_dead_letters(topic, parsed: ParsedBatch, settings: Settings) -> None:
+    if not parsed.dead:
+        return
+    pending = []
+    for d in parsed.dead:
+        headers = [
+            ("enricher.reason", d.reason.encode()),
+            ("enricher.detail", d.detail.encode("utf-8", "replace")[:1000]),
+            ("enricher.source", f"{settings.inference_topic}/{d.partition}/{d.offset}".encode()),
+        ]
+        if d.model_id is not None:
+            headers.append(("enricher.model_id", d.model_id.encode("utf-8", "replace")[:200]))
+        # The value is the original message, untouched, so it can be replayed as is.
+        pending.append(await topic.send(value=d.raw, headers=headers))
+    await asyncio.gather(*pending)
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ensure_topics(settings)
+    app = build_app(settings)
+    try:
+        worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+        worker.execute_from_commandline()
+    finally:
+        try:
+            (settings.data_dir / "worker.json").unlink()
+        except FileNotFoundError:
+            pass

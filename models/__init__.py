@@ -1,0 +1,9 @@
+"""Enrichment algorithms: fit artifacts on reference data, transform batches.
+
+Knows nothing of Kafka, Faust, Argo or ClickHouse.
+"""
+
+from .anomaly import AnomalyDetection
+
+#: Every enrichment by name. A new enrichment is one module and one line here.
+ENRICHMENTS = {e.name: e for e in (AnomalyDetection(),)}

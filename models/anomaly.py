@@ -1,0 +1,90 @@
+"""Anomaly detection: an Isolation Forest fitted on the reference data.
+
+Training half and scoring half sit side by side here. The score is the one of
+Liu, Ting and Zhou (2008), s(x) = 2^(-E[h(x)] / c(n)), on a 0-1 scale: about
+0.5 for ordinary rows, near 1 for rows the forest isolates quickly.
+scikit-learn's `score_samples` returns exactly -s(x), so the score is its
+negation, computed for the whole batch in one vectorised call.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pyarrow as pa
+from sklearn.ensemble import IsolationForest
+
+from .artifact import Manifest
+from .encoding import FeatureEncoder
+from .enrichment import FeatureBatch
+from .spec import ModelSpec
+
+NAME = "anomaly_detection"
+DEFAULTS = {"n_estimators": 100, "max_samples": 256, "random_state": 0}
+
+
+class AnomalyArtifact:
+    def __init__(self, encoder: FeatureEncoder, forest: IsolationForest, parameters: dict):
+        self.encoder = encoder
+        self.forest = forest
+        self.parameters = parameters
+
+    def transform(self, batch: FeatureBatch) -> dict[str, pa.Array]:
+        X = self.encoder.transform(batch.columns, batch.num_rows)
+        scores = -self.forest.score_samples(X)
+        return {"anomaly_score": pa.array(scores, pa.float64())}
+
+    def to_blobs(self) -> dict[str, bytes]:
+        return {
+            "encoder.json": json.dumps(self.encoder.to_json()).encode(),
+            # pickle is read back only after artifact.verify() checked its sha256
+            "forest.pkl": pickle.dumps(self.forest, protocol=5),
+        }
+
+
+class AnomalyDetection:
+    name = NAME
+
+    def output_columns(self, spec: ModelSpec) -> dict[str, pa.DataType]:
+        return {"anomaly_score": pa.float64()}
+
+    def check_config(self, config: dict) -> dict:
+        """Validate an enrichment config when it is set, before any training."""
+        return _parameters(config)
+
+    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict) -> AnomalyArtifact:
+        params = _parameters(config)
+        encoder = FeatureEncoder.fit(spec, reference)
+        X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
+        forest = IsolationForest(
+            n_estimators=params["n_estimators"],
+            max_samples=min(params["max_samples"], reference.num_rows),
+            random_state=params["random_state"],
+            n_jobs=1,
+        ).fit(X)
+        return AnomalyArtifact(encoder, forest, params)
+
+    def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> AnomalyArtifact:
+        encoder = FeatureEncoder.from_json(json.loads(blobs["encoder.json"]))
+        if encoder.names != spec.feature_names:
+            raise ValueError(f"artifact was trained on features {encoder.names}, "
+                             f"the model now has {spec.feature_names}: retrain it")
+        forest = pickle.loads(blobs["forest.pkl"])
+        return AnomalyArtifact(encoder, forest, manifest.parameters)
+
+
+def _parameters(config: dict) -> dict:
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"anomaly_detection: unknown setting(s) {sorted(unknown)}; "
+                         f"known: {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **config}
+    for key in ("n_estimators", "max_samples"):
+        if not isinstance(params[key], int) or isinstance(params[key], bool) or params[key] < 1:
+            raise ValueError(f"anomaly_detection.{key}: must be a positive integer, got {params[key]!r}")
+    if not isinstance(params["random_state"], int):
+        raise ValueError("anomaly_detection.random_state: must be an integer")
+    return params
+

@@ -1,0 +1,80 @@
+"""Turns a model's features into the float matrix tree models are fitted on.
+
+Numeric features pass through (reference gaps filled with the median).
+Categorical features become the frequency of their value in the reference
+data, 0 for a value never seen there: a rare or new category is exactly what
+an anomaly detector should find easy to isolate, and one column per feature
+keeps the matrix small whatever the number of categories.
+
+Everything is columnar: a batch is a mapping of feature name -> Arrow array.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .spec import ModelSpec
+
+Columns = Mapping[str, "pa.Array | pa.ChunkedArray"]
+
+
+class FeatureEncoder:
+    def __init__(self, names: list[str], kinds: list[str], medians: dict[str, float],
+                 categories: dict[str, list[str]], frequencies: dict[str, list[float]]):
+        self.names = names
+        self.kinds = kinds
+        self.medians = medians
+        self.categories = categories
+        self.frequencies = frequencies
+        self._value_sets = {n: pa.array(c, pa.string()) for n, c in categories.items()}
+        # last slot: frequency of a category the reference never showed
+        self._freq_lookup = {n: np.append(np.asarray(f, np.float32), np.float32(0.0))
+                             for n, f in frequencies.items()}
+
+    @classmethod
+    def fit(cls, spec: ModelSpec, reference: pa.Table, max_categories: int = 10_000) -> "FeatureEncoder":
+        medians, categories, frequencies = {}, {}, {}
+        n = reference.num_rows
+        for col in spec.features:
+            values = reference.column(col.name)
+            if col.numeric:
+                median = pc.approximate_median(values).as_py()
+                medians[col.name] = 0.0 if median is None else float(median)
+            else:
+                counts = pc.value_counts(pc.drop_null(values)).to_pylist()
+                counts.sort(key=lambda vc: -vc["counts"])
+                counts = counts[:max_categories]
+                categories[col.name] = [vc["values"] for vc in counts]
+                frequencies[col.name] = [vc["counts"] / n for vc in counts]
+        return cls(spec.feature_names, [c.type for c in spec.features], medians, categories, frequencies)
+
+    def transform(self, columns: Columns, num_rows: int) -> np.ndarray:
+        out = np.empty((num_rows, len(self.names)), dtype=np.float32)
+        for j, (name, kind) in enumerate(zip(self.names, self.kinds)):
+            values = columns[name]
+            if kind == "numeric":
+                values = pc.fill_null(values, self.medians[name])
+                out[:, j] = _to_numpy(values)
+            else:
+                codes = pc.index_in(values, value_set=self._value_sets[name])
+                codes = _to_numpy(pc.fill_null(codes, -1)).astype(np.int64)
+                out[:, j] = self._freq_lookup[name][codes]
+        return out
+
+    def to_json(self) -> dict:
+        return {"names": self.names, "kinds": self.kinds, "medians": self.medians,
+                "categories": self.categories, "frequencies": self.frequencies}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "FeatureEncoder":
+        return cls(doc["names"], doc["kinds"], doc["medians"], doc["categories"], doc["frequencies"])
+
+
+def _to_numpy(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return values.to_numpy(zero_copy_only=False)

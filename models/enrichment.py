@@ -1,0 +1,56 @@
+"""The surface every enrichment shares, after scikit-learn's estimator contract.
+
+An enrichment *fits* an artifact on a model's reference data and the fitted
+artifact *transforms* a batch of inferences into the columns it adds. Adding an
+enrichment is one module implementing this and one line in `models.ENRICHMENTS`;
+nothing in the streaming service changes.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol
+
+import pyarrow as pa
+
+from .artifact import Manifest
+from .spec import ModelSpec
+
+
+class FeatureBatch:
+    """A columnar batch of validated inferences for one model.
+
+    `columns` maps each feature (and attribute, where sent) to an Arrow array
+    of `num_rows` values: float64 for numeric, string for categorical.
+    """
+
+    __slots__ = ("columns", "num_rows")
+
+    def __init__(self, columns: Mapping[str, pa.Array], num_rows: int):
+        self.columns = columns
+        self.num_rows = num_rows
+
+
+class Fitted(Protocol):
+    parameters: dict
+
+    def to_blobs(self) -> dict[str, bytes]:
+        """The files that make up the artifact (name -> bytes)."""
+
+    def transform(self, batch: FeatureBatch) -> dict[str, pa.Array]:
+        """The enrichment's columns for every row of the batch, in order."""
+
+
+class Enrichment(Protocol):
+    name: str
+
+    def output_columns(self, spec: ModelSpec) -> dict[str, pa.DataType]:
+        """Columns this enrichment adds to a model's enriched table."""
+
+    def check_config(self, config: dict) -> dict:
+        """Validate settings when they are set; returns them with defaults filled in."""
+
+    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict) -> Fitted:
+        """Learn from normalised reference data."""
+
+    def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> Fitted:
+        """Rebuild a fitted artifact from verified bytes."""

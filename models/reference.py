@@ -1,0 +1,77 @@
+"""Reference data: the sample of a model's inputs and outputs that enrichments
+are fitted on. Read from Parquet or CSV, checked against the model's spec and
+normalised to one Arrow layout (numeric -> float64, categorical -> string)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .spec import Column, ModelSpec
+
+
+class ReferenceError(ValueError):
+    """Reference data that does not fit the model's schema; says which column and why."""
+
+
+def read_table(path: str | Path) -> pa.Table:
+    path = Path(path)
+    if not path.is_file():
+        raise ReferenceError(f"reference file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(path)
+        if suffix == ".csv":
+            return pacsv.read_csv(path)
+    except pa.ArrowException as exc:
+        raise ReferenceError(f"reference file {str(path)!r} could not be read: {exc}") from exc
+    raise ReferenceError(f"reference file {str(path)!r}: use a .parquet or .csv file")
+
+
+def normalise(spec: ModelSpec, table: pa.Table) -> pa.Table:
+    """Check `table` against `spec`; return it with canonical column types."""
+    if table.num_rows == 0:
+        raise ReferenceError("reference data has no rows")
+    out: dict[str, pa.Array] = {}
+    for col in spec.features:
+        if col.name not in table.column_names:
+            raise ReferenceError(f"reference column {col.name!r}: missing (it is a feature in the schema)")
+        out[col.name] = _convert(table.column(col.name), col)
+    for col in spec.attributes:
+        if col.name in table.column_names:
+            out[col.name] = _convert(table.column(col.name), col, allow_all_null=True)
+    if "prediction" not in table.column_names:
+        raise ReferenceError("reference column 'prediction': missing (the model's output on each row)")
+    target = Column("prediction", spec.prediction_type)
+    out["prediction"] = _convert(table.column("prediction"), target)
+    if "label" in table.column_names:
+        out["label"] = _convert(table.column("label"), Column("label", spec.prediction_type), allow_all_null=True)
+    return pa.table(out)
+
+
+def _convert(column: pa.ChunkedArray, col: Column, allow_all_null: bool = False) -> pa.ChunkedArray:
+    if not allow_all_null and column.null_count == len(column):
+        raise ReferenceError(f"reference column {col.name!r}: every value is empty")
+    if col.numeric:
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+                or pa.types.is_boolean(column.type) or pa.types.is_null(column.type)):
+            sample = next((v for v in column.to_pylist() if v is not None), None)
+            raise ReferenceError(
+                f"reference column {col.name!r}: expected numeric values, found {column.type} (e.g. {sample!r})"
+            )
+        converted = pc.cast(column, pa.float64())
+        finite = pc.is_finite(converted)
+        if pc.any(pc.invert(pc.fill_null(finite, True))).as_py():
+            raise ReferenceError(f"reference column {col.name!r}: contains NaN or infinite values")
+        return converted
+    if pa.types.is_dictionary(column.type):
+        column = pc.cast(column, column.type.value_type)
+    try:
+        return pc.cast(column, pa.string())
+    except pa.ArrowException as exc:
+        raise ReferenceError(f"reference column {col.name!r}: cannot be read as categories ({exc})") from exc

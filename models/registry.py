@@ -1,0 +1,118 @@
+"""The model registry: each model's spec, reference data and enrichment toggles.
+
+Kept as files under one directory so that the CLI, the worker and training
+steps share it without a server:
+
+    <root>/<model_id>/spec.json          validated schema
+    <root>/<model_id>/reference.parquet  normalised reference data
+    <root>/<model_id>/enrichments.json   {"anomaly_detection": {"enabled": true, "config": {}}}
+    <root>/GENERATION                    bumped on every change
+
+Readers poll GENERATION (one small file) to learn that something changed.
+Every write goes through a temporary file and an atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import ENRICHMENTS
+from .reference import normalise, read_table
+from .spec import ModelSpec, SpecError, check_model_id
+
+
+class UnknownModel(KeyError):
+    def __str__(self) -> str:
+        return f"model {self.args[0]!r} is not registered (see `enricher models list`)"
+
+
+class ModelRegistry:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # -- models ---------------------------------------------------------
+    def register(self, model_id: str, schema: dict, reference_path: str | Path) -> ModelSpec:
+        spec = ModelSpec.from_json(model_id, schema)
+        reference = normalise(spec, read_table(reference_path))
+        folder = self.root / model_id
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".reference.{os.getpid()}.parquet"
+        pq.write_table(reference, tmp)
+        os.replace(tmp, folder / "reference.parquet")
+        _write_json(folder / "spec.json", spec.to_json())
+        if not (folder / "enrichments.json").exists():
+            _write_json(folder / "enrichments.json", {})
+        self.touch()
+        return spec
+
+    def ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "spec.json").is_file())
+
+    def get(self, model_id: str) -> ModelSpec:
+        path = self.root / check_model_id(model_id) / "spec.json"
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UnknownModel(model_id) from None
+        return ModelSpec.from_json(model_id, doc)
+
+    def specs(self) -> dict[str, ModelSpec]:
+        return {m: self.get(m) for m in self.ids()}
+
+    def reference(self, model_id: str) -> pa.Table:
+        self.get(model_id)
+        return pq.read_table(self.root / model_id / "reference.parquet")
+
+    # -- enrichment toggles --------------------------------------------
+    def enrichments(self, model_id: str) -> dict[str, dict]:
+        """Every known enrichment with its toggle: {"enabled": bool, "config": {...}}."""
+        self.get(model_id)
+        try:
+            stored = json.loads((self.root / model_id / "enrichments.json").read_text())
+        except FileNotFoundError:
+            stored = {}
+        return {name: {"enabled": bool(stored.get(name, {}).get("enabled", False)),
+                       "config": stored.get(name, {}).get("config", {})}
+                for name in ENRICHMENTS}
+
+    def enabled(self, model_id: str) -> dict[str, dict]:
+        return {n: t["config"] for n, t in self.enrichments(model_id).items() if t["enabled"]}
+
+    def set_enrichment(self, model_id: str, name: str, enabled: bool, config: dict | None = None) -> dict:
+        if name not in ENRICHMENTS:
+            raise SpecError(f"unknown enrichment {name!r}; known: {', '.join(sorted(ENRICHMENTS))}")
+        current = self.enrichments(model_id)
+        entry = current[name]
+        if config is not None:
+            ENRICHMENTS[name].check_config(config)
+            entry["config"] = config
+        entry["enabled"] = bool(enabled)
+        _write_json(self.root / model_id / "enrichments.json", current)
+        self.touch()
+        return current
+
+    # -- change detection ----------------------------------------------
+    def generation(self) -> int:
+        try:
+            return int((self.root / "GENERATION").read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def touch(self) -> None:
+        """Announce a change (a registration, a toggle, a published artifact)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / ".gen.tmp").write_text(str(self.generation() + 1))
+        os.replace(self.root / ".gen.tmp", self.root / "GENERATION")
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,152 @@
+"""What a model is: its id, task, inputs and non-input attributes.
+
+The spec is read from the user's schema file, validated here once, and then
+shared by training (which fits artifacts on reference data) and serving
+(which validates inferences and lays out the ClickHouse table).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+MODEL_ID_RULE = r"^[a-z][a-z0-9_]{0,62}$"
+_MODEL_ID = re.compile(MODEL_ID_RULE)
+# Column names reach SQL; they are quoted there too, but a plain rule keeps
+# every downstream tool (Grafana, pandas, SQL by hand) simple.
+COLUMN_NAME_RULE = r"^[A-Za-z][A-Za-z0-9_]{0,127}$"
+_COLUMN_NAME = re.compile(COLUMN_NAME_RULE)
+
+TASKS = ("binary_classification", "multiclass_classification", "regression")
+VALUE_TYPES = ("numeric", "categorical")
+# Names the enriched table uses for its own columns; a feature may not take them.
+RESERVED_COLUMNS = frozenset(
+    {"model_id", "inference_id", "timestamp", "prediction", "label", "features", "attributes"}
+)
+
+
+class SpecError(ValueError):
+    """A model id or schema the user must correct; the message says how."""
+
+
+def check_model_id(model_id: Any) -> str:
+    if not isinstance(model_id, str) or not _MODEL_ID.match(model_id):
+        raise SpecError(
+            f"invalid model id {model_id!r}: a model id must match {MODEL_ID_RULE} "
+            "(a lowercase letter, then up to 62 lowercase letters, digits or underscores)"
+        )
+    return model_id
+
+
+@dataclass(frozen=True)
+class Column:
+    """One feature or attribute of a model."""
+
+    name: str
+    type: str  # "numeric" or "categorical"
+    sensitive: bool = False
+
+    @property
+    def numeric(self) -> bool:
+        return self.type == "numeric"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_id: str
+    task: str
+    features: tuple[Column, ...]
+    attributes: tuple[Column, ...] = ()
+    positive_threshold: float = 0.5
+    prediction_type: str = "numeric"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [c.name for c in self.features]
+
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        return self.features + self.attributes
+
+    def to_json(self) -> dict:
+        def col(c: Column) -> dict:
+            d = {"name": c.name, "type": c.type}
+            if c.sensitive:
+                d["sensitive"] = True
+            return d
+
+        return {
+            **self.extra,
+            "task": self.task,
+            "features": [col(c) for c in self.features],
+            "attributes": [col(c) for c in self.attributes],
+            "positive_threshold": self.positive_threshold,
+            "prediction_type": self.prediction_type,
+        }
+
+    @classmethod
+    def from_json(cls, model_id: str, doc: Any) -> "ModelSpec":
+        """Validate a schema document; every problem names the key at fault."""
+        check_model_id(model_id)
+        if not isinstance(doc, dict):
+            raise SpecError("schema: the schema must be a JSON object")
+        task = doc.get("task")
+        if task not in TASKS:
+            raise SpecError(f"schema.task: must be one of {', '.join(TASKS)}, got {task!r}")
+        features = _columns(doc.get("features"), "features", required=True)
+        attributes = _columns(doc.get("attributes", []), "attributes", required=False)
+        seen: set[str] = set()
+        for c in features + attributes:
+            if c.name in seen:
+                raise SpecError(f"schema: column name {c.name!r} is used twice")
+            seen.add(c.name)
+        threshold = doc.get("positive_threshold", 0.5)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise SpecError(f"schema.positive_threshold: must be a number in [0, 1], got {threshold!r}")
+        default_pred = "categorical" if task == "multiclass_classification" else "numeric"
+        prediction_type = doc.get("prediction_type", default_pred)
+        if prediction_type not in VALUE_TYPES:
+            raise SpecError(
+                f"schema.prediction_type: must be one of {', '.join(VALUE_TYPES)}, got {prediction_type!r}"
+            )
+        known = {"task", "features", "attributes", "positive_threshold", "prediction_type"}
+        return cls(
+            model_id=model_id,
+            task=task,
+            features=tuple(features),
+            attributes=tuple(attributes),
+            positive_threshold=float(threshold),
+            prediction_type=prediction_type,
+            extra={k: v for k, v in doc.items() if k not in known},
+        )
+
+
+def _columns(value: Any, key: str, required: bool) -> list[Column]:
+    if not isinstance(value, list) or (required and not value):
+        raise SpecError(f"schema.{key}: must be a {'non-empty ' if required else ''}list of columns")
+    out = []
+    for i, item in enumerate(value):
+        where = f"schema.{key}[{i}]"
+        if not isinstance(item, dict):
+            raise SpecError(f"{where}: must be an object with 'name' and 'type'")
+        name = item.get("name")
+        if not isinstance(name, str) or not _COLUMN_NAME.match(name):
+            raise SpecError(f"{where}.name: {name!r} must match {COLUMN_NAME_RULE}")
+        if name in RESERVED_COLUMNS or name.endswith("_version") or name.startswith("anomaly_"):
+            raise SpecError(
+                f"{where}.name: {name!r} is reserved for the enriched table's own columns; rename it"
+            )
+        ctype = item.get("type")
+        if ctype not in VALUE_TYPES:
+            raise SpecError(f"{where}.type: must be one of {', '.join(VALUE_TYPES)}, got {ctype!r}")
+        sensitive = item.get("sensitive", False)
+        if not isinstance(sensitive, bool):
+            raise SpecError(f"{where}.sensitive: must be true or false")
+        out.append(Column(name, ctype, sensitive))
+    return out
+
+
+def names(columns: Iterable[Column]) -> list[str]:
+    return [c.name for c in columns]

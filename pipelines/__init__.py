@@ -1,0 +1,1 @@
+"""Training: the steps that fit and publish enrichment artifacts."""
