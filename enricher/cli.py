@@ -204,7 +204,12 @@ def query(settings: Settings, sql: str) -> tuple[list[str], list]:
             with urllib.request.urlopen(req, timeout=300) as resp:
                 doc = json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            raise UserError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
+            body = exc.read()
+            try:
+                message = json.loads(body)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {exc.code}: {body[:200].decode('utf-8', 'replace')}"
+            raise UserError(f"query through the running worker at {worker} failed: {message}") from None
         return doc["columns"], doc["rows"]
     from .clickhouse import connect, run_query
 

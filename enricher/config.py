@@ -90,7 +90,9 @@ class Settings:
 
     def kafka_config(self) -> dict:
         """librdkafka settings for confluent-kafka producers and consumers."""
-        conf = {"bootstrap.servers": self.broker_address, "security.protocol": self.security_protocol}
+        # log_level 4: librdkafka warnings and errors only, not its connection chatter
+        conf = {"bootstrap.servers": self.broker_address, "security.protocol": self.security_protocol,
+                "log_level": 4}
         optional = {"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
                     "sasl.password": self.sasl_password, "ssl.ca.location": self.ssl_cafile,
                     "ssl.certificate.location": self.ssl_certfile, "ssl.key.location": self.ssl_keyfile}

@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.artifact import ArtifactStore
 from models.registry import ModelRegistry
 
+from . import deadletters
 from .batch import BatchProcessor
 from .clickhouse import connect, run_query
 from .config import Settings
@@ -133,7 +134,8 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.page("/metrics")
     async def metrics_page(web, request):
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        # aiohttp refuses a charset inside content_type; Prometheus reads this as its text format.
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4")
 
     @app.page("/status")
     async def status_page(web, request):
@@ -143,31 +145,35 @@ def build_app(settings: Settings) -> faust.App:
     query_client = {}
 
     @app.page("/query")
-    async def query_page(web, request):
-        if request.method != "POST":
-            return web.json({"error": "POST a JSON body {\"sql\": \"SELECT ...\"}"}, status=405)
-        token = settings.api_token
-        if token and request.headers.get("Authorization", "") != f"Bearer {token}":
-            return web.json({"error": "missing or wrong bearer token"}, status=401)
-        try:
-            body = await request.json()
-            sql = body["sql"]
-            if not isinstance(sql, str):
-                raise TypeError
-        except Exception:
-            return web.json({"error": "body must be JSON {\"sql\": \"SELECT ...\"}"}, status=400)
+    class QueryView(faust.web.View):
+        """Read-only SQL through this process, which holds the embedded store."""
 
-        def run():
-            if "client" not in query_client:
-                query_client["client"] = connect(settings, readonly=True)
-            return run_query(query_client["client"], sql)
+        async def get(self, request):
+            return self.json({"error": "POST a JSON body {\"sql\": \"SELECT ...\"}"}, status=405)
 
-        try:
-            columns, rows = await asyncio.to_thread(run)
-        except Exception as exc:
-            return web.json({"error": str(exc)}, status=400)
-        return web.bytes(json.dumps({"columns": columns, "rows": rows}, default=_jsonable).encode(),
-                         content_type="application/json")
+        async def post(self, request):
+            token = settings.api_token
+            if token and request.headers.get("Authorization", "") != f"Bearer {token}":
+                return self.json({"error": "missing or wrong bearer token (ENRICHER_API_TOKEN)"}, status=401)
+            try:
+                body = await request.json()
+                sql = body["sql"]
+                if not isinstance(sql, str):
+                    raise TypeError
+            except Exception:
+                return self.json({"error": "body must be JSON {\"sql\": \"SELECT ...\"}"}, status=400)
+
+            def run():
+                if "client" not in query_client:
+                    query_client["client"] = connect(settings, readonly=True)
+                return run_query(query_client["client"], sql)
+
+            try:
+                columns, rows = await asyncio.to_thread(run)
+            except Exception as exc:
+                return self.json({"error": str(exc)}, status=400)
+            return self.bytes(json.dumps({"columns": columns, "rows": rows}, default=_jsonable).encode(),
+                              content_type="application/json")
 
     @app.task
     async def announce():
@@ -211,15 +217,8 @@ async def _send_dead_letters(topic, parsed: ParsedBatch, settings: Settings) -> 
         return
     pending = []
     for d in parsed.dead:
-        headers = [
-            ("enricher.reason", d.reason.encode()),
-            ("enricher.detail", d.detail.encode("utf-8", "replace")[:1000]),
-            ("enricher.source", f"{settings.inference_topic}/{d.partition}/{d.offset}".encode()),
-        ]
-        if d.model_id is not None:
-            headers.append(("enricher.model_id", d.model_id.encode("utf-8", "replace")[:200]))
         # The value is the original message, untouched, so it can be replayed as is.
-        pending.append(await topic.send(value=d.raw, headers=headers))
+        pending.append(await topic.send(value=d.raw, headers=deadletters.headers(d, settings.inference_topic)))
     await asyncio.gather(*pending)
 
 

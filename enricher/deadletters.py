@@ -1,0 +1,60 @@
+"""The dead-letter topic: how a rejected message is written, and read back.
+
+The record's value is the original message, byte for byte, so it can be
+replayed as it is once the cause is fixed. Why it was rejected travels in
+headers: `enricher.reason` (a short code, see contract.REASONS),
+`enricher.detail` (readable), `enricher.source` (topic/partition/offset) and,
+where known, `enricher.model_id`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .config import Settings
+from .contract import DeadLetter
+
+
+def headers(d: DeadLetter, source_topic: str) -> list[tuple[str, bytes]]:
+    out = [
+        ("enricher.reason", d.reason.encode()),
+        ("enricher.detail", d.detail.encode("utf-8", "replace")[:1000]),
+        ("enricher.source", f"{source_topic}/{d.partition}/{d.offset}".encode()),
+    ]
+    if d.model_id is not None:
+        out.append(("enricher.model_id", d.model_id.encode("utf-8", "replace")[:200]))
+    return out
+
+
+@dataclass
+class DeadLetterRecord:
+    value: bytes
+    reason: str
+    detail: str
+    source: str
+    model_id: str | None
+
+
+def read(settings: Settings, expected: int, timeout: float = 30.0, group: str = "enricher-dlq-reader"
+         ) -> list[DeadLetterRecord]:
+    """Read the dead-letter topic from the start until `expected` records (or timeout)."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({**settings.kafka_config(), "group.id": group, "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False})
+    consumer.subscribe([settings.dlq_topic])
+    records: list[DeadLetterRecord] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error():
+                    continue
+                h = {k: v.decode("utf-8", "replace") for k, v in (msg.headers() or [])}
+                records.append(DeadLetterRecord(msg.value(), h.get("enricher.reason", ""),
+                                                h.get("enricher.detail", ""), h.get("enricher.source", ""),
+                                                h.get("enricher.model_id")))
+    finally:
+        consumer.close()
+    return records

@@ -1,0 +1,60 @@
+"""Fixtures: a real Tansu broker and the real chDB engine, nothing mocked.
+
+One broker per test module (Tansu's memory storage grows without bound);
+every test gets its own data directory, topics, consumer group and HTTP port,
+so tests never see each other's messages or tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import pyarrow.parquet as pq
+import pytest
+
+from enricher import sample
+from enricher.broker import EmbeddedBroker, free_port
+from enricher.config import Settings
+from models.artifact import ArtifactStore
+from models.registry import ModelRegistry
+from pipelines.train import train
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with EmbeddedBroker(port=free_port()) as b:
+        yield b
+
+
+@pytest.fixture
+def make_settings(tmp_path, broker):
+    def make(**overrides) -> Settings:
+        tag = f"{next(_counter)}-{uuid.uuid4().hex[:6]}"
+        values = dict(data_dir=str(tmp_path / "data"), broker=broker.url, http_port=free_port(),
+                      inference_topic=f"inferences-{tag}", dlq_topic=f"dlq-{tag}",
+                      consumer_group=f"enricher-{tag}", session_timeout=6.0, topic_partitions=2,
+                      batch_size=2000, batch_timeout=0.2, max_message_bytes=16_384, refresh_interval=0.5)
+        values.update(overrides)
+        return Settings.from_env(env={}, **values)
+    return make
+
+
+@pytest.fixture
+def settings(make_settings):
+    return make_settings()
+
+
+def register_sample(settings: Settings, tmp_path, enable: bool = True, trained: bool = True,
+                    model_id: str = sample.MODEL_ID, rows: int = 5000) -> ModelRegistry:
+    reference = tmp_path / f"reference-{model_id}.parquet"
+    pq.write_table(sample.reference_table(rows), reference)
+    registry = ModelRegistry(settings.registry_dir)
+    registry.register(model_id, sample.SCHEMA, reference)
+    if enable:
+        registry.set_enrichment(model_id, "anomaly_detection", True)
+    if trained:
+        train(registry, ArtifactStore(settings.artifact_dir, settings.artifact_key), model_id, log=lambda m: None)
+    return registry

@@ -1,0 +1,113 @@
+"""Artifacts: versioned, verified before anything is deserialised, tamper-proof."""
+
+import json
+
+import numpy as np
+import pytest
+
+from enricher import sample
+from enricher.contract import parse_batch
+from models import ENRICHMENTS
+from models.artifact import ArtifactError, ArtifactStore, IntegrityError
+from models.enrichment import FeatureBatch
+from models.reference import normalise
+from models.spec import ModelSpec
+
+SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
+AD = ENRICHMENTS["anomaly_detection"]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return AD.fit(SPEC, normalise(SPEC, sample.reference_table(2000)), {})
+
+
+def batch_of(n=500):
+    msgs, _ = sample.inferences(n, anomalies=5)
+    rows = parse_batch(msgs, [0] * n, list(range(n)), {SPEC.model_id: SPEC}.get, 1 << 20).models[SPEC.model_id]
+    return FeatureBatch(rows.values, rows.num_rows)
+
+
+def publish(store, fitted):
+    return store.publish(SPEC.model_id, AD.name, fitted.to_blobs(), 2000, fitted.parameters)
+
+
+def test_round_trip_gives_the_same_scores_and_a_complete_manifest(tmp_path, fitted):
+    store = ArtifactStore(tmp_path)
+    manifest = publish(store, fitted)
+    assert (manifest.version, manifest.model_id, manifest.enrichment) == (1, SPEC.model_id, AD.name)
+    assert manifest.training_rows == 2000 and manifest.parameters["n_estimators"] == 100
+    assert set(manifest.files) == {"encoder.json", "forest.pkl"} and manifest.created_at
+    on_disk = json.loads((tmp_path / SPEC.model_id / AD.name / "v000001" / "manifest.json").read_text())
+    assert on_disk["format_version"] == 1 and len(on_disk["files"]["forest.pkl"]) == 64
+    loaded = store.load(SPEC.model_id, AD.name)
+    again = AD.load(SPEC, loaded.manifest, loaded.blobs)
+    b = batch_of()
+    np.testing.assert_array_equal(again.transform(b)["anomaly_score"].to_numpy(),
+                                  fitted.transform(b)["anomaly_score"].to_numpy())
+
+
+def test_versions_count_up_and_current_follows_the_latest(tmp_path, fitted):
+    store = ArtifactStore(tmp_path)
+    publish(store, fitted)
+    publish(store, fitted)
+    assert store.versions(SPEC.model_id, AD.name) == [1, 2]
+    assert store.current_version(SPEC.model_id, AD.name) == 2
+    store.set_current(SPEC.model_id, AD.name, 1)
+    assert store.load(SPEC.model_id, AD.name).manifest.version == 1
+    assert not list((tmp_path / SPEC.model_id / AD.name).glob(".publishing-*")), "no half-written versions left"
+
+
+def _vdir(tmp_path):
+    return tmp_path / SPEC.model_id / AD.name / "v000001"
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda d: (d / "forest.pkl").write_bytes((d / "forest.pkl").read_bytes()[:-1] + b"\x00"), "sha256"),
+    (lambda d: (d / "encoder.json").write_text("{}"), "sha256"),
+    (lambda d: (d / "extra.pkl").write_bytes(b"x"), "differ from the manifest"),
+    (lambda d: (d / "forest.pkl").unlink(), "differ from the manifest"),
+    (lambda d: (d / "manifest.json").write_text("{nope"), "unreadable manifest"),
+])
+def test_a_tampered_artifact_is_refused_before_it_is_unpickled(tmp_path, fitted, tamper, message, monkeypatch):
+    store = ArtifactStore(tmp_path)
+    publish(store, fitted)
+    tamper(_vdir(tmp_path))
+    import pickle
+    calls = []
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(a))
+    with pytest.raises(IntegrityError, match=message):
+        store.load(SPEC.model_id, AD.name)
+    assert calls == []
+
+
+def test_a_manifest_rewritten_to_match_tampered_files_fails_the_signature(tmp_path, fitted):
+    store = ArtifactStore(tmp_path, signing_key=b"secret")
+    publish(store, fitted)
+    d = _vdir(tmp_path)
+    (d / "forest.pkl").write_bytes(b"evil")
+    manifest = json.loads((d / "manifest.json").read_text())
+    import hashlib
+    manifest["files"]["forest.pkl"] = hashlib.sha256(b"evil").hexdigest()
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="signature"):
+        store.load(SPEC.model_id, AD.name)
+    # and an unsigned artifact is refused once a key is configured
+    unsigned = ArtifactStore(tmp_path / "other")
+    publish(unsigned, fitted)
+    with pytest.raises(IntegrityError, match="not signed"):
+        ArtifactStore(tmp_path / "other", signing_key=b"secret").load(SPEC.model_id, AD.name)
+
+
+def test_loading_an_untrained_enrichment_says_to_train(tmp_path):
+    with pytest.raises(ArtifactError, match="train it first"):
+        ArtifactStore(tmp_path).load(SPEC.model_id, AD.name)
+
+
+def test_an_artifact_for_other_features_is_refused_on_load(tmp_path, fitted):
+    store = ArtifactStore(tmp_path)
+    publish(store, fitted)
+    other = ModelSpec.from_json(SPEC.model_id, {**sample.SCHEMA, "features": sample.SCHEMA["features"][:3]})
+    loaded = store.load(SPEC.model_id, AD.name)
+    with pytest.raises(ValueError, match="retrain"):
+        AD.load(other, loaded.manifest, loaded.blobs)

@@ -1,0 +1,134 @@
+"""Parsing and validation of raw messages into columnar batches."""
+
+import math
+
+import orjson
+import pyarrow as pa
+import pytest
+
+from enricher import sample
+from enricher.contract import REASONS, parse_batch
+from models.spec import ModelSpec
+
+SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
+SPECS = {sample.MODEL_ID: SPEC}.get
+
+
+def parse(messages, max_bytes=65_536):
+    return parse_batch(messages, [0] * len(messages), list(range(len(messages))), SPECS, max_bytes)
+
+
+def good(**changes):
+    msg = {"model_id": sample.MODEL_ID, "inference_id": "a", "timestamp": 1764000000000,
+           "features": {**{n: 1.5 for n in sample.NUMERIC}, "region": "north"}, "prediction": 0.25}
+    msg.update(changes)
+    return msg
+
+
+def test_valid_messages_become_one_columnar_batch_per_model():
+    msgs, _ = sample.inferences(300)
+    batch = parse(msgs)
+    assert batch.dead == []
+    rows = batch.models[sample.MODEL_ID]
+    assert rows.num_rows == 300
+    assert rows.values["f0"].type == pa.float64() and rows.values["region"].type == pa.string()
+    assert rows.inference_id.to_pylist()[:2] == ["inf-0000000", "inf-0000001"]
+    assert rows.offset.tolist() == list(range(300))
+    assert rows.label.null_count == 300  # label is optional
+    assert set(rows.values["sex"].to_pylist()) == {"f", "m"}
+
+
+def test_every_sample_malformed_message_gets_its_reason():
+    cases = sample.malformed(max_bytes=4096)
+    batch = parse([m for m, _ in cases], max_bytes=4096)
+    assert batch.models == {}
+    assert [d.reason for d in sorted(batch.dead, key=lambda d: d.offset)] == [r for _, r in cases]
+    assert {d.reason for d in batch.dead} <= set(REASONS)
+    assert all(d.raw == cases[d.offset][0] for d in batch.dead), "dead letters keep the original bytes"
+
+
+def test_one_bad_row_leaves_the_rest_of_the_batch():
+    msgs = [orjson.dumps(good(inference_id=str(i))) for i in range(10)]
+    msgs[4] = orjson.dumps(good(inference_id="4", features={"f0": "x"}))
+    batch = parse(msgs)
+    assert [d.offset for d in batch.dead] == [4]
+    rows = batch.models[sample.MODEL_ID]
+    assert rows.inference_id.to_pylist() == [str(i) for i in range(10) if i != 4]
+    assert rows.offset.tolist() == [i for i in range(10) if i != 4]
+
+
+@pytest.mark.parametrize("changes, reason, detail", [
+    ({"features": {"f0": 1}}, "missing_feature", "feature 'f1': missing"),
+    ({"features": {**good()["features"], "f2": "7"}}, "wrong_feature_type", "feature 'f2': expected a number"),
+    ({"features": {**good()["features"], "region": 1.5}}, "wrong_feature_type", "feature 'region'"),
+    ({"features": [1, 2]}, "wrong_type", "features: expected an object"),
+    ({"prediction": None}, "missing_field", "prediction: missing"),
+    ({"prediction": "yes"}, "wrong_type", "prediction: expected a number"),
+    ({"inference_id": None}, "missing_field", "inference_id"),
+    ({"inference_id": {"a": 1}}, "wrong_type", "inference_id"),
+    ({"timestamp": "not a time"}, "invalid_timestamp", "ISO-8601"),
+    ({"timestamp": 1764000000}, "invalid_timestamp", "seconds"),
+    ({"timestamp": [1]}, "wrong_type", "timestamp"),
+    ({"attributes": {"sex": 3.5}}, "wrong_feature_type", "attribute 'sex'"),
+    ({"attributes": "f"}, "wrong_type", "attributes"),
+    ({"model_id": "ghost"}, "unknown_model", "ghost"),
+])
+def test_each_problem_is_named(changes, reason, detail):
+    batch = parse([orjson.dumps(good(**changes))])
+    assert [(d.reason) for d in batch.dead] == [reason]
+    assert detail in batch.dead[0].detail
+
+
+def test_nan_and_infinity_are_non_finite_not_invalid_json():
+    for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e999"):
+        raw = orjson.dumps(good()).replace(b'"f4":1.5', b'"f4":' + literal)
+        batch = parse([raw])
+        assert [d.reason for d in batch.dead] == ["non_finite"], literal
+        assert "feature 'f4'" in batch.dead[0].detail
+
+
+def test_oversized_messages_are_refused_before_decoding():
+    raw = orjson.dumps(good(pad="x" * 2000))
+    batch = parse([raw], max_bytes=1000)
+    assert [d.reason for d in batch.dead] == ["too_large"]
+    assert "1000" in batch.dead[0].detail
+
+
+@pytest.mark.parametrize("ts, expected_ms", [
+    ("2026-11-24T06:00:00Z", 1795500000000),
+    ("2026-11-24T07:00:00+01:00", 1795500000000),
+    ("2026-11-24T06:00:00", 1795500000000),          # no offset: UTC
+    ("2026-11-24T06:00:00.250Z", 1795500000250),
+    (1795500000250, 1795500000250),
+])
+def test_timestamps_iso_or_epoch_milliseconds(ts, expected_ms):
+    batch = parse([orjson.dumps(good(timestamp=ts))])
+    assert batch.dead == []
+    assert batch.models[sample.MODEL_ID].timestamp.cast(pa.int64()).to_pylist() == [expected_ms]
+
+
+def test_mixed_timestamp_forms_in_one_batch():
+    msgs = [orjson.dumps(good(timestamp=t)) for t in ("2026-11-24T06:00:00Z", 1795500000000, "2026-11-24 06:00:00")]
+    batch = parse(msgs)
+    assert batch.dead == []
+    assert set(batch.models[sample.MODEL_ID].timestamp.cast(pa.int64()).to_pylist()) == {1795500000000}
+
+
+def test_integer_ids_and_categories_are_kept_as_strings():
+    msg = good(inference_id=42, features={**good()["features"], "region": 7}, label=1)
+    rows = parse([orjson.dumps(msg)]).models[sample.MODEL_ID]
+    assert rows.inference_id.to_pylist() == ["42"]
+    assert rows.values["region"].to_pylist() == ["7"]
+    assert rows.label.to_pylist() == [1.0]
+
+
+def test_booleans_are_not_categories():
+    batch = parse([orjson.dumps(good(features={**good()["features"], "region": True}))])
+    assert [d.reason for d in batch.dead] == ["wrong_feature_type"]
+
+
+def test_values_survive_exactly():
+    msg = good(features={**good()["features"], "f0": -0.1 + 1e-12}, prediction=math.pi)
+    rows = parse([orjson.dumps(msg)]).models[sample.MODEL_ID]
+    assert rows.values["f0"].to_pylist() == [-0.1 + 1e-12]
+    assert rows.prediction.to_pylist() == [math.pi]

@@ -1,0 +1,122 @@
+"""End to end: Tansu broker -> Faust worker -> chDB, as a user runs it."""
+
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from enricher import deadletters, sample
+from enricher.cli import query
+from enricher.producer import InferenceProducer
+from enricher.supervise import WorkerProcess
+from enricher.topics import ensure_topics
+
+from .conftest import register_sample
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def produce(settings, messages):
+    ensure_topics(settings)
+    producer = InferenceProducer(settings)
+    producer.send_many(messages)
+    producer.flush()
+
+
+def count_rows(settings, model_id=sample.MODEL_ID):
+    _, rows = query(settings, f"SELECT count(), uniqExact(inference_id) FROM enricher.{model_id}")
+    return tuple(rows[0])
+
+
+@pytest.fixture
+def worker_for(tmp_path):
+    started = []
+
+    def start(settings, name="worker"):
+        w = WorkerProcess(settings, log_path=tmp_path / f"{name}.log").start()
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop(signal.SIGKILL if w.process.poll() is None else signal.SIGTERM, timeout=5)
+
+
+def test_valid_rows_land_once_and_malformed_ones_in_the_dead_letter_topic(settings, tmp_path, worker_for):
+    register_sample(settings, tmp_path)
+    valid, planted = sample.inferences(6000, anomalies=6)
+    bad = sample.malformed(max_bytes=settings.max_message_bytes)
+    messages = valid[:3000] + [m for m, _ in bad] + valid[3000:]
+    produce(settings, messages)
+
+    worker = worker_for(settings)
+    worker.wait_for(lambda s: s["consumed"] >= len(messages), timeout=120)
+
+    # While the worker holds the embedded store, `enricher query` goes through it.
+    cli = subprocess.run([sys.executable, "-m", "enricher.cli", "query", "--format", "json",
+                          f"SELECT count() AS n, countIf(anomaly_score IS NULL) AS nulls FROM enricher.{sample.MODEL_ID}"],
+                         env={**__import__("os").environ, **settings.to_env()}, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout) == {"n": 6000, "nulls": 0}
+
+    metrics = worker.metrics()
+    assert 'enricher_inferences_enriched_total{model="credit_default"} 6000.0' in metrics
+    assert 'enricher_inferences_dead_lettered_total{model="credit_default",reason="non_finite"} 1.0' in metrics
+    assert 'enricher_end_to_end_latency_seconds_count 6000.0' in metrics
+    assert "enricher_clickhouse_insert_seconds_count" in metrics and "enricher_batch_rows_bucket" in metrics
+    worker.stop()
+
+    assert count_rows(settings) == (6000, 6000)
+    _, rows = query(settings, f"SELECT anomaly_detection_version, min(anomaly_score) > 0, max(anomaly_score) < 1 "
+                              f"FROM enricher.{sample.MODEL_ID} GROUP BY 1")
+    assert [tuple(r) for r in rows] == [(1, True, True)], "every row carries the artifact version that scored it"
+    _, top = query(settings, f"SELECT inference_id FROM enricher.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 6")
+    assert {r[0] for r in top} == planted
+
+    records = deadletters.read(settings, expected=len(bad))
+    assert Counter(r.reason for r in records) == Counter(reason for _, reason in bad)
+    assert sorted(r.value for r in records) == sorted(m for m, _ in bad), "the original bytes, untouched"
+    by_reason = {r.reason: r for r in records}
+    assert by_reason["unknown_model"].model_id == "no_such_model"
+    assert by_reason["wrong_feature_type"].model_id == sample.MODEL_ID
+    assert "f1" in by_reason["wrong_feature_type"].detail
+    assert by_reason["invalid_json"].source.startswith(settings.inference_topic + "/")
+
+
+def test_models_without_a_trained_artifact_get_null_never_a_made_up_score(settings, tmp_path, worker_for):
+    register_sample(settings, tmp_path, model_id="not_trained", enable=True, trained=False)
+    register_sample(settings, tmp_path, model_id="switched_off", enable=False, trained=False)
+    messages = sample.inferences(500, model_id="not_trained")[0] + sample.inferences(500, model_id="switched_off")[0]
+    produce(settings, messages)
+    worker = worker_for(settings)
+    worker.wait_for(lambda s: s["consumed"] >= 1000, timeout=120)
+    worker.stop()
+    for model_id in ("not_trained", "switched_off"):
+        _, rows = query(settings, f"SELECT count(), countIf(anomaly_score IS NULL), "
+                                  f"countIf(anomaly_detection_version IS NULL) FROM enricher.{model_id}")
+        assert tuple(rows[0]) == (500, 500, 500)
+
+
+def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(make_settings, tmp_path, worker_for):
+    settings = make_settings(batch_size=500, batch_timeout=0.05)
+    register_sample(settings, tmp_path)
+    total = 40_000
+    messages, _ = sample.inferences(total)
+    produce(settings, messages)
+
+    first = worker_for(settings, "first")
+    at_kill = first.wait_for(lambda s: s["consumed"] >= 8000, timeout=120, interval=0.05)
+    first.stop(signal.SIGKILL)
+    assert at_kill["consumed"] < total, "the kill must land mid-stream"
+
+    second = worker_for(settings, "second")
+    # The restarted worker reads from the last committed offsets until the table holds everything.
+    second.wait_for(lambda s: count_rows(settings)[1] >= total, timeout=180, interval=0.5)
+    second.stop()
+
+    assert count_rows(settings) == (total, total)
+    _, rows = query(settings, f"SELECT min(inference_id), max(inference_id) FROM enricher.{sample.MODEL_ID}")
+    assert tuple(rows[0]) == ("inf-0000000", f"inf-{total - 1:07d}")
