@@ -211,11 +211,15 @@ def query(settings: Settings, sql: str) -> tuple[list[str], list]:
                 message = f"HTTP {exc.code}: {body[:200].decode('utf-8', 'replace')}"
             raise UserError(f"query through the running worker at {worker} failed: {message}") from None
         return doc["columns"], doc["rows"]
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
     from .clickhouse import connect, run_query
 
     client = connect(settings, readonly=True)
     try:
         return run_query(client, sql)
+    except ClickHouseError as exc:
+        raise UserError(f"ClickHouse refused the query: {exc}") from None
     finally:
         client.close()
 

@@ -93,7 +93,8 @@ class Settings:
         # log_level 4: librdkafka warnings and errors only, not its connection chatter
         conf = {"bootstrap.servers": self.broker_address, "security.protocol": self.security_protocol,
                 "log_level": 4}
-        optional = {"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
+        sasl = self.security_protocol.startswith("SASL")
+        optional = {"sasl.mechanism": self.sasl_mechanism or ("PLAIN" if sasl else None), "sasl.username": self.sasl_username,
                     "sasl.password": self.sasl_password, "ssl.ca.location": self.ssl_cafile,
                     "ssl.certificate.location": self.ssl_certfile, "ssl.key.location": self.ssl_keyfile}
         conf.update({k: v for k, v in optional.items() if v})
@@ -115,6 +116,9 @@ class Settings:
         if not self.broker_embedded or self.broker != EMBEDDED_BROKER:
             env["ENRICHER_BROKER"] = self.broker
         return env
+
+    def __repr__(self) -> str:
+        return f"Settings({self.describe()})"
 
     def describe(self) -> dict:
         """Settings safe to log: secrets and URL passwords redacted."""

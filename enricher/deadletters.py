@@ -9,11 +9,11 @@ where known, `enricher.model_id`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from .config import Settings
 from .contract import DeadLetter
+from .topics import read_topic
 
 
 def headers(d: DeadLetter, source_topic: str) -> list[tuple[str, bytes]]:
@@ -36,25 +36,11 @@ class DeadLetterRecord:
     model_id: str | None
 
 
-def read(settings: Settings, expected: int, timeout: float = 30.0, group: str = "enricher-dlq-reader"
-         ) -> list[DeadLetterRecord]:
+def read(settings: Settings, expected: int, timeout: float = 30.0) -> list[DeadLetterRecord]:
     """Read the dead-letter topic from the start until `expected` records (or timeout)."""
-    from confluent_kafka import Consumer
-
-    consumer = Consumer({**settings.kafka_config(), "group.id": group, "auto.offset.reset": "earliest",
-                         "enable.auto.commit": False})
-    consumer.subscribe([settings.dlq_topic])
-    records: list[DeadLetterRecord] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            for msg in consumer.consume(1000, timeout=0.5):
-                if msg.error():
-                    continue
-                h = {k: v.decode("utf-8", "replace") for k, v in (msg.headers() or [])}
-                records.append(DeadLetterRecord(msg.value(), h.get("enricher.reason", ""),
-                                                h.get("enricher.detail", ""), h.get("enricher.source", ""),
-                                                h.get("enricher.model_id")))
-    finally:
-        consumer.close()
+    records = []
+    for msg in read_topic(settings, settings.dlq_topic, expected, timeout):
+        h = {k: v.decode("utf-8", "replace") for k, v in (msg.headers() or [])}
+        records.append(DeadLetterRecord(msg.value(), h.get("enricher.reason", ""), h.get("enricher.detail", ""),
+                                        h.get("enricher.source", ""), h.get("enricher.model_id")))
     return records

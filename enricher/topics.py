@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -29,3 +31,26 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> None:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+
+
+def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 30.0) -> list:
+    """Read a topic from its beginning until `expected` messages (or timeout).
+
+    Partitions are assigned directly, not through a consumer group, so a
+    reader joins no group and moves no committed offset.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({**settings.kafka_config(), "group.id": "enricher-reader", "enable.auto.commit": False})
+    out: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return out
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        while len(out) < expected and time.monotonic() < deadline:
+            out += [m for m in consumer.consume(1000, timeout=0.2) if not m.error()]
+    finally:
+        consumer.close()
+    return out

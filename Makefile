@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Each sets up what it needs (a virtualenv in .venv with this package installed).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+## The main job on the embedded default: broker, train, stream, enrich, show.
+demo: setup
+	$(BIN)/enricher demo
+
+## The tests, against a real Tansu broker and the real chDB engine.
+test: setup
+	$(BIN)/python -m pytest
+
+## A quick measurement of the batch path (the full benchmark grows with issue 3).
+bench: setup
+	$(BIN)/python benchmarks/batch_path.py
+
+clean:
+	rm -rf $(VENV) .enricher .enricher-demo

@@ -1,0 +1,111 @@
+"""The command line as a user types it."""
+
+import json
+
+import orjson
+import pyarrow.csv as pacsv
+import pytest
+
+from enricher import sample
+from enricher.cli import main
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENRICHER_DATA_DIR", str(tmp_path / "data"))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(sample.SCHEMA))
+    reference = tmp_path / "reference.csv"
+    pacsv.write_csv(sample.reference_table(500), reference)
+    return schema, reference
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_register_toggle_train_and_show(files, capsys):
+    schema, reference = files
+    code, out, _ = run(capsys, "models", "register", "credit", "--schema", str(schema), "--reference", str(reference))
+    assert code == 0 and "registered credit: binary_classification, 11 features, 1 attributes" in out
+    code, out, _ = run(capsys, "enrichments", "set", "credit", "anomaly_detection=on",
+                       "anomaly_detection.n_estimators=50")
+    assert code == 0 and "anomaly_detection\ton\tnot trained" in out
+    code, out, _ = run(capsys, "train", "credit")
+    assert code == 0 and "version 1" in out
+    code, out, _ = run(capsys, "models", "list")
+    assert out.strip() == "credit\tbinary_classification\tenrichments: anomaly_detection"
+    code, out, _ = run(capsys, "models", "show", "credit")
+    shown = json.loads(out)
+    assert shown["reference_rows"] == 500
+    assert shown["enrichments"]["anomaly_detection"] == {"enabled": True, "config": {"n_estimators": 50},
+                                                         "artifact_version": 1, "versions": [1]}
+    code, out, _ = run(capsys, "enrichments", "set", "credit", "anomaly_detection=off")
+    assert "anomaly_detection\toff\tartifact v1" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["models", "register", "Credit-Model", "--schema", "{schema}", "--reference", "{reference}"],
+     "must match ^[a-z][a-z0-9_]{0,62}$"),
+    (["models", "register", "m", "--schema", "/nope.json", "--reference", "{reference}"],
+     "schema file '/nope.json' does not exist"),
+    (["models", "show", "ghost"], "model 'ghost' is not registered"),
+    (["enrichments", "set", "ghost", "anomaly_detection=on"], "model 'ghost' is not registered"),
+    (["train", "ghost"], "not registered"),
+])
+def test_mistakes_get_a_message_that_says_what_to_fix(files, capsys, argv, message):
+    schema, reference = files
+    argv = [a.format(schema=schema, reference=reference) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+
+
+def test_reference_that_does_not_fit_is_refused_by_column(files, capsys, tmp_path):
+    schema, _ = files
+    bad = tmp_path / "bad.csv"
+    pacsv.write_csv(sample.reference_table(50).drop_columns(["f7"]), bad)
+    code, _, err = run(capsys, "models", "register", "m", "--schema", str(schema), "--reference", str(bad))
+    assert code == 2 and "reference column 'f7': missing" in err
+
+
+def test_toggle_mistakes(files, capsys):
+    schema, reference = files
+    run(capsys, "models", "register", "m", "--schema", str(schema), "--reference", str(reference))
+    assert "unknown enrichment 'explainability'" in run(capsys, "enrichments", "set", "m", "explainability=on")[2]
+    assert "takes on or off" in run(capsys, "enrichments", "set", "m", "anomaly_detection=maybe")[2]
+    assert "n_estimators" in run(capsys, "enrichments", "set", "m", "anomaly_detection.n_estimators=-1")[2]
+    assert "no enrichment enabled" in run(capsys, "train", "m")[2]
+
+
+def test_bad_settings_in_the_environment_are_reported(files, capsys, monkeypatch):
+    monkeypatch.setenv("ENRICHER_BATCH_SIZE", "lots")
+    code, _, err = run(capsys, "models", "list")
+    assert code == 2 and "ENRICHER_BATCH_SIZE='lots'" in err
+
+
+def test_produce_sends_each_line_and_query_prints_json(files, capsys, tmp_path, broker, monkeypatch):
+    monkeypatch.setenv("ENRICHER_BROKER", broker.url)
+    monkeypatch.setenv("ENRICHER_INFERENCE_TOPIC", "cli-in")
+    monkeypatch.setenv("ENRICHER_DLQ_TOPIC", "cli-dlq")
+    lines = tmp_path / "inferences.jsonl"
+    msgs, _ = sample.inferences(25)
+    lines.write_bytes(b"\n".join(msgs) + b"\n")
+    code, out, _ = run(capsys, "produce", str(lines))
+    assert code == 0 and "produced 25 messages to cli-in" in out
+    from enricher.config import Settings
+    from enricher.topics import read_topic
+    got = [m.value() for m in read_topic(Settings.from_env(), "cli-in", expected=25)]
+    assert sorted(got) == sorted(msgs)
+
+    code, out, _ = run(capsys, "query", "--format", "json", "SELECT 1 AS one, 'x' AS s")
+    assert code == 0 and [orjson.loads(l) for l in out.splitlines()] == [{"one": 1, "s": "x"}]
+    code, out, _ = run(capsys, "query", "SELECT 1 AS one, 'x' AS s")
+    assert out.splitlines()[0].split() == ["one", "s"] and out.splitlines()[2].split() == ["1", "x"]
+
+
+def test_query_is_read_only(files, capsys):
+    code, _, err = run(capsys, "query", "CREATE DATABASE sneaky")
+    assert code == 2 and "readonly" in err.lower()
