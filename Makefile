@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup services demo test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +16,18 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+## Services the tests start themselves but cannot pip-install: Debian's Prometheus.
+services:
+	@command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus (a test has it scrape a real worker)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
 ## The main job on the embedded default: broker, train, stream, enrich, show.
 demo: setup
 	$(BIN)/enricher demo
 
 ## The tests, against a real Tansu broker and the real chDB engine.
-test: setup
+test: setup services
 	$(BIN)/python -m pytest
 
 ## A quick measurement of the batch path (the full benchmark grows with issue 3).

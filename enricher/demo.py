@@ -134,7 +134,7 @@ def run_demo(args) -> int:
         found = len(planted & {r[0] for r in top})
         say(f"\n{found} of {len(planted)} planted anomalies are the top-{len(planted)} scores.")
         client.close()
-        say(f"\nQuery it yourself: enricher --data-dir {data_dir} query "
+        say(f"\nQuery it yourself: {Path(sys.executable).parent / 'enricher'} --data-dir {data_dir} query "
             f"\"SELECT * FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 5\"")
         return 0
     finally:

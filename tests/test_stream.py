@@ -139,3 +139,29 @@ def test_a_redelivered_stream_shows_each_inference_once(make_settings, tmp_path,
     assert count_rows(settings) == (3000, 3000)
     _, stored = query(settings, f"SELECT count() FROM enricher_store.{sample.MODEL_ID}")
     assert stored[0][0] >= 3000  # copies may sit in storage until merged; the view hides them
+
+
+def test_the_same_worker_writes_to_a_clickhouse_server_over_http(make_settings, tmp_path, worker_for):
+    from .clickhouse_http import ClickHouseHTTP
+
+    server = ClickHouseHTTP(tmp_path / "server", user="enricher", password="s3cret").start()
+    try:
+        settings = make_settings(clickhouse_url=server.url("analytics"))
+        assert settings.clickhouse_database == "analytics"
+        register_sample(settings, tmp_path)
+        messages, planted = sample.inferences(5000, anomalies=5)
+        produce(settings, messages + [b"{not json"])
+        worker = worker_for(settings)
+        worker.wait_for(lambda s: s["consumed"] >= 5001, timeout=120)
+        # `enricher query` talks to the server directly, with the worker still running.
+        _, rows = query(settings, f"SELECT count(), uniqExact(inference_id), countIf(anomaly_score IS NULL) "
+                                  f"FROM analytics.{sample.MODEL_ID}")
+        assert tuple(rows[0]) == (5000, 5000, 0)
+        assert server.inserted_rows == 5000
+        _, top = query(settings, f"SELECT inference_id FROM analytics.{sample.MODEL_ID} "
+                                 f"ORDER BY anomaly_score DESC LIMIT 5")
+        assert {r[0] for r in top} == planted
+        assert "s3cret" not in (tmp_path / "worker.log").read_text()
+        worker.stop()
+    finally:
+        server.stop()
