@@ -6,6 +6,7 @@ The Faust agent hands raw messages here; tests and benchmarks call it directly.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from . import metrics
@@ -30,7 +31,10 @@ class BatchProcessor:
 
     def parse(self, values: list[bytes], partitions: list[int], offsets: list[int]) -> ParsedBatch:
         parsed = parse_batch(values, partitions, offsets, self.serving.spec, self.settings.max_message_bytes)
-        metrics.CONSUMED.inc(len(values))
+        per_model = Counter({m: rows.num_rows for m, rows in parsed.models.items()})
+        per_model.update(d.model_id or "" for d in parsed.dead)
+        for model_id, n in per_model.items():
+            metrics.CONSUMED.labels(model_id).inc(n)
         metrics.BATCH_ROWS.observe(len(values))
         return parsed
 

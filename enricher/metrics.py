@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-CONSUMED = Counter("enricher_inferences_consumed", "Messages taken from the inference topic")
+CONSUMED = Counter("enricher_inferences_consumed", "Messages taken from the inference topic "
+                   "(model is empty when a message never named a usable model)", ["model"])
 ENRICHED = Counter("enricher_inferences_enriched", "Inferences enriched and written to ClickHouse", ["model"])
 DEAD_LETTERED = Counter("enricher_inferences_dead_lettered",
                         "Messages sent to the dead-letter topic", ["model", "reason"])

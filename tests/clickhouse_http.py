@@ -40,14 +40,16 @@ def _decompress(body: bytes, encoding: str | None) -> bytes:
 
 
 class ClickHouseHTTP:
-    def __init__(self, path: str | Path, user: str = "default", password: str = ""):
+    def __init__(self, path: str | Path, user: str = "default", password: str = "", port: int = 0):
         self.conn = chdb.connect(str(path))
         self.lock = threading.Lock()
         self.user, self.password = user, password
         self.tmp = Path(tempfile.mkdtemp(prefix="ch-http-"))
         self.requests = 0
+        self.stopped = False
         self.inserted_rows = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -59,7 +61,11 @@ class ClickHouseHTTP:
         return self
 
     def stop(self) -> None:
+        # Kept-alive connections live on in their handler threads: they must
+        # see the server gone too, as a client would after a real outage.
+        self.stopped = True
         self.server.shutdown()
+        self.server.server_close()
         self.conn.close()
 
     def query(self, sql: str, fmt: str = "JSONCompact") -> dict:
@@ -83,6 +89,9 @@ class ClickHouseHTTP:
                 self._serve(self.rfile.read(length))
 
             def _serve(self, body: bytes):
+                if front.stopped:
+                    self.close_connection = True
+                    return
                 front.requests += 1
                 if not self._authorised():
                     return self._reply(516, b"Code: 516. DB::Exception: default: Authentication failed. "

@@ -64,6 +64,10 @@ def test_valid_rows_land_once_and_malformed_ones_in_the_dead_letter_topic(settin
 
     metrics = worker.metrics()
     assert 'enricher_inferences_enriched_total{model="credit_default"} 6000.0' in metrics
+    # of the malformed sample, 4 name the model, 1 names an unknown model, 5 name none usable
+    assert 'enricher_inferences_consumed_total{model="credit_default"} 6004.0' in metrics
+    assert 'enricher_inferences_consumed_total{model=""} 5.0' in metrics
+    assert 'enricher_inferences_consumed_total{model="no_such_model"} 1.0' in metrics
     assert 'enricher_inferences_dead_lettered_total{model="credit_default",reason="non_finite"} 1.0' in metrics
     assert 'enricher_end_to_end_latency_seconds_count 6000.0' in metrics
     assert "enricher_clickhouse_insert_seconds_count" in metrics and "enricher_batch_rows_bucket" in metrics
@@ -162,6 +166,34 @@ def test_the_same_worker_writes_to_a_clickhouse_server_over_http(make_settings, 
                                  f"ORDER BY anomaly_score DESC LIMIT 5")
         assert {r[0] for r in top} == planted
         assert "s3cret" not in (tmp_path / "worker.log").read_text()
+        worker.stop()
+    finally:
+        server.stop()
+
+
+def test_while_clickhouse_is_down_nothing_is_committed_and_nothing_lost(make_settings, tmp_path, worker_for):
+    from .clickhouse_http import ClickHouseHTTP
+
+    server = ClickHouseHTTP(tmp_path / "server").start()
+    port = server.port
+    settings = make_settings(clickhouse_url=server.url())
+    register_sample(settings, tmp_path)
+    produce(settings, sample.inferences(1000, id_prefix="before")[0])
+    worker = worker_for(settings)
+    worker.wait_for(lambda s: s["enriched"] >= 1000, timeout=120)
+    server.stop()  # ClickHouse goes away
+
+    produce(settings, sample.inferences(2000, id_prefix="during")[0])
+    worker.wait_for(lambda s: "enricher_clickhouse_insert_failures_total 0.0" not in worker.metrics(), timeout=60)
+    status = worker.status()
+    assert status["enriched"] == 1000, "no batch counts as done while its insert fails"
+
+    server = ClickHouseHTTP(tmp_path / "server", port=port).start()  # back, same address and data
+    try:
+        worker.wait_for(lambda s: s["enriched"] >= 3000, timeout=120)
+        _, rows = query(settings, f"SELECT countIf(startsWith(inference_id, 'before')), "
+                                  f"countIf(startsWith(inference_id, 'during')), count() FROM enricher.{sample.MODEL_ID}")
+        assert tuple(rows[0]) == (1000, 2000, 3000)
         worker.stop()
     finally:
         server.stop()
