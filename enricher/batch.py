@@ -29,8 +29,10 @@ class BatchProcessor:
         self.serving = serving
         self.sink = sink
 
-    def parse(self, values: list[bytes], partitions: list[int], offsets: list[int]) -> ParsedBatch:
-        parsed = parse_batch(values, partitions, offsets, self.serving.spec, self.settings.max_message_bytes)
+    def parse(self, values: list[bytes], partitions: list[int], offsets: list[int],
+              content_types: list[str | None] | None = None) -> ParsedBatch:
+        parsed = parse_batch(values, partitions, offsets, self.serving.spec, self.settings.max_message_bytes,
+                             content_types)
         per_model = Counter({m: rows.num_rows for m, rows in parsed.models.items()})
         per_model.update(d.model_id or "" for d in parsed.dead)
         for model_id, n in per_model.items():
@@ -59,8 +61,8 @@ class BatchProcessor:
         for d in parsed.dead:
             metrics.DEAD_LETTERED.labels(d.model_id or "", d.reason).inc()
 
-    def process(self, values, partitions, offsets) -> BatchResult:
-        parsed = self.parse(values, partitions, offsets)
+    def process(self, values, partitions, offsets, content_types=None) -> BatchResult:
+        parsed = self.parse(values, partitions, offsets, content_types)
         written = self.write(parsed)
         self.count(parsed, written)
         return BatchResult(parsed, written)

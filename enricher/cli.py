@@ -167,14 +167,30 @@ def cmd_produce(args) -> int:
     from .producer import InferenceProducer
     from .topics import ensure_topics
 
+    import orjson
+
     settings = _settings(args)
     ensure_topics(settings)
-    producer = InferenceProducer(settings, topic=args.topic)
-    source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    producer = InferenceProducer(settings, topic=args.topic, batch=args.batch, batch_rows=args.batch_rows)
+    try:
+        source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    except OSError as exc:
+        raise UserError(f"cannot read {args.file!r}: {exc.strerror}") from None
+    n = 0
     with source:
-        n = producer.send_many(line.rstrip(b"\r\n") for line in source if line.strip())
+        for line in source:
+            line = line.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            n += 1
+            try:
+                ok = type(orjson.loads(line)) is dict
+            except orjson.JSONDecodeError:
+                ok = False
+            # A line that is not a JSON object goes alone, so that it alone is dead-lettered.
+            producer.send(line) if ok else producer.send_alone(line)
     producer.flush()
-    print(f"produced {n} messages to {producer.topic}")
+    print(f"produced {n} inferences in {producer.messages} messages to {producer.topic}")
     return 0
 
 
@@ -306,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("produce", help="send JSON-lines inferences (one per line) to the inference topic")
     pr.add_argument("file", help="a file, or - for standard input")
     pr.add_argument("--topic", help="default: ENRICHER_INFERENCE_TOPIC")
+    pr.add_argument("--batch", choices=["json", "arrow", "none"], default="json",
+                    help="many inferences per message as a JSON array (default) or an Arrow IPC stream, "
+                         "or none: one per message")
+    pr.add_argument("--batch-rows", type=int, default=1000, help="inferences per message at most")
     pr.set_defaults(func=cmd_produce)
 
     q = sub.add_parser("query", help="run a read-only SQL query against the enriched tables")

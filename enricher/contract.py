@@ -7,7 +7,16 @@ One message is one JSON object:
      "label": 1, "attributes": {"sex": "f"}}
 
 `timestamp` is ISO-8601 (no offset means UTC) or epoch milliseconds; `label`
-and `attributes` are optional. Every message is decoded once; after that the
+and `attributes` are optional.
+
+A message may also carry many inferences: a JSON array of such objects, or an
+Arrow IPC stream with the same columns (`features` and `attributes` as struct
+columns). The format is told by the content (an IPC stream starts with
+0xFFFFFFFF, an array with `[`) or by a `content-type` header
+(`application/json`, `application/vnd.apache.arrow.stream`). Each row of a
+batched message is validated on its own.
+
+Every message is decoded once; after that the
 work is per column: each field of a model's rows becomes one Arrow array in a
 single conversion, and only when that conversion fails are the rows of that
 column looked at one by one to say which are bad and why. A bad row leaves
@@ -45,7 +54,12 @@ REASONS = {
     "missing_feature": "a feature in the model's schema is missing or null",
     "wrong_feature_type": "a feature or attribute has the wrong type",
     "non_finite": "a number is NaN or infinite",
+    "invalid_arrow": "an Arrow IPC message that cannot be read",
 }
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+JSON = "application/json"
+_ARROW_MAGIC = b"\xff\xff\xff\xff"
 
 
 @dataclass
@@ -56,6 +70,7 @@ class DeadLetter:
     model_id: str | None
     partition: int
     offset: int
+    index: int | None = None  # the row's position inside a batched message
 
 
 @dataclass
@@ -84,14 +99,16 @@ class ParsedBatch:
 
 
 def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
-                specs: Callable[[str], ModelSpec | None], max_bytes: int) -> ParsedBatch:
+                specs: Callable[[str], ModelSpec | None], max_bytes: int,
+                content_types: list[str | None] | None = None) -> ParsedBatch:
     """Decode and validate one batch of raw messages.
 
     `specs(model_id)` returns the model's spec, or None if it is unknown.
+    `content_types`, where given, holds each message's content-type header.
     """
     out = ParsedBatch(consumed=len(values))
-    by_model: dict[str, list[int]] = {}
-    decoded: list = [None] * len(values)
+    items = _Items(out, specs, partitions, offsets)
+    arrow_parts: list[tuple[int, pa.Table]] = []
     loads = orjson.loads
     for i, raw in enumerate(values):
         if raw is None:
@@ -100,6 +117,13 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
             out.dead.append(DeadLetter(raw, "too_large", f"message is {len(raw)} bytes, the limit is {max_bytes}",
                                        None, partitions[i], offsets[i]))
             continue
+        ctype = content_types[i] if content_types else None
+        if ctype == ARROW_STREAM or (ctype is None and raw[:4] == _ARROW_MAGIC):
+            try:
+                arrow_parts.append((i, pa.ipc.open_stream(raw).read_all()))
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+                out.dead.append(DeadLetter(raw, "invalid_arrow", str(exc)[:300], None, partitions[i], offsets[i]))
+            continue
         try:
             obj = loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -107,40 +131,84 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
             if obj is None:
                 out.dead.append(DeadLetter(raw, "invalid_json", str(exc), None, partitions[i], offsets[i]))
                 continue
+        if type(obj) is list:
+            for pos, element in enumerate(obj):
+                items.add(element, raw, i, pos)
+        else:
+            items.add(obj, raw, i, None)
+
+    parts: dict[str, list[ModelRows]] = {}
+    for model_id, idx in items.by_model.items():
+        model_rows, bad = _columns(specs(model_id), [items.objs[k] for k in idx])
+        for j, (reason, detail) in sorted(bad.items()):
+            items.dead(idx[j], reason, detail, model_id)
+        if model_rows is not None:
+            take = np.fromiter((idx[j] for j in range(len(idx)) if j not in bad), np.int64) if bad \
+                else np.asarray(idx, np.int64)
+            msg = np.asarray(items.msg, np.int64)[take]
+            model_rows.partition = np.asarray(partitions, np.uint32)[msg]
+            model_rows.offset = np.asarray(offsets, np.uint64)[msg]
+            parts.setdefault(model_id, []).append(model_rows)
+    for i, table in arrow_parts:
+        for model_id, model_rows in _arrow_message(table, i, specs, out, partitions, offsets).items():
+            parts.setdefault(model_id, []).append(model_rows)
+    for model_id, rows in parts.items():
+        out.models[model_id] = rows[0] if len(rows) == 1 else _concat(rows)
+    return out
+
+
+class _Items:
+    """The inferences of a batch's JSON messages, one per object, with where each came from."""
+
+    def __init__(self, out: ParsedBatch, specs, partitions, offsets):
+        self.out, self.specs, self.partitions, self.offsets = out, specs, partitions, offsets
+        self.objs: list = []
+        self.msg: list[int] = []
+        self.pos: list[int | None] = []
+        self.raw: list[bytes] = []
+        self.by_model: dict[str, list[int]] = {}
+
+    def add(self, obj, raw: bytes, i: int, pos: int | None) -> None:
+        k = len(self.objs)
+        self.objs.append(obj)
+        self.msg.append(i)
+        self.pos.append(pos)
+        self.raw.append(raw)
         if type(obj) is not dict:
-            out.dead.append(DeadLetter(raw, "not_an_object", f"expected a JSON object, got {_kind(obj)}",
-                                       None, partitions[i], offsets[i]))
-            continue
-        decoded[i] = obj
+            return self.dead(k, "not_an_object", f"expected a JSON object, got {_kind(obj)}", None)
         model_id = obj.get("model_id")
         if type(model_id) is not str:
             reason = "missing_field" if model_id is None else "wrong_type"
-            out.dead.append(DeadLetter(raw, reason, f"model_id: expected a string, got {_kind(model_id)}",
-                                       None, partitions[i], offsets[i]))
-            continue
-        rows = by_model.get(model_id)
+            return self.dead(k, reason, f"model_id: expected a string, got {_kind(model_id)}", None)
+        rows = self.by_model.get(model_id)
         if rows is None:
-            if specs(model_id) is None:
-                out.dead.append(DeadLetter(raw, "unknown_model", f"model {model_id!r} is not registered",
-                                           model_id, partitions[i], offsets[i]))
-                continue
-            rows = by_model[model_id] = []
-        rows.append(i)
+            if self.specs(model_id) is None:
+                return self.dead(k, "unknown_model", f"model {model_id!r} is not registered", model_id)
+            rows = self.by_model[model_id] = []
+        rows.append(k)
 
-    for model_id, rows in by_model.items():
-        spec = specs(model_id)
-        objs = [decoded[i] for i in rows]
-        model_rows, bad = _columns(spec, objs)
-        for j, (reason, detail) in sorted(bad.items()):
-            i = rows[j]
-            out.dead.append(DeadLetter(values[i], reason, detail, model_id, partitions[i], offsets[i]))
-        if model_rows is not None:
-            take = np.fromiter((rows[j] for j in range(len(rows)) if j not in bad), np.int64) if bad \
-                else np.asarray(rows, np.int64)
-            model_rows.partition = np.asarray(partitions, np.uint32)[take]
-            model_rows.offset = np.asarray(offsets, np.uint64)[take]
-            out.models[model_id] = model_rows
-    return out
+    def dead(self, k: int, reason: str, detail: str, model_id: str | None) -> None:
+        pos = self.pos[k]
+        # A row of a batched message leaves alone, as its own JSON, so it can be replayed.
+        raw = self.raw[k] if pos is None else _dumps(self.objs[k])
+        i = self.msg[k]
+        self.out.dead.append(DeadLetter(raw, reason, detail, model_id, self.partitions[i], self.offsets[i], pos))
+
+
+def _dumps(obj) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, default=str).encode()
+
+
+def _concat(parts: list[ModelRows]) -> ModelRows:
+    first = parts[0]
+    cat = pa.concat_arrays
+    return ModelRows(first.spec, cat([p.inference_id for p in parts]), cat([p.timestamp for p in parts]),
+                     cat([p.prediction for p in parts]), cat([p.label for p in parts]),
+                     {k: cat([p.values[k] for p in parts]) for k in first.values},
+                     np.concatenate([p.partition for p in parts]), np.concatenate([p.offset for p in parts]))
 
 
 def _lenient_loads(raw: bytes):
@@ -163,41 +231,37 @@ Bad = dict[int, tuple[str, str]]
 
 
 def _columns(spec: ModelSpec, objs: list[dict]) -> tuple[ModelRows | None, Bad]:
-    bad: Bad = {}
-    n = len(objs)
-    inference_id = _typed([o.get("inference_id") for o in objs], _ID, "inference_id", bad,
-                          missing="missing_field", wrong="wrong_type")
-    timestamp = _timestamps([o.get("timestamp") for o in objs], bad)
-    feats = [o.get("features") for o in objs]
-    for j, f in enumerate(feats):
-        if type(f) is not dict:
-            _mark(bad, j, "missing_field" if f is None else "wrong_type",
-                  f"features: expected an object, got {_kind(f)}")
-            feats[j] = {}
+    """Validate JSON objects of one model into columns."""
+    return _validate(spec, _JsonSource(objs))
+
+
+def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource") -> tuple[ModelRows | None, Bad]:
+    """The checks every row goes through, whatever format it came in.
+
+    The order of the checks is the order problems are reported in: the first
+    problem found in a row is its reason.
+    """
+    bad = src.bad
+    inference_id = _check(src.top("inference_id", _ID, "wrong_type"), "inference_id", bad, "missing_field")
+    timestamp = src.timestamp()
+    src.group("features", required=True)
     target = Column("prediction", spec.prediction_type)
-    prediction = _typed([o.get("prediction") for o in objs], target, "prediction", bad,
-                        missing="missing_field", wrong="wrong_type")
-    label = _typed([o.get("label") for o in objs], target, "label", bad,
-                   missing=None, wrong="wrong_type")
+    prediction = _check(src.top("prediction", target, "wrong_type"), "prediction", bad, "missing_field")
+    label = _check(src.top("label", target, "wrong_type"), "label", bad, None)
     values: dict[str, pa.Array] = {}
     for col in spec.features:
-        values[col.name] = _typed([f.get(col.name) for f in feats], col, f"feature {col.name!r}", bad,
-                                  missing="missing_feature", wrong="wrong_feature_type")
+        arr = src.nested("features", col, f"feature {col.name!r}", "wrong_feature_type")
+        values[col.name] = _check(arr, f"feature {col.name!r}", bad, "missing_feature")
     if spec.attributes:
-        attrs = [o.get("attributes") for o in objs]
-        for j, a in enumerate(attrs):
-            if a is not None and type(a) is not dict:
-                _mark(bad, j, "wrong_type", f"attributes: expected an object, got {_kind(a)}")
-            if type(a) is not dict:
-                attrs[j] = {}
+        src.group("attributes", required=False)
         for col in spec.attributes:
-            values[col.name] = _typed([a.get(col.name) for a in attrs], col, f"attribute {col.name!r}", bad,
-                                      missing=None, wrong="wrong_feature_type")
-    if len(bad) == n:
+            arr = src.nested("attributes", col, f"attribute {col.name!r}", "wrong_feature_type")
+            values[col.name] = _check(arr, f"attribute {col.name!r}", bad, None)
+    if len(bad) == src.n:
         return None, bad
     keep = None
     if bad:
-        mask = np.ones(n, bool)
+        mask = np.ones(src.n, bool)
         mask[list(bad)] = False
         keep = pa.array(mask)
 
@@ -209,6 +273,143 @@ def _columns(spec: ModelSpec, objs: list[dict]) -> tuple[ModelRows | None, Bad]:
     return rows, bad
 
 
+class _JsonSource:
+    """Fields of decoded JSON objects, one Arrow conversion per field."""
+
+    def __init__(self, objs: list[dict]):
+        self.objs = objs
+        self.n = len(objs)
+        self.bad: Bad = {}
+        self.groups: dict[str, list[dict]] = {}
+
+    def top(self, name: str, col: Column, wrong: str) -> pa.Array:
+        return _from_values([o.get(name) for o in self.objs], col, name, self.bad, wrong)
+
+    def timestamp(self) -> pa.Array:
+        return _timestamps([o.get("timestamp") for o in self.objs], self.bad)
+
+    def group(self, name: str, required: bool) -> None:
+        dicts = [o.get(name) for o in self.objs]
+        for j, d in enumerate(dicts):
+            if type(d) is not dict:
+                if d is not None or required:
+                    _mark(self.bad, j, "missing_field" if d is None else "wrong_type",
+                          f"{name}: expected an object, got {_kind(d)}")
+                dicts[j] = {}
+        self.groups[name] = dicts
+
+    def nested(self, group: str, col: Column, what: str, wrong: str) -> pa.Array:
+        return _from_values([d.get(col.name) for d in self.groups[group]], col, what, self.bad, wrong)
+
+
+class _ArrowSource:
+    """Fields of an Arrow table: casts, never row-by-row conversion."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.n = table.num_rows
+        self.bad: Bad = {}
+
+    def _all(self, reason: str, detail: str) -> None:
+        for j in range(self.n):
+            _mark(self.bad, j, reason, detail)
+
+    def top(self, name: str, col: Column, wrong: str) -> pa.Array:
+        if name not in self.table.column_names:
+            return pa.nulls(self.n, pa.float64() if col.numeric else pa.string())
+        return self._cast(self.table.column(name).combine_chunks(), col, name, wrong)
+
+    def timestamp(self) -> pa.Array:
+        if "timestamp" not in self.table.column_names:
+            self._all("missing_field", "timestamp: missing")
+            return pa.nulls(self.n, TS_TYPE)
+        arr = self.table.column("timestamp").combine_chunks()
+        if pa.types.is_timestamp(arr.type):
+            if arr.type.tz is None:
+                arr = pc.assume_timezone(arr, "UTC")
+            return arr.cast(TS_TYPE)
+        if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+            arr = arr.cast(pa.int64(), safe=False)
+            for j in np.flatnonzero(pc.fill_null(pc.less(arr, _MIN_EPOCH_MS), False).to_numpy(zero_copy_only=False)):
+                _mark(self.bad, int(j), "invalid_timestamp",
+                      f"timestamp: {arr[int(j)].as_py()!r} is not epoch milliseconds (seconds? multiply by 1000)")
+            return pc.if_else(pc.less(arr, _MIN_EPOCH_MS), None, arr).cast(TS_TYPE)
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            return _timestamps(arr.to_pylist(), self.bad)
+        self._all("wrong_type", f"timestamp: column of type {arr.type}, expected a timestamp, int64 or string")
+        return pa.nulls(self.n, TS_TYPE)
+
+    def group(self, name: str, required: bool) -> None:
+        if name not in self.table.column_names:
+            if required:
+                self._all("missing_field", f"{name}: missing")
+        elif not pa.types.is_struct(self.table.schema.field(name).type):
+            self._all("wrong_type", f"{name}: column of type {self.table.schema.field(name).type}, expected a struct")
+
+    def nested(self, group: str, col: Column, what: str, wrong: str) -> pa.Array:
+        field = self.table.schema.field(group) if group in self.table.column_names else None
+        if field is None or not pa.types.is_struct(field.type) or field.type.get_field_index(col.name) < 0:
+            return pa.nulls(self.n, pa.float64() if col.numeric else pa.string())
+        return self._cast(pc.struct_field(self.table.column(group).combine_chunks(), col.name), col, what, wrong)
+
+    def _cast(self, arr: pa.Array, col: Column, what: str, wrong: str) -> pa.Array:
+        t = arr.type
+        if pa.types.is_dictionary(t):
+            arr, t = arr.cast(t.value_type), t.value_type
+        if col.numeric:
+            ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
+            target = pa.float64()
+        else:
+            ok = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) or pa.types.is_null(t)
+            target = pa.string()
+        if not ok:
+            self._all(wrong, f"{what}: column of type {t}, expected {'numbers' if col.numeric else 'strings'}")
+            return pa.nulls(self.n, target)
+        return arr.cast(target)
+
+
+def _arrow_message(table: pa.Table, i: int, specs, out: ParsedBatch, partitions, offsets) -> dict[str, ModelRows]:
+    """Validate one Arrow IPC message, which may hold rows of several models."""
+    def dead(rows, reason, detail, model_id):
+        for j in rows:
+            out.dead.append(DeadLetter(to_ipc(table.slice(int(j), 1)), reason, detail, model_id,
+                                       partitions[i], offsets[i], int(j)))
+
+    if "model_id" not in table.column_names:
+        dead(range(table.num_rows), "missing_field", "model_id: missing", None)
+        return {}
+    ids = table.column("model_id").combine_chunks()
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.cast(ids.type.value_type)
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        dead(range(table.num_rows), "wrong_type", f"model_id: column of type {ids.type}, expected strings", None)
+        return {}
+    dead(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False)), "missing_field", "model_id: missing", None)
+    found = {}
+    for model_id in pc.unique(ids.drop_null()).to_pylist():
+        positions = np.flatnonzero(pc.equal(ids, model_id).fill_null(False).to_numpy(zero_copy_only=False))
+        spec = specs(model_id)
+        if spec is None:
+            dead(positions, "unknown_model", f"model {model_id!r} is not registered", model_id)
+            continue
+        part = table.take(positions) if len(positions) < table.num_rows else table
+        rows, bad = _validate(spec, _ArrowSource(part))
+        for j, (reason, detail) in sorted(bad.items()):
+            dead([positions[j]], reason, detail, model_id)
+        if rows is not None:
+            rows.partition = np.full(rows.num_rows, partitions[i], np.uint32)
+            rows.offset = np.full(rows.num_rows, offsets[i], np.uint64)
+            found[model_id] = rows
+    return found
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 def _mark(bad: Bad, j: int, reason: str, detail: str) -> None:
     # The first problem found in a row is the one reported.
     bad.setdefault(j, (reason, detail))
@@ -217,20 +418,21 @@ def _mark(bad: Bad, j: int, reason: str, detail: str) -> None:
 _ID = Column("inference_id", "categorical")
 
 
-def _typed(vals: list, col: Column, what: str, bad: Bad, missing: str | None, wrong: str) -> pa.Array:
-    """One Arrow array for a field; rows that do not fit are marked in `bad`.
-
-    `missing` is the reason for a null value, or None when the field is optional.
-    """
-    arrow_type = pa.float64() if col.numeric else pa.string()
+def _from_values(vals: list, col: Column, what: str, bad: Bad, wrong: str) -> pa.Array:
+    """One Arrow array from Python values in one conversion; only if that fails
+    are the values looked at one by one, to mark the rows that do not fit."""
     try:
-        arr = pa.array(vals, arrow_type)
+        return pa.array(vals, pa.float64() if col.numeric else pa.string())
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        arr = _typed_slowly(vals, col, what, bad, wrong)
+        return _typed_slowly(vals, col, what, bad, wrong)
+
+
+def _check(arr: pa.Array, what: str, bad: Bad, missing: str | None) -> pa.Array:
+    """Mark null values (where the field is required) and non-finite numbers."""
     if missing is not None and arr.null_count:
         for j in np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)):
             _mark(bad, int(j), missing, f"{what}: missing")
-    if col.numeric and arr.null_count < len(arr):
+    if pa.types.is_floating(arr.type) and arr.null_count < len(arr):
         finite = pc.fill_null(pc.is_finite(arr), True)
         if not pc.all(finite).as_py():
             for j in np.flatnonzero(~finite.to_numpy(zero_copy_only=False)):

@@ -3,8 +3,10 @@
 The record's value is the original message, byte for byte, so it can be
 replayed as it is once the cause is fixed. Why it was rejected travels in
 headers: `enricher.reason` (a short code, see contract.REASONS),
-`enricher.detail` (readable), `enricher.source` (topic/partition/offset) and,
-where known, `enricher.model_id`.
+`enricher.detail` (readable), `enricher.source` (topic/partition/offset),
+where known `enricher.model_id`, and for a row of a batched message
+`enricher.batch_index` (its position); such a row leaves alone, as a message
+of its own in its batch's format, so the rest of the batch is not replayed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def headers(d: DeadLetter, source_topic: str) -> list[tuple[str, bytes]]:
     ]
     if d.model_id is not None:
         out.append(("enricher.model_id", d.model_id.encode("utf-8", "replace")[:200]))
+    if d.index is not None:
+        out.append(("enricher.batch_index", str(d.index).encode()))
     return out
 
 
@@ -34,6 +38,7 @@ class DeadLetterRecord:
     detail: str
     source: str
     model_id: str | None
+    batch_index: int | None = None
 
 
 def read(settings: Settings, expected: int, timeout: float = 30.0) -> list[DeadLetterRecord]:
@@ -41,6 +46,8 @@ def read(settings: Settings, expected: int, timeout: float = 30.0) -> list[DeadL
     records = []
     for msg in read_topic(settings, settings.dlq_topic, expected, timeout):
         h = {k: v.decode("utf-8", "replace") for k, v in (msg.headers() or [])}
+        index = h.get("enricher.batch_index")
         records.append(DeadLetterRecord(msg.value(), h.get("enricher.reason", ""), h.get("enricher.detail", ""),
-                                        h.get("enricher.source", ""), h.get("enricher.model_id")))
+                                        h.get("enricher.source", ""), h.get("enricher.model_id"),
+                                        int(index) if index is not None else None))
     return records

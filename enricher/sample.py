@@ -41,7 +41,7 @@ def malformed(model_id: str = MODEL_ID, max_bytes: int = 1_048_576) -> list[tupl
     nan_features = orjson.dumps(good["features"]).replace(b'"f0":1.0', b'"f0":NaN')
     return [
         (b"this is not json", "invalid_json"),
-        (b"[1, 2, 3]", "not_an_object"),
+        (b"42", "not_an_object"),
         (variant(model_id=_DROP), "missing_field"),
         (variant(model_id=7), "wrong_type"),
         (variant(model_id="no_such_model"), "unknown_model"),

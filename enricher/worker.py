@@ -112,10 +112,13 @@ def build_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout):
             for event in events:
                 event.message.incref()  # the final ack is ours, after the write (see module doc)
-            values = [e.message.value for e in events]
-            partitions = [e.message.partition for e in events]
-            offsets = [e.message.offset for e in events]
-            parsed = await asyncio.to_thread(processor.parse, values, partitions, offsets)
+            messages = [e.message for e in events]
+            values = [m.value for m in messages]
+            partitions = [m.partition for m in messages]
+            offsets = [m.offset for m in messages]
+            headers = [m.headers for m in messages]
+            content_types = [content_type(h) for h in headers] if any(headers) else None
+            parsed = await asyncio.to_thread(processor.parse, values, partitions, offsets, content_types)
             written = await _write_until_done(processor, parsed)
             await _send_dead_letters(dead_letters, parsed, settings)
             processor.count(parsed, written)
@@ -185,6 +188,17 @@ def build_app(settings: Settings) -> faust.App:
                  settings.inference_topic, settings.dlq_topic, info["url"])
 
     return app
+
+
+def content_type(headers) -> str | None:
+    """The content-type header of a message (Kafka headers: a list of (key, bytes) pairs)."""
+    if not headers:
+        return None
+    items = headers.items() if isinstance(headers, dict) else headers
+    for key, value in items:
+        if key.lower() == "content-type" and value:
+            return value.decode("ascii", "replace").split(";")[0].strip().lower()
+    return None
 
 
 def _jsonable(value):

@@ -93,8 +93,8 @@ def test_produce_sends_each_line_and_query_prints_json(files, capsys, tmp_path, 
     lines = tmp_path / "inferences.jsonl"
     msgs, _ = sample.inferences(25)
     lines.write_bytes(b"\n".join(msgs) + b"\n")
-    code, out, _ = run(capsys, "produce", str(lines))
-    assert code == 0 and "produced 25 messages to cli-in" in out
+    code, out, _ = run(capsys, "produce", "--batch", "none", str(lines))
+    assert code == 0 and "produced 25 inferences in 25 messages to cli-in" in out
     from enricher.config import Settings
     from enricher.topics import read_topic
     got = [m.value() for m in read_topic(Settings.from_env(), "cli-in", expected=25)]

@@ -19,9 +19,9 @@ from .conftest import register_sample
 pytestmark = pytest.mark.timeout(300)
 
 
-def produce(settings, messages):
+def produce(settings, messages, batch="none"):
     ensure_topics(settings)
-    producer = InferenceProducer(settings)
+    producer = InferenceProducer(settings, batch=batch)
     producer.send_many(messages)
     producer.flush()
 
@@ -197,3 +197,26 @@ def test_while_clickhouse_is_down_nothing_is_committed_and_nothing_lost(make_set
         worker.stop()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("batch", ["json", "arrow"])
+def test_batched_messages_are_enriched_row_by_row(make_settings, tmp_path, worker_for, batch):
+    settings = make_settings(max_message_bytes=1 << 20)
+    register_sample(settings, tmp_path)
+    valid, planted = sample.inferences(5000, anomalies=5)
+    bad = json.loads(valid[10])
+    bad["features"]["f3"] = None  # one bad row inside a batch
+    ensure_topics(settings)
+    producer = InferenceProducer(settings, batch=batch, batch_rows=500)
+    producer.send_many(valid[:10] + [json.dumps(bad).encode()] + valid[11:])
+    producer.flush()
+    assert producer.messages == 10
+
+    worker = worker_for(settings)
+    worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= 5000, timeout=120)
+    worker.stop()
+    assert count_rows(settings) == (4999, 4999)
+    [record] = deadletters.read(settings, expected=1)
+    assert (record.reason, record.batch_index) == ("missing_feature", 10)
+    _, top = query(settings, f"SELECT inference_id FROM enricher.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 5")
+    assert {r[0] for r in top} == planted
