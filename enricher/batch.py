@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 from . import metrics
 from .config import Settings
 from .contract import ParsedBatch, parse_batch
@@ -47,12 +49,13 @@ class BatchProcessor:
         written are written again and the table's view shows them once.
         """
         ingested_at = time.time_ns() // 1000
-        written = {}
+        written, tables = {}, []
         for model_id, rows in parsed.models.items():
-            layout = self.sink.layout(rows.spec)
-            table = enrich(rows, self.serving.active(model_id), layout, ingested_at)
-            self.sink.write(rows.spec, table)
-            written[model_id] = table.num_rows
+            self.sink.prepare(rows.spec)
+            tables.append(enrich(rows, self.serving.active(model_id), ingested_at))
+            written[model_id] = rows.num_rows
+        if tables:
+            self.sink.write(tables[0] if len(tables) == 1 else pa.concat_tables(tables), written)
         return written
 
     def count(self, parsed: ParsedBatch, written: dict[str, int]) -> None:

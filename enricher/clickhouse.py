@@ -6,13 +6,21 @@ clickhouse-connect, only `get_client`'s arguments differ.
 
 Layout, for a database setting `enricher`:
 
-    enricher_store.<model_id>  ReplacingMergeTree ORDER BY inference_id, the rows
-                               as written (a redelivered batch adds copies here)
-    enricher.<model_id>        VIEW ... FINAL over it: one row per inference_id
+    enricher_store.inferences  every model's rows, one ReplacingMergeTree
+                               ORDER BY (model_id, inference_id); features and
+                               attributes in two maps (numeric, categorical)
+    enricher.<model_id>        VIEW ... FINAL WHERE model_id = '<model_id>': the
+                               model's rows with one column per feature
+
+Why one table: a worker's batch holds rows of many models, and one insert per
+batch, whatever the number of models, is what keeps a stream over a thousand
+models as fast as a stream over one (a table per model means an insert per
+model per batch). The view gives each model its own typed columns, and a new
+feature is a new view, not an ALTER.
 
 At-least-once delivery means a batch may be written twice after a crash; the
-copies share `inference_id`, so the view (the documented query surface) shows
-each inference once, and background merges drop the copies from storage.
+copies share (model_id, inference_id), so the view shows each inference once,
+and background merges drop the copies from storage.
 """
 
 from __future__ import annotations
@@ -24,16 +32,49 @@ import clickhouse_connect
 import pyarrow as pa
 
 from models import ENRICHMENTS
-from models.spec import ModelSpec
+from models.spec import ModelSpec, check_model_id
 
 from .config import Settings
 
-# Columns every enriched table has besides features, attributes and enrichments.
-INTERNAL_COLUMNS = {
-    "_ingested_at": ("DateTime64(6, 'UTC')", pa.timestamp("us", tz="UTC")),
-    "_partition": ("UInt32", pa.uint32()),
-    "_offset": ("UInt64", pa.uint64()),
-}
+TABLE = "inferences"
+_NUM_MAP = pa.map_(pa.string(), pa.float64())
+_CAT_MAP = pa.map_(pa.string(), pa.string())
+
+
+def _nullable(arrow_type: pa.DataType) -> str:
+    mapping = {pa.float64(): "Float64", pa.float32(): "Float32", pa.string(): "String",
+               pa.int64(): "Int64", pa.uint32(): "UInt32"}
+    if arrow_type not in mapping:
+        raise TypeError(f"no ClickHouse type for enrichment column type {arrow_type}")
+    return f"Nullable({mapping[arrow_type]})"
+
+
+def _store_columns() -> dict[str, tuple[str, pa.DataType]]:
+    cols = {
+        "model_id": ("LowCardinality(String)", pa.string()),
+        "inference_id": ("String", pa.string()),
+        "timestamp": ("DateTime64(3, 'UTC')", pa.timestamp("ms", tz="UTC")),
+        "numeric": ("Map(LowCardinality(String), Nullable(Float64))", _NUM_MAP),
+        "categorical": ("Map(LowCardinality(String), Nullable(String))", _CAT_MAP),
+        "prediction": ("Nullable(Float64)", pa.float64()),
+        "prediction_class": ("LowCardinality(Nullable(String))", pa.string()),
+        "label": ("Nullable(Float64)", pa.float64()),
+        "label_class": ("LowCardinality(Nullable(String))", pa.string()),
+    }
+    for name, enrichment in ENRICHMENTS.items():
+        for col, arrow_type in enrichment.output_columns().items():
+            cols[col] = (_nullable(arrow_type), arrow_type)
+        cols[f"{name}_version"] = ("Nullable(UInt32)", pa.uint32())
+    cols.update({
+        "_ingested_at": ("DateTime64(6, 'UTC')", pa.timestamp("us", tz="UTC")),
+        "_partition": ("UInt32", pa.uint32()),
+        "_offset": ("UInt64", pa.uint64()),
+    })
+    return cols
+
+
+#: Every column of the storage table: name -> (ClickHouse type, Arrow type).
+STORE_COLUMNS = _store_columns()
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -59,76 +100,62 @@ def connect(settings: Settings, readonly: bool = False):
         database="default", **extra)
 
 
-def value_type(kind: str, nullable: bool) -> tuple[str, pa.DataType]:
-    if kind == "numeric":
-        return ("Nullable(Float64)" if nullable else "Float64"), pa.float64()
-    return ("LowCardinality(Nullable(String))" if nullable else "LowCardinality(String)"), pa.string()
-
-
-def table_columns(spec: ModelSpec) -> dict[str, tuple[str, pa.DataType]]:
-    """Every column of a model's enriched table: name -> (ClickHouse type, Arrow type)."""
-    cols = {"inference_id": ("String", pa.string()),
-            "timestamp": ("DateTime64(3, 'UTC')", pa.timestamp("ms", tz="UTC"))}
-    for c in spec.features:
-        cols[c.name] = value_type(c.type, nullable=False)
-    for c in spec.attributes:
-        cols[c.name] = value_type(c.type, nullable=True)
-    cols["prediction"] = value_type(spec.prediction_type, nullable=False)
-    cols["label"] = value_type(spec.prediction_type, nullable=True)
+def view_columns(spec: ModelSpec) -> list[tuple[str, str]]:
+    """The model's view: (column name, SQL expression over the storage table)."""
+    cols = [("inference_id", "inference_id"), ("timestamp", "timestamp")]
+    for c in spec.features + spec.attributes:
+        source = "numeric" if c.numeric else "categorical"
+        cols.append((c.name, f"{source}['{c.name}']"))
+    suffix = "" if spec.prediction_type == "numeric" else "_class"
+    cols += [("prediction", f"prediction{suffix}"), ("label", f"label{suffix}")]
     for name, enrichment in ENRICHMENTS.items():
-        for col, arrow_type in enrichment.output_columns(spec).items():
-            cols[col] = (_nullable(arrow_type), arrow_type)
-        cols[f"{name}_version"] = ("Nullable(UInt32)", pa.uint32())
-    cols.update(INTERNAL_COLUMNS)
+        cols += [(col, col) for col in enrichment.output_columns()]
+        cols.append((f"{name}_version", f"{name}_version"))
+    cols += [(c, c) for c in ("_ingested_at", "_partition", "_offset")]
     return cols
 
 
-def _nullable(arrow_type: pa.DataType) -> str:
-    mapping = {pa.float64(): "Float64", pa.float32(): "Float32", pa.string(): "String",
-               pa.int64(): "Int64", pa.uint32(): "UInt32"}
-    if arrow_type not in mapping:
-        raise TypeError(f"no ClickHouse type for enrichment column type {arrow_type}")
-    return f"Nullable({mapping[arrow_type]})"
-
-
 class EnrichedTables:
-    """Creates (on demand) and writes each model's enriched table."""
+    """Creates (on demand) the storage table and each model's view, and writes batches."""
 
     def __init__(self, client, database: str):
         self.client = client
         self.database = database
         self.store = f"{database}_store"
-        self._ready: dict[str, dict] = {}
+        self._table_ready = False
+        self._views: dict[str, ModelSpec] = {}
         quote(database), quote(self.store)
 
-    def ensure(self, spec: ModelSpec) -> dict[str, tuple[str, pa.DataType]]:
-        cols = table_columns(spec)
-        if self._ready.get(spec.model_id) == cols:
-            return cols
-        db, store, table = quote(self.database), quote(self.store), quote(spec.model_id)
-        self.client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
-        self.client.command(f"CREATE DATABASE IF NOT EXISTS {store}")
-        body = ",\n  ".join(f"{quote(n)} {t}" for n, (t, _) in cols.items())
-        self.client.command(
-            f"CREATE TABLE IF NOT EXISTS {store}.{table} (\n  {body}\n) "
-            "ENGINE = ReplacingMergeTree(_ingested_at) ORDER BY inference_id")
-        # A re-registered model may have gained columns: add them, never drop.
-        existing = {r[0] for r in self.client.query(
-            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-            parameters={"db": self.store, "t": spec.model_id}).result_rows}
-        for name, (ch_type, _) in cols.items():
-            if name not in existing:
-                if not ch_type.startswith(("Nullable", "LowCardinality(Nullable")):
-                    ch_type = f"Nullable({ch_type})" if "LowCardinality" not in ch_type else \
-                        "LowCardinality(Nullable(String))"
-                self.client.command(f"ALTER TABLE {store}.{table} ADD COLUMN IF NOT EXISTS {quote(name)} {ch_type}")
-        self.client.command(f"CREATE OR REPLACE VIEW {db}.{table} AS SELECT * FROM {store}.{table} FINAL")
-        self._ready[spec.model_id] = cols
-        return cols
+    @property
+    def table(self) -> str:
+        return f"{quote(self.store)}.{quote(TABLE)}"
 
-    def insert(self, spec: ModelSpec, table: pa.Table) -> None:
-        self.ensure(spec)
-        self.client.insert_arrow(f"{quote(self.store)}.{quote(spec.model_id)}", table)
+    def ensure_table(self) -> None:
+        if self._table_ready:
+            return
+        self.client.command(f"CREATE DATABASE IF NOT EXISTS {quote(self.database)}")
+        self.client.command(f"CREATE DATABASE IF NOT EXISTS {quote(self.store)}")
+        body = ",\n  ".join(f"{quote(n)} {t}" for n, (t, _) in STORE_COLUMNS.items())
+        self.client.command(f"CREATE TABLE IF NOT EXISTS {self.table} (\n  {body}\n) "
+                            "ENGINE = ReplacingMergeTree(_ingested_at) ORDER BY (model_id, inference_id)")
+        # A release with a new enrichment adds its columns; nothing is dropped.
+        for name, (ch_type, _) in STORE_COLUMNS.items():
+            self.client.command(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {quote(name)} {ch_type}")
+        self._table_ready = True
+
+    def ensure_view(self, spec: ModelSpec) -> None:
+        if self._views.get(spec.model_id) == spec:
+            return
+        self.ensure_table()
+        model = check_model_id(spec.model_id)  # also safe inside the string literal below
+        select = ", ".join(f"{expr} AS {quote(name)}" for name, expr in view_columns(spec))
+        self.client.command(f"CREATE OR REPLACE VIEW {quote(self.database)}.{quote(model)} AS "
+                            f"SELECT {select} FROM {self.table} FINAL WHERE model_id = '{model}'")
+        self._views[spec.model_id] = spec
+
+    def insert(self, table: pa.Table) -> None:
+        self.ensure_table()
+        self.client.insert_arrow(self.table, table)
 
 
 def run_query(client, sql: str) -> tuple[list[str], list[tuple]]:

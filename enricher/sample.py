@@ -73,14 +73,20 @@ def reference_table(n: int = 10_000, seed: int = 7) -> pa.Table:
     return pa.table(cols)
 
 
-def inferences(n: int, anomalies: int = 0, seed: int = 11, model_id: str = MODEL_ID,
-               id_prefix: str = "inf", start_ms: int | None = None) -> tuple[list[bytes], set[str]]:
-    """`n` JSON messages (the last `anomalies` of them planted, spread evenly)
-    and the set of planted inference ids."""
+def inferences(n: int, anomalies: int = 0, seed: int = 11, model_id: str | list[str] = MODEL_ID,
+               id_prefix: str = "inf", start_ms: int | None = None, attributes: bool = True,
+               decimals: int | None = None) -> tuple[list[bytes], set[str]]:
+    """`n` JSON messages (`anomalies` of them planted, spread evenly) and the
+    set of planted inference ids. A list of model ids spreads the messages
+    over those models at random; `decimals` rounds the numbers (shorter messages)."""
     rng = np.random.default_rng(seed)
     cols = _features(rng, n)
     planted_rows = set(np.linspace(0, n - 1, anomalies, dtype=int).tolist()) if anomalies else set()
     start = int(time.time() * 1000) if start_ms is None else start_ms
+    if decimals is not None:
+        for name in NUMERIC:
+            cols[name] = np.round(cols[name], decimals)
+    models = rng.choice(model_id, size=n) if isinstance(model_id, list) else None
     out, planted = [], set()
     for i in range(n):
         feats = {name: float(cols[name][i]) for name in NUMERIC}
@@ -91,7 +97,9 @@ def inferences(n: int, anomalies: int = 0, seed: int = 11, model_id: str = MODEL
                 feats[name] = float(k * 0.5 + rng.choice([-1, 1]) * rng.uniform(6, 9))
             feats["region"] = "atlantis"
             planted.add(iid)
-        msg = {"model_id": model_id, "inference_id": iid, "timestamp": start + i,
-               "features": feats, "prediction": float(rng.random()), "attributes": {"sex": "f" if i % 2 else "m"}}
+        msg = {"model_id": model_id if models is None else str(models[i]), "inference_id": iid,
+               "timestamp": start + i, "features": feats, "prediction": round(float(rng.random()), 4)}
+        if attributes:
+            msg["attributes"] = {"sex": "f" if i % 2 else "m"}
         out.append(orjson.dumps(msg))
     return out, planted

@@ -1,8 +1,8 @@
-"""The ClickHouse sink, after Quix Streams' sinks: one write per model per batch.
+"""The ClickHouse sink, after Quix Streams' sinks: one write per batch.
 
 The worker acknowledges a batch's messages (so their offsets may be
-committed) only after `write` returned for every model in it: an offset is
-never committed ahead of its rows. A failed write raises; the caller retries
+committed) only after `write` returned: an offset is never committed ahead of
+its rows. A failed write raises; the caller retries
 the same batch.
 """
 
@@ -34,18 +34,21 @@ class ClickHouseSink:
             tables = self._local.tables = EnrichedTables(connect(self.settings), self.settings.clickhouse_database)
         return tables
 
-    def layout(self, spec: ModelSpec):
-        return self.tables.ensure(spec)
+    def prepare(self, spec: ModelSpec) -> None:
+        """Make sure the model's view exists (cheap once done)."""
+        self.tables.ensure_view(spec)
 
-    def write(self, spec: ModelSpec, table: pa.Table) -> None:
+    def write(self, table: pa.Table, rows_per_model: dict[str, int]) -> None:
+        """One insert for the whole batch, every model's rows together."""
         started = time.perf_counter()
         try:
-            self.tables.insert(spec, table)
+            self.tables.insert(table)
         except Exception:
             metrics.INSERT_FAILURES.inc()
             raise
         done = time.time()
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
-        metrics.INSERT_ROWS.labels(spec.model_id).inc(table.num_rows)
+        for model_id, n in rows_per_model.items():
+            metrics.INSERT_ROWS.labels(model_id).inc(n)
         ts = table.column("timestamp").cast(pa.int64()).to_numpy()
         metrics.observe_many(metrics.E2E_LATENCY, np.maximum(done - ts / 1000.0, 0.0))

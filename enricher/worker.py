@@ -54,10 +54,13 @@ class Progress:
         self.dead_lettered = 0
         self.batches = 0
         self.started = time.time()
+        self.first_batch_at: float | None = None  # when the first batch was taken
+        self.last_batch_at: float | None = None   # when the latest batch was acknowledged
 
     def as_dict(self) -> dict:
         return {"consumed": self.consumed, "enriched": self.enriched, "dead_lettered": self.dead_lettered,
-                "batches": self.batches, "uptime_s": round(time.time() - self.started, 1)}
+                "batches": self.batches, "uptime_s": round(time.time() - self.started, 1),
+                "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at}
 
 
 def faust_credentials(settings: Settings):
@@ -110,6 +113,8 @@ def build_app(settings: Settings) -> faust.App:
     @app.agent(inferences)
     async def enrich(stream):
         async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout):
+            if progress.first_batch_at is None:
+                progress.first_batch_at = time.time()
             for event in events:
                 event.message.incref()  # the final ack is ours, after the write (see module doc)
             messages = [e.message for e in events]
@@ -128,6 +133,7 @@ def build_app(settings: Settings) -> faust.App:
             progress.consumed += len(events)
             progress.enriched += sum(written.values())
             progress.dead_lettered += len(parsed.dead)
+            progress.last_batch_at = time.time()
 
     @app.timer(settings.refresh_interval)
     async def refresh_models():

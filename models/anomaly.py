@@ -2,23 +2,23 @@
 
 Training half and scoring half sit side by side here. The score is the one of
 Liu, Ting and Zhou (2008), s(x) = 2^(-E[h(x)] / c(n)), on a 0-1 scale: about
-0.5 for ordinary rows, near 1 for rows the forest isolates quickly.
-scikit-learn's `score_samples` returns exactly -s(x), so the score is its
-negation, computed for the whole batch in one vectorised call.
+0.5 for ordinary rows, near 1 for rows the forest isolates quickly; it equals
+scikit-learn's `-score_samples`. scikit-learn fits the forest; the artifact
+keeps it as flat arrays (models/forest.py) that score a whole batch in one
+vectorised walk, and that load without unpickling anything.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 
-import numpy as np
 import pyarrow as pa
 from sklearn.ensemble import IsolationForest
 
 from .artifact import Manifest
 from .encoding import FeatureEncoder
 from .enrichment import FeatureBatch
+from .forest import CompactForest
 from .spec import ModelSpec
 
 NAME = "anomaly_detection"
@@ -26,28 +26,23 @@ DEFAULTS = {"n_estimators": 100, "max_samples": 256, "random_state": 0}
 
 
 class AnomalyArtifact:
-    def __init__(self, encoder: FeatureEncoder, forest: IsolationForest, parameters: dict):
+    def __init__(self, encoder: FeatureEncoder, forest: CompactForest, parameters: dict):
         self.encoder = encoder
         self.forest = forest
         self.parameters = parameters
 
     def transform(self, batch: FeatureBatch) -> dict[str, pa.Array]:
         X = self.encoder.transform(batch.columns, batch.num_rows)
-        scores = -self.forest.score_samples(X)
-        return {"anomaly_score": pa.array(scores, pa.float64())}
+        return {"anomaly_score": pa.array(self.forest.score(X), pa.float64())}
 
     def to_blobs(self) -> dict[str, bytes]:
-        return {
-            "encoder.json": json.dumps(self.encoder.to_json()).encode(),
-            # pickle is read back only after artifact.verify() checked its sha256
-            "forest.pkl": pickle.dumps(self.forest, protocol=5),
-        }
+        return {"encoder.json": json.dumps(self.encoder.to_json()).encode(), "forest.npz": self.forest.to_bytes()}
 
 
 class AnomalyDetection:
     name = NAME
 
-    def output_columns(self, spec: ModelSpec) -> dict[str, pa.DataType]:
+    def output_columns(self) -> dict[str, pa.DataType]:
         return {"anomaly_score": pa.float64()}
 
     def check_config(self, config: dict) -> dict:
@@ -64,14 +59,16 @@ class AnomalyDetection:
             random_state=params["random_state"],
             n_jobs=1,
         ).fit(X)
-        return AnomalyArtifact(encoder, forest, params)
+        return AnomalyArtifact(encoder, CompactForest.from_sklearn(forest), params)
 
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> AnomalyArtifact:
         encoder = FeatureEncoder.from_json(json.loads(blobs["encoder.json"]))
         if encoder.names != spec.feature_names:
             raise ValueError(f"artifact was trained on features {encoder.names}, "
                              f"the model now has {spec.feature_names}: retrain it")
-        forest = pickle.loads(blobs["forest.pkl"])
+        forest = CompactForest.from_bytes(blobs["forest.npz"])
+        if forest.n_features != len(encoder.names):
+            raise ValueError(f"forest has {forest.n_features} features, the encoder {len(encoder.names)}")
         return AnomalyArtifact(encoder, forest, manifest.parameters)
 
 

@@ -43,8 +43,9 @@ class Fitted(Protocol):
 class Enrichment(Protocol):
     name: str
 
-    def output_columns(self, spec: ModelSpec) -> dict[str, pa.DataType]:
-        """Columns this enrichment adds to a model's enriched table."""
+    def output_columns(self) -> dict[str, pa.DataType]:
+        """Columns this enrichment adds to the enriched rows, the same for every
+        model (a per-feature output would be one map column)."""
 
     def check_config(self, config: dict) -> dict:
         """Validate settings when they are set; returns them with defaults filled in."""

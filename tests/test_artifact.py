@@ -37,9 +37,9 @@ def test_round_trip_gives_the_same_scores_and_a_complete_manifest(tmp_path, fitt
     manifest = publish(store, fitted)
     assert (manifest.version, manifest.model_id, manifest.enrichment) == (1, SPEC.model_id, AD.name)
     assert manifest.training_rows == 2000 and manifest.parameters["n_estimators"] == 100
-    assert set(manifest.files) == {"encoder.json", "forest.pkl"} and manifest.created_at
+    assert set(manifest.files) == {"encoder.json", "forest.npz"} and manifest.created_at
     on_disk = json.loads((tmp_path / SPEC.model_id / AD.name / "v000001" / "manifest.json").read_text())
-    assert on_disk["format_version"] == 1 and len(on_disk["files"]["forest.pkl"]) == 64
+    assert on_disk["format_version"] == 1 and len(on_disk["files"]["forest.npz"]) == 64
     loaded = store.load(SPEC.model_id, AD.name)
     again = AD.load(SPEC, loaded.manifest, loaded.blobs)
     b = batch_of()
@@ -58,24 +58,28 @@ def test_versions_count_up_and_current_follows_the_latest(tmp_path, fitted):
     assert not list((tmp_path / SPEC.model_id / AD.name).glob(".publishing-*")), "no half-written versions left"
 
 
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
 def _vdir(tmp_path):
     return tmp_path / SPEC.model_id / AD.name / "v000001"
 
 
 @pytest.mark.parametrize("tamper, message", [
-    (lambda d: (d / "forest.pkl").write_bytes((d / "forest.pkl").read_bytes()[:-1] + b"\x00"), "sha256"),
+    (lambda d: (d / "forest.npz").write_bytes(_flip((d / "forest.npz").read_bytes(), 100)), "sha256"),
     (lambda d: (d / "encoder.json").write_text("{}"), "sha256"),
     (lambda d: (d / "extra.pkl").write_bytes(b"x"), "differ from the manifest"),
-    (lambda d: (d / "forest.pkl").unlink(), "differ from the manifest"),
+    (lambda d: (d / "forest.npz").unlink(), "differ from the manifest"),
     (lambda d: (d / "manifest.json").write_text("{nope"), "unreadable manifest"),
 ])
-def test_a_tampered_artifact_is_refused_before_it_is_unpickled(tmp_path, fitted, tamper, message, monkeypatch):
+def test_a_tampered_artifact_is_refused_before_it_is_deserialised(tmp_path, fitted, tamper, message, monkeypatch):
     store = ArtifactStore(tmp_path)
     publish(store, fitted)
     tamper(_vdir(tmp_path))
-    import pickle
+    from models.forest import CompactForest
     calls = []
-    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(CompactForest, "from_bytes", classmethod(lambda *a: calls.append(a)))
     with pytest.raises(IntegrityError, match=message):
         store.load(SPEC.model_id, AD.name)
     assert calls == []
@@ -85,10 +89,10 @@ def test_a_manifest_rewritten_to_match_tampered_files_fails_the_signature(tmp_pa
     store = ArtifactStore(tmp_path, signing_key=b"secret")
     publish(store, fitted)
     d = _vdir(tmp_path)
-    (d / "forest.pkl").write_bytes(b"evil")
+    (d / "forest.npz").write_bytes(b"evil")
     manifest = json.loads((d / "manifest.json").read_text())
     import hashlib
-    manifest["files"]["forest.pkl"] = hashlib.sha256(b"evil").hexdigest()
+    manifest["files"]["forest.npz"] = hashlib.sha256(b"evil").hexdigest()
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError, match="signature"):
         store.load(SPEC.model_id, AD.name)

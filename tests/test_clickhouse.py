@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from enricher import sample
-from enricher.clickhouse import EnrichedTables, connect, quote, table_columns
+from enricher.clickhouse import STORE_COLUMNS, EnrichedTables, connect, quote, view_columns
 from enricher.config import Settings
 from enricher.contract import parse_batch
 from enricher.enrich import enrich
@@ -26,39 +26,73 @@ def rows_for(spec, n=100, **kw):
     return parse_batch(msgs, [0] * n, list(range(n)), {spec.model_id: spec}.get, 1 << 20).models[spec.model_id]
 
 
-def test_layout_has_the_documented_columns_in_order():
-    names = list(table_columns(SPEC))
+def write(tables, spec, rows):
+    tables.ensure_view(spec)
+    tables.insert(enrich(rows, {}, 1_700_000_000_000_000))
+
+
+def test_each_model_view_has_the_documented_columns_in_order(tables):
+    write(tables, SPEC, rows_for(SPEC))
+    described = tables.client.query(f"DESCRIBE enricher.{SPEC.model_id}").result_rows
+    names = [r[0] for r in described]
+    assert names == [n for n, _ in view_columns(SPEC)]
     assert names[:2] == ["inference_id", "timestamp"]
-    assert names[2:13] == sample.NUMERIC + ["region"]
-    assert names[13:] == ["sex", "prediction", "label", "anomaly_score", "anomaly_detection_version",
+    assert names[2:14] == sample.NUMERIC + ["region", "sex"]
+    assert names[14:] == ["prediction", "label", "anomaly_score", "anomaly_detection_version",
                           "_ingested_at", "_partition", "_offset"]
+    types = {r[0]: r[1] for r in described}
+    assert types["timestamp"] == "DateTime64(3, 'UTC')" and types["f0"] == "Nullable(Float64)"
+    assert types["region"] == "Nullable(String)" and types["anomaly_detection_version"] == "Nullable(UInt32)"
+
+
+def test_values_come_back_as_they_went_in(tables):
+    rows = rows_for(SPEC, 20)
+    write(tables, SPEC, rows)
+    got = tables.client.query(f"SELECT inference_id, f3, region, sex, prediction, label FROM enricher.{SPEC.model_id} "
+                              "ORDER BY inference_id").result_rows
+    assert [r[0] for r in got] == rows.inference_id.to_pylist()
+    assert [r[1] for r in got] == rows.values["f3"].to_pylist()
+    assert [r[2] for r in got] == rows.values["region"].to_pylist()
+    assert [r[3] for r in got] == rows.values["sex"].to_pylist()
+    assert [r[4] for r in got] == rows.prediction.to_pylist()
+    assert all(r[5] is None for r in got)
 
 
 def test_a_batch_written_twice_shows_once_in_the_view(tables):
-    layout = tables.ensure(SPEC)
-    table = enrich(rows_for(SPEC), {}, layout, 1_700_000_000_000_000)
-    tables.insert(SPEC, table)
-    tables.insert(SPEC, table)
+    rows = rows_for(SPEC)
+    write(tables, SPEC, rows)
+    write(tables, SPEC, rows)
     c = tables.client
-    assert c.query(f"SELECT count() FROM enricher_store.{SPEC.model_id}").result_rows == [(200,)]
+    assert c.query("SELECT count() FROM enricher_store.inferences").result_rows == [(200,)]
     assert c.query(f"SELECT count(), uniqExact(inference_id) FROM enricher.{SPEC.model_id}").result_rows == [(100, 100)]
-    types = dict(c.query("SELECT name, type FROM system.columns WHERE database='enricher_store' "
-                         "AND table={t:String}", parameters={"t": SPEC.model_id}).result_rows)
-    assert types["timestamp"] == "DateTime64(3, 'UTC')"
-    assert types["region"] == "LowCardinality(String)"
-    assert types["sex"] == "LowCardinality(Nullable(String))"
-    assert types["anomaly_score"] == "Nullable(Float64)"
-    assert types["anomaly_detection_version"] == "Nullable(UInt32)"
 
 
-def test_a_model_that_gains_a_feature_gets_the_column_without_losing_rows(tables):
-    tables.ensure(SPEC)
-    tables.insert(SPEC, enrich(rows_for(SPEC), {}, tables.ensure(SPEC), 1))
+def test_models_share_storage_but_not_rows(tables):
+    other = ModelSpec.from_json("other_model", {**sample.SCHEMA, "task": "multiclass_classification"})
+    write(tables, SPEC, rows_for(SPEC, 30))
+    msgs = [m.replace(b'"prediction":', b'"prediction":"class_a","p":') for m in
+            sample.inferences(40, model_id="other_model")[0]]
+    rows = parse_batch(msgs, [0] * 40, list(range(40)), {"other_model": other}.get, 1 << 20).models["other_model"]
+    write(tables, other, rows)
+    c = tables.client
+    assert c.query(f"SELECT count() FROM enricher.{SPEC.model_id}").result_rows == [(30,)]
+    assert c.query("SELECT count(), any(prediction), toTypeName(any(prediction)) FROM enricher.other_model"
+                   ).result_rows == [(40, "class_a", "Nullable(String)")]
+
+
+def test_a_model_that_gains_a_feature_shows_null_for_older_rows(tables):
+    write(tables, SPEC, rows_for(SPEC))
     wider = ModelSpec.from_json(SPEC.model_id, {**sample.SCHEMA, "attributes": sample.SCHEMA["attributes"] + [
         {"name": "age_band", "type": "categorical"}]})
-    tables.ensure(wider)
+    tables.ensure_view(wider)
     c = tables.client
     assert c.query(f"SELECT count(), countIf(age_band IS NULL) FROM enricher.{SPEC.model_id}").result_rows == [(100, 100)]
+
+
+def test_storage_columns_line_up_with_the_arrow_rows():
+    table = enrich(rows_for(SPEC, 5), {}, 0)
+    assert table.column_names == list(STORE_COLUMNS)
+    assert table.schema.field("numeric").type == pa.map_(pa.string(), pa.float64())
 
 
 @pytest.mark.parametrize("bad", ["a`b", "x; DROP TABLE y", "", "1; --", "a b"])
