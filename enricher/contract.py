@@ -138,6 +138,9 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
             items.add(obj, raw, i, None)
 
     parts: dict[str, list[ModelRows]] = {}
+    partition_of = np.asarray(partitions, np.uint32)
+    offset_of = np.asarray(offsets, np.uint64)
+    message_of = np.asarray(items.msg, np.int64)
     for model_id, idx in items.by_model.items():
         model_rows, bad = _columns(specs(model_id), [items.objs[k] for k in idx])
         for j, (reason, detail) in sorted(bad.items()):
@@ -145,9 +148,9 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
         if model_rows is not None:
             take = np.fromiter((idx[j] for j in range(len(idx)) if j not in bad), np.int64) if bad \
                 else np.asarray(idx, np.int64)
-            msg = np.asarray(items.msg, np.int64)[take]
-            model_rows.partition = np.asarray(partitions, np.uint32)[msg]
-            model_rows.offset = np.asarray(offsets, np.uint64)[msg]
+            msg = message_of[take]
+            model_rows.partition = partition_of[msg]
+            model_rows.offset = offset_of[msg]
             parts.setdefault(model_id, []).append(model_rows)
     for i, table in arrow_parts:
         for model_id, model_rows in _arrow_message(table, i, specs, out, partitions, offsets).items():
