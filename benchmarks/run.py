@@ -218,6 +218,7 @@ def run_latency(tmp: Path, rate: float, seconds: float, fitted) -> dict:
                 producer.poll(0)
             producer.flush(60)
             achieved = n / (time.perf_counter() - started)
+            del producer  # before the broker stops, or it logs connection errors
             worker.wait_for(lambda s: s["enriched"] >= n, timeout=120)
         finally:
             worker.stop()

@@ -45,6 +45,18 @@ log = logging.getLogger("enricher.worker")
 RETRY_MAX_SECONDS = 30.0
 
 
+def _pieces(events: list, max_bytes: int):
+    """Consecutive runs of events whose values add up to about max_bytes."""
+    start, size = 0, 0
+    for i, event in enumerate(events):
+        size += len(event.message.value or b"")
+        if size >= max_bytes:
+            yield events[start:i + 1]
+            start, size = i + 1, 0
+    if start < len(events):
+        yield events[start:]
+
+
 class Progress:
     """Totals since start, for /status (the demo and operators read it)."""
 
@@ -79,8 +91,17 @@ def faust_credentials(settings: Settings):
     return None
 
 
+class EnricherApp(faust.App):
+    def on_init_dependencies(self):
+        services = super().on_init_dependencies()
+        # Faust's Monitor sensor keeps per-event statistics nobody here reads
+        # (our metrics are Prometheus'): ~8% of the per-message cost.
+        self.sensors.remove(self.monitor)
+        return services
+
+
 def build_app(settings: Settings) -> faust.App:
-    app = faust.App(
+    app = EnricherApp(
         settings.consumer_group,
         broker=settings.broker,
         broker_credentials=faust_credentials(settings),
@@ -98,6 +119,8 @@ def build_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         # The buffer must hold a whole batch or take_events can never fill one.
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+        broker_max_poll_records=max(500, settings.batch_size),
+        consumer_max_fetch_size=8 * 1024 * 1024,
     )
     registry = ModelRegistry(settings.registry_dir)
     store = ArtifactStore(settings.artifact_dir, settings.artifact_key)
@@ -117,23 +140,26 @@ def build_app(settings: Settings) -> faust.App:
                 progress.first_batch_at = time.time()
             for event in events:
                 event.message.incref()  # the final ack is ours, after the write (see module doc)
-            messages = [e.message for e in events]
-            values = [m.value for m in messages]
-            partitions = [m.partition for m in messages]
-            offsets = [m.offset for m in messages]
-            headers = [m.headers for m in messages]
-            content_types = [content_type(h) for h in headers] if any(headers) else None
-            parsed = await asyncio.to_thread(processor.parse, values, partitions, offsets, content_types)
-            written = await _write_until_done(processor, parsed)
-            await _send_dead_letters(dead_letters, parsed, settings)
-            processor.count(parsed, written)
-            for event in events:
-                await stream.ack(event)
-            progress.batches += 1
-            progress.consumed += len(events)
-            progress.enriched += sum(written.values())
-            progress.dead_lettered += len(parsed.dead)
-            progress.last_batch_at = time.time()
+            # Batched messages make a take of N messages far more than N rows:
+            # work through it in pieces of at most ENRICHER_BATCH_BYTES.
+            for piece in _pieces(events, settings.batch_bytes):
+                messages = [e.message for e in piece]
+                values = [m.value for m in messages]
+                partitions = [m.partition for m in messages]
+                offsets = [m.offset for m in messages]
+                headers = [m.headers for m in messages]
+                content_types = [content_type(h) for h in headers] if any(headers) else None
+                parsed = await asyncio.to_thread(processor.parse, values, partitions, offsets, content_types)
+                written = await _write_until_done(processor, parsed)
+                await _send_dead_letters(dead_letters, parsed, settings)
+                processor.count(parsed, written)
+                for event in piece:
+                    await stream.ack(event)
+                progress.batches += 1
+                progress.consumed += len(piece)
+                progress.enriched += sum(written.values())
+                progress.dead_lettered += len(parsed.dead)
+                progress.last_batch_at = time.time()
 
     @app.timer(settings.refresh_interval)
     async def refresh_models():
@@ -244,6 +270,12 @@ async def _send_dead_letters(topic, parsed: ParsedBatch, settings: Settings) -> 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # uvloop's event loop: ~10% less per-message cost in Faust
+        import mode.loop
+
+        mode.loop.use("uvloop")
+    except ImportError:
+        pass
     ensure_topics(settings)
     app = build_app(settings)
     try:
