@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup services demo test bench clean
+.PHONY: setup services demo test bench bench-smoke clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,15 @@ demo: setup
 test: setup services
 	$(BIN)/python -m pytest
 
-## A quick measurement of the batch path (the full benchmark grows with issue 3).
+## Our worker against the pipelines a user would write, side by side (~10 minutes):
+## writes benchmarks/results/latest.{json,md,png}.
 bench: setup
-	$(BIN)/python benchmarks/batch_path.py
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/run.py
+
+## The same on 5,000 rows, to keep the benchmark from rotting (CI runs it).
+bench-smoke: setup
+	$(BIN)/python benchmarks/run.py --smoke
 
 clean:
 	rm -rf $(VENV) .enricher .enricher-demo

@@ -69,8 +69,9 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 6066
     batch_size: int = 5000
-    batch_timeout: float = 0.5
+    batch_timeout: float = 0.2
     batch_bytes: int = 8 * 1024 * 1024
+    fetch_max_wait_ms: int = 100
     max_message_bytes: int = 1_048_576
     refresh_interval: float = 2.0
     artifact_key: bytes | None = field(default=None, repr=False)
@@ -113,6 +114,7 @@ class Settings:
                "ENRICHER_HTTP_HOST": self.http_host, "ENRICHER_HTTP_PORT": str(self.http_port),
                "ENRICHER_BATCH_SIZE": str(self.batch_size), "ENRICHER_BATCH_TIMEOUT": str(self.batch_timeout),
                "ENRICHER_BATCH_BYTES": str(self.batch_bytes),
+               "ENRICHER_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
                "ENRICHER_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
                "ENRICHER_REFRESH_INTERVAL": str(self.refresh_interval)}
         if not self.broker_embedded or self.broker != EMBEDDED_BROKER:
@@ -164,8 +166,9 @@ class Settings:
             http_host=env.get("ENRICHER_HTTP_HOST") or "127.0.0.1",
             http_port=_number(env, "ENRICHER_HTTP_PORT", 6066, minimum=0),
             batch_size=_number(env, "ENRICHER_BATCH_SIZE", 5000, minimum=1),
-            batch_timeout=_number(env, "ENRICHER_BATCH_TIMEOUT", 0.5, float, minimum=0.001),
+            batch_timeout=_number(env, "ENRICHER_BATCH_TIMEOUT", 0.2, float, minimum=0.001),
             batch_bytes=_number(env, "ENRICHER_BATCH_BYTES", 8 * 1024 * 1024, minimum=1024),
+            fetch_max_wait_ms=_number(env, "ENRICHER_FETCH_MAX_WAIT_MS", 100, minimum=1),
             max_message_bytes=_number(env, "ENRICHER_MAX_MESSAGE_BYTES", 1_048_576, minimum=64),
             refresh_interval=_number(env, "ENRICHER_REFRESH_INTERVAL", 2.0, float, minimum=0.1),
             artifact_key=key.encode() if key else None,

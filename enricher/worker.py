@@ -91,6 +91,31 @@ def faust_credentials(settings: Settings):
     return None
 
 
+def shorten_fetch_wait(max_wait_ms: int) -> None:
+    """Make Faust's Kafka consumer wait at most `max_wait_ms` for a fetch.
+
+    faust-streaming 0.15 builds its aiokafka consumer with a fixed
+    fetch_max_wait_ms=1500 and no setting to change it. A broker that holds a
+    fetch for the whole wait even when records are there (Tansu does) then adds
+    up to 1.5 s to every inference's latency. aiokafka reads the value from the
+    consumer's attribute when it starts, so setting it right after Faust builds
+    the consumer is enough. Pinned: tests/test_faust_pin.py fails if upstream
+    changes the code this relies on.
+    """
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    original = getattr(AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__",
+                       AIOKafkaConsumerThread._create_worker_consumer)
+
+    def create(self, transport):
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = max_wait_ms
+        return consumer
+
+    create.__wrapped__ = original
+    AIOKafkaConsumerThread._create_worker_consumer = create
+
+
 class EnricherApp(faust.App):
     def on_init_dependencies(self):
         services = super().on_init_dependencies()
@@ -277,6 +302,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     except ImportError:
         pass
     ensure_topics(settings)
+    shorten_fetch_wait(settings.fetch_max_wait_ms)
     app = build_app(settings)
     try:
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
