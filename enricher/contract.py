@@ -95,7 +95,6 @@ class ModelRows:
 class ParsedBatch:
     models: dict[str, ModelRows] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
-    consumed: int = 0
 
 
 def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
@@ -106,7 +105,7 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
     `specs(model_id)` returns the model's spec, or None if it is unknown.
     `content_types`, where given, holds each message's content-type header.
     """
-    out = ParsedBatch(consumed=len(values))
+    out = ParsedBatch()
     items = _Items(out, specs, partitions, offsets)
     arrow_parts: list[tuple[int, pa.Table]] = []
     loads = orjson.loads

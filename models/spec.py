@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 MODEL_ID_RULE = r"^[a-z][a-z0-9_]{0,62}$"
 _MODEL_ID = re.compile(MODEL_ID_RULE)
@@ -147,6 +147,3 @@ def _columns(value: Any, key: str, required: bool) -> list[Column]:
         out.append(Column(name, ctype, sensitive))
     return out
 
-
-def names(columns: Iterable[Column]) -> list[str]:
-    return [c.name for c in columns]
