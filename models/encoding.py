@@ -57,7 +57,8 @@ class FeatureEncoder:
         for j, (name, kind) in enumerate(zip(self.names, self.kinds)):
             values = columns[name]
             if kind == "numeric":
-                values = pc.fill_null(values, self.medians[name])
+                if values.null_count:  # only reference data has gaps; inferences are validated
+                    values = pc.fill_null(values, self.medians[name])
                 out[:, j] = _to_numpy(values)
             else:
                 codes = pc.index_in(values, value_set=self._value_sets[name])
