@@ -29,14 +29,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import orjson
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +43,9 @@ sys.path.insert(0, str(ROOT))
 from enricher import sample  # noqa: E402
 from enricher.broker import EmbeddedBroker, free_port  # noqa: E402
 from enricher.config import Settings  # noqa: E402
-from enricher.contract import ARROW_STREAM, JSON, to_ipc  # noqa: E402
+from enricher.producer import InferenceProducer  # noqa: E402
 from enricher.supervise import WorkerProcess  # noqa: E402
+from enricher.topics import ensure_topics  # noqa: E402
 from models import ENRICHMENTS  # noqa: E402
 from models.artifact import ArtifactStore  # noqa: E402
 from models.reference import normalise  # noqa: E402
@@ -70,32 +69,15 @@ def workload(n: int, models: list[str] | None = None, seed: int = 11) -> list[by
 
 
 def produce(broker: str, topic: str, messages: list[bytes], batch: str = "none") -> int:
-    from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": broker})
-    admin.create_topics([NewTopic(topic, 4)])[topic].result()
-    producer = Producer({"bootstrap.servers": broker, "linger.ms": 50, "batch.num.messages": 10000,
-                         "queue.buffering.max.messages": 1_000_000, "log_level": 4})
-    sent = 0
-    if batch == "none":
-        chunks = [(m, None) for m in messages]
-    elif batch == "json":
-        chunks = [(b"[" + b",".join(messages[i:i + BATCH_ROWS]) + b"]", JSON)
-                  for i in range(0, len(messages), BATCH_ROWS)]
-    else:
-        chunks = [(to_ipc(pa.Table.from_pylist([orjson.loads(m) for m in messages[i:i + BATCH_ROWS]])), ARROW_STREAM)
-                  for i in range(0, len(messages), BATCH_ROWS)]
-    for value, ctype in chunks:
-        while True:
-            try:
-                producer.produce(topic, value, headers=[("content-type", ctype.encode())] if ctype else None)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        sent += 1
+    """Send the workload with the product's own producer (batching included); returns messages sent."""
+    settings = Settings.from_env(env={}, broker=f"kafka://{broker}", inference_topic=topic,
+                                 dlq_topic=f"{topic}-dlq", topic_partitions=4)
+    ensure_topics(settings)
+    producer = InferenceProducer(settings, batch=batch, batch_rows=BATCH_ROWS,
+                                 **{"linger.ms": 50, "queue.buffering.max.messages": 1_000_000})
+    producer.send_many(messages)
     producer.flush(120)
-    return sent
+    return producer.messages
 
 
 def fitted_artifact():

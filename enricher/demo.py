@@ -131,7 +131,7 @@ def run_demo(args) -> int:
         columns, rows = run_query(client, f"SELECT inference_id, round(anomaly_score, 3) AS anomaly_score, "
                                   f"round(f0, 2) AS f0, round(f1, 2) AS f1, region, anomaly_detection_version "
                                   f"FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 10")
-        say(f"\n-- top anomalies (* = planted)\n")
+        say("\n-- top anomalies (* = planted)\n")
         say(format_table(columns + ["planted"], [r + ("*" if r[0] in planted else "",) for r in rows]))
         _, top = run_query(client, f"SELECT inference_id FROM {db}.{sample.MODEL_ID} "
                            f"ORDER BY anomaly_score DESC LIMIT {len(planted)}")
