@@ -355,7 +355,7 @@ def main() -> int:
     args = parser.parse_args()
     n = 5000 if args.smoke else args.rows
     only = set(args.only.split(",")) if args.only else None
-    name = "smoke" if args.smoke else "latest"
+    name = "smoke" if args.smoke else ("partial" if only else "latest")  # a partial run never overwrites latest
     want = lambda key: only is None or key in only  # noqa: E731
 
     tmp = Path(tempfile.mkdtemp(prefix="enricher-bench-"))

@@ -46,6 +46,17 @@ def _number(env: dict, name: str, default, kind=int, minimum=None):
     return value
 
 
+def _flag(env: dict, name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+
+
 @dataclass
 class Settings:
     data_dir: Path
@@ -72,6 +83,7 @@ class Settings:
     batch_timeout: float = 0.2
     batch_bytes: int = 8 * 1024 * 1024
     fetch_max_wait_ms: int = 100
+    eager_handover: bool = True
     max_message_bytes: int = 1_048_576
     refresh_interval: float = 2.0
     artifact_key: bytes | None = field(default=None, repr=False)
@@ -115,6 +127,7 @@ class Settings:
                "ENRICHER_BATCH_SIZE": str(self.batch_size), "ENRICHER_BATCH_TIMEOUT": str(self.batch_timeout),
                "ENRICHER_BATCH_BYTES": str(self.batch_bytes),
                "ENRICHER_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
+               "ENRICHER_EAGER_HANDOVER": "1" if self.eager_handover else "0",
                "ENRICHER_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
                "ENRICHER_REFRESH_INTERVAL": str(self.refresh_interval)}
         if not self.broker_embedded or self.broker != EMBEDDED_BROKER:
@@ -169,6 +182,7 @@ class Settings:
             batch_timeout=_number(env, "ENRICHER_BATCH_TIMEOUT", 0.2, float, minimum=0.001),
             batch_bytes=_number(env, "ENRICHER_BATCH_BYTES", 8 * 1024 * 1024, minimum=1024),
             fetch_max_wait_ms=_number(env, "ENRICHER_FETCH_MAX_WAIT_MS", 100, minimum=1),
+            eager_handover=_flag(env, "ENRICHER_EAGER_HANDOVER", True),
             max_message_bytes=_number(env, "ENRICHER_MAX_MESSAGE_BYTES", 1_048_576, minimum=64),
             refresh_interval=_number(env, "ENRICHER_REFRESH_INTERVAL", 2.0, float, minimum=0.1),
             artifact_key=key.encode() if key else None,

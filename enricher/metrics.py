@@ -23,6 +23,9 @@ INSERT_FAILURES = Counter("enricher_clickhouse_insert_failures", "Failed inserts
 E2E_LATENCY = Histogram("enricher_end_to_end_latency_seconds",
                         "From an inference's timestamp to the insert of its enriched row",
                         buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+REBALANCES = Histogram("enricher_rebalance_seconds", "Consumer group rebalances this worker went through, "
+                       "and how long its stream was suspended by each",
+                       buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
 ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused", ["enrichment", "result"])
 
 

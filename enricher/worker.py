@@ -8,11 +8,11 @@ its dead letter is on the broker (at-least-once); a redelivered batch is
 absorbed by the table's view (see clickhouse.py).
 
 Faust's `take_events` acknowledges a batch's events when the agent asks for
-the next one, or when the agent stops. Each event's message is given one
-extra reference before any work, so that ack only drops the count back to
-one; our own ack after the durable write is the final one. A batch whose
-write never succeeded (a crash, a stop mid-insert) is therefore never
-committed and comes back on restart.
+the next one, which is after the body below has written them, or when the
+agent stops (a shutdown, a rebalance, a crash), whatever the body had done.
+On that second way out, the body first gives every event it has not made
+durable one extra reference, so Faust's ack is not their final one: they
+are not committed and come back on restart or to the partition's next owner.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.artifact import ArtifactStore
 from models.registry import ModelRegistry
 
-from . import deadletters
+from . import deadletters, metrics
 from .batch import BatchProcessor
 from .clickhouse import connect, run_query
 from .config import Settings
 from .contract import ParsedBatch
+from .faust_patches import eager_hand_over, shorten_fetch_wait
 from .serving import Serving
 from .sink import ClickHouseSink
 from .topics import ensure_topics
@@ -91,31 +92,6 @@ def faust_credentials(settings: Settings):
     return None
 
 
-def shorten_fetch_wait(max_wait_ms: int) -> None:
-    """Make Faust's Kafka consumer wait at most `max_wait_ms` for a fetch.
-
-    faust-streaming 0.15 builds its aiokafka consumer with a fixed
-    fetch_max_wait_ms=1500 and no setting to change it. A broker that holds a
-    fetch for the whole wait even when records are there (Tansu does) then adds
-    up to 1.5 s to every inference's latency. aiokafka reads the value from the
-    consumer's attribute when it starts, so setting it right after Faust builds
-    the consumer is enough. Pinned: tests/test_faust_pin.py fails if upstream
-    changes the code this relies on.
-    """
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    original = getattr(AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__",
-                       AIOKafkaConsumerThread._create_worker_consumer)
-
-    def create(self, transport):
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = max_wait_ms
-        return consumer
-
-    create.__wrapped__ = original
-    AIOKafkaConsumerThread._create_worker_consumer = create
-
-
 class EnricherApp(faust.App):
     def on_init_dependencies(self):
         services = super().on_init_dependencies()
@@ -123,6 +99,18 @@ class EnricherApp(faust.App):
         # (our metrics are Prometheus'): ~8% of the per-message cost.
         self.sensors.remove(self.monitor)
         return services
+
+    # Faust keeps per-rebalance state from its sensors and logs a warning
+    # when there is none (we removed the only one); record our own instead.
+    def on_rebalance_start(self) -> None:
+        super().on_rebalance_start()
+        self._rebalancing_sensor_state = self._rebalancing_sensor_state or {"time_start": time.monotonic()}
+
+    def on_rebalance_end(self) -> None:
+        state = self._rebalancing_sensor_state or {}
+        if "time_start" in state:
+            metrics.REBALANCES.observe(time.monotonic() - state["time_start"])
+        super().on_rebalance_end()
 
 
 def build_app(settings: Settings) -> faust.App:
@@ -163,28 +151,35 @@ def build_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout):
             if progress.first_batch_at is None:
                 progress.first_batch_at = time.time()
-            for event in events:
-                event.message.incref()  # the final ack is ours, after the write (see module doc)
-            # Batched messages make a take of N messages far more than N rows:
-            # work through it in pieces of at most ENRICHER_BATCH_BYTES.
-            for piece in _pieces(events, settings.batch_bytes):
-                messages = [e.message for e in piece]
-                values = [m.value for m in messages]
-                partitions = [m.partition for m in messages]
-                offsets = [m.offset for m in messages]
-                headers = [m.headers for m in messages]
-                content_types = [content_type(h) for h in headers] if any(headers) else None
-                parsed = await asyncio.to_thread(processor.parse, values, partitions, offsets, content_types)
-                written = await _write_until_done(processor, parsed)
-                await _send_dead_letters(dead_letters, parsed, settings)
-                processor.count(parsed, written)
-                for event in piece:
-                    await stream.ack(event)
-                progress.batches += 1
-                progress.consumed += len(piece)
-                progress.enriched += sum(written.values())
-                progress.dead_lettered += len(parsed.dead)
-                progress.last_batch_at = time.time()
+            done = 0  # events whose rows and dead letters are durable
+            try:
+                # Batched messages make a take of N messages far more than N rows:
+                # work through it in pieces of at most ENRICHER_BATCH_BYTES.
+                for piece in _pieces(events, settings.batch_bytes):
+                    messages = [e.message for e in piece]
+                    values = [m.value for m in messages]
+                    partitions = [m.partition for m in messages]
+                    offsets = [m.offset for m in messages]
+                    headers = [m.headers for m in messages]
+                    content_types = [content_type(h) for h in headers] if any(headers) else None
+                    parsed = await asyncio.to_thread(processor.parse, values, partitions, offsets, content_types)
+                    written = await _write_until_done(processor, parsed)
+                    await _send_dead_letters(dead_letters, parsed, settings)
+                    done += len(piece)
+                    processor.count(parsed, written)
+                    progress.batches += 1
+                    progress.consumed += len(piece)
+                    progress.enriched += sum(written.values())
+                    progress.dead_lettered += len(parsed.dead)
+                    progress.last_batch_at = time.time()
+            except BaseException:
+                # Stopped, cancelled by a rebalance, or crashed mid-batch: take_events
+                # still acknowledges the whole take on its way out. Hold the events
+                # not yet durable so that ack is not their final one: they are not
+                # committed and come back (see module doc).
+                for event in events[done:]:
+                    event.message.incref()
+                raise
 
     @app.timer(settings.refresh_interval)
     async def refresh_models():
@@ -303,6 +298,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         pass
     ensure_topics(settings)
     shorten_fetch_wait(settings.fetch_max_wait_ms)
+    if settings.eager_handover:
+        eager_hand_over()
     app = build_app(settings)
     try:
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)

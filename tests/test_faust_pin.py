@@ -36,7 +36,7 @@ def test_the_adjusted_consumer_waits_as_configured(broker):
 
     import faust
 
-    from enricher.worker import shorten_fetch_wait
+    from enricher.faust_patches import shorten_fetch_wait
 
     shorten_fetch_wait(77)
     shorten_fetch_wait(77)  # idempotent: wraps the original once
@@ -47,3 +47,46 @@ def test_the_adjusted_consumer_waits_as_configured(broker):
         return consumer._fetch_max_wait_ms
 
     assert asyncio.run(build()) == 77
+
+
+# -- the consumer loop's hand-over (enricher/faust_patches.py) ------------------
+def _code_lines(source: str) -> list[str]:
+    import textwrap
+
+    lines = textwrap.dedent(source).splitlines()
+    return [line for line in lines if not line.strip().startswith("#")]
+
+
+def test_faust_consumer_loop_is_the_one_the_patch_was_written_against():
+    from faust.transport import consumer
+
+    from enricher.faust_patches import DRAIN_MESSAGES_SHA256, _upstream, source_sha256
+
+    assert source_sha256(_upstream(consumer.Consumer._drain_messages)) == DRAIN_MESSAGES_SHA256, (
+        "faust-streaming changed Consumer._drain_messages: re-check enricher/faust_patches.py against it")
+
+
+def test_the_patched_loop_differs_from_upstream_only_in_the_hand_over():
+    import difflib
+
+    from faust.transport import consumer
+
+    from enricher import faust_patches
+
+    upstream = _code_lines(inspect.getsource(faust_patches._upstream(consumer.Consumer._drain_messages)))
+    ours = _code_lines(inspect.getsource(faust_patches._drain_messages))
+    removed = [line[2:].strip() for line in difflib.ndiff(upstream, ours) if line.startswith("- ")]
+    added = [line[2:].strip() for line in difflib.ndiff(upstream, ours) if line.startswith("+ ")]
+    assert removed == ["await self.wait_first(", "callback(message), self.suspend_flow.wait()", ")"]
+    assert added == ["await _hand_over(self, callback, message)  # changed: was wait_first(...)"]
+
+
+def test_installing_the_patch_replaces_the_loop_once_and_keeps_the_original():
+    from faust.transport import consumer
+
+    from enricher import faust_patches
+
+    assert faust_patches.eager_hand_over() and faust_patches.eager_hand_over()
+    assert consumer.Consumer._drain_messages is faust_patches._drain_messages
+    assert faust_patches.source_sha256(consumer.Consumer._drain_messages.__wrapped__) == \
+        faust_patches.DRAIN_MESSAGES_SHA256

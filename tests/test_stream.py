@@ -4,6 +4,8 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -199,6 +201,39 @@ def test_while_clickhouse_is_down_nothing_is_committed_and_nothing_lost(make_set
         server.stop()
 
 
+def test_a_worker_stopped_while_its_batch_cannot_be_written_commits_none_of_it(make_settings, tmp_path,
+                                                                             worker_for):
+    # Faust acknowledges a take's events when the agent stops, written or not.
+    from .clickhouse_http import ClickHouseHTTP
+
+    server = ClickHouseHTTP(tmp_path / "server").start()
+    port = server.port
+    settings = make_settings(clickhouse_url=server.url(), topic_partitions=1)
+    register_sample(settings, tmp_path)
+    produce(settings, sample.inferences(1000, id_prefix="before")[0])
+    worker = worker_for(settings, "first")
+    worker.wait_for(lambda s: s["enriched"] >= 1000, timeout=120)
+    deadline = time.monotonic() + 30
+    while committed_offsets(settings) != [1000] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert committed_offsets(settings) == [1000]
+    server.stop()
+
+    produce(settings, sample.inferences(2000, id_prefix="during")[0])
+    worker.wait_for(lambda s: "enricher_clickhouse_insert_failures_total 0.0" not in worker.metrics(), timeout=60)
+    worker.stop()  # a clean stop, mid-retry
+    assert committed_offsets(settings) == [1000]
+
+    server = ClickHouseHTTP(tmp_path / "server", port=port).start()
+    try:
+        again = worker_for(settings, "second")
+        again.wait_for(lambda s: s["enriched"] >= 2000, timeout=120)
+        assert count_rows(settings) == (3000, 3000)
+        again.stop()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("batch", ["json", "arrow"])
 def test_batched_messages_are_enriched_row_by_row(make_settings, tmp_path, worker_for, batch):
     settings = make_settings(max_message_bytes=1 << 20)
@@ -220,3 +255,72 @@ def test_batched_messages_are_enriched_row_by_row(make_settings, tmp_path, worke
     assert (record.reason, record.batch_index) == ("missing_feature", 10)
     _, top = query(settings, f"SELECT inference_id FROM enricher.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 5")
     assert {r[0] for r in top} == planted
+
+
+def committed_offsets(settings) -> list[int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**settings.kafka_config(), "group.id": settings.consumer_group,
+                         "enable.auto.commit": False})
+    try:
+        parts = [TopicPartition(settings.inference_topic, p) for p in range(settings.topic_partitions)]
+        return [tp.offset for tp in consumer.committed(parts, timeout=10)]
+    finally:
+        consumer.close()
+
+
+def test_a_rebalance_mid_stream_loses_and_doubles_nothing_and_commits_to_the_end(make_settings, tmp_path,
+                                                                                 worker_for):
+    # Two workers of one group sharing one ClickHouse (over HTTP: chDB is one
+    # process's). The second joining and then the first leaving are two
+    # rebalances: partitions are revoked, the flow suspended and resumed, the
+    # fetcher paused. Faust's consumer loop runs with our eager hand-over.
+    from .clickhouse_http import ClickHouseHTTP
+
+    server = ClickHouseHTTP(tmp_path / "server").start()
+    try:
+        settings = make_settings(clickhouse_url=server.url(), topic_partitions=4, batch_size=500,
+                                 batch_timeout=0.05)
+        register_sample(settings, tmp_path)
+        total, chunk = 30_000, 750
+        messages, _ = sample.inferences(total)
+        ensure_topics(settings)
+
+        def trickle():  # the stream keeps flowing through both rebalances (~20 s)
+            producer = InferenceProducer(settings, batch="none")
+            for start in range(0, total, chunk):
+                producer.send_many(messages[start:start + chunk])
+                producer.flush()
+                time.sleep(0.5)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        first = worker_for(settings, "first")
+        first.wait_for(lambda s: s["consumed"] >= 1500, timeout=120, interval=0.05)
+        second_settings = make_settings(clickhouse_url=server.url(), topic_partitions=4, batch_size=500,
+                                        batch_timeout=0.05, data_dir=str(settings.data_dir),
+                                        inference_topic=settings.inference_topic, dlq_topic=settings.dlq_topic,
+                                        consumer_group=settings.consumer_group)
+        second = worker_for(second_settings, "second")
+        second.wait_for(lambda s: s["consumed"] > 0, timeout=120)  # it was given partitions: a rebalance
+        assert sender.is_alive(), "the second worker must join mid-stream"
+        first.stop()  # leaves the group: another rebalance, its partitions move to the second
+        sender.join()
+        second.wait_for(lambda s: count_rows(settings)[1] >= total, timeout=180, interval=0.5)
+        assert "enricher_rebalance_seconds_count" in second.metrics()
+
+        assert count_rows(settings) == (total, total)
+        # Commits still follow the stream: each partition's committed offset is
+        # one past the last offset stored from it (the rows say which; Tansu's
+        # high watermark lags the last record batch, so it is not used).
+        _, stored = query(settings, "SELECT _partition, max(_offset) + 1, uniqExact(_offset) "
+                                    "FROM enricher_store.inferences GROUP BY _partition ORDER BY _partition")
+        ends = [row[1] for row in stored]
+        assert [row[2] for row in stored] == ends and sum(ends) == total  # offsets dense: every message stored
+        deadline = time.monotonic() + 60
+        while (committed := committed_offsets(settings)) != ends and time.monotonic() < deadline:
+            time.sleep(1)
+        assert committed == ends
+        second.stop()
+    finally:
+        server.stop()
