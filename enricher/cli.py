@@ -76,12 +76,11 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_show(args) -> int:
-    from models.artifact import ArtifactStore
 
     settings = _settings(args)
     registry = _registry(settings)
     spec = registry.get(args.model_id)
-    store = ArtifactStore(settings.artifact_dir, settings.artifact_key)
+    store = settings.artifacts()
     enrichments = {}
     for name, toggle in registry.enrichments(args.model_id).items():
         enrichments[name] = {**toggle, "artifact_version": store.current_version(args.model_id, name),
@@ -130,10 +129,9 @@ def cmd_enrichments_set(args) -> int:
 
 
 def cmd_enrichments_show(args) -> int:
-    from models.artifact import ArtifactStore
 
     settings = _settings(args)
-    store = ArtifactStore(settings.artifact_dir, settings.artifact_key)
+    store = settings.artifacts()
     for name, toggle in _registry(settings).enrichments(args.model_id).items():
         version = store.current_version(args.model_id, name)
         state = "on" if toggle["enabled"] else "off"
@@ -144,12 +142,47 @@ def cmd_enrichments_show(args) -> int:
 
 def cmd_train(args) -> int:
     # The CLI composes both halves; the streaming modules never import training.
-    from models.artifact import ArtifactStore
     from pipelines.train import train
 
     settings = _settings(args)
-    train(_registry(settings), ArtifactStore(settings.artifact_dir, settings.artifact_key), args.model_id,
+    train(_registry(settings), settings.artifacts(), args.model_id,
           only=args.enrichment or None)
+    return 0
+
+
+# -- artifacts -------------------------------------------------------------------
+def cmd_artifacts_list(args) -> int:
+    from models import ENRICHMENTS
+
+    settings = _settings(args)
+    _registry(settings).get(args.model_id)  # an unknown model is an error, not an empty list
+    store = settings.artifacts()
+    names = [args.enrichment] if args.enrichment else sorted(ENRICHMENTS)
+    rows = []
+    for name in names:
+        if name not in ENRICHMENTS:
+            raise UserError(f"unknown enrichment {name!r}; known: {', '.join(sorted(ENRICHMENTS))}")
+        current = store.current_version(args.model_id, name)
+        for m in store.manifests(args.model_id, name):
+            rows.append([name, f"v{m.version}", "*" if m.version == current else "", m.created_at,
+                         str(m.training_rows), m.workflow or ""])
+    if not rows:
+        print(f"no artifacts for {args.model_id} (kept in {store.files.location})")
+        return 0
+    print(format_table(["enrichment", "version", "current", "created_at", "training_rows", "workflow"], rows))
+    return 0
+
+
+def cmd_artifacts_rollback(args) -> int:
+    settings = _settings(args)
+    registry = _registry(settings)
+    registry.get(args.model_id)
+    version = int(args.version.lstrip("v")) if args.version.lstrip("v").isdigit() else None
+    if version is None:
+        raise UserError(f"{args.version!r}: give a version number, e.g. 3 or v3 (see `enricher artifacts list`)")
+    manifest = settings.artifacts().set_current(args.model_id, args.enrichment, version)
+    registry.touch()  # running workers switch on their next refresh
+    print(f"{args.model_id}/{args.enrichment}: serving v{manifest.version} (made {manifest.created_at})")
     return 0
 
 
@@ -312,6 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model_id")
     t.add_argument("--enrichment", action="append", help="only this one (repeatable)")
     t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("artifacts", help="list a model's artifact versions, roll back to one").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    al = a.add_parser("list", help="kept versions, the current one marked")
+    al.add_argument("model_id")
+    al.add_argument("enrichment", nargs="?")
+    al.set_defaults(func=cmd_artifacts_list)
+    ar = a.add_parser("rollback", help="serve an earlier kept version (verified first)")
+    ar.add_argument("model_id")
+    ar.add_argument("enrichment")
+    ar.add_argument("version", help="e.g. 3 or v3")
+    ar.set_defaults(func=cmd_artifacts_rollback)
 
     w = sub.add_parser("worker", help="consume inferences, enrich them, write them to ClickHouse")
     w.add_argument("--http-port", type=int, help="ENRICHER_HTTP_PORT")

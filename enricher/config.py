@@ -87,6 +87,8 @@ class Settings:
     max_message_bytes: int = 1_048_576
     refresh_interval: float = 2.0
     artifact_key: bytes | None = field(default=None, repr=False)
+    artifact_store_url: str = ""  # a directory or s3://bucket/prefix; default <data_dir>/artifacts
+    artifact_keep: int = 5
     api_token: str | None = field(default=None, repr=False)
 
     @property
@@ -96,6 +98,12 @@ class Settings:
     @property
     def artifact_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    def artifacts(self):
+        """The artifact store these settings name (a directory or an object store)."""
+        from models.artifact import ArtifactStore
+
+        return ArtifactStore(self.artifact_store_url or self.artifact_dir, self.artifact_key, self.artifact_keep)
 
     @property
     def broker_address(self) -> str:
@@ -129,7 +137,10 @@ class Settings:
                "ENRICHER_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
                "ENRICHER_EAGER_HANDOVER": "1" if self.eager_handover else "0",
                "ENRICHER_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
-               "ENRICHER_REFRESH_INTERVAL": str(self.refresh_interval)}
+               "ENRICHER_REFRESH_INTERVAL": str(self.refresh_interval),
+               "ENRICHER_ARTIFACT_KEEP": str(self.artifact_keep)}
+        if self.artifact_store_url:
+            env["ENRICHER_ARTIFACT_STORE"] = self.artifact_store_url
         if not self.broker_embedded or self.broker != EMBEDDED_BROKER:
             env["ENRICHER_BROKER"] = self.broker
         return env
@@ -144,7 +155,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in ("sasl_password", "artifact_key", "clickhouse_password", "api_token"):
                 value = "***" if value else None
-            elif f.name == "clickhouse_url":
+            elif f.name in ("clickhouse_url", "artifact_store_url"):
                 value = redact_url(value)
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
@@ -186,6 +197,8 @@ class Settings:
             max_message_bytes=_number(env, "ENRICHER_MAX_MESSAGE_BYTES", 1_048_576, minimum=64),
             refresh_interval=_number(env, "ENRICHER_REFRESH_INTERVAL", 2.0, float, minimum=0.1),
             artifact_key=key.encode() if key else None,
+            artifact_store_url=env.get("ENRICHER_ARTIFACT_STORE") or "",
+            artifact_keep=_number(env, "ENRICHER_ARTIFACT_KEEP", 5, minimum=1),
             api_token=_secret(env, "ENRICHER_API_TOKEN"),
         )
         for name, value in overrides.items():
@@ -225,8 +238,10 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
+    from models.artifact import redact
+
     parts = urlsplit(url)
     if parts.password:
         netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        url = urlunsplit(parts._replace(netloc=netloc))
+    return redact(url) if "://" in url else url

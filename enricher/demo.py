@@ -28,7 +28,6 @@ def say(text: str) -> None:
 
 
 def run_demo(args) -> int:
-    from models.artifact import ArtifactStore
     from models.registry import ModelRegistry
     from pipelines.train import train
 
@@ -63,7 +62,7 @@ def run_demo(args) -> int:
 
         say("== 3/6 turn anomaly detection on and train it (enrichments set / train)")
         registry.set_enrichment(sample.MODEL_ID, "anomaly_detection", True)
-        train(registry, ArtifactStore(settings.artifact_dir, settings.artifact_key), sample.MODEL_ID,
+        train(registry, settings.artifacts(), sample.MODEL_ID,
               log=lambda m: say("   " + m))
 
         say("== 4/6 start a worker (enricher worker)")

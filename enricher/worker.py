@@ -28,7 +28,6 @@ from decimal import Decimal
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from models.artifact import ArtifactStore
 from models.registry import ModelRegistry
 
 from . import deadletters, metrics
@@ -136,7 +135,7 @@ def build_app(settings: Settings) -> faust.App:
         consumer_max_fetch_size=8 * 1024 * 1024,
     )
     registry = ModelRegistry(settings.registry_dir)
-    store = ArtifactStore(settings.artifact_dir, settings.artifact_key)
+    store = settings.artifacts()
     serving = Serving(registry, store)
     processor = BatchProcessor(settings, serving, ClickHouseSink(settings))
     progress = Progress()

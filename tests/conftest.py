@@ -16,7 +16,6 @@ import pytest
 from enricher import sample
 from enricher.broker import EmbeddedBroker, free_port
 from enricher.config import Settings
-from models.artifact import ArtifactStore
 from models.registry import ModelRegistry
 from pipelines.train import train
 
@@ -56,5 +55,5 @@ def register_sample(settings: Settings, tmp_path, enable: bool = True, trained: 
     if enable:
         registry.set_enrichment(model_id, "anomaly_detection", True)
     if trained:
-        train(registry, ArtifactStore(settings.artifact_dir, settings.artifact_key), model_id, log=lambda m: None)
+        train(registry, settings.artifacts(), model_id, log=lambda m: None)
     return registry

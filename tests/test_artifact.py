@@ -115,3 +115,81 @@ def test_an_artifact_for_other_features_is_refused_on_load(tmp_path, fitted):
     loaded = store.load(SPEC.model_id, AD.name)
     with pytest.raises(ValueError, match="retrain"):
         AD.load(other, loaded.manifest, loaded.blobs)
+
+
+# -- retention, rollback, object store -------------------------------------------------
+def test_old_versions_beyond_keep_are_removed_but_never_the_current_one(tmp_path, fitted):
+    store = ArtifactStore(tmp_path, keep=2)
+    for _ in range(4):
+        publish(store, fitted)
+    assert store.versions(SPEC.model_id, AD.name) == [3, 4]
+    store.set_current(SPEC.model_id, AD.name, 3)  # roll back
+    publish(store, fitted)  # v5 is current now; v3 is the oldest, v4 goes
+    assert store.versions(SPEC.model_id, AD.name) == [4, 5]
+    with pytest.raises(ArtifactError, match="no version 1 .kept: v4, v5"):
+        store.set_current(SPEC.model_id, AD.name, 1)
+
+
+def test_a_version_folder_without_manifest_is_not_a_version(tmp_path, fitted):
+    store = ArtifactStore(tmp_path)
+    publish(store, fitted)
+    half = tmp_path / SPEC.model_id / AD.name / "v000002"
+    half.mkdir()
+    (half / "forest.npz").write_bytes(b"half written")
+    assert store.versions(SPEC.model_id, AD.name) == [1]
+    assert store.load(SPEC.model_id, AD.name).manifest.version == 1
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 endpoint over HTTP (moto's server), with one bucket."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from enricher.broker import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="artifacts")
+    yield f"s3://artifacts/enricher?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_an_object_store_holds_versions_the_same_way(s3, fitted):
+    store = ArtifactStore(s3, signing_key=b"k", keep=2)
+    for _ in range(3):
+        publish(store, fitted)
+    assert store.versions(SPEC.model_id, AD.name) == [2, 3]
+    assert store.current_version(SPEC.model_id, AD.name) == 3
+    loaded = store.load(SPEC.model_id, AD.name)
+    again = AD.load(SPEC, loaded.manifest, loaded.blobs)
+    b = batch_of()
+    np.testing.assert_array_equal(again.transform(b)["anomaly_score"].to_numpy(),
+                                  fitted.transform(b)["anomaly_score"].to_numpy())
+    assert store.set_current(SPEC.model_id, AD.name, 2).version == 2
+    assert ArtifactStore(s3, signing_key=b"k").load(SPEC.model_id, AD.name).manifest.version == 2
+
+
+def test_an_object_store_artifact_tampered_with_is_refused(s3, fitted):
+    store = ArtifactStore(s3.replace("/enricher?", "/tamper?"))
+    manifest = publish(store, fitted)
+    path = f"{store._dir(SPEC.model_id, AD.name)}/v{manifest.version:06d}/forest.npz"
+    store.files.write(path, b"not the forest")
+    with pytest.raises(IntegrityError, match="sha256"):
+        store.load(SPEC.model_id, AD.name)
+
+
+def test_an_unusable_store_url_says_so():
+    with pytest.raises(ArtifactError, match="artifact store"):
+        ArtifactStore("nosuchscheme://x/y")

@@ -109,3 +109,26 @@ def test_produce_sends_each_line_and_query_prints_json(files, capsys, tmp_path, 
 def test_query_is_read_only(files, capsys):
     code, _, err = run(capsys, "query", "CREATE DATABASE sneaky")
     assert code == 2 and "readonly" in err.lower()
+
+
+def test_artifacts_list_and_rollback(files, capsys, monkeypatch):
+    schema, reference = files
+    monkeypatch.setenv("ENRICHER_ARTIFACT_KEEP", "2")
+    run(capsys, "models", "register", "credit", "--schema", str(schema), "--reference", str(reference))
+    run(capsys, "enrichments", "set", "credit", "anomaly_detection=on", "anomaly_detection.n_estimators=20")
+    for _ in range(3):
+        assert run(capsys, "train", "credit")[0] == 0
+    code, out, _ = run(capsys, "artifacts", "list", "credit")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 4  # header, rule, the two kept versions
+    assert lines[2].split()[:2] == ["anomaly_detection", "v2"] and lines[3].split()[:3] == ["anomaly_detection", "v3", "*"]
+    code, out, _ = run(capsys, "artifacts", "rollback", "credit", "anomaly_detection", "v2")
+    assert code == 0 and "serving v2" in out
+    code, out, _ = run(capsys, "enrichments", "show", "credit")
+    assert "artifact v2" in out
+    code, _, err = run(capsys, "artifacts", "rollback", "credit", "anomaly_detection", "1")
+    assert code == 2 and "no version 1 (kept: v2, v3)" in err
+    code, _, err = run(capsys, "artifacts", "rollback", "credit", "anomaly_detection", "latest")
+    assert code == 2 and "give a version number" in err
+    code, _, err = run(capsys, "artifacts", "list", "nosuch")
+    assert code == 2 and "not registered" in err

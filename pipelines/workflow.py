@@ -1,0 +1,131 @@
+"""One Argo Workflow per training run, built with hera for exactly the
+enrichments a model has switched on.
+
+    prepare ──> train-<enrichment> (one branch per enrichment) ──> validate ──> publish
+
+Every step is a command of this package (`enricher pipeline STEP ...`), run
+by the same container image as the worker, reading and writing the artifact
+store: `prepare` stages the model's reference data under the run's folder,
+each `train-*` fits one enrichment on it and stages the result, `validate`
+loads every staged result through the same code the workers use and checks
+what it produces on the reference data, and `publish` makes them current
+versions and announces them. A run that fails anywhere publishes nothing.
+
+The same Workflow document goes to an Argo Server (runners.ArgoRunner) or is
+executed step by step on this machine (runners.LocalRunner).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+from hera.workflows import (DAG, ConfigMapEnvFrom, Container, Env, Parameter, Resources, RetryStrategy,
+                            SecretEnvFrom, Workflow)
+
+STEP_RETRIES = 2
+LABEL_MODEL = "enricher.io/model"
+LABEL_RUN = "enricher.io/run"
+ANNOTATION_MODEL = "enricher.io/model-id"
+ANNOTATION_ENRICHMENTS = "enricher.io/enrichments"
+
+
+@dataclass
+class WorkflowOptions:
+    """How the generated steps run on a cluster (ignored by the local runner
+    where it does not apply)."""
+
+    image: str = "inference-enricher:latest"
+    namespace: str | None = None
+    service_account: str | None = None
+    env_config_map: str | None = "enricher-config"   # ENRICHER_* for the steps, as the worker gets them
+    env_secret: str | None = "enricher-secrets"
+    step_cpu: str = "250m"
+    step_memory: str = "512Mi"
+    train_cpu: str = "1"
+    train_memory: str = "2Gi"
+    retries: int = STEP_RETRIES
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def k8s_name(model_id: str) -> str:
+    """A model id as a DNS-1123 label fragment (ids are [a-z][a-z0-9_]*)."""
+    return re.sub(r"[^a-z0-9-]", "-", model_id.lower()).strip("-")[:40] or "model"
+
+
+def run_id(model_id: str, plan: dict, now: float | None = None) -> str:
+    """A run's name: model, then a short digest of what it trains and when."""
+    digest = hashlib.sha256(json.dumps([model_id, plan, now or time.time()], sort_keys=True).encode())
+    return f"enrich-{k8s_name(model_id)}-{digest.hexdigest()[:8]}"
+
+
+def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOptions | None = None,
+                   name: str | None = None) -> Workflow:
+    """The training workflow for `plan`: {enrichment: config} of the enabled
+    enrichments to train. Raises ValueError for an empty plan (nothing to train)."""
+    from models import ENRICHMENTS
+
+    if not plan:
+        raise ValueError(f"model {model_id!r}: no enrichment to train")
+    unknown = sorted(set(plan) - set(ENRICHMENTS))
+    if unknown:
+        raise ValueError(f"unknown enrichment(s) {unknown}; known: {sorted(ENRICHMENTS)}")
+    options = options or WorkflowOptions()
+    name = name or run_id(model_id, plan)
+    enrichments = sorted(plan)
+    env = [Env(name=k, value=v) for k, v in sorted(options.extra_env.items())]
+    env_from = []
+    if options.env_config_map:
+        env_from.append(ConfigMapEnvFrom(name=options.env_config_map, optional=True))
+    if options.env_secret:
+        env_from.append(SecretEnvFrom(name=options.env_secret, optional=True))
+
+    def step(template: str, args: list[str], inputs: list[str], cpu: str, memory: str) -> Container:
+        return Container(
+            name=template,
+            image=options.image,
+            command=["enricher", "pipeline", template],
+            args=args,
+            inputs=[Parameter(name=p) for p in inputs],
+            env=env or None,
+            env_from=env_from or None,
+            resources=Resources(cpu_request=cpu, memory_request=memory),
+            retry_strategy=RetryStrategy(limit=options.retries, retry_policy="Always"),
+        )
+
+    common = ["--model", "{{workflow.parameters.model_id}}", "--run", "{{workflow.name}}"]
+    with Workflow(
+        name=name,
+        namespace=options.namespace,
+        entrypoint="run",
+        service_account_name=options.service_account,
+        labels={LABEL_MODEL: k8s_name(model_id), LABEL_RUN: name, "app.kubernetes.io/name": "inference-enricher"},
+        annotations={ANNOTATION_MODEL: model_id, ANNOTATION_ENRICHMENTS: ",".join(enrichments)},
+        arguments=[Parameter(name="model_id", value=model_id),
+                   Parameter(name="enrichments", value=",".join(enrichments))],
+    ) as workflow:
+        prepare = step("prepare", common, [], options.step_cpu, options.step_memory)
+        train = step("train", [*common, "--enrichment", "{{inputs.parameters.enrichment}}",
+                               "--config", "{{inputs.parameters.config}}"],
+                     ["enrichment", "config"], options.train_cpu, options.train_memory)
+        validate = step("validate", [*common, "--enrichments", "{{workflow.parameters.enrichments}}"], [],
+                        options.step_cpu, options.step_memory)
+        publish = step("publish", [*common, "--enrichments", "{{workflow.parameters.enrichments}}"], [],
+                       options.step_cpu, options.step_memory)
+        with DAG(name="run"):
+            first = prepare(name="prepare")
+            branches = [train(name=f"train-{e.replace('_', '-')}",
+                              arguments={"enrichment": e, "config": json.dumps(plan[e], sort_keys=True)})
+                        for e in enrichments]
+            check = validate(name="validate")
+            last = publish(name="publish")
+            first >> branches >> check >> last
+    return workflow
+
+
+def workflow_dict(model_id: str, plan: dict[str, dict], options: WorkflowOptions | None = None,
+                  name: str | None = None) -> dict:
+    return build_workflow(model_id, plan, options, name).to_dict()

@@ -1,0 +1,105 @@
+"""Generated training workflows: valid for Argo (its own JSON Schema), and
+holding exactly the branches of the enrichments a model has switched on."""
+
+import copy
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from models import ENRICHMENTS
+from pipelines.workflow import WorkflowOptions, build_workflow, k8s_name, workflow_dict
+
+ARGO = Path(__file__).resolve().parent.parent.parent / "shared" / "argo"
+SCHEMA_FILE = ARGO / "workflow-schema-v4.0.5.json"
+WORKFLOW = "io.argoproj.workflow.v1alpha1.Workflow"
+
+COMBINATIONS = [set(c) for n in range(1, len(ENRICHMENTS) + 1) for c in itertools.combinations(sorted(ENRICHMENTS), n)]
+
+
+@pytest.fixture(scope="module")
+def validator():
+    import jsonschema
+
+    if not SCHEMA_FILE.exists():
+        pytest.skip(f"Argo's schema is not beside the checkout ({SCHEMA_FILE}); CI has it")
+    doc = json.loads(SCHEMA_FILE.read_text())
+    definitions = copy.deepcopy(doc["definitions"])
+    # Quirk 1 (../shared/argo/README.md): IntOrString is typed "string" only.
+    definitions["io.k8s.apimachinery.pkg.util.intstr.IntOrString"] = {"type": ["string", "integer"]}
+    # Quirk 2: nothing forbids unknown fields; forbid them so a misspelt field fails.
+    for d in definitions.values():
+        if d.get("type") == "object" and "properties" in d and "additionalProperties" not in d:
+            d["additionalProperties"] = False
+    schema = {"$schema": doc["$schema"], "$ref": f"#/definitions/{WORKFLOW}", "definitions": definitions}
+    return jsonschema.Draft202012Validator(schema)
+
+
+def plan_for(names):
+    return {n: ENRICHMENTS[n].check_config({}) for n in names}
+
+
+@pytest.mark.parametrize("names", COMBINATIONS, ids=lambda c: "+".join(sorted(c)))
+def test_every_combination_validates_against_argos_schema(validator, names):
+    doc = workflow_dict("credit_default", plan_for(names), WorkflowOptions(namespace="ml", service_account="enricher"))
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+
+@pytest.mark.parametrize("names", COMBINATIONS, ids=lambda c: "+".join(sorted(c)))
+def test_the_dag_holds_exactly_the_enabled_branches_in_order(names):
+    doc = workflow_dict("credit_default", plan_for(names))
+    dag = next(t for t in doc["spec"]["templates"] if t["name"] == doc["spec"]["entrypoint"])["dag"]
+    tasks = {t["name"]: t for t in dag["tasks"]}
+    trains = {f"train-{n.replace('_', '-')}" for n in names}
+    assert set(tasks) == {"prepare", "validate", "publish"} | trains
+    assert "depends" not in tasks["prepare"]
+    for name in trains:
+        assert tasks[name]["depends"] == "prepare"
+        params = {p["name"]: p["value"] for p in tasks[name]["arguments"]["parameters"]}
+        assert params["enrichment"].replace("_", "-") == name.removeprefix("train-")
+        assert json.loads(params["config"]) == plan_for(names)[params["enrichment"]]
+    assert set(tasks["validate"]["depends"].split(" && ")) == trains
+    assert tasks["publish"]["depends"] == "validate"
+
+
+def test_steps_are_commands_of_this_package_with_retries_and_resources():
+    doc = workflow_dict("credit_default", plan_for(ENRICHMENTS), WorkflowOptions(image="reg/enricher:1.2", retries=3))
+    containers = {t["name"]: t for t in doc["spec"]["templates"] if "container" in t}
+    assert set(containers) == {"prepare", "train", "validate", "publish"}
+    for name, t in containers.items():
+        c = t["container"]
+        assert c["image"] == "reg/enricher:1.2"
+        assert c["command"] == ["enricher", "pipeline", name]
+        assert "--model" in c["args"] and "--run" in c["args"]
+        assert t["retryStrategy"]["limit"] == 3
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+        assert {"configMapRef": {"name": "enricher-config", "optional": True}} in c["envFrom"]
+    assert containers["train"]["container"]["resources"]["requests"]["memory"] == "2Gi"
+    params = {p["name"]: p["value"] for p in doc["spec"]["arguments"]["parameters"]}
+    assert params == {"model_id": "credit_default", "enrichments": ",".join(sorted(ENRICHMENTS))}
+    assert doc["metadata"]["labels"]["enricher.io/model"] == "credit-default"
+
+
+def test_names_are_valid_kubernetes_names_even_for_long_model_ids():
+    long_id = "m" + "x_" * 31
+    doc = workflow_dict(long_id, plan_for(ENRICHMENTS))
+    name = doc["metadata"]["name"]
+    assert len(name) <= 63 and name == name.lower() and "_" not in name
+    assert k8s_name("credit_default") == "credit-default"
+
+
+def test_nothing_to_train_or_an_unknown_enrichment_is_refused():
+    with pytest.raises(ValueError, match="no enrichment to train"):
+        build_workflow("credit_default", {})
+    with pytest.raises(ValueError, match="unknown enrichment"):
+        build_workflow("credit_default", {"telepathy": {}})
+
+
+def test_template_names_are_unique_and_every_task_names_one():
+    doc = workflow_dict("credit_default", plan_for(ENRICHMENTS))
+    names = [t["name"] for t in doc["spec"]["templates"]]
+    assert len(names) == len(set(names))
+    dag = next(t for t in doc["spec"]["templates"] if t["name"] == doc["spec"]["entrypoint"])["dag"]
+    assert all(task["template"] in names for task in dag["tasks"])
