@@ -14,7 +14,7 @@ import pyarrow as pa
 from . import metrics
 from .config import Settings
 from .contract import ParsedBatch, parse_batch
-from .enrich import enrich
+from .enrich import enrich_many
 from .serving import Serving
 from .sink import ClickHouseSink
 
@@ -49,11 +49,12 @@ class BatchProcessor:
         written are written again and the table's view shows them once.
         """
         ingested_at = time.time_ns() // 1000
-        written, tables = {}, []
+        written, groups = {}, {}
         for model_id, rows in parsed.models.items():
             self.sink.prepare(rows.spec)
-            tables.append(enrich(rows, self.serving.active(model_id), ingested_at))
+            groups.setdefault(rows.spec.layout, []).append((rows, self.serving.active(model_id)))
             written[model_id] = rows.num_rows
+        tables = [enrich_many(parts, ingested_at) for parts in groups.values()]
         if tables:
             self.sink.write(tables[0] if len(tables) == 1 else pa.concat_tables(tables), written)
         return written

@@ -140,17 +140,35 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
     partition_of = np.asarray(partitions, np.uint32)
     offset_of = np.asarray(offsets, np.uint64)
     message_of = np.asarray(items.msg, np.int64)
-    for model_id, idx in items.by_model.items():
-        model_rows, bad = _columns(specs(model_id), [items.objs[k] for k in idx])
+    # Models with the same layout are validated together: one conversion per
+    # field for all of them, not per model (a stream over thousands of models
+    # has a few rows per model per batch, and the per-call cost would dominate).
+    # Each model's rows stay contiguous, so its columns are slices of the group's.
+    groups: dict[tuple, list[str]] = {}
+    for model_id in items.by_model:
+        groups.setdefault(specs(model_id).layout, []).append(model_id)
+    for model_ids in groups.values():
+        lists = [items.by_model[m] for m in model_ids]
+        idx = np.fromiter((k for rows in lists for k in rows), np.int64)
+        owner = np.repeat(np.arange(len(model_ids)), [len(rows) for rows in lists])
+        group_rows, bad = _columns(specs(model_ids[0]), [items.objs[k] for k in idx])
         for j, (reason, detail) in sorted(bad.items()):
-            items.dead(idx[j], reason, detail, model_id)
-        if model_rows is not None:
-            take = np.fromiter((idx[j] for j in range(len(idx)) if j not in bad), np.int64) if bad \
-                else np.asarray(idx, np.int64)
-            msg = message_of[take]
-            model_rows.partition = partition_of[msg]
-            model_rows.offset = offset_of[msg]
-            parts.setdefault(model_id, []).append(model_rows)
+            items.dead(int(idx[j]), reason, detail, model_ids[owner[j]])
+        if group_rows is None:
+            continue
+        if bad:
+            keep = np.ones(len(idx), bool)
+            keep[list(bad)] = False
+            idx, owner = idx[keep], owner[keep]
+        msg = message_of[idx]
+        group_rows.partition = partition_of[msg]
+        group_rows.offset = offset_of[msg]
+        counts = np.bincount(owner, minlength=len(model_ids))
+        start = 0
+        for model_id, count in zip(model_ids, counts.tolist()):
+            if count:
+                parts.setdefault(model_id, []).append(_slice(group_rows, specs(model_id), start, count))
+            start += count
     for i, table in arrow_parts:
         for model_id, model_rows in _arrow_message(table, i, specs, out, partitions, offsets).items():
             parts.setdefault(model_id, []).append(model_rows)
@@ -202,6 +220,15 @@ def _dumps(obj) -> bytes:
         return orjson.dumps(obj)
     except TypeError:
         return json.dumps(obj, default=str).encode()
+
+
+def _slice(rows: ModelRows, spec: ModelSpec, start: int, count: int) -> ModelRows:
+    """Rows start..start+count as another model's rows (zero-copy)."""
+    end = start + count
+    return ModelRows(spec, rows.inference_id.slice(start, count), rows.timestamp.slice(start, count),
+                     rows.prediction.slice(start, count), rows.label.slice(start, count),
+                     {k: v.slice(start, count) for k, v in rows.values.items()},
+                     rows.partition[start:end], rows.offset[start:end])
 
 
 def _concat(parts: list[ModelRows]) -> ModelRows:

@@ -19,41 +19,68 @@ log = logging.getLogger(__name__)
 
 
 def enrich(rows: ModelRows, active: dict[str, Active], ingested_at_us: int) -> pa.Table:
-    """The batch as the storage table wants it, enrichment columns filled.
+    """One model's batch as the storage table wants it, enrichment columns filled."""
+    return enrich_many([(rows, active)], ingested_at_us)
 
-    An enrichment that is off, not trained yet, or fails on this batch gives
-    NULLs (never a made-up value), and its version column is NULL too.
+
+def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us: int) -> pa.Table:
+    """Batches of models that share one layout, as one storage-layout table.
+
+    Each model's enrichments run on that model's rows; everything else (the
+    feature maps, ids, casts) is built once for all of them, so a batch spread
+    over many models pays those costs once, not once per model.
+
+    An enrichment that is off, not trained yet, or fails on a model's rows
+    gives NULLs there (never a made-up value), and its version column is NULL too.
     """
-    n = rows.num_rows
-    spec = rows.spec
+
+    spec = parts[0][0].spec
+    counts = [rows.num_rows for rows, _ in parts]
+    n = sum(counts)
+    outputs: dict[str, list[pa.Array]] = {}  # enrichment column -> one array per model
+    for k, (rows, active) in enumerate(parts):
+        batch = FeatureBatch(rows.values, rows.num_rows)
+        for name, act in active.items():
+            started = time.perf_counter()
+            try:
+                out = act.fitted.transform(batch)
+            except Exception:
+                metrics.ENRICHMENT_ERRORS.labels(rows.spec.model_id, name).inc()
+                log.exception("model %s: %s v%s failed on a batch of %d rows; its columns are NULL",
+                              rows.spec.model_id, name, act.version, rows.num_rows)
+                continue
+            metrics.ENRICHMENT_SECONDS.labels(name).observe(time.perf_counter() - started)
+            out[f"{name}_version"] = pa.array(np.full(rows.num_rows, act.version, np.uint32))
+            for col, arr in out.items():
+                outputs.setdefault(col, [None] * len(parts))[k] = arr
+
     columns: dict[str, pa.Array] = {}
-    batch = FeatureBatch(rows.values, n)
-    for name, act in active.items():
-        started = time.perf_counter()
-        try:
-            out = act.fitted.transform(batch)
-        except Exception:
-            metrics.ENRICHMENT_ERRORS.labels(spec.model_id, name).inc()
-            log.exception("model %s: %s v%s failed on a batch of %d rows; its columns are NULL",
-                          spec.model_id, name, act.version, n)
-            continue
-        metrics.ENRICHMENT_SECONDS.labels(name).observe(time.perf_counter() - started)
-        columns.update(out)
-        columns[f"{name}_version"] = pa.array(np.full(n, act.version, np.uint32))
+    for col, arrays in outputs.items():
+        arrow_type = STORE_COLUMNS[col][1]
+        columns[col] = pa.concat_arrays([
+            pa.nulls(counts[k], arrow_type) if a is None else (a if a.type == arrow_type else a.cast(arrow_type))
+            for k, a in enumerate(arrays)])
+
+    def joined(get) -> pa.Array:
+        arrays = [get(rows) for rows, _ in parts]
+        return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
     numeric = [c.name for c in spec.columns if c.numeric]
     categorical = [c.name for c in spec.columns if not c.numeric]
-    columns["model_id"] = _repeat(spec.model_id, n)
-    columns["inference_id"] = rows.inference_id
-    columns["timestamp"] = rows.timestamp
-    columns["numeric"] = _map(numeric, [rows.values[c] for c in numeric], n, pa.float64())
-    columns["categorical"] = _map(categorical, [rows.values[c] for c in categorical], n, pa.string())
+    values = {c.name: joined(lambda r, name=c.name: r.values[name]) for c in spec.columns}
+    model_ids = pa.array([rows.spec.model_id for rows, _ in parts])
+    owner = np.repeat(np.arange(len(parts), dtype=np.int32), counts)
+    columns["model_id"] = pa.DictionaryArray.from_arrays(owner, model_ids).cast(pa.string())
+    columns["inference_id"] = joined(lambda r: r.inference_id)
+    columns["timestamp"] = joined(lambda r: r.timestamp)
+    columns["numeric"] = _map(numeric, [values[c] for c in numeric], n, pa.float64())
+    columns["categorical"] = _map(categorical, [values[c] for c in categorical], n, pa.string())
     suffix = "" if spec.prediction_type == "numeric" else "_class"
-    columns["prediction" + suffix] = rows.prediction
-    columns["label" + suffix] = rows.label
+    columns["prediction" + suffix] = joined(lambda r: r.prediction)
+    columns["label" + suffix] = joined(lambda r: r.label)
     columns["_ingested_at"] = pa.array(np.full(n, ingested_at_us, np.int64)).cast(STORE_COLUMNS["_ingested_at"][1])
-    columns["_partition"] = pa.array(rows.partition, pa.uint32())
-    columns["_offset"] = pa.array(rows.offset, pa.uint64())
+    columns["_partition"] = pa.array(np.concatenate([r.partition for r, _ in parts]), pa.uint32())
+    columns["_offset"] = pa.array(np.concatenate([r.offset for r, _ in parts]), pa.uint64())
 
     arrays = []
     for col, (_, arrow_type) in STORE_COLUMNS.items():
@@ -62,10 +89,6 @@ def enrich(rows: ModelRows, active: dict[str, Active], ingested_at_us: int) -> p
             arr = pa.nulls(n, arrow_type)
         arrays.append(arr if arr.type == arrow_type else arr.cast(arrow_type))
     return pa.Table.from_arrays(arrays, names=list(STORE_COLUMNS))
-
-
-def _repeat(value: str, n: int) -> pa.Array:
-    return pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([value])).cast(pa.string())
 
 
 def _map(names: list[str], values: list[pa.Array], n: int, item_type: pa.DataType) -> pa.Array:

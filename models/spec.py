@@ -70,6 +70,13 @@ class ModelSpec:
     def columns(self) -> tuple[Column, ...]:
         return self.features + self.attributes
 
+    @property
+    def layout(self) -> tuple:
+        """What an inference of this model looks like: models with the same
+        layout are validated and stored together (sensitivity plays no part)."""
+        return (self.prediction_type, tuple((c.name, c.type) for c in self.features),
+                tuple((c.name, c.type) for c in self.attributes))
+
     def to_json(self) -> dict:
         def col(c: Column) -> dict:
             d = {"name": c.name, "type": c.type}

@@ -104,3 +104,29 @@ def test_identifiers_that_are_not_plain_names_never_reach_sql(bad):
 def test_the_database_setting_is_validated():
     with pytest.raises(Exception, match="ENRICHER_CLICKHOUSE_DATABASE"):
         Settings.from_env(env={"ENRICHER_CLICKHOUSE_DATABASE": "x`; drop"})
+
+
+def test_models_stored_together_keep_their_own_ids_values_and_enrichment_versions(tables):
+    import numpy as np
+    import pyarrow as pa
+
+    from enricher.enrich import enrich_many
+    from enricher.serving import Active
+
+    class Constant:  # an enrichment stand-in with a known output: the layout code is under test here
+        def __init__(self, value):
+            self.value = value
+
+        def transform(self, batch):
+            return {"anomaly_score": pa.array(np.full(batch.num_rows, self.value))}
+
+    specs = [ModelSpec.from_json(m, sample.SCHEMA) for m in ("m_one", "m_two", "m_three")]
+    parts = [(rows_for(specs[0], 5), {"anomaly_detection": Active("anomaly_detection", 3, Constant(0.25))}),
+             (rows_for(specs[1], 2), {}),
+             (rows_for(specs[2], 4), {"anomaly_detection": Active("anomaly_detection", 7, Constant(0.75))})]
+    table = enrich_many(parts, 0)
+    assert table.column("model_id").to_pylist() == ["m_one"] * 5 + ["m_two"] * 2 + ["m_three"] * 4
+    assert table.column("anomaly_score").to_pylist() == [0.25] * 5 + [None] * 2 + [0.75] * 4
+    assert table.column("anomaly_detection_version").to_pylist() == [3] * 5 + [None] * 2 + [7] * 4
+    f0 = [dict(m)["f0"] for m in table.column("numeric").to_pylist()]
+    assert f0 == sum((rows.values["f0"].to_pylist() for rows, _ in parts), [])

@@ -132,3 +132,34 @@ def test_values_survive_exactly():
     rows = parse([orjson.dumps(msg)]).models[sample.MODEL_ID]
     assert rows.values["f0"].to_pylist() == [-0.1 + 1e-12]
     assert rows.prediction.to_pylist() == [math.pi]
+
+
+def test_models_sharing_a_layout_are_validated_together_and_each_keeps_its_own_rows():
+    # a and b share a layout, c has another (fewer features); rows interleave, bad rows scattered.
+    narrow = {**sample.SCHEMA, "features": sample.SCHEMA["features"][:3], "attributes": []}
+    specs = {"a": ModelSpec.from_json("a", sample.SCHEMA), "b": ModelSpec.from_json("b", sample.SCHEMA),
+             "c": ModelSpec.from_json("c", narrow)}
+    assert specs["a"].layout == specs["b"].layout != specs["c"].layout
+    msgs, expected, bad_ids = [], {"a": [], "b": [], "c": []}, set()
+    for i in range(60):
+        model = "abc"[i % 3]
+        features = {n: float(i) for n in sample.NUMERIC} | {"region": f"r{i}"}
+        if model == "c":
+            features = {c["name"]: float(i) for c in narrow["features"]}
+        msg = {"model_id": model, "inference_id": f"{model}-{i}", "timestamp": 1764000000000 + i,
+               "features": features, "prediction": i / 100}
+        if i % 7 == 0 and model != "c":
+            msg["features"].pop("f1")
+            bad_ids.add(msg["inference_id"])
+        else:
+            expected[model].append(i)
+        msgs.append(orjson.dumps(msg))
+    batch = parse_batch(msgs, [0] * 60, list(range(60)), specs.get, 65_536)
+    assert {(d.model_id, d.reason) for d in batch.dead} <= {("a", "missing_feature"), ("b", "missing_feature")}
+    assert {orjson.loads(d.raw)["inference_id"] for d in batch.dead} == bad_ids
+    for model, wanted in expected.items():
+        rows = batch.models[model]
+        assert rows.spec is specs[model]
+        assert rows.inference_id.to_pylist() == [f"{model}-{i}" for i in wanted]
+        assert rows.values["f0"].to_pylist() == [float(i) for i in wanted]  # values follow their own rows
+        assert rows.offset.tolist() == wanted and rows.prediction.to_pylist() == [i / 100 for i in wanted]
