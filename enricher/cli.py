@@ -102,41 +102,52 @@ def _parse_assignment(text: str):
         return key, value
 
 
-def cmd_enrichments_set(args) -> int:
-    from models import ENRICHMENTS
+def _control(settings: Settings):
+    from .control import ControlPlane
 
-    registry = _registry(_settings(args))
-    current = registry.enrichments(args.model_id)
-    changes: dict[str, dict] = {}
+    return ControlPlane.from_settings(settings)
+
+
+def cmd_enrichments_set(args) -> int:
+    """The same change as `PATCH /models/{id}/enrichments`, through the same control plane."""
+    from .control import RequestError
+
+    settings = _settings(args)
+    control = _control(settings)
+    current = control.enrichments(args.model_id) if args.model_id in control.registry.ids() else {}
+    body: dict[str, dict] = {}
     for item in args.assignments:
         key, value = _parse_assignment(item)
         name, _, setting = key.partition(".")
-        if name not in ENRICHMENTS:
-            raise UserError(f"unknown enrichment {name!r}; known: {', '.join(sorted(ENRICHMENTS))}")
-        change = changes.setdefault(name, {"enabled": current[name]["enabled"],
-                                           "config": dict(current[name]["config"])})
+        change = body.setdefault(name, {})
         if setting:
-            change["config"][setting] = value
+            change.setdefault("config", dict(current.get(name, {}).get("config", {})))[setting] = value
         elif value in ("on", True, "true"):
             change["enabled"] = True
         elif value in ("off", False, "false"):
             change["enabled"] = False
         else:
             raise UserError(f"{item!r}: {name} takes on or off")
-    for name, change in changes.items():
-        registry.set_enrichment(args.model_id, name, change["enabled"], change["config"])
+    try:
+        control.patch_enrichments(args.model_id, body)
+    except RequestError as exc:
+        raise UserError(str(exc)) from None
     return cmd_enrichments_show(args)
 
 
 def cmd_enrichments_show(args) -> int:
+    from .control import RequestError
 
-    settings = _settings(args)
-    store = settings.artifacts()
-    for name, toggle in _registry(settings).enrichments(args.model_id).items():
-        version = store.current_version(args.model_id, name)
-        state = "on" if toggle["enabled"] else "off"
-        trained = f"artifact v{version}" if version else "not trained"
-        print(f"{name}\t{state}\t{trained}\tconfig {json.dumps(toggle['config'])}")
+    try:
+        enrichments = _control(_settings(args)).enrichments(args.model_id)
+    except RequestError as exc:
+        raise UserError(str(exc)) from None
+    for name, e in enrichments.items():
+        trained = f"artifact v{e['version']}" if e["version"] else "not trained"
+        made = f"\tby {e['workflow']}" if e["workflow"] else ""
+        why = f"\t{e['message']}" if e["message"] else ""
+        print(f"{name}\t{'on' if e['enabled'] else 'off'}\t{e['status']}\t{trained}\t"
+              f"config {json.dumps(e['config'])}{made}{why}")
     return 0
 
 
@@ -147,6 +158,49 @@ def cmd_train(args) -> int:
     settings = _settings(args)
     train(_registry(settings), settings.artifacts(), args.model_id,
           only=args.enrichment or None)
+    return 0
+
+
+# -- training runs ---------------------------------------------------------------
+def cmd_trigger(args) -> int:
+    import logging
+
+    from .trigger import run_trigger
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"runner": args.runner} if args.runner else {}
+    run_trigger(_settings(args, **overrides))
+    return 0
+
+
+
+def cmd_pipeline(args) -> int:
+    """One step of a training workflow (the command each workflow step runs)."""
+    from pipelines import steps
+
+    from .control import ControlEvents
+
+    settings = _settings(args)
+    registry, store = _registry(settings), settings.artifacts()
+    names = [n for n in (args.enrichments or "").split(",") if n]
+    try:
+        if args.step == "prepare":
+            steps.prepare(registry, store, args.model, args.run)
+        elif args.step == "train":
+            if not args.enrichment:
+                raise UserError("train needs --enrichment NAME")
+            try:
+                config = json.loads(args.config or "{}")
+            except json.JSONDecodeError as exc:
+                raise UserError(f"--config is not JSON: {exc}") from None
+            steps.train(registry, store, args.model, args.run, args.enrichment, config)
+        elif args.step == "validate":
+            steps.validate(registry, store, args.model, args.run, names)
+        else:
+            steps.publish(registry, store, args.model, args.run, names, ControlEvents(settings).send)
+    except steps.StepError as exc:
+        print(f"enricher pipeline {args.step}: failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -345,6 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model_id")
     t.add_argument("--enrichment", action="append", help="only this one (repeatable)")
     t.set_defaults(func=cmd_train)
+
+    tr = sub.add_parser("trigger", help="watch toggles and registrations, launch training workflows")
+    tr.add_argument("--runner", choices=["local", "argo"], help="ENRICHER_RUNNER (default local)")
+    tr.set_defaults(func=cmd_trigger)
+
+    pl = sub.add_parser("pipeline", help="one step of a training run (what each workflow step runs)")
+    pl.add_argument("step", choices=["prepare", "train", "validate", "publish"])
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--run", required=True, help="the run's name (the workflow's)")
+    pl.add_argument("--enrichment", help="train: the enrichment to fit")
+    pl.add_argument("--config", help="train: its settings, JSON")
+    pl.add_argument("--enrichments", help="validate, publish: comma-separated")
+    pl.set_defaults(func=cmd_pipeline)
 
     a = sub.add_parser("artifacts", help="list a model's artifact versions, roll back to one").add_subparsers(
         dest="action", required=True, metavar="ACTION")

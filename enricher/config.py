@@ -71,6 +71,7 @@ class Settings:
     ssl_keyfile: str | None = None
     inference_topic: str = "inferences"
     dlq_topic: str = "inferences-dlq"
+    control_topic: str = "enricher-control"
     topic_partitions: int = 4
     consumer_group: str = "enricher"
     session_timeout: float = 10.0
@@ -87,6 +88,15 @@ class Settings:
     max_message_bytes: int = 1_048_576
     refresh_interval: float = 2.0
     artifact_key: bytes | None = field(default=None, repr=False)
+    runner: str = "local"                # where training runs: local processes or an Argo Server
+    argo_url: str = ""
+    argo_namespace: str = "argo"
+    argo_token: str | None = field(default=None, repr=False)
+    argo_ca_file: str | None = None
+    argo_insecure: bool = False
+    argo_service_account: str | None = None
+    image: str = "inference-enricher:latest"
+    trigger_debounce: float = 1.0
     artifact_store_url: str = ""  # a directory or s3://bucket/prefix; default <data_dir>/artifacts
     artifact_keep: int = 5
     api_token: str | None = field(default=None, repr=False)
@@ -128,6 +138,7 @@ class Settings:
         env = {"ENRICHER_DATA_DIR": str(self.data_dir), "ENRICHER_CLICKHOUSE_URL": self.clickhouse_url,
                "ENRICHER_CLICKHOUSE_DATABASE": self.clickhouse_database,
                "ENRICHER_INFERENCE_TOPIC": self.inference_topic, "ENRICHER_DLQ_TOPIC": self.dlq_topic,
+               "ENRICHER_CONTROL_TOPIC": self.control_topic,
                "ENRICHER_TOPIC_PARTITIONS": str(self.topic_partitions),
                "ENRICHER_CONSUMER_GROUP": self.consumer_group,
                "ENRICHER_BROKER_SESSION_TIMEOUT": str(self.session_timeout),
@@ -138,7 +149,11 @@ class Settings:
                "ENRICHER_EAGER_HANDOVER": "1" if self.eager_handover else "0",
                "ENRICHER_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
                "ENRICHER_REFRESH_INTERVAL": str(self.refresh_interval),
-               "ENRICHER_ARTIFACT_KEEP": str(self.artifact_keep)}
+               "ENRICHER_ARTIFACT_KEEP": str(self.artifact_keep),
+               "ENRICHER_RUNNER": self.runner, "ENRICHER_ARGO_NAMESPACE": self.argo_namespace,
+               "ENRICHER_IMAGE": self.image, "ENRICHER_TRIGGER_DEBOUNCE": str(self.trigger_debounce)}
+        if self.argo_url:
+            env["ENRICHER_ARGO_URL"] = self.argo_url
         if self.artifact_store_url:
             env["ENRICHER_ARTIFACT_STORE"] = self.artifact_store_url
         if not self.broker_embedded or self.broker != EMBEDDED_BROKER:
@@ -153,7 +168,7 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("sasl_password", "artifact_key", "clickhouse_password", "api_token"):
+            if f.name in ("sasl_password", "artifact_key", "clickhouse_password", "api_token", "argo_token"):
                 value = "***" if value else None
             elif f.name in ("clickhouse_url", "artifact_store_url"):
                 value = redact_url(value)
@@ -181,6 +196,7 @@ class Settings:
             ssl_keyfile=env.get("ENRICHER_BROKER_SSL_KEYFILE") or None,
             inference_topic=env.get("ENRICHER_INFERENCE_TOPIC") or "inferences",
             dlq_topic=env.get("ENRICHER_DLQ_TOPIC") or "inferences-dlq",
+            control_topic=env.get("ENRICHER_CONTROL_TOPIC") or "enricher-control",
             topic_partitions=_number(env, "ENRICHER_TOPIC_PARTITIONS", 4, minimum=1),
             consumer_group=env.get("ENRICHER_CONSUMER_GROUP") or "enricher",
             session_timeout=_number(env, "ENRICHER_BROKER_SESSION_TIMEOUT", 10.0, float, minimum=1),
@@ -198,6 +214,15 @@ class Settings:
             refresh_interval=_number(env, "ENRICHER_REFRESH_INTERVAL", 2.0, float, minimum=0.1),
             artifact_key=key.encode() if key else None,
             artifact_store_url=env.get("ENRICHER_ARTIFACT_STORE") or "",
+            runner=(env.get("ENRICHER_RUNNER") or "local").lower(),
+            argo_url=env.get("ENRICHER_ARGO_URL") or "",
+            argo_namespace=env.get("ENRICHER_ARGO_NAMESPACE") or "argo",
+            argo_token=_secret(env, "ENRICHER_ARGO_TOKEN"),
+            argo_ca_file=env.get("ENRICHER_ARGO_CA_BUNDLE") or None,
+            argo_insecure=_flag(env, "ENRICHER_ARGO_INSECURE", False),
+            argo_service_account=env.get("ENRICHER_ARGO_SERVICE_ACCOUNT") or None,
+            image=env.get("ENRICHER_IMAGE") or "inference-enricher:latest",
+            trigger_debounce=_number(env, "ENRICHER_TRIGGER_DEBOUNCE", 1.0, float, minimum=0),
             artifact_keep=_number(env, "ENRICHER_ARTIFACT_KEEP", 5, minimum=1),
             api_token=_secret(env, "ENRICHER_API_TOKEN"),
         )
@@ -215,7 +240,18 @@ class Settings:
         s.validate()
         return s
 
+    @property
+    def argo_verify(self):
+        """TLS verification for the Argo Server: a CA bundle, on, or off (ENRICHER_ARGO_INSECURE)."""
+        if self.argo_insecure:
+            return False
+        return self.argo_ca_file or True
+
     def validate(self) -> None:
+        if self.runner not in ("local", "argo"):
+            raise ConfigError(f"ENRICHER_RUNNER={self.runner!r}: use local or argo")
+        if self.runner == "argo" and not self.argo_url.startswith(("http://", "https://")):
+            raise ConfigError("ENRICHER_RUNNER=argo needs ENRICHER_ARGO_URL=https://ARGO-SERVER:2746")
         protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         if self.security_protocol not in protocols:
             raise ConfigError(f"ENRICHER_BROKER_SECURITY_PROTOCOL={self.security_protocol!r}: "

@@ -1,17 +1,22 @@
-"""`enricher demo`: the whole flow on one machine, then what a user wants to see.
+"""`enricher demo`: the whole toggle-driven flow on one machine, then what a user wants to see.
 
-Starts the embedded broker, registers a sample model with generated reference
-data, turns anomaly detection on and trains it, streams sample inferences
-(planted anomalies and malformed messages among them) through a worker until
-every one is processed, then queries ClickHouse and the dead-letter topic and
-prints a summary. Everything it started, it stops.
+Starts the embedded broker, a worker and the trigger (local runner); registers
+a sample model through the worker's API; streams inferences while anomaly
+detection is off (rows land with NULL scores); turns it on with one PATCH;
+the trigger builds and runs the training workflow, the artifact is published,
+the worker swaps it in without stopping; streams more inferences (planted
+anomalies and malformed messages among them) and shows the columns that
+appeared, all queried back from ClickHouse and the dead-letter topic.
+Everything it started, it stops.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -27,13 +32,17 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_demo(args) -> int:
-    from models.registry import ModelRegistry
-    from pipelines.train import train
+def api(url: str, method: str = "GET", body=None) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
 
+
+def run_demo(args) -> int:
     from .clickhouse import connect, run_query
     from .producer import InferenceProducer
-    from .supervise import WorkerProcess
+    from .supervise import TriggerProcess, WorkerProcess
     from .topics import ensure_topics
 
     data_dir = Path(args.data_dir or ".enricher-demo").resolve()
@@ -41,44 +50,69 @@ def run_demo(args) -> int:
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
     total = args.inferences
-    anomalies = max(1, total // 2000)
+    before, after = total // 5, total - total // 5  # streamed before / after the toggle
+    anomalies = max(1, after // 2000)
     max_bytes = 512 * 1024  # the too_large sample message is just over it
 
-    say(f"== 1/6 embedded broker (Tansu), data in {data_dir}")
+    say(f"== 1/7 embedded broker (Tansu), data in {data_dir}")
     broker = EmbeddedBroker(port=args.port or free_port()).start(log_file=open(data_dir / "broker.log", "wb"))
-    worker = None
+    worker = trigger = None
     try:
         settings = Settings.from_env(data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
-                                     session_timeout=6.0, max_message_bytes=max_bytes,
+                                     session_timeout=6.0, max_message_bytes=max_bytes, refresh_interval=0.5,
                                      clickhouse_url=f"chdb://{data_dir / 'clickhouse'}")
         say(f"   broker at {broker.url}")
 
-        say("== 2/6 register the model (enricher models register)")
-        reference_path = data_dir / "reference.parquet"
-        pq.write_table(sample.reference_table(10_000), reference_path)
-        registry = ModelRegistry(settings.registry_dir)
-        spec = registry.register(sample.MODEL_ID, sample.SCHEMA, reference_path)
-        say(f"   {spec.model_id}: {spec.task}, features {', '.join(spec.feature_names)}; 10,000 reference rows")
-
-        say("== 3/6 turn anomaly detection on and train it (enrichments set / train)")
-        registry.set_enrichment(sample.MODEL_ID, "anomaly_detection", True)
-        train(registry, settings.artifacts(), sample.MODEL_ID,
-              log=lambda m: say("   " + m))
-
-        say("== 4/6 start a worker (enricher worker)")
+        say("== 2/7 start a worker (enricher worker) and the trigger (enricher trigger, local runner)")
         ensure_topics(settings)
         worker = WorkerProcess(settings, log_path=data_dir / "worker.log").start()
+        trigger = TriggerProcess(settings, log_path=data_dir / "trigger.log").start()
         worker.wait_for(lambda s: True, timeout=60)
-        say(f"   worker up, HTTP {worker.url} (/metrics, /status); log {data_dir / 'worker.log'}")
+        say(f"   worker HTTP {worker.url} (API, /metrics, /status); logs in {data_dir}")
 
-        say(f"== 5/6 stream {total:,} inferences ({anomalies} planted anomalies, "
-            f"{len(sample.malformed())} malformed)")
-        messages, planted = sample.inferences(total, anomalies=anomalies)
-        bad = sample.malformed(max_bytes=max_bytes)
-        # Valid inferences go batched, 1000 to a message (JSON arrays: the producer's
-        # default); the malformed ones alone, spread through the stream.
+        say(f"== 3/7 register the model: PUT {worker.url}/models/{sample.MODEL_ID}")
+        reference_path = data_dir / "reference.parquet"
+        pq.write_table(sample.reference_table(10_000), reference_path)
+        doc = api(f"{worker.url}/models/{sample.MODEL_ID}", "PUT",
+                  {"schema": sample.SCHEMA, "reference": str(reference_path)})
+        say(f"   {doc['model_id']}: {doc['task']}, {doc['features']} features, 10,000 reference rows; "
+            f"enrichments {doc['enrichments']}")
+
         producer = InferenceProducer(settings, batch="json", batch_rows=1000)
+        bad = sample.malformed(max_bytes=max_bytes)
+        say(f"== 4/7 stream {before:,} inferences with every enrichment off")
+        first, _ = sample.inferences(before, id_prefix="before")
         started = time.monotonic()
+        producer.send_many(first)
+        producer.flush()
+        worker.wait_for(lambda s: s["enriched"] >= before, timeout=max(120, before / 500))
+        say(f"   {before:,} rows written, anomaly_score NULL (off)")
+
+        say(f"== 5/7 turn anomaly detection on: PATCH {worker.url}/models/{sample.MODEL_ID}/enrichments")
+        toggled = time.monotonic()
+        doc = api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments", "PATCH",
+                  {"anomaly_detection": {"enabled": True, "config": {"n_estimators": 100}}})
+        say(f"   status {doc['anomaly_detection']['status']}; the trigger builds the workflow "
+            "(prepare -> train-anomaly-detection -> validate -> publish) and runs it")
+        seen = None
+        while True:
+            ad = api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments")["anomaly_detection"]
+            if ad["status"] != seen:
+                say(f"   {time.monotonic() - toggled:5.1f}s  {ad['status']:<8} workflow {ad['workflow']}")
+                seen = ad["status"]
+            if ad["status"] in ("ready", "failed") or time.monotonic() - toggled > 300:
+                break
+            time.sleep(0.25)
+        if ad["status"] != "ready":
+            say(f"   training did not finish: {ad}; see {data_dir / 'trigger.log'}")
+            return 1
+        worker.wait_for(lambda s: s["serving"].get(sample.MODEL_ID, {}).get("anomaly_detection"), timeout=60)
+        say(f"   {time.monotonic() - toggled:5.1f}s  the worker serves artifact v{ad['version']} "
+            f"(hot swap, no restart)")
+
+        say(f"== 6/7 stream {after:,} more inferences ({anomalies} planted anomalies, "
+            f"{len(bad)} malformed messages)")
+        messages, planted = sample.inferences(after, anomalies=anomalies, seed=12, id_prefix="after")
         chunk = 10_000
         for k, i in enumerate(range(0, len(messages), chunk)):
             producer.send_many(messages[i:i + chunk])
@@ -97,15 +131,13 @@ def run_demo(args) -> int:
 
         final = worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= total + len(bad),
                                 timeout=max(120, total / 500), on_status=show)
-        elapsed = time.monotonic() - started
         _progress_end()
-        say(f"   {final['enriched']:,} enriched, {final['dead_lettered']} dead-lettered in {elapsed:.1f}s "
-            f"({(total + len(bad)) / elapsed:,.0f} inferences/s end to end on this machine, "
-            f"{sent:,} Kafka messages)")
+        say(f"   {final['enriched']:,} enriched, {final['dead_lettered']} dead-lettered in all "
+            f"({sent:,} Kafka messages)")
         worker.stop()
         worker = None
 
-        say("== 6/6 results, queried from ClickHouse (enricher query) and the dead-letter topic")
+        say("== 7/7 results, queried from ClickHouse (enricher query) and the dead-letter topic")
         client = connect(settings, readonly=True)
         db = settings.clickhouse_database
 
@@ -114,26 +146,26 @@ def run_demo(args) -> int:
             say(f"\n-- {title}\n   {sql}\n")
             say(format_table(columns, rows))
 
-        show_query("rows per model", f"SELECT '{sample.MODEL_ID}' AS model, count() AS rows, "
-                   f"uniqExact(inference_id) AS distinct_ids FROM {db}.{sample.MODEL_ID}")
+        show_query("rows by when they arrived: the columns appeared with the toggle",
+                   f"SELECT splitByChar('-', inference_id)[1] AS streamed, count() AS rows, "
+                   f"uniqExact(inference_id) AS distinct_ids, countIf(anomaly_score IS NOT NULL) AS scored, "
+                   f"any(anomaly_detection_version) AS artifact_version FROM {db}.{sample.MODEL_ID} "
+                   f"GROUP BY streamed ORDER BY streamed DESC")
         reasons = Counter(r.reason for r in deadletters.read(settings, final["dead_lettered"]))
         say("\n-- dead letters by reason (topic %s)\n" % settings.dlq_topic)
         say(format_table(["reason", "count"], sorted(reasons.items())))
         show_query("anomaly_score distribution",
                    f"SELECT round(min(anomaly_score), 3) AS min, round(quantile(0.5)(anomaly_score), 3) AS p50, "
                    f"round(quantile(0.99)(anomaly_score), 3) AS p99, round(max(anomaly_score), 3) AS max, "
-                   f"countIf(anomaly_score > 0.6) AS above_0_6, any(anomaly_detection_version) AS artifact_version "
-                   f"FROM {db}.{sample.MODEL_ID}")
-        show_query("histogram", f"SELECT floor(anomaly_score, 1) AS bucket, count() AS rows, "
-                   f"bar(log10(count()), 0, 6, 30) AS log_scale FROM {db}.{sample.MODEL_ID} "
-                   f"GROUP BY bucket ORDER BY bucket")
+                   f"countIf(anomaly_score > 0.6) AS above_0_6 FROM {db}.{sample.MODEL_ID} "
+                   f"WHERE anomaly_score IS NOT NULL")
         columns, rows = run_query(client, f"SELECT inference_id, round(anomaly_score, 3) AS anomaly_score, "
                                   f"round(f0, 2) AS f0, round(f1, 2) AS f1, region, anomaly_detection_version "
-                                  f"FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 10")
+                                  f"FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC NULLS LAST LIMIT 10")
         say("\n-- top anomalies (* = planted)\n")
         say(format_table(columns + ["planted"], [r + ("*" if r[0] in planted else "",) for r in rows]))
         _, top = run_query(client, f"SELECT inference_id FROM {db}.{sample.MODEL_ID} "
-                           f"ORDER BY anomaly_score DESC LIMIT {len(planted)}")
+                           f"ORDER BY anomaly_score DESC NULLS LAST LIMIT {len(planted)}")
         found = len(planted & {r[0] for r in top})
         say(f"\n{found} of {len(planted)} planted anomalies are the top-{len(planted)} scores.")
         client.close()
@@ -143,6 +175,8 @@ def run_demo(args) -> int:
     finally:
         if worker is not None:
             worker.stop()
+        if trigger is not None:
+            trigger.stop()
         broker.stop()
 
 

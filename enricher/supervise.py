@@ -13,7 +13,11 @@ import urllib.request
 from .config import Settings
 
 
-class WorkerProcess:
+class ChildProcess:
+    """An `enricher COMMAND` child process with these settings, its output to a log file."""
+
+    command: list[str] = []
+
     def __init__(self, settings: Settings, log_path=None, extra_env: dict | None = None):
         self.settings = settings
         self.log_path = log_path
@@ -21,16 +25,39 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
         self._log = None
 
+    def start(self):
+        env = {**os.environ, **self.settings.to_env(), **self.extra_env}
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen([sys.executable, "-m", "enricher.cli", *self.command], env=env,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+
+class TriggerProcess(ChildProcess):
+    command = ["trigger"]
+
+
+class WorkerProcess(ChildProcess):
+    command = ["worker"]
+
     @property
     def url(self) -> str:
         return f"http://{self.settings.http_host}:{self.settings.http_port}"
-
-    def start(self) -> "WorkerProcess":
-        env = {**os.environ, **self.settings.to_env(), **self.extra_env}
-        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen([sys.executable, "-m", "enricher.cli", "worker"], env=env,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
-        return self
 
     def status(self) -> dict | None:
         try:
@@ -59,16 +86,3 @@ class WorkerProcess:
                     return status
             time.sleep(interval)
         raise TimeoutError(f"worker did not get there in {timeout}s; last status {status}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self._log not in (None, subprocess.DEVNULL):
-            self._log.close()
-        return self.process.returncode

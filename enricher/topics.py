@@ -1,4 +1,4 @@
-"""Create the inference and dead-letter topics if they do not exist."""
+"""Create the inference, dead-letter and control topics if they do not exist."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> None:
         raise BrokerUnavailable(f"no Kafka broker answers at {settings.broker}{hint}: {exc}") from exc
     wanted = [NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=-1)
               for t in (settings.inference_topic, settings.dlq_topic) if t not in existing]
+    if settings.control_topic not in existing:  # one partition: control events keep their order
+        wanted.append(NewTopic(settings.control_topic, num_partitions=1, replication_factor=-1))
     if not wanted:
         return
     for topic, future in admin.create_topics(wanted, request_timeout=timeout).items():

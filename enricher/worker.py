@@ -18,6 +18,7 @@ are not committed and come back on restart or to the partition's next owner.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from .batch import BatchProcessor
 from .clickhouse import connect, run_query
 from .config import Settings
 from .contract import ParsedBatch
+from .control import ControlEvents, ControlPlane, RequestError
 from .faust_patches import eager_hand_over, shorten_fetch_wait
 from .serving import Serving
 from .sink import ClickHouseSink
@@ -196,6 +198,55 @@ def build_app(settings: Settings) -> faust.App:
         return web.json({**progress.as_dict(), "serving": serving.describe(),
                          "settings": settings.describe()})
 
+    control = ControlPlane(registry, store, ControlEvents(settings))
+
+    def authorised(request) -> bool:
+        token = settings.api_token
+        return not token or hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}")
+
+    async def answer(view, work, request=None, write=False, created_status=200):
+        """Run a control-plane call off the event loop; errors become 4xx JSON."""
+        if write and not authorised(request):
+            return view.json({"error": "missing or wrong bearer token (ENRICHER_API_TOKEN)"}, status=401)
+        body = None
+        if request is not None and write:
+            try:
+                body = await request.json()
+            except Exception:  # aiohttp raises JSONDecodeError or ContentTypeError
+                return view.json({"error": "body must be JSON", "field": ""}, status=400)
+        try:
+            result = await asyncio.to_thread(work, body)
+        except RequestError as exc:
+            return view.json(exc.body(), status=exc.status)
+        if isinstance(result, tuple):  # (created, doc)
+            return view.json(result[1], status=201 if result[0] else 200)
+        return view.json(result, status=created_status)
+
+    @app.page("/models")
+    class ModelsView(faust.web.View):
+        async def get(self, request):
+            return await answer(self, lambda _: {"models": control.list_models()})
+
+    @app.page("/models/{model_id}")
+    class ModelView(faust.web.View):
+        async def get(self, request, model_id):
+            return await answer(self, lambda _: control.model(model_id))
+
+        async def put(self, request, model_id):
+            return await answer(self, lambda body: control.put_model(model_id, body), request, write=True)
+
+    @app.page("/models/{model_id}/enrichments")
+    class EnrichmentsView(faust.web.View):
+        async def get(self, request, model_id):
+            return await answer(self, lambda _: control.enrichments(model_id))
+
+        async def patch(self, request, model_id):
+            result = await answer(self, lambda body: control.patch_enrichments(model_id, body), request,
+                                  write=True)
+            # Toggles apply to this worker at once (others follow the control topic).
+            await asyncio.to_thread(serving.refresh)
+            return result
+
     query_client = {}
 
     @app.page("/query")
@@ -206,8 +257,7 @@ def build_app(settings: Settings) -> faust.App:
             return self.json({"error": "POST a JSON body {\"sql\": \"SELECT ...\"}"}, status=405)
 
         async def post(self, request):
-            token = settings.api_token
-            if token and request.headers.get("Authorization", "") != f"Bearer {token}":
+            if not authorised(request):
                 return self.json({"error": "missing or wrong bearer token (ENRICHER_API_TOKEN)"}, status=401)
             try:
                 body = await request.json()
@@ -295,6 +345,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         mode.loop.use("uvloop")
     except ImportError:
         pass
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # a fresh machine has none yet
     ensure_topics(settings)
     shorten_fetch_wait(settings.fetch_max_wait_ms)
     if settings.eager_handover:

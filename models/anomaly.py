@@ -41,6 +41,7 @@ class AnomalyArtifact:
 
 class AnomalyDetection:
     name = NAME
+    output_bounds = {"anomaly_score": (0.0, 1.0)}  # checked on reference rows before publishing
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return {"anomaly_score": pa.float64()}

@@ -6,6 +6,7 @@ steps share it without a server:
     <root>/<model_id>/spec.json          validated schema
     <root>/<model_id>/reference.parquet  normalised reference data
     <root>/<model_id>/enrichments.json   {"anomaly_detection": {"enabled": true, "config": {}}}
+    <root>/<model_id>/status/<name>.json where that enrichment's training stands
     <root>/GENERATION                    bumped on every change
 
 Readers poll GENERATION (one small file) to learn that something changed.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,6 +26,11 @@ import pyarrow.parquet as pq
 from . import ENRICHMENTS
 from .reference import normalise, read_table
 from .spec import ModelSpec, SpecError, check_model_id
+
+
+# disabled: off. pending: on, waiting for a training run. training: a run is
+# fitting it. ready: a published artifact serves it. failed: the last run failed.
+STATES = ("disabled", "pending", "training", "ready", "failed")
 
 
 class UnknownModel(KeyError):
@@ -97,6 +104,25 @@ class ModelRegistry:
         _write_json(self.root / model_id / "enrichments.json", current)
         self.touch()
         return current
+
+    # -- training status -----------------------------------------------
+    # One file per enrichment: the control plane, the trigger and the
+    # workflow's steps each write their own transitions, never a shared file.
+    def status(self, model_id: str, name: str) -> dict:
+        try:
+            return json.loads((self.root / check_model_id(model_id) / "status" / f"{name}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def set_status(self, model_id: str, name: str, state: str, **fields) -> dict:
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+        doc = {"state": state, "updated_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+               **fields}
+        folder = self.root / check_model_id(model_id) / "status"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / f"{name}.json", doc)
+        return doc
 
     # -- change detection ----------------------------------------------
     def generation(self) -> int:

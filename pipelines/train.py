@@ -1,7 +1,8 @@
 """Fit every enabled enrichment of a model and publish its artifact.
 
-Each call is one training step a container can run; it reads the registry and
-writes the artifact store, and talks to nothing else.
+By hand (`enricher train`), in this process; toggles normally train through
+a workflow instead (pipelines/workflow.py, pipelines/steps.py). It reads the
+registry and writes the artifact store, and talks to nothing else.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str,
     for name, config in enabled.items():
         started = time.perf_counter()
         fitted = ENRICHMENTS[name].fit(spec, reference, config)
-        manifest = store.publish(model_id, name, fitted.to_blobs(), reference.num_rows, fitted.parameters)
+        manifest = store.publish(model_id, name, fitted.to_blobs(), reference.num_rows, fitted.parameters,
+                                 workflow="manual")
+        registry.set_status(model_id, name, "ready", workflow="manual", version=manifest.version)
         log(f"trained {name} for {model_id}: version {manifest.version}, "
             f"{reference.num_rows} reference rows, {time.perf_counter() - started:.2f}s")
         published.append(manifest)

@@ -23,8 +23,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from hera.workflows import (DAG, ConfigMapEnvFrom, Container, Env, Parameter, Resources, RetryStrategy,
-                            SecretEnvFrom, Workflow)
+from hera.workflows import (DAG, ConfigMapEnvFrom, Container, Env, ExistingVolume, Parameter, Resources,
+                            RetryStrategy, SecretVolume, Workflow)
 
 STEP_RETRIES = 2
 LABEL_MODEL = "enricher.io/model"
@@ -42,7 +42,10 @@ class WorkflowOptions:
     namespace: str | None = None
     service_account: str | None = None
     env_config_map: str | None = "enricher-config"   # ENRICHER_* for the steps, as the worker gets them
-    env_secret: str | None = "enricher-secrets"
+    secrets: str | None = "enricher-secrets"         # mounted where the config's *_FILE settings point
+    secrets_path: str = "/etc/enricher/secrets"
+    data_claim: str | None = "enricher-data"         # the registry (ENRICHER_DATA_DIR), shared with the workers
+    data_path: str = "/var/lib/enricher"
     step_cpu: str = "250m"
     step_memory: str = "512Mi"
     train_cpu: str = "1"
@@ -77,11 +80,13 @@ def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOption
     name = name or run_id(model_id, plan)
     enrichments = sorted(plan)
     env = [Env(name=k, value=v) for k, v in sorted(options.extra_env.items())]
-    env_from = []
-    if options.env_config_map:
-        env_from.append(ConfigMapEnvFrom(name=options.env_config_map, optional=True))
-    if options.env_secret:
-        env_from.append(SecretEnvFrom(name=options.env_secret, optional=True))
+    env_from = [ConfigMapEnvFrom(name=options.env_config_map, optional=True)] if options.env_config_map else []
+    volumes = []  # the same mounts as the worker's Deployment (k8s/worker.yaml)
+    if options.data_claim:
+        volumes.append(ExistingVolume(name="data", claim_name=options.data_claim, mount_path=options.data_path))
+    if options.secrets:
+        volumes.append(SecretVolume(name="secrets", secret_name=options.secrets, mount_path=options.secrets_path,
+                                    read_only=True))
 
     def step(template: str, args: list[str], inputs: list[str], cpu: str, memory: str) -> Container:
         return Container(
@@ -92,6 +97,7 @@ def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOption
             inputs=[Parameter(name=p) for p in inputs],
             env=env or None,
             env_from=env_from or None,
+            volumes=volumes or None,
             resources=Resources(cpu_request=cpu, memory_request=memory),
             retry_strategy=RetryStrategy(limit=options.retries, retry_policy="Always"),
         )

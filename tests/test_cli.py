@@ -32,7 +32,7 @@ def test_register_toggle_train_and_show(files, capsys):
     assert code == 0 and "registered credit: binary_classification, 11 features, 1 attributes" in out
     code, out, _ = run(capsys, "enrichments", "set", "credit", "anomaly_detection=on",
                        "anomaly_detection.n_estimators=50")
-    assert code == 0 and "anomaly_detection\ton\tnot trained" in out
+    assert code == 0 and "anomaly_detection\ton\tpending\tnot trained" in out
     code, out, _ = run(capsys, "train", "credit")
     assert code == 0 and "version 1" in out
     code, out, _ = run(capsys, "models", "list")
@@ -43,7 +43,7 @@ def test_register_toggle_train_and_show(files, capsys):
     assert shown["enrichments"]["anomaly_detection"] == {"enabled": True, "config": {"n_estimators": 50},
                                                          "artifact_version": 1, "versions": [1]}
     code, out, _ = run(capsys, "enrichments", "set", "credit", "anomaly_detection=off")
-    assert "anomaly_detection\toff\tartifact v1" in out
+    assert "anomaly_detection\toff\tdisabled\tartifact v1" in out
 
 
 @pytest.mark.parametrize("argv, message", [

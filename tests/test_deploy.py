@@ -18,7 +18,7 @@ def names_in(text: str) -> set[str]:
 
 
 def test_every_setting_named_in_docker_k8s_and_readme_exists():
-    for path in (ROOT / "docker" / "Dockerfile", ROOT / "k8s" / "worker.yaml", ROOT / "README.md"):
+    for path in (ROOT / "docker" / "Dockerfile", *sorted((ROOT / "k8s").glob("*.yaml")), ROOT / "README.md"):
         unknown = names_in(path.read_text()) - KNOWN
         assert not unknown, f"{path.name} names settings the code does not read: {sorted(unknown)}"
 
@@ -37,8 +37,12 @@ def test_the_k8s_config_map_is_accepted_by_the_settings_reader(tmp_path):
         env[name] = str(secret)
     s = Settings.from_env(env=env)
     assert s.security_protocol == "SASL_SSL" and s.clickhouse_database == "enricher"
+    assert s.runner == "argo" and s.argo_token == "x" and s.argo_url.startswith("https://")
 
 
 def test_k8s_manifests_validate_against_the_kubernetes_schemas():
-    for doc in yaml.safe_load_all((ROOT / "k8s" / "worker.yaml").read_text()):
-        kubernetes_validate.validate(doc, "1.30", strict=True)
+    files = sorted((ROOT / "k8s").glob("*.yaml"))
+    assert {f.name for f in files} >= {"worker.yaml", "trigger.yaml"}
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            kubernetes_validate.validate(doc, "1.30", strict=True)

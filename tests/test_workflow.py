@@ -76,6 +76,12 @@ def test_steps_are_commands_of_this_package_with_retries_and_resources():
         assert t["retryStrategy"]["limit"] == 3
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
         assert {"configMapRef": {"name": "enricher-config", "optional": True}} in c["envFrom"]
+        # the same registry volume and secret files as the worker's Deployment (k8s/worker.yaml)
+        assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]} == {
+            "data": "/var/lib/enricher", "secrets": "/etc/enricher/secrets"}
+        volumes = {v["name"]: v for v in t["volumes"]}
+        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "enricher-data"
+        assert volumes["secrets"]["secret"]["secretName"] == "enricher-secrets"
     assert containers["train"]["container"]["resources"]["requests"]["memory"] == "2Gi"
     params = {p["name"]: p["value"] for p in doc["spec"]["arguments"]["parameters"]}
     assert params == {"model_id": "credit_default", "enrichments": ",".join(sorted(ENRICHMENTS))}

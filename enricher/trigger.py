@@ -1,0 +1,200 @@
+"""`enricher trigger`: toggles in, training workflows out, with no one in the loop.
+
+The trigger listens on the control topic (as its own consumer group, so one
+trigger acts on each event) for registrations and toggles. For each model
+with a change it waits ENRICHER_TRIGGER_DEBOUNCE seconds of quiet, so rapid
+toggles of one model coalesce into one run, then reconciles the model:
+
+- the enabled enrichments waiting for a run (status pending, no workflow yet)
+  make a plan; the run trains every enabled enrichment that is not ready, so
+  work a superseded run had not finished is not lost;
+- a run of the same model still going is stopped first: the newer one
+  supersedes it (its steps also check before publishing);
+- nothing enabled needs a run (an enrichment was turned off): nothing is
+  trained, and a run that only trained what is now off is stopped. The
+  worker stops the columns of a disabled enrichment by itself.
+
+The workflow is built by pipelines/workflow.py for exactly that plan and
+handed to the runner (local processes, or an Argo Server). Runs are followed;
+a failed one marks its enrichments failed with the step and the reason. The
+registry is also rescanned now and then, so a lost event delays a run but
+never loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+
+from models.registry import ModelRegistry
+from pipelines.runners import RunnerError
+from pipelines.workflow import WorkflowOptions, workflow_dict
+
+from .config import Settings
+
+log = logging.getLogger("enricher.trigger")
+WATCHED = ("model_registered", "enrichments_changed")
+
+
+class Trigger:
+    def __init__(self, registry: ModelRegistry, runner, options: WorkflowOptions | None = None,
+                 debounce: float = 1.0):
+        self.registry = registry
+        self.runner = runner
+        self.options = options or WorkflowOptions()
+        self.debounce = debounce
+        self.dirty: dict[str, float] = {}             # model -> time of its latest change
+        self.running: dict[str, tuple[str, list]] = {}  # model -> (workflow, enrichments it trains)
+        self.submitted: list[str] = []                # every workflow submitted, oldest first
+
+    # -- what changed ---------------------------------------------------------
+    def notice(self, model_id: str, at: float | None = None) -> None:
+        self.dirty[model_id] = at if at is not None else time.monotonic()
+
+    def on_event(self, raw: bytes) -> None:
+        try:
+            event = json.loads(raw)
+            if event.get("event") in WATCHED and isinstance(event.get("model_id"), str):
+                self.notice(event["model_id"])
+        except (ValueError, AttributeError):
+            log.warning("ignoring a control event that is not JSON: %r", raw[:200])
+
+    def rescan(self) -> None:
+        for model_id in self.registry.ids():
+            if self._waiting(model_id) and model_id not in self.dirty:
+                self.notice(model_id, 0.0)
+
+    # -- what to do -------------------------------------------------------------
+    def _state(self, model_id: str, name: str) -> dict:
+        return self.registry.status(model_id, name)
+
+    def _waiting(self, model_id: str) -> list[str]:
+        """Enabled enrichments that no run has taken up yet."""
+        try:
+            enabled = self.registry.enabled(model_id)
+        except KeyError:
+            return []
+        out = []
+        for name in enabled:
+            st = self._state(model_id, name)
+            if st.get("state", "pending") == "pending" and not st.get("workflow"):
+                out.append(name)
+        return out
+
+    def plan(self, model_id: str) -> dict[str, dict]:
+        if not self._waiting(model_id):
+            return {}
+        enabled = self.registry.enabled(model_id)
+        return {n: cfg for n, cfg in enabled.items() if self._state(model_id, n).get("state") != "ready"
+                or n in self._waiting(model_id)}
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for model_id, changed in list(self.dirty.items()):
+            if now - changed >= self.debounce:
+                del self.dirty[model_id]
+                try:
+                    self.reconcile(model_id)
+                except Exception:  # one model's trouble must not stop the others'
+                    log.exception("model %s: could not start its training run", model_id)
+        self.follow()
+
+    def reconcile(self, model_id: str) -> str | None:
+        plan = self.plan(model_id)
+        current = self.running.get(model_id)
+        if not plan:
+            if current and not any(self.registry.enrichments(model_id)[n]["enabled"] for n in current[1]):
+                log.info("model %s: %s trains only what was turned off; stopping it", model_id, current[0])
+                self.runner.stop(current[0])
+                del self.running[model_id]
+            return None
+        if current:
+            log.info("model %s: %s is superseded by a newer run", model_id, current[0])
+            self.runner.stop(current[0])
+        doc = workflow_dict(model_id, plan, self.options)
+        name = doc["metadata"]["name"]
+        for enrichment in plan:  # before submitting: the run's steps check this name
+            self.registry.set_status(model_id, enrichment, "pending", workflow=name)
+        try:
+            name = self.runner.submit(doc)
+        except RunnerError as exc:
+            for enrichment in plan:
+                self.registry.set_status(model_id, enrichment, "failed", workflow=name, step="submit",
+                                         message=str(exc))
+            raise
+        self.running[model_id] = (name, sorted(plan))
+        self.submitted.append(name)
+        log.info("model %s: submitted %s training %s", model_id, name, ", ".join(sorted(plan)))
+        return name
+
+    def follow(self) -> None:
+        for model_id, (name, enrichments) in list(self.running.items()):
+            try:
+                status = self.runner.status(name)
+            except RunnerError as exc:
+                log.warning("model %s: cannot follow %s: %s", model_id, name, exc)
+                continue
+            if not status.done:
+                continue
+            del self.running[model_id]
+            if status.phase == "Succeeded":
+                log.info("model %s: %s succeeded", model_id, name)
+                continue
+            log.error("model %s: %s %s at step %s: %s", model_id, name, status.phase.lower(),
+                      status.failed_step, status.message)
+            for enrichment in enrichments:
+                st = self._state(model_id, enrichment)
+                if st.get("workflow") == name and st.get("state") != "ready":
+                    self.registry.set_status(model_id, enrichment, "failed", workflow=name,
+                                             step=status.failed_step, message=status.message)
+
+
+def make_runner(settings: Settings):
+    from pipelines.runners import ArgoRunner, LocalRunner
+
+    if settings.runner == "argo":
+        return ArgoRunner(settings.argo_url, settings.argo_namespace, token=settings.argo_token,
+                          verify=settings.argo_verify)
+    return LocalRunner(env=settings.to_env())
+
+
+def workflow_options(settings: Settings) -> WorkflowOptions:
+    return WorkflowOptions(image=settings.image, namespace=settings.argo_namespace if settings.runner == "argo"
+                           else None, service_account=settings.argo_service_account)
+
+
+def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None:
+    """The trigger process: the control topic in, runs out, until stopped."""
+    from confluent_kafka import Consumer
+
+    from .topics import ensure_topics
+
+    stop = stop or threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ensure_topics(settings)
+    trigger = Trigger(ModelRegistry(settings.registry_dir), make_runner(settings), workflow_options(settings),
+                      debounce=settings.trigger_debounce)
+    session_ms = int(settings.session_timeout * 1000)
+    consumer = Consumer({**settings.kafka_config(), "group.id": f"{settings.consumer_group}-trigger",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": True,
+                         "session.timeout.ms": session_ms, "heartbeat.interval.ms": max(session_ms // 6, 100)})
+    consumer.subscribe([settings.control_topic])
+    log.info("trigger ready: watching %s, runner %s", settings.control_topic, settings.runner)
+    trigger.rescan()
+    last_scan = time.monotonic()
+    try:
+        while not stop.is_set():
+            for message in consumer.consume(100, timeout=0.2):
+                if not message.error():
+                    trigger.on_event(message.value())
+            if time.monotonic() - last_scan > 30:
+                trigger.rescan()
+                last_scan = time.monotonic()
+            trigger.tick()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()

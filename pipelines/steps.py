@@ -1,0 +1,159 @@
+"""The steps of a training run, as its workflow runs them: `enricher pipeline STEP`.
+
+    prepare   stage the model's spec and reference data for the run
+    train     fit one enrichment on the staged data, stage its files
+    validate  load every staged result as a worker would and check its output
+    publish   make each a new artifact version, mark it ready, announce it
+
+Steps hand over through the run's staging folder in the artifact store
+(`<store>/_runs/<run>/`), never through local disk, so each may run in its
+own container on its own machine, as Argo runs them. A failing step raises
+StepError; nothing is published unless every step before `publish` passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models import ENRICHMENTS
+from models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
+from models.enrichment import FeatureBatch
+from models.registry import ModelRegistry
+from models.spec import ModelSpec
+
+log = logging.getLogger("enricher.pipeline")
+VALIDATION_ROWS = 2000
+
+
+class StepError(RuntimeError):
+    """A step that cannot succeed; the message says why."""
+
+
+def _staged(store: ArtifactStore, run: str, *parts: str) -> str:
+    return store.files.path("_runs", run, *parts)
+
+
+def _read(store: ArtifactStore, run: str, *parts: str) -> bytes:
+    try:
+        return store.files.read(_staged(store, run, *parts))
+    except FileNotFoundError:
+        raise StepError(f"run {run}: {'/'.join(parts)} is not staged (did the step before it run?)") from None
+
+
+def _spec(store: ArtifactStore, run: str, model_id: str) -> ModelSpec:
+    return ModelSpec.from_json(model_id, json.loads(_read(store, run, "spec.json")))
+
+
+def _reference(store: ArtifactStore, run: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(_read(store, run, "reference.parquet")))
+
+
+def prepare(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str) -> int:
+    """Snapshot the spec and reference data, so every step of the run sees the same."""
+    spec = registry.get(model_id)
+    reference = registry.reference(model_id)
+    if reference.num_rows == 0:
+        raise StepError(f"model {model_id}: the reference data has no rows")
+    buf = io.BytesIO()
+    pq.write_table(reference, buf)
+    store.files.write(_staged(store, run, "spec.json"), json.dumps(spec.to_json()).encode())
+    store.files.write(_staged(store, run, "reference.parquet"), buf.getvalue())
+    log.info("run %s: staged %d reference rows of %s", run, reference.num_rows, model_id)
+    return reference.num_rows
+
+
+def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str, enrichment: str,
+          config: dict) -> dict:
+    if enrichment not in ENRICHMENTS:
+        raise StepError(f"unknown enrichment {enrichment!r}; known: {', '.join(sorted(ENRICHMENTS))}")
+    registry.set_status(model_id, enrichment, "training", workflow=run)
+    spec, reference = _spec(store, run, model_id), _reference(store, run)
+    fitted = ENRICHMENTS[enrichment].fit(spec, reference, config)
+    blobs = fitted.to_blobs()
+    for name, data in blobs.items():
+        store.files.write(_staged(store, run, enrichment, name), data)
+    meta = {"training_rows": reference.num_rows, "parameters": fitted.parameters,
+            "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}}
+    store.files.write(_staged(store, run, enrichment, "meta.json"), json.dumps(meta).encode())
+    log.info("run %s: trained %s on %d rows", run, enrichment, reference.num_rows)
+    return meta
+
+
+def _staged_result(store: ArtifactStore, run: str, model_id: str, enrichment: str):
+    meta = json.loads(_read(store, run, enrichment, "meta.json"))
+    blobs = {}
+    for name, digest in meta["files"].items():
+        data = _read(store, run, enrichment, name)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StepError(f"run {run}: staged {enrichment}/{name} changed after training")
+        blobs[name] = data
+    return meta, blobs
+
+
+def validate(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str,
+             enrichments: list[str]) -> dict[str, int]:
+    """Load each staged result the way a worker will and score reference rows with it."""
+    spec, reference = _spec(store, run, model_id), _reference(store, run)
+    sample = reference.slice(0, VALIDATION_ROWS)
+    batch = FeatureBatch({c.name: sample.column(c.name).combine_chunks() for c in spec.columns}, sample.num_rows)
+    checked = {}
+    for enrichment in enrichments:
+        meta, blobs = _staged_result(store, run, model_id, enrichment)
+        manifest = Manifest(FORMAT_VERSION, model_id, enrichment, 0, meta["files"], meta["training_rows"],
+                            meta["parameters"], "", run)
+        try:
+            fitted = ENRICHMENTS[enrichment].load(spec, manifest, blobs)
+            out = fitted.transform(batch)
+        except Exception as exc:
+            raise StepError(f"run {run}: {enrichment} does not load or score: {exc}") from exc
+        wanted = ENRICHMENTS[enrichment].output_columns()
+        if set(out) != set(wanted):
+            raise StepError(f"run {run}: {enrichment} gives columns {sorted(out)}, expected {sorted(wanted)}")
+        for column, array in out.items():
+            if len(array) != sample.num_rows:
+                raise StepError(f"run {run}: {enrichment}.{column} has {len(array)} values "
+                                f"for {sample.num_rows} rows")
+            if pa.types.is_floating(array.type):
+                values = array.to_numpy(zero_copy_only=False)
+                if not np.isfinite(values).all():
+                    raise StepError(f"run {run}: {enrichment}.{column} is not finite on reference rows")
+                bounds = getattr(ENRICHMENTS[enrichment], "output_bounds", {}).get(column)
+                if bounds and not ((values >= bounds[0]) & (values <= bounds[1])).all():
+                    raise StepError(f"run {run}: {enrichment}.{column} leaves [{bounds[0]}, {bounds[1]}] "
+                                    f"on reference rows")
+        checked[enrichment] = sample.num_rows
+        log.info("run %s: %s validated on %d reference rows", run, enrichment, sample.num_rows)
+    return checked
+
+
+def publish(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str, enrichments: list[str],
+            announce=None) -> dict[str, int]:
+    """Publish each validated result, unless a newer run or a toggle has overtaken it."""
+    published = {}
+    for enrichment in enrichments:
+        status = registry.status(model_id, enrichment)
+        if status.get("workflow") not in (None, run):
+            log.warning("run %s: %s is now %s's; not publishing", run, enrichment, status.get("workflow"))
+            continue
+        if not registry.enrichments(model_id)[enrichment]["enabled"]:
+            log.warning("run %s: %s was turned off meanwhile; not publishing", run, enrichment)
+            continue
+        meta, blobs = _staged_result(store, run, model_id, enrichment)
+        manifest = store.publish(model_id, enrichment, blobs, meta["training_rows"], meta["parameters"],
+                                 workflow=run)
+        registry.set_status(model_id, enrichment, "ready", workflow=run, version=manifest.version)
+        published[enrichment] = manifest.version
+        log.info("run %s: published %s v%d", run, enrichment, manifest.version)
+    registry.touch()  # workers reload on their next look; the announcement makes that now
+    for enrichment, version in published.items():
+        if announce:
+            announce("artifact_published", model_id, enrichment=enrichment, version=version, workflow=run)
+    store.files.delete_dir(store.files.path("_runs", run))
+    return published

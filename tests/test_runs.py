@@ -1,0 +1,106 @@
+"""Training runs: the workflow's steps, executed by the local runner."""
+
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from enricher import sample
+from enricher.config import Settings
+from models.registry import ModelRegistry
+from pipelines import steps
+from pipelines.runners import LocalRunner, RunnerError, dag_order
+from pipelines.workflow import WorkflowOptions, workflow_dict
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
+    registry = ModelRegistry(settings.registry_dir)
+    reference = tmp_path / "reference.parquet"
+    pq.write_table(sample.reference_table(3000), reference)
+    registry.register("credit", sample.SCHEMA, reference)
+    registry.set_enrichment("credit", "anomaly_detection", True, {"n_estimators": 20})
+    runner = LocalRunner(env=settings.to_env())
+    return settings, registry, runner
+
+
+def test_the_local_runner_executes_the_dag_and_the_artifact_is_published(setup):
+    settings, registry, runner = setup
+    doc = workflow_dict("credit", {"anomaly_detection": {"n_estimators": 20}}, WorkflowOptions(retries=0))
+    name = runner.submit(doc)
+    status = runner.wait(name, timeout=240)
+    assert status.phase == "Succeeded", (status.failed_step, status.message)
+    assert status.steps == {"prepare": "Succeeded", "train-anomaly-detection": "Succeeded",
+                            "validate": "Succeeded", "publish": "Succeeded"}
+    store = settings.artifacts()
+    manifest = store.load("credit", "anomaly_detection").manifest
+    assert manifest.workflow == name and manifest.parameters["n_estimators"] == 20
+    assert manifest.training_rows == 3000
+    st = registry.status("credit", "anomaly_detection")
+    assert (st["state"], st["version"], st["workflow"]) == ("ready", 1, name)
+    assert not (settings.artifact_dir / "_runs" / name).exists(), "the run's staging is cleaned up"
+
+
+def test_a_failing_step_is_retried_then_reported_with_its_name_and_reason(setup):
+    settings, registry, runner = setup
+    doc = workflow_dict("nosuch", {"anomaly_detection": {}}, WorkflowOptions(retries=1))
+    started = time.monotonic()
+    status = runner.wait(runner.submit(doc), timeout=120)
+    assert status.phase == "Failed" and status.failed_step == "prepare"
+    assert "2 attempt(s)" in status.message and "not registered" in status.message
+    assert time.monotonic() - started >= 1.0  # a back-off between the two attempts
+    assert status.steps["publish"] == "Pending"
+    assert settings.artifacts().versions("nosuch", "anomaly_detection") == []
+
+
+def test_a_stopped_run_ends_at_once_and_runs_nothing_after(setup):
+    _, _, runner = setup
+    doc = {"metadata": {"name": "slow"}, "spec": {"entrypoint": "run", "templates": [
+        {"name": "sleep", "container": {"image": "x", "command": ["python3", "-c", "import time; time.sleep(60)"]}},
+        {"name": "run", "dag": {"tasks": [{"name": "a", "template": "sleep"},
+                                          {"name": "b", "template": "sleep", "depends": "a"}]}}]}}
+    runner.submit(doc)
+    time.sleep(0.5)
+    started = time.monotonic()
+    runner.stop("slow")
+    status = runner.wait("slow", timeout=10)
+    assert time.monotonic() - started < 5
+    assert status.phase == "Failed" and "superseded" in status.message and status.steps["b"] == "Pending"
+
+
+def test_dag_order_puts_dependencies_first_and_refuses_cycles():
+    doc = workflow_dict("credit", {"anomaly_detection": {}})
+    assert [t["name"] for t, _ in dag_order(doc)] == ["prepare", "train-anomaly-detection", "validate", "publish"]
+    cyclic = {"spec": {"entrypoint": "run", "templates": [{"name": "run", "dag": {"tasks": [
+        {"name": "a", "template": "t", "depends": "b"}, {"name": "b", "template": "t", "depends": "a"}]}}]}}
+    with pytest.raises(RunnerError, match="cycle"):
+        dag_order(cyclic)
+
+
+def test_publish_leaves_alone_what_a_newer_run_or_a_toggle_has_taken_over(setup):
+    settings, registry, _ = setup
+    store = settings.artifacts()
+    for run in ("run-old", "run-new"):
+        steps.prepare(registry, store, "credit", run)
+        steps.train(registry, store, "credit", run, "anomaly_detection", {"n_estimators": 10})
+    # run-new's train ran last: the status names it; run-old must not publish over it.
+    assert steps.publish(registry, store, "credit", "run-old", ["anomaly_detection"]) == {}
+    assert steps.publish(registry, store, "credit", "run-new", ["anomaly_detection"]) == {"anomaly_detection": 1}
+    steps.prepare(registry, store, "credit", "run-off")
+    steps.train(registry, store, "credit", "run-off", "anomaly_detection", {"n_estimators": 10})
+    registry.set_enrichment("credit", "anomaly_detection", False)
+    assert steps.publish(registry, store, "credit", "run-off", ["anomaly_detection"]) == {}
+    assert store.versions("credit", "anomaly_detection") == [1]
+
+
+def test_validation_refuses_a_staged_result_changed_after_training(setup):
+    settings, registry, _ = setup
+    store = settings.artifacts()
+    steps.prepare(registry, store, "credit", "run-x")
+    steps.train(registry, store, "credit", "run-x", "anomaly_detection", {"n_estimators": 10})
+    store.files.write(store.files.path("_runs", "run-x", "anomaly_detection", "forest.npz"), b"garbage")
+    with pytest.raises(steps.StepError, match="changed after training"):
+        steps.validate(registry, store, "credit", "run-x", ["anomaly_detection"])

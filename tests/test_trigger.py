@@ -1,0 +1,106 @@
+"""The trigger: toggles become training runs, coalesced, superseded, followed."""
+
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from enricher import sample
+from enricher.config import Settings
+from enricher.control import ControlPlane
+from enricher.trigger import Trigger
+from models.registry import ModelRegistry
+from pipelines.runners import LocalRunner
+from pipelines.workflow import WorkflowOptions
+
+pytestmark = pytest.mark.timeout(300)
+AD = "anomaly_detection"
+
+
+@pytest.fixture
+def world(tmp_path):
+    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
+    registry = ModelRegistry(settings.registry_dir)
+    reference = tmp_path / "reference.parquet"
+    pq.write_table(sample.reference_table(2000), reference)
+    control = ControlPlane(registry, settings.artifacts())  # no announcements: the test ticks the trigger
+    control.put_model("credit", {"schema": sample.SCHEMA, "reference": str(reference)})
+    runner = LocalRunner(env=settings.to_env())
+    trigger = Trigger(registry, runner, WorkflowOptions(retries=0), debounce=0.5)
+    return settings, control, trigger, runner
+
+
+def settle(trigger, timeout=120):
+    """Tick until nothing is waiting or running."""
+    deadline = time.monotonic() + timeout
+    while (trigger.dirty or trigger.running) and time.monotonic() < deadline:
+        trigger.tick()
+        time.sleep(0.1)
+    assert not trigger.running, "runs still going"
+
+
+def test_rapid_toggles_of_one_model_make_one_run(world):
+    settings, control, trigger, _ = world
+    for n in (10, 20, 30):  # three changes within the debounce window
+        control.patch_enrichments("credit", {AD: {"enabled": True, "config": {"n_estimators": n}}})
+        trigger.notice("credit")
+    trigger.tick()
+    assert trigger.submitted == []  # still inside the quiet period
+    time.sleep(0.6)
+    settle(trigger)
+    assert len(trigger.submitted) == 1
+    e = control.enrichments("credit")[AD]
+    assert (e["status"], e["version"], e["workflow"]) == ("ready", 1, trigger.submitted[0])
+    assert settings.artifacts().load("credit", AD).manifest.parameters["n_estimators"] == 30
+
+
+def test_a_newer_change_supersedes_a_run_still_going(world):
+    settings, control, trigger, runner = world
+    control.patch_enrichments("credit", {AD: {"enabled": True, "config": {"n_estimators": 10}}})
+    trigger.notice("credit", 0.0)
+    trigger.tick()
+    [first] = trigger.submitted
+    control.patch_enrichments("credit", {AD: {"config": {"n_estimators": 40}}})
+    trigger.notice("credit", 0.0)
+    trigger.tick()
+    second = trigger.submitted[-1]
+    assert second != first
+    assert runner.wait(first, timeout=30).message == "stopped (superseded)"
+    settle(trigger)
+    manifests = settings.artifacts().manifests("credit", AD)
+    assert [m.workflow for m in manifests] == [second] and manifests[0].parameters["n_estimators"] == 40
+
+
+def test_turning_an_enrichment_off_trains_nothing_and_stops_its_run(world):
+    settings, control, trigger, runner = world
+    control.patch_enrichments("credit", {AD: {"enabled": True}})
+    trigger.notice("credit", 0.0)
+    trigger.tick()
+    [run] = trigger.submitted
+    control.patch_enrichments("credit", {AD: {"enabled": False}})
+    trigger.notice("credit", 0.0)
+    trigger.tick()
+    assert trigger.submitted == [run] and "credit" not in trigger.running
+    assert runner.wait(run, timeout=30).phase == "Failed"
+    assert settings.artifacts().versions("credit", AD) == []
+    assert control.enrichments("credit")[AD]["status"] == "disabled"
+
+
+def test_a_failed_run_marks_its_enrichments_failed_with_the_step(world):
+    settings, control, trigger, _ = world
+    control.patch_enrichments("credit", {AD: {"enabled": True}})
+    # Break the model's reference data behind the registry's back: training cannot read it.
+    (settings.registry_dir / "credit" / "reference.parquet").write_bytes(b"not parquet")
+    trigger.notice("credit", 0.0)
+    settle(trigger)
+    e = control.enrichments("credit")[AD]
+    assert e["status"] == "failed" and e["step"] == "prepare" and e["message"]
+    assert e["workflow"] == trigger.submitted[0]
+
+
+def test_a_lost_event_is_found_by_the_rescan(world):
+    _, control, trigger, _ = world
+    control.patch_enrichments("credit", {AD: {"enabled": True, "config": {"n_estimators": 10}}})
+    trigger.rescan()  # no notice: as if the event never arrived
+    settle(trigger)
+    assert control.enrichments("credit")[AD]["status"] == "ready"
