@@ -43,6 +43,7 @@ class Serving:
         self._specs: dict[str, ModelSpec] = {}
         self._enabled: dict[str, dict[str, dict]] = {}
         self._active: dict[str, dict[str, Active]] = {}
+        self._refused: dict[tuple[str, str], int] = {}  # (model, enrichment) -> version refused
         self.refresh()
 
     # -- lookups used on the hot path ----------------------------------
@@ -111,11 +112,16 @@ class Serving:
             if old is not None and old.version == version:
                 out[name] = old
                 continue
+            if self._refused.get((model_id, name)) == version:  # refused once: not read again
+                if old is not None:
+                    out[name] = old
+                continue
             try:
                 artifact = self.store.load(model_id, name, version)
                 fitted = ENRICHMENTS[name].load(spec, artifact.manifest, artifact.blobs)
             except Exception as exc:  # any failure: refuse this version, keep serving the old one
                 metrics.ARTIFACT_LOADS.labels(name, "refused").inc()
+                self._refused[(model_id, name)] = version
                 log.error("model %s: refused %s artifact v%s: %s%s", model_id, name, version, exc,
                           f" (still serving v{old.version})" if old else "")
                 if old is not None:

@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from datetime import date, datetime
 from decimal import Decimal
@@ -182,6 +183,12 @@ def build_app(settings: Settings) -> faust.App:
                     event.message.incref()
                 raise
 
+    @app.task
+    async def follow_announcements():
+        # Every worker hears every announcement (no consumer group: partitions
+        # are assigned), and refreshes at once; the timer below is the fallback.
+        threading.Thread(target=_listen, args=(settings, serving), name="announcements", daemon=True).start()
+
     @app.timer(settings.refresh_interval)
     async def refresh_models():
         # Picks up registrations, toggles and newly published artifacts;
@@ -289,6 +296,27 @@ def build_app(settings: Settings) -> faust.App:
                  settings.inference_topic, settings.dlq_topic, info["url"])
 
     return app
+
+
+def _listen(settings: Settings, serving: Serving) -> None:
+    from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+    try:
+        consumer = Consumer({**settings.kafka_config(), "group.id": f"{settings.consumer_group}-announcements",
+                             "enable.auto.commit": False})
+        consumer.assign([TopicPartition(settings.control_topic, 0, OFFSET_END)])
+    except Exception as exc:  # noqa: BLE001 - the refresh timer still covers it
+        log.warning("not following %s (%s); changes are picked up every %ss", settings.control_topic, exc,
+                    settings.refresh_interval)
+        return
+    while True:
+        messages = [m for m in consumer.consume(100, timeout=1.0) if not m.error()]
+        if messages:
+            try:
+                if serving.refresh():
+                    log.info("refreshed on an announcement (%d event(s))", len(messages))
+            except Exception:  # noqa: BLE001 - keep listening; the timer retries too
+                log.exception("refresh after an announcement failed")
 
 
 def content_type(headers) -> str | None:

@@ -28,7 +28,8 @@ def call(url, method, body):
 
 
 def test_a_toggle_trains_and_the_running_worker_starts_scoring_without_losing_a_row(make_settings, tmp_path):
-    settings = make_settings(batch_size=500, batch_timeout=0.1, refresh_interval=0.5, api_token=TOKEN)
+    # A long refresh interval: the worker must learn of the new artifact from its announcement.
+    settings = make_settings(batch_size=500, batch_timeout=0.1, refresh_interval=300, api_token=TOKEN)
     ensure_topics(settings)
     worker = WorkerProcess(settings, log_path=tmp_path / "worker.log", extra_env={"ENRICHER_API_TOKEN": TOKEN})
     worker.start()
@@ -98,6 +99,7 @@ def test_a_toggle_trains_and_the_running_worker_starts_scoring_without_losing_a_
         _, rows = query(settings, f"SELECT count(), countIf(anomaly_score IS NULL) FROM enricher.{sample.MODEL_ID} "
                                   f"WHERE startsWith(inference_id, 'late')")
         assert tuple(rows[0]) == (1000, 1000)
+        assert "refreshed on an announcement" in (tmp_path / "worker.log").read_text()
         print(f"first scored row {first_scored:.1f}s after the PATCH")
     finally:
         trigger.stop()
