@@ -213,6 +213,130 @@ def run_latency(tmp: Path, rate: float, seconds: float, fitted) -> dict:
             "p50_ms": q[0], "p95_ms": q[1], "p99_ms": q[2]}
 
 
+def _api(url: str, method: str, body=None) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def run_toggle_to_first_row(tmp: Path, rate: float = 1000.0) -> dict:
+    """A PATCH turns anomaly detection on while inferences stream; how long
+    until the first enriched row is written (local runner, 10k reference rows)."""
+    from enricher.supervise import TriggerProcess
+
+    data_dir = tmp / f"toggle-{time.time_ns()}"
+    data_dir.mkdir()
+    reference = data_dir / "reference.parquet"
+    pq.write_table(sample.reference_table(10_000), reference)
+    with EmbeddedBroker(port=free_port()) as broker:
+        settings = Settings.from_env(env={}, data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
+                                     inference_topic="bench", dlq_topic="bench-dlq", session_timeout=6.0,
+                                     topic_partitions=4)
+        ensure_topics(settings)
+        worker = WorkerProcess(settings, log_path=data_dir / "worker.log").start()
+        trigger = TriggerProcess(settings, log_path=data_dir / "trigger.log").start()
+        try:
+            worker.wait_for(lambda s: s["uptime_s"] >= 0, timeout=60)
+            _api(f"{worker.url}/models/{sample.MODEL_ID}", "PUT", {"schema": SCHEMA, "reference": str(reference)})
+            time.sleep(8)  # the trigger's group joined (Tansu: ~half the session timeout)
+            from confluent_kafka import Producer
+
+            producer = Producer({"bootstrap.servers": broker.url.split("://")[1], "linger.ms": 5, "log_level": 4})
+            template = orjson.loads(sample.inferences(1, attributes=False, decimals=5)[0][0])
+            patched_at, first_row_at, i = None, None, 0
+            started = time.monotonic()
+            while time.monotonic() - started < 120 and first_row_at is None:
+                template["inference_id"] = f"t-{i}"
+                template["timestamp"] = int(time.time() * 1000)
+                producer.produce("bench", orjson.dumps(template))
+                producer.poll(0)
+                i += 1
+                if i == int(rate * 3):  # 3 s of traffic first, then the toggle
+                    _api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments", "PATCH",
+                         {"anomaly_detection": {"enabled": True}})
+                    patched_at = time.time()
+                if patched_at and i % int(rate / 2) == 0:
+                    _, rows = _worker_query(worker, f"SELECT toUnixTimestamp64Milli(min(_ingested_at)) FROM "
+                                                    f"enricher.{sample.MODEL_ID} WHERE anomaly_score IS NOT NULL")
+                    if rows and rows[0][0]:
+                        first_row_at = rows[0][0] / 1000
+                time.sleep(max(0.0, started + i / rate - time.monotonic()))
+            producer.flush(30)
+            status = _api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments", "GET")["anomaly_detection"]
+        finally:
+            trigger.stop()
+            worker.stop()
+    if first_row_at is None:
+        raise RuntimeError(f"no enriched row within 120 s of the toggle; status {status}")
+    return {"seconds_to_first_enriched_row": round(first_row_at - patched_at, 2), "reference_rows": 10_000,
+            "runner": "local", "status": status["status"], "workflow": status["workflow"]}
+
+
+def _worker_query(worker, sql: str):
+    doc = _api(f"{worker.url}/query", "POST", {"sql": sql})
+    return doc["columns"], doc["rows"]
+
+
+def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
+    """Full load (a backlog of JSON-array messages), a new artifact version
+    published mid-stream: the throughput of each batch around the swap
+    against the steady throughput before it, read back from the rows
+    (each batch's rows share one _ingested_at)."""
+    from enricher.clickhouse import connect, run_query
+    from enricher.control import ControlEvents
+
+    data_dir = tmp / f"swap-{time.time_ns()}"
+    data_dir.mkdir()
+    prepare_models(data_dir, [sample.MODEL_ID], True, fitted)
+    with EmbeddedBroker(port=free_port()) as broker:
+        produce(broker.url.split("://")[1], "bench", messages, "json")
+        settings = Settings.from_env(env={}, data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
+                                     inference_topic="bench", dlq_topic="bench-dlq", session_timeout=6.0,
+                                     topic_partitions=4, batch_bytes=2 * 1024 * 1024)
+        ensure_topics(settings)
+        worker = WorkerProcess(settings, log_path=data_dir / "worker.log").start()
+        published_at = None
+        try:
+            worker.wait_for(lambda s: s["enriched"] >= n * 0.4, timeout=600, interval=0.05)
+            registry, store = ModelRegistry(settings.registry_dir), settings.artifacts()
+            version = store.publish(sample.MODEL_ID, "anomaly_detection", fitted.to_blobs(), 10_000,
+                                    fitted.parameters, workflow="bench-swap").version
+            registry.touch()
+            ControlEvents(settings).send("artifact_published", sample.MODEL_ID, enrichment="anomaly_detection",
+                                         version=version)
+            published_at = time.time()
+            worker.wait_for(lambda s: s["enriched"] >= n, timeout=600)
+        finally:
+            worker.stop()
+    client = connect(settings, readonly=True)
+    _, rows = run_query(client, f"SELECT toUnixTimestamp64Micro(_ingested_at) / 1e6 AS t, count() AS rows, "
+                                f"max(anomaly_detection_version) AS v FROM enricher.{sample.MODEL_ID} "
+                                f"GROUP BY t ORDER BY t")
+    client.close()
+    batches = [(t, r, v) for t, r, v in rows]
+    served = next(t for t, _, v in batches if v == version)
+    # Rows written per 2-second window (batches of ~8k rows make shorter
+    # windows mostly quantisation noise), sliding by 0.25 s; a batch's rows
+    # count at its write time. The first window starts after the first batch
+    # (which also waited for the consumer group).
+    span = 2.0
+    times = np.array([t for t, _, _ in batches])
+    counts = np.array([r for _, r, _ in batches])
+    starts = np.arange(times[0], times[-1] - span, 0.25)
+    per_window = np.array([counts[(times > a) & (times <= a + span)].sum() for a in starts]) / span
+    steady = per_window[(starts > times[0] + 1.0) & (starts + span < published_at - 0.5)]  # after ramp-up
+    around = per_window[(starts + span >= published_at - 0.5) & (starts <= served + 1.0)]
+    steady_rate = float(np.median(steady))
+    return {"steady_rows_per_second": round(steady_rate), "lowest_second_around_swap": int(around.min()),
+            "lowest_vs_steady": round(float(around.min()) / steady_rate, 3),
+            "lowest_steady_second_vs_steady": round(float(steady.min()) / steady_rate, 3),
+            "swap_seconds": round(served - published_at, 2), "batches": len(batches),
+            "per_second": [[round(a - times[0], 2), int(c)] for a, c in zip(starts, per_window)]}
+
+
 def run_transforms(fitted, forest, batch: int = 10_000) -> dict:
     from enricher.contract import parse_batch
     from models.enrichment import FeatureBatch
@@ -282,6 +406,20 @@ def write_report(results: dict, name: str) -> None:
                 lines.append(f"| {enrichment} | {label} | {x['transform_rows_per_second']:,.0f} | "
                              f"{x['library_rows_per_second']:,.0f} | "
                              f"{x['transform_rows_per_second'] / x['library_rows_per_second']:.0%} |")
+    if results.get("toggle") or results.get("hot_swap"):
+        lines += ["", "Toggles and hot swap:", ""]
+        if results.get("toggle"):
+            t = results["toggle"]
+            lines.append(f"- PATCH turning anomaly detection on -> first enriched row: "
+                         f"{t['seconds_to_first_enriched_row']} s ({t['runner']} runner, {t['reference_rows']:,} "
+                         f"reference rows, workflow {t['workflow']})")
+        if results.get("hot_swap"):
+            h = results["hot_swap"]
+            lines.append(f"- hot swap under full load ({h['batches']} batches): steady {h['steady_rows_per_second']:,} "
+                         f"rows/s (median 2-s window); slowest 2-s window around the swap "
+                         f"{h['lowest_second_around_swap']:,} rows/s ({h['lowest_vs_steady']:.0%}; the slowest "
+                         f"steady window before it: {h['lowest_steady_second_vs_steady']:.0%}); new version served "
+                         f"{h['swap_seconds']} s after it was published")
     if results.get("targets"):
         lines += ["", "Targets:", "", "| target | measured | met |", "| --- | --- | --- |"]
         for t in results["targets"]:
@@ -340,6 +478,14 @@ def targets(results: dict) -> list[dict]:
     if lat:
         out.append({"target": "p99 latency at 50% of max rate < 1 s", "measured": f"{lat['p99_ms']:.0f} ms",
                     "met": lat["p99_ms"] < 1000})
+    if results.get("toggle"):
+        t = results["toggle"]["seconds_to_first_enriched_row"]
+        out.append({"target": "PATCH -> first enriched row < 30 s (local runner, 10k reference rows)",
+                    "measured": f"{t} s", "met": t < 30})
+    if results.get("hot_swap"):
+        d = results["hot_swap"]["lowest_vs_steady"]
+        out.append({"target": "hot swap under full load: no 2-s window below 90% of steady throughput",
+                    "measured": f"{d:.0%}", "met": d >= 0.9})
     r = ratio("worker_1000_models", "worker_1_model")
     if r is not None:
         out.append({"target": "1,000 models in one stream: >= 70% of single-model throughput",
@@ -399,6 +545,14 @@ def main() -> int:
                 mixed = workload(n, models=ids, seed=5)
                 pipes[key] = run_worker(n, tmp, mixed, "json", True, ids, fitted)
                 log(f"   {pipes[key]['rows_per_second']:,.0f} rows/s, peak RSS {pipes[key]['peak_rss_mb']} MB")
+        if want("hot_swap"):
+            log("-- hot swap under full load (JSON batches)")
+            results["hot_swap"] = run_hot_swap(3 * n, tmp, workload(3 * n, seed=7), fitted)
+            log(f"   slowest 2-s window around the swap: {results['hot_swap']['lowest_vs_steady']:.0%} of steady")
+        if want("toggle"):
+            log("-- PATCH (anomaly detection on) -> first enriched row, local runner")
+            results["toggle"] = run_toggle_to_first_row(tmp)
+            log(f"   {results['toggle']['seconds_to_first_enriched_row']} s")
         if want("latency") and not args.smoke and "worker_single_anomaly" in pipes:
             top = pipes["worker_single_anomaly"]["rows_per_second"]
             for load in (0.25, 0.5, 0.75):
