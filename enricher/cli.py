@@ -235,7 +235,12 @@ def cmd_artifacts_rollback(args) -> int:
     if version is None:
         raise UserError(f"{args.version!r}: give a version number, e.g. 3 or v3 (see `enricher artifacts list`)")
     manifest = settings.artifacts().set_current(args.model_id, args.enrichment, version)
-    registry.touch()  # running workers switch on their next refresh
+    registry.touch()
+    from .control import ControlEvents
+
+    # running workers switch at once on the announcement (or at their next refresh)
+    ControlEvents(settings).send("artifact_published", args.model_id, enrichment=args.enrichment,
+                                 version=manifest.version, rollback=True)
     print(f"{args.model_id}/{args.enrichment}: serving v{manifest.version} (made {manifest.created_at})")
     return 0
 

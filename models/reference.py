@@ -19,18 +19,31 @@ class ReferenceError(ValueError):
 
 
 def read_table(path: str | Path) -> pa.Table:
-    path = Path(path)
-    if not path.is_file():
-        raise ReferenceError(f"reference file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
+    """A .parquet or .csv file: a local path, or a URL pyarrow.fs reads (s3://bucket/key?endpoint_override=...)."""
+    text = str(path)
+    suffix = Path(text.split("?", 1)[0]).suffix.lower()
+    if suffix not in (".parquet", ".pq", ".csv"):
+        raise ReferenceError(f"reference file {text!r}: use a .parquet or .csv file")
+    if "://" in text:
+        import pyarrow.fs as pafs
+
+        from .artifact import redact
+
+        try:
+            fs, inner = pafs.FileSystem.from_uri(text)
+            with fs.open_input_file(inner) as fh:
+                return pq.read_table(fh) if suffix != ".csv" else pacsv.read_csv(fh)
+        except FileNotFoundError:
+            raise ReferenceError(f"reference file {redact(text)!r} does not exist") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise ReferenceError(f"reference file {redact(text)!r} could not be read: {exc}") from exc
+    local = Path(text)
+    if not local.is_file():
+        raise ReferenceError(f"reference file {text!r} does not exist")
     try:
-        if suffix in (".parquet", ".pq"):
-            return pq.read_table(path)
-        if suffix == ".csv":
-            return pacsv.read_csv(path)
+        return pq.read_table(local) if suffix != ".csv" else pacsv.read_csv(local)
     except pa.ArrowException as exc:
-        raise ReferenceError(f"reference file {str(path)!r} could not be read: {exc}") from exc
-    raise ReferenceError(f"reference file {str(path)!r}: use a .parquet or .csv file")
+        raise ReferenceError(f"reference file {text!r} could not be read: {exc}") from exc
 
 
 def normalise(spec: ModelSpec, table: pa.Table) -> pa.Table:

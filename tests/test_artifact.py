@@ -193,3 +193,23 @@ def test_an_object_store_artifact_tampered_with_is_refused(s3, fitted):
 def test_an_unusable_store_url_says_so():
     with pytest.raises(ArtifactError, match="artifact store"):
         ArtifactStore("nosuchscheme://x/y")
+
+
+def test_reference_data_can_come_from_the_object_store(s3, tmp_path):
+    import io
+
+    import pyarrow.parquet as pq
+
+    from models.artifact import Files
+    from models.reference import ReferenceError, read_table
+    from models.registry import ModelRegistry
+
+    buf = io.BytesIO()
+    pq.write_table(sample.reference_table(300), buf)
+    files = Files(s3.replace("/enricher?", "/references?"))
+    files.write(files.path("credit.parquet"), buf.getvalue())
+    url = s3.replace("/enricher?", "/references/credit.parquet?")
+    assert read_table(url).num_rows == 300
+    ModelRegistry(tmp_path / "registry").register("credit", sample.SCHEMA, url)
+    with pytest.raises(ReferenceError, match="does not exist"):
+        read_table(url.replace("credit.parquet", "nosuch.parquet"))
