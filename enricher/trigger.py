@@ -67,6 +67,26 @@ class Trigger:
             if self._waiting(model_id) and model_id not in self.dirty:
                 self.notice(model_id, 0.0)
 
+    def adopt(self) -> None:
+        """At start: take over the runs a previous trigger left going. A run
+        the runner still knows (Argo keeps them) is followed again; one it
+        does not (a local run died with that trigger) is started anew."""
+        for model_id in self.registry.ids():
+            for name, toggle in self.registry.enrichments(model_id).items():
+                st = self._state(model_id, name)
+                run = st.get("workflow")
+                if not toggle["enabled"] or st.get("state") not in ("pending", "training") or not run:
+                    continue
+                try:
+                    self.runner.status(run)
+                except RunnerError:
+                    log.info("model %s: run %s is gone; %s goes back to pending", model_id, run, name)
+                    self.registry.set_status(model_id, name, "pending", reason=f"run {run} was lost")
+                    self.notice(model_id, 0.0)
+                    continue
+                trained = self.running.get(model_id, (run, []))[1]
+                self.running[model_id] = (run, sorted(set(trained) | {name}))
+
     # -- what to do -------------------------------------------------------------
     def _state(self, model_id: str, name: str) -> dict:
         return self.registry.status(model_id, name)
@@ -183,6 +203,7 @@ def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None
                          "session.timeout.ms": session_ms, "heartbeat.interval.ms": max(session_ms // 6, 100)})
     consumer.subscribe([settings.control_topic])
     log.info("trigger ready: watching %s, runner %s", settings.control_topic, settings.runner)
+    trigger.adopt()
     trigger.rescan()
     last_scan = time.monotonic()
     try:

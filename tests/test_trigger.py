@@ -104,3 +104,18 @@ def test_a_lost_event_is_found_by_the_rescan(world):
     trigger.rescan()  # no notice: as if the event never arrived
     settle(trigger)
     assert control.enrichments("credit")[AD]["status"] == "ready"
+
+
+def test_a_new_trigger_restarts_a_run_its_predecessor_left_unfinished(world):
+    settings, control, trigger, _ = world
+    control.patch_enrichments("credit", {AD: {"enabled": True, "config": {"n_estimators": 10}}})
+    trigger.notice("credit", 0.0)
+    trigger.tick()
+    [lost] = trigger.submitted
+    trigger.runner.stop(lost)  # the old trigger (and its local run) went away mid-run
+    successor = Trigger(trigger.registry, LocalRunner(env=settings.to_env()), WorkflowOptions(retries=0),
+                        debounce=0.5)
+    successor.adopt()
+    settle(successor)
+    e = control.enrichments("credit")[AD]
+    assert e["status"] == "ready" and e["workflow"] == successor.submitted[0] != lost
