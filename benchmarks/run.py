@@ -300,7 +300,7 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
         worker = WorkerProcess(settings, log_path=data_dir / "worker.log").start()
         published_at = None
         try:
-            worker.wait_for(lambda s: s["enriched"] >= n * 0.4, timeout=600, interval=0.05)
+            worker.wait_for(lambda s: s["enriched"] >= n * 0.5, timeout=600, interval=0.05)
             registry, store = ModelRegistry(settings.registry_dir), settings.artifacts()
             version = store.publish(sample.MODEL_ID, "anomaly_detection", fitted.to_blobs(), 10_000,
                                     fitted.parameters, workflow="bench-swap").version
@@ -317,7 +317,9 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
                                 f"GROUP BY t ORDER BY t")
     client.close()
     batches = [(t, r, v) for t, r, v in rows]
-    served = next(t for t, _, v in batches if v == version)
+    served = next((t for t, _, v in batches if v == version), None)
+    if served is None:
+        raise RuntimeError(f"the stream ended before v{version} was served; give the hot-swap run more rows")
     # Rows written per 2-second window (batches of ~8k rows make shorter
     # windows mostly quantisation noise), sliding by 0.25 s; a batch's rows
     # count at its write time. The first window starts after the first batch
@@ -327,8 +329,10 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
     counts = np.array([r for _, r, _ in batches])
     starts = np.arange(times[0], times[-1] - span, 0.25)
     per_window = np.array([counts[(times > a) & (times <= a + span)].sum() for a in starts]) / span
-    steady = per_window[(starts > times[0] + 1.0) & (starts + span < published_at - 0.5)]  # after ramp-up
-    around = per_window[(starts + span >= published_at - 0.5) & (starts <= served + 1.0)]
+    steady = per_window[(starts > times[0] + 0.5) & (starts + span <= published_at)]  # after ramp-up
+    if steady.size == 0:
+        raise RuntimeError("too short a stream before the swap to measure a steady rate; give it more rows")
+    around = per_window[(starts + span > published_at) & (starts <= served + 1.0)]
     steady_rate = float(np.median(steady))
     return {"steady_rows_per_second": round(steady_rate), "lowest_second_around_swap": int(around.min()),
             "lowest_vs_steady": round(float(around.min()) / steady_rate, 3),
@@ -547,7 +551,8 @@ def main() -> int:
                 log(f"   {pipes[key]['rows_per_second']:,.0f} rows/s, peak RSS {pipes[key]['peak_rss_mb']} MB")
         if want("hot_swap"):
             log("-- hot swap under full load (JSON batches)")
-            results["hot_swap"] = run_hot_swap(3 * n, tmp, workload(3 * n, seed=7), fitted)
+            rows = max(3 * n, 300_000)  # long enough that the swap lands mid-stream, even in the smoke run
+            results["hot_swap"] = run_hot_swap(rows, tmp, workload(rows, seed=7), fitted)
             log(f"   slowest 2-s window around the swap: {results['hot_swap']['lowest_vs_steady']:.0%} of steady")
         if want("toggle"):
             log("-- PATCH (anomaly detection on) -> first enriched row, local runner")
