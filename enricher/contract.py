@@ -149,11 +149,13 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
         groups.setdefault(specs(model_id).layout, []).append(model_id)
     for model_ids in groups.values():
         lists = [items.by_model[m] for m in model_ids]
-        idx = np.fromiter((k for rows in lists for k in rows), np.int64)
+        order = [k for rows in lists for k in rows]  # Python ints: list indexing below stays cheap
+        idx = np.asarray(order, np.int64)
         owner = np.repeat(np.arange(len(model_ids)), [len(rows) for rows in lists])
-        group_rows, bad = _columns(specs(model_ids[0]), [items.objs[k] for k in idx])
+        objs = items.objs
+        group_rows, bad = _columns(specs(model_ids[0]), [objs[k] for k in order])
         for j, (reason, detail) in sorted(bad.items()):
-            items.dead(int(idx[j]), reason, detail, model_ids[owner[j]])
+            items.dead(order[j], reason, detail, model_ids[owner[j]])
         if group_rows is None:
             continue
         if bad:

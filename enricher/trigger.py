@@ -105,11 +105,12 @@ class Trigger:
         return out
 
     def plan(self, model_id: str) -> dict[str, dict]:
-        if not self._waiting(model_id):
+        waiting = self._waiting(model_id)
+        if not waiting:
             return {}
         enabled = self.registry.enabled(model_id)
-        return {n: cfg for n, cfg in enabled.items() if self._state(model_id, n).get("state") != "ready"
-                or n in self._waiting(model_id)}
+        return {n: cfg for n, cfg in enabled.items()
+                if n in waiting or self._state(model_id, n).get("state") != "ready"}
 
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

@@ -219,7 +219,7 @@ class ArgoRunner:
 
     def _call(self, what: str, fn, name: str | None = None):
         import requests
-        from hera.exceptions import AlreadyExists, BadRequest, Forbidden, NotFound, Unauthorized
+        from hera.exceptions import AlreadyExists, BadRequest, Forbidden, HeraException, NotFound, Unauthorized
 
         for attempt in range(self.retries + 1):
             try:
@@ -239,9 +239,10 @@ class ArgoRunner:
                 raise RunnerError(f"Argo Server at {self.url}: {what}: not found ({exc})") from exc
             except BadRequest as exc:
                 raise RunnerError(f"Argo Server at {self.url} rejected {what} (400): {exc}") from exc
-            except Exception as exc:  # 5xx (hera raises one class per code), connection errors, timeouts
+            except Exception as exc:  # 5xx, connection errors, timeouts
+                # hera has a class for 500 only; 502/503/504 come as a plain HeraException naming the code.
                 retryable = isinstance(exc, (requests.ConnectionError, requests.Timeout)) or \
-                    "status code 5" in str(exc)
+                    (isinstance(exc, HeraException) and "status code 5" in str(exc))
                 if not retryable:
                     raise RunnerError(f"Argo Server at {self.url}: {what} failed: {exc}") from exc
                 if attempt == self.retries:

@@ -57,3 +57,12 @@ def register_sample(settings: Settings, tmp_path, enable: bool = True, trained: 
     if trained:
         train(registry, settings.artifacts(), model_id, log=lambda m: None)
     return registry
+
+
+def offline_registry(tmp_path, reference_rows: int):
+    """Settings with no broker to reach, an empty registry, and a sample
+    reference file: for training and trigger tests that need no stream."""
+    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
+    reference = tmp_path / "reference.parquet"
+    pq.write_table(sample.reference_table(reference_rows), reference)
+    return settings, ModelRegistry(settings.registry_dir), reference

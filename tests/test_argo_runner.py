@@ -85,6 +85,14 @@ def test_submit_posts_the_workflow_to_the_namespace_with_the_token(argo):
     assert body["workflow"]["spec"]["templates"] == doc()["spec"]["templates"]
 
 
+def error_answer(record, status: int, message: str):
+    """A handler that checks the request, then answers as the Argo Server does on an error."""
+    def handle(request):
+        record(request)
+        return Response(json.dumps({"code": 2, "message": message}), status=status, content_type="application/json")
+    return handle
+
+
 def test_a_refused_token_is_a_clear_error_and_not_retried(argo):
     server, seen, record = argo
 
@@ -107,14 +115,6 @@ def test_server_errors_are_retried_and_a_409_on_a_retry_is_our_own_submission(ar
     server.expect_request("/api/v1/workflows/ml", method="POST").respond_with_handler(flaky)
     assert runner_for(server).submit(doc()) == "enrich-credit-0001"
     assert len(seen) == 2
-
-
-def error_answer(record, status: int, message: str):
-    """A handler that checks the request, then answers as the Argo Server does on an error."""
-    def handle(request):
-        record(request)
-        return Response(json.dumps({"code": 2, "message": message}), status=status, content_type="application/json")
-    return handle
 
 
 def test_a_409_on_the_first_attempt_is_a_name_clash_and_persistent_500s_give_up(argo):

@@ -2,25 +2,21 @@
 
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from enricher import sample
-from enricher.config import Settings
-from models.registry import ModelRegistry
 from pipelines import steps
 from pipelines.runners import LocalRunner, RunnerError, dag_order
 from pipelines.workflow import WorkflowOptions, workflow_dict
+
+from .conftest import offline_registry
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
 def setup(tmp_path):
-    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
-    registry = ModelRegistry(settings.registry_dir)
-    reference = tmp_path / "reference.parquet"
-    pq.write_table(sample.reference_table(3000), reference)
+    settings, registry, reference = offline_registry(tmp_path, 3000)
     registry.register("credit", sample.SCHEMA, reference)
     registry.set_enrichment("credit", "anomaly_detection", True, {"n_estimators": 20})
     runner = LocalRunner(env=settings.to_env())

@@ -2,16 +2,15 @@
 
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from enricher import sample
-from enricher.config import Settings
 from enricher.control import ControlPlane
 from enricher.trigger import Trigger
-from models.registry import ModelRegistry
 from pipelines.runners import LocalRunner
 from pipelines.workflow import WorkflowOptions
+
+from .conftest import offline_registry
 
 pytestmark = pytest.mark.timeout(300)
 AD = "anomaly_detection"
@@ -19,15 +18,20 @@ AD = "anomaly_detection"
 
 @pytest.fixture
 def world(tmp_path):
-    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
-    registry = ModelRegistry(settings.registry_dir)
-    reference = tmp_path / "reference.parquet"
-    pq.write_table(sample.reference_table(2000), reference)
+    settings, registry, reference = offline_registry(tmp_path, 2000)
     control = ControlPlane(registry, settings.artifacts())  # no announcements: the test ticks the trigger
     control.put_model("credit", {"schema": sample.SCHEMA, "reference": str(reference)})
     runner = LocalRunner(env=settings.to_env())
     trigger = Trigger(registry, runner, WorkflowOptions(retries=0), debounce=0.5)
     return settings, control, trigger, runner
+
+
+def toggle_now(control, trigger, change: dict) -> list[str]:
+    """Apply a toggle and let the trigger act on it at once (debounce already over)."""
+    control.patch_enrichments("credit", {AD: change})
+    trigger.notice("credit", 0.0)
+    trigger.tick()
+    return trigger.submitted
 
 
 def settle(trigger, timeout=120):
@@ -56,14 +60,8 @@ def test_rapid_toggles_of_one_model_make_one_run(world):
 
 def test_a_newer_change_supersedes_a_run_still_going(world):
     settings, control, trigger, runner = world
-    control.patch_enrichments("credit", {AD: {"enabled": True, "config": {"n_estimators": 10}}})
-    trigger.notice("credit", 0.0)
-    trigger.tick()
-    [first] = trigger.submitted
-    control.patch_enrichments("credit", {AD: {"config": {"n_estimators": 40}}})
-    trigger.notice("credit", 0.0)
-    trigger.tick()
-    second = trigger.submitted[-1]
+    [first] = toggle_now(control, trigger, {"enabled": True, "config": {"n_estimators": 10}})
+    second = toggle_now(control, trigger, {"config": {"n_estimators": 40}})[-1]
     assert second != first
     assert runner.wait(first, timeout=30).message == "stopped (superseded)"
     settle(trigger)
@@ -73,13 +71,8 @@ def test_a_newer_change_supersedes_a_run_still_going(world):
 
 def test_turning_an_enrichment_off_trains_nothing_and_stops_its_run(world):
     settings, control, trigger, runner = world
-    control.patch_enrichments("credit", {AD: {"enabled": True}})
-    trigger.notice("credit", 0.0)
-    trigger.tick()
-    [run] = trigger.submitted
-    control.patch_enrichments("credit", {AD: {"enabled": False}})
-    trigger.notice("credit", 0.0)
-    trigger.tick()
+    [run] = toggle_now(control, trigger, {"enabled": True})
+    toggle_now(control, trigger, {"enabled": False})
     assert trigger.submitted == [run] and "credit" not in trigger.running
     assert runner.wait(run, timeout=30).phase == "Failed"
     assert settings.artifacts().versions("credit", AD) == []
@@ -108,10 +101,7 @@ def test_a_lost_event_is_found_by_the_rescan(world):
 
 def test_a_new_trigger_restarts_a_run_its_predecessor_left_unfinished(world):
     settings, control, trigger, _ = world
-    control.patch_enrichments("credit", {AD: {"enabled": True, "config": {"n_estimators": 10}}})
-    trigger.notice("credit", 0.0)
-    trigger.tick()
-    [lost] = trigger.submitted
+    [lost] = toggle_now(control, trigger, {"enabled": True, "config": {"n_estimators": 10}})
     trigger.runner.stop(lost)  # the old trigger (and its local run) went away mid-run
     successor = Trigger(trigger.registry, LocalRunner(env=settings.to_env()), WorkflowOptions(retries=0),
                         debounce=0.5)
