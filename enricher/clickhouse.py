@@ -94,10 +94,12 @@ def connect(settings: Settings, readonly: bool = False):
         path = unquote(parts.netloc + parts.path)
         return clickhouse_connect.get_client(interface="chdb", path=path, **extra)
     password = unquote(parts.password or "") or settings.clickhouse_password or ""
+    # A store that accepts and never answers must fail the insert, not hold it forever.
     return clickhouse_connect.get_client(
         interface=parts.scheme, host=parts.hostname, port=parts.port,
         username=unquote(parts.username or "default"), password=password,
-        database="default", **extra)
+        database="default", connect_timeout=min(10.0, settings.clickhouse_timeout),
+        send_receive_timeout=settings.clickhouse_timeout, **extra)
 
 
 def view_columns(spec: ModelSpec) -> list[tuple[str, str]]:
@@ -115,24 +117,45 @@ def view_columns(spec: ModelSpec) -> list[tuple[str, str]]:
     return cols
 
 
+class Schema:
+    """What DDL has been run: shared by every connection of a process, so
+    that the table and each view are created once, not once per thread."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.table_ready = False
+        self.views: dict[str, ModelSpec] = {}
+
+
+def store_table(database: str) -> str:
+    """The storage table's quoted name for a database setting."""
+    return f"{quote(database + '_store')}.{quote(TABLE)}"
+
+
 class EnrichedTables:
     """Creates (on demand) the storage table and each model's view, and writes batches."""
 
-    def __init__(self, client, database: str):
+    def __init__(self, client, database: str, schema: Schema | None = None):
         self.client = client
         self.database = database
         self.store = f"{database}_store"
-        self._table_ready = False
-        self._views: dict[str, ModelSpec] = {}
+        self.schema = schema or Schema()
         quote(database), quote(self.store)
 
     @property
     def table(self) -> str:
-        return f"{quote(self.store)}.{quote(TABLE)}"
+        return store_table(self.database)
 
     def ensure_table(self) -> None:
-        if self._table_ready:
+        if self.schema.table_ready:
             return
+        with self.schema.lock:
+            if not self.schema.table_ready:
+                self._create_table()
+
+    def _create_table(self) -> None:
         self.client.command(f"CREATE DATABASE IF NOT EXISTS {quote(self.database)}")
         self.client.command(f"CREATE DATABASE IF NOT EXISTS {quote(self.store)}")
         body = ",\n  ".join(f"{quote(n)} {t}" for n, (t, _) in STORE_COLUMNS.items())
@@ -141,20 +164,21 @@ class EnrichedTables:
         # A release with a new enrichment adds its columns; nothing is dropped.
         for name, (ch_type, _) in STORE_COLUMNS.items():
             self.client.command(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {quote(name)} {ch_type}")
-        self._table_ready = True
+        self.schema.table_ready = True
 
     def ensure_view(self, spec: ModelSpec) -> None:
-        if self._views.get(spec.model_id) == spec:
+        if self.schema.views.get(spec.model_id) == spec:
             return
         self.ensure_table()
         model = check_model_id(spec.model_id)  # also safe inside the string literal below
         select = ", ".join(f"{expr} AS {quote(name)}" for name, expr in view_columns(spec))
-        self.client.command(f"CREATE OR REPLACE VIEW {quote(self.database)}.{quote(model)} AS "
-                            f"SELECT {select} FROM {self.table} FINAL WHERE model_id = '{model}'")
-        self._views[spec.model_id] = spec
+        with self.schema.lock:
+            self.client.command(f"CREATE OR REPLACE VIEW {quote(self.database)}.{quote(model)} AS "
+                                f"SELECT {select} FROM {self.table} FINAL WHERE model_id = '{model}'")
+            self.schema.views[spec.model_id] = spec
 
     def insert(self, table: pa.Table) -> None:
-        self.ensure_table()
+        """One INSERT; the table must exist (ensure_table/ensure_view ran before, once)."""
         self.client.insert_arrow(self.table, table)
 
 

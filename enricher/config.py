@@ -59,6 +59,8 @@ def _flag(env: dict, name: str, default: bool) -> bool:
 
 @dataclass
 class Settings:
+    # Each setting's default is written here once; SETTINGS below says which
+    # variable reads it and how.
     data_dir: Path
     broker: str = EMBEDDED_BROKER
     broker_embedded: bool = True
@@ -76,16 +78,24 @@ class Settings:
     consumer_group: str = "enricher"
     session_timeout: float = 10.0
     clickhouse_url: str = ""
-    clickhouse_database: str = "enricher"
+    clickhouse_database: str = ""
     clickhouse_password: str | None = field(default=None, repr=False)
+    clickhouse_timeout: float = 30.0      # seconds an insert or query may take before it counts as failed
     http_host: str = "127.0.0.1"
     http_port: int = 6066
+    http_tls_cert: str | None = None
+    http_tls_key: str | None = None
+    http_insecure: bool = False           # serve off loopback without a token: an explicit opt-out
     batch_size: int = 5000
     batch_timeout: float = 0.2
     batch_bytes: int = 8 * 1024 * 1024
     fetch_max_wait_ms: int = 100
     eager_handover: bool = True
     max_message_bytes: int = 1_048_576
+    dlq_max_bytes: int = 900_000          # under the usual 1 MB broker limit, with room for headers
+    shutdown_grace: float = 30.0
+    query_max_seconds: float = 30.0
+    query_max_rows: int = 100_000
     refresh_interval: float = 2.0
     artifact_key: bytes | None = field(default=None, repr=False)
     runner: str = "local"                # where training runs: local processes or an Argo Server
@@ -135,29 +145,15 @@ class Settings:
     def to_env(self) -> dict[str, str]:
         """ENRICHER_* variables that give a child process these settings (secrets
         excepted: those travel in the parent's own environment or files)."""
-        env = {"ENRICHER_DATA_DIR": str(self.data_dir), "ENRICHER_CLICKHOUSE_URL": self.clickhouse_url,
-               "ENRICHER_CLICKHOUSE_DATABASE": self.clickhouse_database,
-               "ENRICHER_INFERENCE_TOPIC": self.inference_topic, "ENRICHER_DLQ_TOPIC": self.dlq_topic,
-               "ENRICHER_CONTROL_TOPIC": self.control_topic,
-               "ENRICHER_TOPIC_PARTITIONS": str(self.topic_partitions),
-               "ENRICHER_CONSUMER_GROUP": self.consumer_group,
-               "ENRICHER_BROKER_SESSION_TIMEOUT": str(self.session_timeout),
-               "ENRICHER_HTTP_HOST": self.http_host, "ENRICHER_HTTP_PORT": str(self.http_port),
-               "ENRICHER_BATCH_SIZE": str(self.batch_size), "ENRICHER_BATCH_TIMEOUT": str(self.batch_timeout),
-               "ENRICHER_BATCH_BYTES": str(self.batch_bytes),
-               "ENRICHER_FETCH_MAX_WAIT_MS": str(self.fetch_max_wait_ms),
-               "ENRICHER_EAGER_HANDOVER": "1" if self.eager_handover else "0",
-               "ENRICHER_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
-               "ENRICHER_REFRESH_INTERVAL": str(self.refresh_interval),
-               "ENRICHER_ARTIFACT_KEEP": str(self.artifact_keep),
-               "ENRICHER_RUNNER": self.runner, "ENRICHER_ARGO_NAMESPACE": self.argo_namespace,
-               "ENRICHER_IMAGE": self.image, "ENRICHER_TRIGGER_DEBOUNCE": str(self.trigger_debounce)}
-        if self.argo_url:
-            env["ENRICHER_ARGO_URL"] = self.argo_url
-        if self.artifact_store_url:
-            env["ENRICHER_ARTIFACT_STORE"] = self.artifact_store_url
-        if not self.broker_embedded or self.broker != EMBEDDED_BROKER:
-            env["ENRICHER_BROKER"] = self.broker
+        env = {"ENRICHER_DATA_DIR": str(self.data_dir)}
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, (var, kind, _) in SETTINGS.items():
+            value = getattr(self, name)
+            if kind == "secret" or (value in (None, "") and defaults[name] in (None, "")):
+                continue
+            env[var] = ("1" if value else "0") if kind == "flag" else str(value)
+        if self.broker_embedded and self.broker == EMBEDDED_BROKER:
+            env.pop("ENRICHER_BROKER", None)
         return env
 
     def __repr__(self) -> str:
@@ -168,7 +164,7 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("sasl_password", "artifact_key", "clickhouse_password", "api_token", "argo_token"):
+            if SETTINGS.get(f.name, ("", ""))[1] == "secret":
                 value = "***" if value else None
             elif f.name in ("clickhouse_url", "artifact_store_url"):
                 value = redact_url(value)
@@ -181,51 +177,27 @@ class Settings:
         env = dict(os.environ if env is None else env)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         data_dir = Path(overrides.pop("data_dir", None) or env.get("ENRICHER_DATA_DIR") or ".enricher").resolve()
-        broker = overrides.pop("broker", None) or env.get("ENRICHER_BROKER") or ""
-        key = _secret(env, "ENRICHER_ARTIFACT_KEY")
-        s = cls(
-            data_dir=data_dir,
-            broker=broker or EMBEDDED_BROKER,
-            broker_embedded=not broker,
-            security_protocol=env.get("ENRICHER_BROKER_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
-            sasl_mechanism=env.get("ENRICHER_BROKER_SASL_MECHANISM") or None,
-            sasl_username=env.get("ENRICHER_BROKER_SASL_USERNAME") or None,
-            sasl_password=_secret(env, "ENRICHER_BROKER_SASL_PASSWORD"),
-            ssl_cafile=env.get("ENRICHER_BROKER_SSL_CAFILE") or None,
-            ssl_certfile=env.get("ENRICHER_BROKER_SSL_CERTFILE") or None,
-            ssl_keyfile=env.get("ENRICHER_BROKER_SSL_KEYFILE") or None,
-            inference_topic=env.get("ENRICHER_INFERENCE_TOPIC") or "inferences",
-            dlq_topic=env.get("ENRICHER_DLQ_TOPIC") or "inferences-dlq",
-            control_topic=env.get("ENRICHER_CONTROL_TOPIC") or "enricher-control",
-            topic_partitions=_number(env, "ENRICHER_TOPIC_PARTITIONS", 4, minimum=1),
-            consumer_group=env.get("ENRICHER_CONSUMER_GROUP") or "enricher",
-            session_timeout=_number(env, "ENRICHER_BROKER_SESSION_TIMEOUT", 10.0, float, minimum=1),
-            clickhouse_url=env.get("ENRICHER_CLICKHOUSE_URL") or "",
-            clickhouse_database=env.get("ENRICHER_CLICKHOUSE_DATABASE") or "",
-            clickhouse_password=_secret(env, "ENRICHER_CLICKHOUSE_PASSWORD"),
-            http_host=env.get("ENRICHER_HTTP_HOST") or "127.0.0.1",
-            http_port=_number(env, "ENRICHER_HTTP_PORT", 6066, minimum=0),
-            batch_size=_number(env, "ENRICHER_BATCH_SIZE", 5000, minimum=1),
-            batch_timeout=_number(env, "ENRICHER_BATCH_TIMEOUT", 0.2, float, minimum=0.001),
-            batch_bytes=_number(env, "ENRICHER_BATCH_BYTES", 8 * 1024 * 1024, minimum=1024),
-            fetch_max_wait_ms=_number(env, "ENRICHER_FETCH_MAX_WAIT_MS", 100, minimum=1),
-            eager_handover=_flag(env, "ENRICHER_EAGER_HANDOVER", True),
-            max_message_bytes=_number(env, "ENRICHER_MAX_MESSAGE_BYTES", 1_048_576, minimum=64),
-            refresh_interval=_number(env, "ENRICHER_REFRESH_INTERVAL", 2.0, float, minimum=0.1),
-            artifact_key=key.encode() if key else None,
-            artifact_store_url=env.get("ENRICHER_ARTIFACT_STORE") or "",
-            runner=(env.get("ENRICHER_RUNNER") or "local").lower(),
-            argo_url=env.get("ENRICHER_ARGO_URL") or "",
-            argo_namespace=env.get("ENRICHER_ARGO_NAMESPACE") or "argo",
-            argo_token=_secret(env, "ENRICHER_ARGO_TOKEN"),
-            argo_ca_file=env.get("ENRICHER_ARGO_CA_BUNDLE") or None,
-            argo_insecure=_flag(env, "ENRICHER_ARGO_INSECURE", False),
-            argo_service_account=env.get("ENRICHER_ARGO_SERVICE_ACCOUNT") or None,
-            image=env.get("ENRICHER_IMAGE") or "inference-enricher:latest",
-            trigger_debounce=_number(env, "ENRICHER_TRIGGER_DEBOUNCE", 1.0, float, minimum=0),
-            artifact_keep=_number(env, "ENRICHER_ARTIFACT_KEEP", 5, minimum=1),
-            api_token=_secret(env, "ENRICHER_API_TOKEN"),
-        )
+        defaults = {f.name: f.default for f in fields(cls)}
+        values = {}
+        for name, (var, kind, minimum) in SETTINGS.items():
+            default = defaults[name]
+            if kind in ("str", "upper", "lower"):
+                value = env.get(var) or default
+                if isinstance(value, str):
+                    value = value.upper() if kind == "upper" else value.lower() if kind == "lower" else value
+            elif kind == "int":
+                value = _number(env, var, default, int, minimum)
+            elif kind == "float":
+                value = _number(env, var, default, float, minimum)
+            elif kind == "flag":
+                value = _flag(env, var, default)
+            else:  # secret: the variable, or a file named by VAR_FILE
+                value = _secret(env, var)
+            values[name] = value
+        values["broker_embedded"] = not (overrides.get("broker") or env.get("ENRICHER_BROKER"))
+        if values["artifact_key"]:
+            values["artifact_key"] = values["artifact_key"].encode()
+        s = cls(data_dir=data_dir, **values)
         for name, value in overrides.items():
             if not hasattr(s, name):
                 raise ConfigError(f"unknown setting {name!r}")
@@ -271,6 +243,60 @@ class Settings:
                               "use letters, digits and _ only")
         if self.inference_topic == self.dlq_topic:
             raise ConfigError("ENRICHER_INFERENCE_TOPIC and ENRICHER_DLQ_TOPIC must differ")
+
+
+# Setting -> (environment variable, how it is read, minimum). The default is
+# the dataclass field's. Kinds: str, upper/lower (case-folded), int, float,
+# flag (1/0, true/false, yes/no, on/off), secret (VAR or a file at VAR_FILE).
+SETTINGS: dict[str, tuple[str, str, float | None]] = {
+    "broker": ("ENRICHER_BROKER", "str", None),
+    "security_protocol": ("ENRICHER_BROKER_SECURITY_PROTOCOL", "upper", None),
+    "sasl_mechanism": ("ENRICHER_BROKER_SASL_MECHANISM", "str", None),
+    "sasl_username": ("ENRICHER_BROKER_SASL_USERNAME", "str", None),
+    "sasl_password": ("ENRICHER_BROKER_SASL_PASSWORD", "secret", None),
+    "ssl_cafile": ("ENRICHER_BROKER_SSL_CAFILE", "str", None),
+    "ssl_certfile": ("ENRICHER_BROKER_SSL_CERTFILE", "str", None),
+    "ssl_keyfile": ("ENRICHER_BROKER_SSL_KEYFILE", "str", None),
+    "inference_topic": ("ENRICHER_INFERENCE_TOPIC", "str", None),
+    "dlq_topic": ("ENRICHER_DLQ_TOPIC", "str", None),
+    "control_topic": ("ENRICHER_CONTROL_TOPIC", "str", None),
+    "topic_partitions": ("ENRICHER_TOPIC_PARTITIONS", "int", 1),
+    "consumer_group": ("ENRICHER_CONSUMER_GROUP", "str", None),
+    "session_timeout": ("ENRICHER_BROKER_SESSION_TIMEOUT", "float", 1),
+    "clickhouse_url": ("ENRICHER_CLICKHOUSE_URL", "str", None),
+    "clickhouse_database": ("ENRICHER_CLICKHOUSE_DATABASE", "str", None),
+    "clickhouse_password": ("ENRICHER_CLICKHOUSE_PASSWORD", "secret", None),
+    "clickhouse_timeout": ("ENRICHER_CLICKHOUSE_TIMEOUT", "float", 0.1),
+    "http_host": ("ENRICHER_HTTP_HOST", "str", None),
+    "http_port": ("ENRICHER_HTTP_PORT", "int", 0),
+    "http_tls_cert": ("ENRICHER_HTTP_TLS_CERT", "str", None),
+    "http_tls_key": ("ENRICHER_HTTP_TLS_KEY", "str", None),
+    "http_insecure": ("ENRICHER_HTTP_INSECURE", "flag", None),
+    "batch_size": ("ENRICHER_BATCH_SIZE", "int", 1),
+    "batch_timeout": ("ENRICHER_BATCH_TIMEOUT", "float", 0.001),
+    "batch_bytes": ("ENRICHER_BATCH_BYTES", "int", 1024),
+    "fetch_max_wait_ms": ("ENRICHER_FETCH_MAX_WAIT_MS", "int", 1),
+    "eager_handover": ("ENRICHER_EAGER_HANDOVER", "flag", None),
+    "max_message_bytes": ("ENRICHER_MAX_MESSAGE_BYTES", "int", 64),
+    "dlq_max_bytes": ("ENRICHER_DLQ_MAX_BYTES", "int", 1024),
+    "shutdown_grace": ("ENRICHER_SHUTDOWN_GRACE", "float", 1),
+    "query_max_seconds": ("ENRICHER_QUERY_MAX_SECONDS", "float", 0.1),
+    "query_max_rows": ("ENRICHER_QUERY_MAX_ROWS", "int", 1),
+    "refresh_interval": ("ENRICHER_REFRESH_INTERVAL", "float", 0.1),
+    "artifact_key": ("ENRICHER_ARTIFACT_KEY", "secret", None),
+    "artifact_store_url": ("ENRICHER_ARTIFACT_STORE", "str", None),
+    "artifact_keep": ("ENRICHER_ARTIFACT_KEEP", "int", 1),
+    "runner": ("ENRICHER_RUNNER", "lower", None),
+    "argo_url": ("ENRICHER_ARGO_URL", "str", None),
+    "argo_namespace": ("ENRICHER_ARGO_NAMESPACE", "str", None),
+    "argo_token": ("ENRICHER_ARGO_TOKEN", "secret", None),
+    "argo_ca_file": ("ENRICHER_ARGO_CA_BUNDLE", "str", None),
+    "argo_insecure": ("ENRICHER_ARGO_INSECURE", "flag", None),
+    "argo_service_account": ("ENRICHER_ARGO_SERVICE_ACCOUNT", "str", None),
+    "image": ("ENRICHER_IMAGE", "str", None),
+    "trigger_debounce": ("ENRICHER_TRIGGER_DEBOUNCE", "float", 0),
+    "api_token": ("ENRICHER_API_TOKEN", "secret", None),
+}
 
 
 def redact_url(url: str) -> str:

@@ -26,8 +26,11 @@ of the batch goes on.
 
 from __future__ import annotations
 
+import bisect
 import json
+import logging
 import math
+import reprlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -39,9 +42,18 @@ import pyarrow.compute as pc
 
 from models.spec import Column, ModelSpec
 
+log = logging.getLogger(__name__)
+
 TS_TYPE = pa.timestamp("ms", tz="UTC")
 # Epoch values below this (early 1973) are almost surely seconds, not milliseconds.
 _MIN_EPOCH_MS = 100_000_000_000
+# ClickHouse's DateTime64 ends with 2299: a later timestamp cannot be stored as given.
+_MAX_EPOCH_MS = 10_413_792_000_000  # 2300-01-01T00:00:00Z
+# An inference id is a key, not a payload: longer ones are refused (out_of_range).
+MAX_ID_CHARS = 1024
+# Rows one Arrow IPC message may hold (its buffers may be compressed, so its
+# size in bytes says little about what it holds once read).
+MAX_ARROW_ROWS = 1_000_000
 
 REASONS = {
     "too_large": "message is larger than ENRICHER_MAX_MESSAGE_BYTES",
@@ -54,7 +66,12 @@ REASONS = {
     "missing_feature": "a feature in the model's schema is missing or null",
     "wrong_feature_type": "a feature or attribute has the wrong type",
     "non_finite": "a number is NaN or infinite",
+    "out_of_range": "a value its column cannot hold (a number beyond float64, a timestamp outside "
+                    "1973-2299, an inference id over 1,024 characters)",
+    "invalid_text": "a string that is not valid Unicode (a lone surrogate)",
     "invalid_arrow": "an Arrow IPC message that cannot be read",
+    "store_rejected": "ClickHouse refused the row for a reason a retry will not change",
+    "internal_error": "the row made the worker fail (a bug): logged with its offsets and set aside",
 }
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -72,6 +89,10 @@ class DeadLetter:
     offset: int
     index: int | None = None  # the row's position inside a batched message
 
+    def __post_init__(self):
+        if len(self.detail) > 300:  # details quote values, and values may be a megabyte long
+            self.detail = self.detail[:297] + "..."
+
 
 @dataclass
 class ModelRows:
@@ -85,6 +106,7 @@ class ModelRows:
     values: dict[str, pa.Array]  # features and attributes by name
     partition: np.ndarray
     offset: np.ndarray
+    origin: np.ndarray  # each row's id in its batch, to dead-letter it later (ParsedBatch.dead_letter)
 
     @property
     def num_rows(self) -> int:
@@ -95,6 +117,12 @@ class ModelRows:
 class ParsedBatch:
     models: dict[str, ModelRows] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
+    origins: "_Origins | None" = None
+
+    def dead_letter(self, origin: int, reason: str, detail: str, model_id: str | None) -> DeadLetter:
+        """A row that got through validation but is refused later (by the store, or a bug)."""
+        raw, partition, offset, index = self.origins.describe(int(origin))
+        return DeadLetter(raw, reason, detail, model_id, partition, offset, index)
 
 
 def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
@@ -104,37 +132,25 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
 
     `specs(model_id)` returns the model's spec, or None if it is unknown.
     `content_types`, where given, holds each message's content-type header.
+
+    Nothing a producer sends makes this raise: every message ends up as rows
+    or as dead letters. The checks below are written not to fail; should one
+    fail all the same (a bug), the rows it was looking at are validated again
+    one by one, and those that still fail leave as `internal_error`.
     """
     out = ParsedBatch()
     items = _Items(out, specs, partitions, offsets)
+    out.origins = _Origins(items, partitions, offsets)
     arrow_parts: list[tuple[int, pa.Table]] = []
-    loads = orjson.loads
     for i, raw in enumerate(values):
         if raw is None:
             raw = values[i] = b""
-        if len(raw) > max_bytes:
-            out.dead.append(DeadLetter(raw, "too_large", f"message is {len(raw)} bytes, the limit is {max_bytes}",
-                                       None, partitions[i], offsets[i]))
-            continue
-        ctype = content_types[i] if content_types else None
-        if ctype == ARROW_STREAM or (ctype is None and raw[:4] == _ARROW_MAGIC):
-            try:
-                arrow_parts.append((i, pa.ipc.open_stream(raw).read_all()))
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-                out.dead.append(DeadLetter(raw, "invalid_arrow", str(exc)[:300], None, partitions[i], offsets[i]))
-            continue
         try:
-            obj = loads(raw)
-        except orjson.JSONDecodeError as exc:
-            obj = _lenient_loads(raw)
-            if obj is None:
-                out.dead.append(DeadLetter(raw, "invalid_json", str(exc), None, partitions[i], offsets[i]))
-                continue
-        if type(obj) is list:
-            for pos, element in enumerate(obj):
-                items.add(element, raw, i, pos)
-        else:
-            items.add(obj, raw, i, None)
+            _decode(raw, i, content_types[i] if content_types else None, max_bytes, items, arrow_parts)
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the batch; see above
+            log.exception("decoding the message at %s/%s failed", partitions[i], offsets[i])
+            out.dead.append(DeadLetter(raw, "internal_error", f"decoding failed: {_error(exc)}", None,
+                                       partitions[i], offsets[i]))
 
     parts: dict[str, list[ModelRows]] = {}
     partition_of = np.asarray(partitions, np.uint32)
@@ -152,8 +168,7 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
         order = [k for rows in lists for k in rows]  # Python ints: list indexing below stays cheap
         idx = np.asarray(order, np.int64)
         owner = np.repeat(np.arange(len(model_ids)), [len(rows) for rows in lists])
-        objs = items.objs
-        group_rows, bad = _columns(specs(model_ids[0]), [objs[k] for k in order])
+        group_rows, bad = _columns_guarded(specs(model_ids[0]), [items.objs[k] for k in order], idx)
         for j, (reason, detail) in sorted(bad.items()):
             items.dead(order[j], reason, detail, model_ids[owner[j]])
         if group_rows is None:
@@ -161,8 +176,8 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
         if bad:
             keep = np.ones(len(idx), bool)
             keep[list(bad)] = False
-            idx, owner = idx[keep], owner[keep]
-        msg = message_of[idx]
+            owner = owner[keep]
+        msg = message_of[group_rows.origin]
         group_rows.partition = partition_of[msg]
         group_rows.offset = offset_of[msg]
         counts = np.bincount(owner, minlength=len(model_ids))
@@ -172,11 +187,99 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
                 parts.setdefault(model_id, []).append(_slice(group_rows, specs(model_id), start, count))
             start += count
     for i, table in arrow_parts:
-        for model_id, model_rows in _arrow_message(table, i, specs, out, partitions, offsets).items():
+        base = out.origins.add_arrow(i, table)
+        try:
+            found = _arrow_message(table, i, base, specs, out, partitions, offsets)
+        except Exception as exc:  # noqa: BLE001 - as above: a bug sets the message aside, not the batch
+            log.exception("validating the Arrow message at %s/%s failed", partitions[i], offsets[i])
+            out.dead.append(DeadLetter(values[i], "internal_error", f"validation failed: {_error(exc)}", None,
+                                       partitions[i], offsets[i]))
+            continue
+        for model_id, model_rows in found.items():
             parts.setdefault(model_id, []).append(model_rows)
     for model_id, rows in parts.items():
         out.models[model_id] = rows[0] if len(rows) == 1 else _concat(rows)
     return out
+
+
+def _decode(raw: bytes, i: int, ctype: str | None, max_bytes: int, items: "_Items",
+            arrow_parts: list[tuple[int, pa.Table]]) -> None:
+    """One message: its inferences to `items` (JSON) or `arrow_parts`, or a dead letter."""
+    dead = items.out.dead
+    partition, offset = items.partitions[i], items.offsets[i]
+    if len(raw) > max_bytes:
+        dead.append(DeadLetter(raw, "too_large", f"message is {len(raw)} bytes, the limit is {max_bytes}",
+                               None, partition, offset))
+        return
+    if ctype == ARROW_STREAM or (ctype is None and raw[:4] == _ARROW_MAGIC):
+        table, problem = _read_arrow(raw)
+        if table is None:
+            dead.append(DeadLetter(raw, "invalid_arrow", problem, None, partition, offset))
+        elif table.num_rows > MAX_ARROW_ROWS:
+            dead.append(DeadLetter(raw, "too_large", f"Arrow message holds {table.num_rows:,} rows, "
+                                   f"the limit is {MAX_ARROW_ROWS:,}", None, partition, offset))
+        else:
+            arrow_parts.append((i, table))
+        return
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        obj = _lenient_loads(raw)
+        if obj is _INVALID:
+            dead.append(DeadLetter(raw, "invalid_json", str(exc)[:300], None, partition, offset))
+            return
+    if type(obj) is list:
+        for pos, element in enumerate(obj):
+            items.add(element, raw, i, pos)
+    else:
+        items.add(obj, raw, i, None)
+
+
+def _read_arrow(raw: bytes) -> tuple[pa.Table | None, str]:
+    """An IPC stream, read and fully validated before any column is touched: a
+    stream can claim lengths and offsets its buffers do not have, and reading
+    such a column unchecked reads out of bounds."""
+    try:
+        table = pa.ipc.open_stream(raw).read_all()
+        table.validate(full=True)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, ArrowIOError, OSError, ...
+        return None, _error(exc)
+    return table, ""
+
+
+def _error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _Origins:
+    """Where each validated row came from, so that a later stage (the store,
+    the bisection of a failing batch) can still dead-letter it alone: JSON
+    rows are numbered as `_Items` numbers them, Arrow rows after them."""
+
+    ARROW_BASE = 1 << 40  # above any JSON item's number
+
+    def __init__(self, items: "_Items", partitions, offsets):
+        self.items, self.partitions, self.offsets = items, partitions, offsets
+        self.bases: list[int] = []
+        self.arrow: list[tuple[int, pa.Table]] = []
+
+    def add_arrow(self, i: int, table: pa.Table) -> int:
+        base = self.ARROW_BASE + (self.bases[-1] + self.arrow[-1][1].num_rows - self.ARROW_BASE
+                                  if self.bases else 0)
+        self.bases.append(base)
+        self.arrow.append((i, table))
+        return base
+
+    def describe(self, origin: int) -> tuple[bytes, int, int, int | None]:
+        if origin < self.ARROW_BASE:
+            items = self.items
+            i, pos = items.msg[origin], items.pos[origin]
+            return items.raw_of(origin), self.partitions[i], self.offsets[i], pos
+        k = bisect.bisect_right(self.bases, origin) - 1
+        i, table = self.arrow[k]
+        j = origin - self.bases[k]
+        return to_ipc(table.slice(j, 1)), self.partitions[i], self.offsets[i], j
 
 
 class _Items:
@@ -205,23 +308,26 @@ class _Items:
         rows = self.by_model.get(model_id)
         if rows is None:
             if self.specs(model_id) is None:
-                return self.dead(k, "unknown_model", f"model {model_id!r} is not registered", model_id)
+                return self.dead(k, "unknown_model", f"model {_short(model_id)} is not registered", model_id)
             rows = self.by_model[model_id] = []
         rows.append(k)
 
-    def dead(self, k: int, reason: str, detail: str, model_id: str | None) -> None:
-        pos = self.pos[k]
+    def raw_of(self, k: int) -> bytes:
         # A row of a batched message leaves alone, as its own JSON, so it can be replayed.
-        raw = self.raw[k] if pos is None else _dumps(self.objs[k])
+        if self.pos[k] is None:
+            return self.raw[k]
+        try:
+            return orjson.dumps(self.objs[k])
+        except TypeError:  # integers beyond 64 bits, lone surrogates: what orjson will not write
+            try:
+                return json.dumps(self.objs[k]).encode()
+            except Exception:  # noqa: BLE001 - then the whole message; batch_index says which row
+                return self.raw[k]
+
+    def dead(self, k: int, reason: str, detail: str, model_id: str | None) -> None:
         i = self.msg[k]
-        self.out.dead.append(DeadLetter(raw, reason, detail, model_id, self.partitions[i], self.offsets[i], pos))
-
-
-def _dumps(obj) -> bytes:
-    try:
-        return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, default=str).encode()
+        self.out.dead.append(DeadLetter(self.raw_of(k), reason, detail, model_id, self.partitions[i],
+                                        self.offsets[i], self.pos[k]))
 
 
 def _slice(rows: ModelRows, spec: ModelSpec, start: int, count: int) -> ModelRows:
@@ -230,7 +336,7 @@ def _slice(rows: ModelRows, spec: ModelSpec, start: int, count: int) -> ModelRow
     return ModelRows(spec, rows.inference_id.slice(start, count), rows.timestamp.slice(start, count),
                      rows.prediction.slice(start, count), rows.label.slice(start, count),
                      {k: v.slice(start, count) for k, v in rows.values.items()},
-                     rows.partition[start:end], rows.offset[start:end])
+                     rows.partition[start:end], rows.offset[start:end], rows.origin[start:end])
 
 
 def _concat(parts: list[ModelRows]) -> ModelRows:
@@ -239,16 +345,23 @@ def _concat(parts: list[ModelRows]) -> ModelRows:
     return ModelRows(first.spec, cat([p.inference_id for p in parts]), cat([p.timestamp for p in parts]),
                      cat([p.prediction for p in parts]), cat([p.label for p in parts]),
                      {k: cat([p.values[k] for p in parts]) for k in first.values},
-                     np.concatenate([p.partition for p in parts]), np.concatenate([p.offset for p in parts]))
+                     np.concatenate([p.partition for p in parts]), np.concatenate([p.offset for p in parts]),
+                     np.concatenate([p.origin for p in parts]))
+
+
+_INVALID = object()
 
 
 def _lenient_loads(raw: bytes):
-    """JSON with NaN/Infinity literals (as Python's json writes them) decodes,
-    so that such a message is dead-lettered as non_finite, naming the field."""
+    """What orjson refuses but Python's json reads: NaN/Infinity literals (as
+    Python's json writes them), integers beyond 64 bits, lone surrogates. Such
+    a message then fails validation naming the field (non_finite,
+    out_of_range, invalid_text) instead of being just invalid_json. Nesting
+    deeper than the interpreter's recursion limit stays invalid_json."""
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
+        return json.loads(raw.decode("utf-8"))  # UTF-8 only: Python's json would also guess UTF-16/32
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _INVALID
 
 
 def _kind(value) -> str:
@@ -261,12 +374,35 @@ def _kind(value) -> str:
 Bad = dict[int, tuple[str, str]]
 
 
-def _columns(spec: ModelSpec, objs: list[dict]) -> tuple[ModelRows | None, Bad]:
-    """Validate JSON objects of one model into columns."""
-    return _validate(spec, _JsonSource(objs))
+def _columns(spec: ModelSpec, objs: list[dict], origin: np.ndarray) -> tuple[ModelRows | None, Bad]:
+    """Validate JSON objects of one model (or layout) into columns."""
+    return _validate(spec, _JsonSource(objs), origin)
 
 
-def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource") -> tuple[ModelRows | None, Bad]:
+def _columns_guarded(spec: ModelSpec, objs: list[dict], origin: np.ndarray) -> tuple[ModelRows | None, Bad]:
+    """`_columns`, and if it fails (a bug), each row on its own: the rows that
+    fail alone are `internal_error`, the others go on."""
+    try:
+        return _columns(spec, objs, origin)
+    except Exception:  # noqa: BLE001
+        log.exception("validating %d rows of layout %s together failed; validating them one by one",
+                      len(objs), spec.model_id)
+    good, bad = [], {}
+    for j, obj in enumerate(objs):
+        try:
+            rows, one_bad = _columns(spec, [obj], origin[j:j + 1])
+        except Exception as exc:  # noqa: BLE001
+            bad[j] = ("internal_error", f"validation failed: {_error(exc)}")
+            continue
+        if one_bad:
+            bad[j] = one_bad[0]
+        if rows is not None:
+            good.append(rows)
+    return (_concat(good) if good else None), bad
+
+
+def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource",
+              origin: np.ndarray) -> tuple[ModelRows | None, Bad]:
     """The checks every row goes through, whatever format it came in.
 
     The order of the checks is the order problems are reported in: the first
@@ -274,7 +410,12 @@ def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource") -> tuple[Model
     """
     bad = src.bad
     inference_id = _check(src.top("inference_id", _ID, "wrong_type"), "inference_id", bad, "missing_field")
-    timestamp = src.timestamp()
+    if len(inference_id) and (pc.max(pc.utf8_length(inference_id)).as_py() or 0) > MAX_ID_CHARS:
+        too_long = pc.fill_null(pc.greater(pc.utf8_length(inference_id), MAX_ID_CHARS), False)
+        for j in np.flatnonzero(too_long.to_numpy(zero_copy_only=False)):
+            _mark(bad, int(j), "out_of_range", f"inference_id: {len(inference_id[int(j)].as_py()):,} characters, "
+                  f"the limit is {MAX_ID_CHARS:,}")
+    timestamp = _check_time_range(src.timestamp(), bad)
     src.group("features", required=True)
     target = Column("prediction", spec.prediction_type)
     prediction = _check(src.top("prediction", target, "wrong_type"), "prediction", bad, "missing_field")
@@ -290,7 +431,7 @@ def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource") -> tuple[Model
             values[col.name] = _check(arr, f"attribute {col.name!r}", bad, None)
     if len(bad) == src.n:
         return None, bad
-    keep = None
+    keep = mask = None
     if bad:
         mask = np.ones(src.n, bool)
         mask[list(bad)] = False
@@ -300,8 +441,25 @@ def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource") -> tuple[Model
         return arr if keep is None else arr.filter(keep)
 
     rows = ModelRows(spec, kept(inference_id), kept(timestamp), kept(prediction), kept(label),
-                     {k: kept(v) for k, v in values.items()}, np.empty(0), np.empty(0))
+                     {k: kept(v) for k, v in values.items()}, np.empty(0), np.empty(0),
+                     origin if mask is None else origin[mask])
     return rows, bad
+
+
+def _check_time_range(ts: pa.Array, bad: Bad) -> pa.Array:
+    """Timestamps ClickHouse's DateTime64 can hold, from epoch-ms's plausible
+    start (earlier values are seconds, see _MIN_EPOCH_MS) to 2299."""
+    if ts.null_count == len(ts):
+        return ts
+    as_ms = ts.cast(pa.int64())
+    low, high = pc.min_max(as_ms).values()
+    if low.as_py() >= _MIN_EPOCH_MS and high.as_py() < _MAX_EPOCH_MS:
+        return ts
+    outside = pc.fill_null(pc.or_(pc.less(as_ms, _MIN_EPOCH_MS), pc.greater_equal(as_ms, _MAX_EPOCH_MS)), False)
+    for j in np.flatnonzero(outside.to_numpy(zero_copy_only=False)):
+        ms = as_ms[int(j)].as_py()
+        _mark(bad, int(j), "out_of_range", f"timestamp: {ms} ms since the epoch is outside 1973-2299")
+    return pc.if_else(outside, pa.scalar(None, ts.type), ts)
 
 
 class _JsonSource:
@@ -355,16 +513,26 @@ class _ArrowSource:
             self._all("missing_field", "timestamp: missing")
             return pa.nulls(self.n, TS_TYPE)
         arr = self.table.column("timestamp").combine_chunks()
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.cast(arr.type.value_type)
         if pa.types.is_timestamp(arr.type):
             if arr.type.tz is None:
                 arr = pc.assume_timezone(arr, "UTC")
-            return arr.cast(TS_TYPE)
+            # Sub-millisecond precision is dropped, not an error; the range is checked after.
+            return arr.cast(pa.timestamp(arr.type.unit, tz="UTC")).cast(TS_TYPE, safe=False)
         if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
-            arr = arr.cast(pa.int64(), safe=False)
-            for j in np.flatnonzero(pc.fill_null(pc.less(arr, _MIN_EPOCH_MS), False).to_numpy(zero_copy_only=False)):
+            floats = arr.cast(pa.float64(), safe=False)
+            finite = pc.fill_null(pc.is_finite(floats), True).to_numpy(zero_copy_only=False)
+            small = pc.fill_null(pc.less(floats, _MIN_EPOCH_MS), False).to_numpy(zero_copy_only=False)
+            large = pc.fill_null(pc.greater_equal(floats, _MAX_EPOCH_MS), False).to_numpy(zero_copy_only=False)
+            for j in np.flatnonzero(small | ~finite):
                 _mark(self.bad, int(j), "invalid_timestamp",
                       f"timestamp: {arr[int(j)].as_py()!r} is not epoch milliseconds (seconds? multiply by 1000)")
-            return pc.if_else(pc.less(arr, _MIN_EPOCH_MS), None, arr).cast(TS_TYPE)
+            for j in np.flatnonzero(large & finite):
+                _mark(self.bad, int(j), "out_of_range",
+                      f"timestamp: {arr[int(j)].as_py()!r} ms since the epoch is outside 1973-2299")
+            usable = pa.array(finite & ~small & ~large)
+            return pc.if_else(usable, floats, pa.scalar(None, pa.float64())).cast(pa.int64(), safe=False).cast(TS_TYPE)
         if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
             return _timestamps(arr.to_pylist(), self.bad)
         self._all("wrong_type", f"timestamp: column of type {arr.type}, expected a timestamp, int64 or string")
@@ -396,10 +564,12 @@ class _ArrowSource:
         if not ok:
             self._all(wrong, f"{what}: column of type {t}, expected {'numbers' if col.numeric else 'strings'}")
             return pa.nulls(self.n, target)
-        return arr.cast(target)
+        # unsafe: a 64-bit integer becomes the nearest float64, as it does from JSON
+        return arr.cast(target, safe=False)
 
 
-def _arrow_message(table: pa.Table, i: int, specs, out: ParsedBatch, partitions, offsets) -> dict[str, ModelRows]:
+def _arrow_message(table: pa.Table, i: int, base: int, specs, out: ParsedBatch, partitions,
+                   offsets) -> dict[str, ModelRows]:
     """Validate one Arrow IPC message, which may hold rows of several models."""
     def dead(rows, reason, detail, model_id):
         for j in rows:
@@ -421,10 +591,10 @@ def _arrow_message(table: pa.Table, i: int, specs, out: ParsedBatch, partitions,
         positions = np.flatnonzero(pc.equal(ids, model_id).fill_null(False).to_numpy(zero_copy_only=False))
         spec = specs(model_id)
         if spec is None:
-            dead(positions, "unknown_model", f"model {model_id!r} is not registered", model_id)
+            dead(positions, "unknown_model", f"model {_short(model_id)} is not registered", model_id)
             continue
         part = table.take(positions) if len(positions) < table.num_rows else table
-        rows, bad = _validate(spec, _ArrowSource(part))
+        rows, bad = _validate(spec, _ArrowSource(part), base + positions.astype(np.int64))
         for j, (reason, detail) in sorted(bad.items()):
             dead([positions[j]], reason, detail, model_id)
         if rows is not None:
@@ -454,7 +624,7 @@ def _from_values(vals: list, col: Column, what: str, bad: Bad, wrong: str) -> pa
     are the values looked at one by one, to mark the rows that do not fit."""
     try:
         return pa.array(vals, pa.float64() if col.numeric else pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+    except Exception:  # noqa: BLE001 - ArrowInvalid/TypeError, OverflowError, UnicodeEncodeError, RecursionError...
         return _typed_slowly(vals, col, what, bad, wrong)
 
 
@@ -481,9 +651,16 @@ def _typed_slowly(vals: list, col: Column, what: str, bad: Bad, wrong: str) -> p
         elif col.numeric and t in (int, float, bool):
             try:
                 clean.append(float(v))
-            except OverflowError:  # an integer beyond float range
-                clean.append(math.inf)
-        elif not col.numeric and t in (str, int):
+            except OverflowError:  # an integer beyond float range (only Python's json reads those)
+                _mark(bad, j, "out_of_range", f"{what}: an integer of {len(str(v))} digits is beyond float64")
+                clean.append(None)
+        elif not col.numeric and t is str:
+            if _encodable(v):
+                clean.append(v)
+            else:
+                _mark(bad, j, "invalid_text", f"{what}: {_short(v)} is not valid Unicode (a lone surrogate)")
+                clean.append(None)
+        elif not col.numeric and t is int:
             clean.append(str(v))
         else:
             expected = "a number" if col.numeric else "a string"
@@ -492,24 +669,38 @@ def _typed_slowly(vals: list, col: Column, what: str, bad: Bad, wrong: str) -> p
     return pa.array(clean, pa.float64() if col.numeric else pa.string())
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Bounded at every level: a value may be nested hundreds deep or a megabyte long.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 36, 36, 4, 4
+
+
 def _short(v) -> str:
-    text = repr(v)
+    text = _REPR.repr(v)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _timestamps(vals: list, bad: Bad) -> pa.Array:
     # Fast paths: a batch of all epoch-ms numbers, or of ISO strings with offsets.
+    # (Their range is checked by the caller, _check_time_range.)
     try:
         arr = pa.array(vals, pa.int64())
         if arr.null_count == 0 and pc.min(arr).as_py() >= _MIN_EPOCH_MS:
             return arr.cast(TS_TYPE)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+    except Exception:  # noqa: BLE001 - not all integers: the next path, or row by row
         pass
     try:
         arr = pa.array(vals, pa.string())
         if arr.null_count == 0:
             return arr.cast(TS_TYPE)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+    except Exception:  # noqa: BLE001
         pass
     out = []
     for j, v in enumerate(vals):
@@ -518,9 +709,11 @@ def _timestamps(vals: list, bad: Bad) -> pa.Array:
         if v is None:
             _mark(bad, j, "missing_field", "timestamp: missing")
         elif t is int or t is float:
-            if not math.isfinite(v) or v < _MIN_EPOCH_MS:
+            if t is float and not math.isfinite(v) or v < _MIN_EPOCH_MS:
                 _mark(bad, j, "invalid_timestamp",
-                      f"timestamp: {v!r} is not epoch milliseconds (seconds? multiply by 1000)")
+                      f"timestamp: {_short(v)} is not epoch milliseconds (seconds? multiply by 1000)")
+            elif v >= _MAX_EPOCH_MS:
+                _mark(bad, j, "out_of_range", f"timestamp: {_short(v)} ms since the epoch is after 2299")
             else:
                 ms = int(v)
         elif t is str:
@@ -529,7 +722,7 @@ def _timestamps(vals: list, bad: Bad) -> pa.Array:
                 if dt.tzinfo is None:
                     dt = dt.replace(tzinfo=timezone.utc)
                 ms = int(dt.timestamp() * 1000)
-            except ValueError:
+            except (ValueError, OverflowError, OSError):  # incl. offsets that push it out of range
                 _mark(bad, j, "invalid_timestamp", f"timestamp: {_short(v)} is not ISO-8601")
         else:
             _mark(bad, j, "wrong_type", f"timestamp: expected a string or a number, got {_kind(v)}")

@@ -5,13 +5,23 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-CONSUMED = Counter("enricher_inferences_consumed", "Messages taken from the inference topic "
-                   "(model is empty when a message never named a usable model)", ["model"])
-ENRICHED = Counter("enricher_inferences_enriched", "Inferences enriched and written to ClickHouse", ["model"])
-DEAD_LETTERED = Counter("enricher_inferences_dead_lettered",
-                        "Messages sent to the dead-letter topic", ["model", "reason"])
-BATCH_ROWS = Histogram("enricher_batch_rows", "Messages per processed batch",
-                       buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000))
+CONSUMED = Counter("enricher_inferences_consumed", "Inferences (rows) taken from the inference topic, stored "
+                   "or dead-lettered; a batched message counts its rows (model is empty when a row named no "
+                   "registered model)", ["model"])
+ENRICHED = Counter("enricher_inferences_enriched", "Inferences (rows) enriched and written to ClickHouse", ["model"])
+DEAD_LETTERED = Counter("enricher_inferences_dead_lettered", "Inferences (rows) sent to the dead-letter topic, "
+                        "or whole messages where no row could be read (model is empty for unregistered ids)",
+                        ["model", "reason"])
+BATCH_ROWS = Histogram("enricher_batch_rows", "Inferences (rows) per processed batch",
+                       buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000))
+BATCH_MESSAGES = Histogram("enricher_batch_messages", "Kafka messages per processed batch",
+                           buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000))
+INTERNAL_ERRORS = Counter("enricher_internal_errors", "Batches that failed on a bug (bisected; the message "
+                          "that triggers it is dead-lettered as internal_error)")
+DEAD_LETTERS_TRUNCATED = Counter("enricher_dead_letters_truncated", "Dead letters whose value was cut to "
+                                 "ENRICHER_DLQ_MAX_BYTES (full length and sha256 in headers)")
+STORE_RETRIES = Counter("enricher_store_retries", "Writes retried because the store could not take them "
+                        "(connection, timeout, 5xx, too many parts); consumption pauses meanwhile")
 ENRICHMENT_SECONDS = Histogram("enricher_enrichment_seconds", "Time spent in one enrichment's transform per batch",
                                ["enrichment"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
 ENRICHMENT_ERRORS = Counter("enricher_enrichment_errors", "Batches an enrichment failed on (columns left NULL)",

@@ -2,8 +2,16 @@
 
 The worker acknowledges a batch's messages (so their offsets may be
 committed) only after `write` returned: an offset is never committed ahead of
-its rows. A failed write raises; the caller retries
-the same batch.
+its rows.
+
+A failed write is classified, because what to do next depends on it:
+- `StoreUnavailable`: the store could not take the batch now (connection
+  refused or reset, a timeout, a 5xx without a ClickHouse error, too many
+  parts, memory, a readonly replica...). The same batch is tried again later.
+- `StoreRejected`: the store refused the data itself (a value it will not
+  take, a constraint, a schema that does not match). Trying again changes
+  nothing; the caller splits the batch to find the rows at fault.
+Anything else raised from here is a bug on our side of the wire.
 """
 
 from __future__ import annotations
@@ -13,39 +21,128 @@ import time
 
 import numpy as np
 import pyarrow as pa
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 
 from models.spec import ModelSpec
 
 from . import metrics
-from .clickhouse import EnrichedTables, connect
+from .clickhouse import EnrichedTables, Schema, connect, store_table
 from .config import Settings
+
+# ClickHouse error codes that say "not now" rather than "not this data".
+TRANSIENT_CODES = frozenset({
+    3,    # UNEXPECTED_END_OF_FILE (a connection cut mid-body)
+    159,  # TIMEOUT_EXCEEDED
+    164,  # READONLY (a replica in read-only mode, e.g. lost ZooKeeper/Keeper)
+    202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+    203,  # NO_FREE_CONNECTION
+    209,  # SOCKET_TIMEOUT
+    210,  # NETWORK_ERROR
+    236,  # ABORTED
+    241,  # MEMORY_LIMIT_EXCEEDED
+    242,  # TABLE_IS_READ_ONLY
+    252,  # TOO_MANY_PARTS
+    279,  # ALL_CONNECTION_TRIES_FAILED
+    319,  # UNKNOWN_STATUS_OF_INSERT
+    394,  # QUERY_WAS_CANCELLED
+    425,  # SYSTEM_ERROR
+    999,  # KEEPER_EXCEPTION
+})
+# Codes meaning the table is not what this worker writes: every row of every
+# batch would fail the same way, so the batch is not split row by row.
+SCHEMA_CODES = frozenset({
+    8,    # THERE_IS_NO_COLUMN
+    10,   # NOT_FOUND_COLUMN_IN_BLOCK
+    16,   # NO_SUCH_COLUMN_IN_TABLE
+    20,   # NUMBER_OF_COLUMNS_DOESNT_MATCH
+    47,   # UNKNOWN_IDENTIFIER
+    48,   # NOT_IMPLEMENTED (e.g. a column changed to a type our values cannot become)
+    53,   # TYPE_MISMATCH
+    60,   # UNKNOWN_TABLE
+    81,   # UNKNOWN_DATABASE
+})
+
+
+class StoreUnavailable(Exception):
+    """The store could not take the batch now; the same batch is retried."""
+
+
+class StoreRejected(Exception):
+    """The store refused the batch's data; a retry would be refused too."""
+
+    def __init__(self, message: str, table: str, code: int | None):
+        super().__init__(message)
+        self.table = table
+        self.code = code
+
+    @property
+    def schema(self) -> bool:
+        return self.code in SCHEMA_CODES
+
+
+def classify(exc: BaseException, table: str) -> Exception:
+    """The store's exception as StoreUnavailable or StoreRejected (or itself: a bug)."""
+    if isinstance(exc, OperationalError):  # transport: refused, reset, timed out
+        return StoreUnavailable(str(exc))
+    if isinstance(exc, DatabaseError):
+        code = exc.code
+        if code is None or code in TRANSIENT_CODES:  # an HTTP 5xx from a proxy has no ClickHouse code
+            return StoreUnavailable(str(exc))
+        return StoreRejected(str(exc), table, code)
+    if isinstance(exc, ClickHouseError):
+        return StoreUnavailable(str(exc))
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 class ClickHouseSink:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.table = store_table(settings.clickhouse_database)
         self._local = threading.local()
+        self._schema = Schema()  # DDL done, for every thread's connection
 
     @property
     def tables(self) -> EnrichedTables:
         # one connection per thread: clickhouse-connect clients are not shared across threads
         tables = getattr(self._local, "tables", None)
         if tables is None:
-            tables = self._local.tables = EnrichedTables(connect(self.settings), self.settings.clickhouse_database)
+            try:
+                client = connect(self.settings)
+            except Exception as exc:
+                raise classify(exc, self.table) from exc
+            tables = self._local.tables = EnrichedTables(client, self.settings.clickhouse_database, self._schema)
         return tables
 
-    def prepare(self, spec: ModelSpec) -> None:
-        """Make sure the model's view exists (cheap once done)."""
-        self.tables.ensure_view(spec)
+    def _failed(self, exc: Exception) -> Exception:
+        error = classify(exc, self.table)
+        if isinstance(error, StoreUnavailable):
+            self._local.tables = None  # a connection that failed mid-request is not reused
+        return error
+
+    def prepare(self, specs: list[ModelSpec]) -> None:
+        """The storage table and the models' views, before any insert; a no-op once done
+        (the DDL runs once per process, not per thread, and not again on a retry)."""
+        try:
+            for spec in specs:
+                self.tables.ensure_view(spec)
+        except (StoreUnavailable, StoreRejected):
+            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
 
     def write(self, table: pa.Table, rows_per_model: dict[str, int]) -> None:
         """One insert for the whole batch, every model's rows together."""
         started = time.perf_counter()
         try:
             self.tables.insert(table)
-        except Exception:
+        except (StoreUnavailable, StoreRejected):
             metrics.INSERT_FAILURES.inc()
             raise
+        except Exception as exc:
+            metrics.INSERT_FAILURES.inc()
+            raise self._failed(exc) from exc
         done = time.time()
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
         for model_id, n in rows_per_model.items():

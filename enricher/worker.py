@@ -33,14 +33,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.registry import ModelRegistry
 
 from . import deadletters, metrics
-from .batch import BatchProcessor
+from .batch import BatchProcessor, Messages, Outcome
 from .clickhouse import connect, run_query
 from .config import Settings
-from .contract import ParsedBatch
+from .contract import DeadLetter
 from .control import ControlEvents, ControlPlane, RequestError
 from .faust_patches import eager_hand_over, shorten_fetch_wait
 from .serving import Serving
-from .sink import ClickHouseSink
+from .sink import ClickHouseSink, StoreUnavailable
 from .topics import ensure_topics
 
 log = logging.getLogger("enricher.worker")
@@ -132,6 +132,8 @@ def build_app(settings: Settings) -> faust.App:
         datadir=str(settings.data_dir / "faust"),
         topic_partitions=settings.topic_partitions,
         producer_acks=-1,
+        # A dead letter is at most ENRICHER_DLQ_MAX_BYTES plus its headers.
+        producer_max_request_size=max(1_048_576, settings.dlq_max_bytes + 65_536),
         # The buffer must hold a whole batch or take_events can never fill one.
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         broker_max_poll_records=max(500, settings.batch_size),
@@ -158,21 +160,14 @@ def build_app(settings: Settings) -> faust.App:
                 # Batched messages make a take of N messages far more than N rows:
                 # work through it in pieces of at most ENRICHER_BATCH_BYTES.
                 for piece in _pieces(events, settings.batch_bytes):
-                    messages = [e.message for e in piece]
-                    values = [m.value for m in messages]
-                    partitions = [m.partition for m in messages]
-                    offsets = [m.offset for m in messages]
-                    headers = [m.headers for m in messages]
-                    content_types = [content_type(h) for h in headers] if any(headers) else None
-                    parsed = await asyncio.to_thread(processor.parse, values, partitions, offsets, content_types)
-                    written = await _write_until_done(processor, parsed)
-                    await _send_dead_letters(dead_letters, parsed, settings)
+                    outcome = await _handle_until_done(app, processor, _messages(piece), settings)
+                    await _send_dead_letters(dead_letters, outcome.dead, settings)
                     done += len(piece)
-                    processor.count(parsed, written)
+                    processor.count(outcome)
                     progress.batches += 1
                     progress.consumed += len(piece)
-                    progress.enriched += sum(written.values())
-                    progress.dead_lettered += len(parsed.dead)
+                    progress.enriched += sum(outcome.written.values())
+                    progress.dead_lettered += len(outcome.dead)
                     progress.last_batch_at = time.time()
             except BaseException:
                 # Stopped, cancelled by a rebalance, or crashed mid-batch: take_events
@@ -340,29 +335,107 @@ def _jsonable(value):
     return str(value)
 
 
-async def _write_until_done(processor: BatchProcessor, parsed: ParsedBatch) -> dict[str, int]:
-    """Insert the batch, retrying with backoff for as long as it takes.
+def _messages(events: list) -> Messages:
+    messages = [e.message for e in events]
+    headers = [m.headers for m in messages]
+    return Messages([m.value for m in messages], [m.partition for m in messages], [m.offset for m in messages],
+                    [content_type(h) for h in headers] if any(headers) else None)
 
-    The stream waits meanwhile: no offset moves past rows that are not stored.
+
+async def _handle_until_done(app, processor: BatchProcessor, messages: Messages, settings: Settings) -> Outcome:
+    """Handle the batch; while the store cannot take it, try again with backoff.
+
+    Meanwhile the stream waits (no offset moves past rows that are not
+    stored) and this worker stops fetching from its partitions, so what it
+    holds in memory stays bounded however long the outage; it resumes by
+    itself when the store is back. Nothing else is retried here: every other
+    failure is dealt with in BatchProcessor.handle.
     """
+    delay, paused = 0.5, set()
+    try:
+        while True:
+            try:
+                return await asyncio.to_thread(processor.handle, messages)
+            except StoreUnavailable as exc:
+                metrics.STORE_RETRIES.inc()
+                paused |= _pause(app, settings)
+                log.error("ClickHouse cannot take the batch (%s); fetching paused, retrying in %.1fs",
+                          str(exc)[:300], delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+    finally:
+        if paused:
+            _resume(app, paused)
+
+
+def _pause(app, settings: Settings) -> set:
+    try:
+        assigned = {tp for tp in app.consumer.assignment() if tp.topic == settings.inference_topic}
+        app.consumer.pause_partitions(assigned)
+        return assigned
+    except Exception:  # noqa: BLE001 - not started, or mid-rebalance: the fetch buffer still bounds it
+        return set()
+
+
+def _resume(app, paused: set) -> None:
+    try:
+        # a rebalance may have moved partitions meanwhile: resume only what is still ours
+        app.consumer.resume_partitions(paused & set(app.consumer.assignment()))
+        log.info("ClickHouse takes writes again; fetching resumed")
+    except Exception:  # noqa: BLE001
+        log.exception("could not resume fetching")
+
+
+async def _send_dead_letters(topic, dead: list[DeadLetter], settings: Settings) -> None:
+    """Send every dead letter and wait until the broker has each; failed sends
+    are sent again (with backoff) until they get through: a message is not
+    committed before its dead letter is durable. A value too large for the
+    producer is cut first (deadletters.record), so no send fails for its size."""
+    records = []
+    for d in dead:
+        value, headers = deadletters.record(d, settings.inference_topic, settings.dlq_max_bytes)
+        if len(value) < len(d.raw):
+            metrics.DEAD_LETTERS_TRUNCATED.inc()
+        records.append((value, headers))
     delay = 0.5
-    while True:
-        try:
-            return await asyncio.to_thread(processor.write, parsed)
-        except Exception as exc:
-            log.error("ClickHouse write failed (%s); retrying the batch in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
-
-
-async def _send_dead_letters(topic, parsed: ParsedBatch, settings: Settings) -> None:
-    if not parsed.dead:
-        return
-    pending = []
-    for d in parsed.dead:
+    while records:
         # The value is the original message, untouched, so it can be replayed as is.
-        pending.append(await topic.send(value=d.raw, headers=deadletters.headers(d, settings.inference_topic)))
-    await asyncio.gather(*pending)
+        sent = [await topic.send(value=value, headers=headers) for value, headers in records]
+        results = await asyncio.gather(*sent, return_exceptions=True)
+        failed = [(r, res) for r, res in zip(records, results) if isinstance(res, BaseException)]
+        if not failed:
+            return
+        if any(isinstance(res, asyncio.CancelledError) for _, res in failed):
+            raise asyncio.CancelledError()
+        log.error("%d dead letter(s) not acknowledged by the broker (%s); sending them again in %.1fs",
+                  len(failed), failed[0][1], delay)
+        records = [r for r, _ in failed]
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+
+class EnricherWorker(faust.Worker):
+    """Faust's worker, with a deadline on shutdown: after SIGTERM (or SIGINT)
+    the worker has ENRICHER_SHUTDOWN_GRACE seconds to stop cleanly (finish or
+    abandon the batch in hand, commit what was written); past that it exits
+    at once. Either way nothing unwritten is committed: offsets are committed
+    only for events whose rows and dead letters are durable."""
+
+    grace: float = 30.0
+
+    def _schedule_shutdown(self, signal) -> None:
+        if not self._signal_stop_time:
+            timer = threading.Timer(self.grace, _exit_now, args=(self.grace,))
+            timer.daemon = True
+            timer.start()
+        super()._schedule_shutdown(signal)
+
+
+def _exit_now(grace: float) -> None:
+    log.error("not stopped within ENRICHER_SHUTDOWN_GRACE=%ss; exiting now (nothing unwritten was committed)",
+              grace)
+    logging.shutdown()
+    os._exit(1)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
@@ -380,7 +453,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         eager_hand_over()
     app = build_app(settings)
     try:
-        worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+        EnricherWorker.grace = settings.shutdown_grace
+        worker = EnricherWorker(app, loglevel=loglevel, quiet=True)
         worker.execute_from_commandline()
     finally:
         try:

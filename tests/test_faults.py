@@ -1,0 +1,157 @@
+"""Faults on the batch path, each injected for real: the store refusing rows,
+the store's table changed under the worker, a bug triggered by one message,
+an enrichment that returns nonsense."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+
+from enricher import deadletters, metrics, sample
+from enricher.batch import BatchProcessor, Messages
+from enricher.serving import Active, Serving
+from enricher.sink import ClickHouseSink
+from models.artifact import ArtifactStore
+
+from .clickhouse_http import ClickHouseHTTP
+from .conftest import register_sample
+from .test_stream import count_rows, produce, query
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = ClickHouseHTTP(tmp_path / "server").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def worker_over_http(make_settings, tmp_path, server):
+    from enricher.supervise import WorkerProcess
+
+    settings = make_settings(clickhouse_url=server.url(), max_message_bytes=1 << 20)
+    register_sample(settings, tmp_path)
+    worker = WorkerProcess(settings, log_path=tmp_path / "worker.log").start()
+    yield settings, worker
+    worker.stop(signal.SIGKILL if worker.process.poll() is None else signal.SIGTERM, timeout=5)
+
+
+def alter(server, sql: str) -> None:
+    with server.lock:
+        server.conn.query(sql)
+
+
+def batched(settings, messages):
+    produce(settings, messages, batch="json")
+
+
+def test_rows_the_store_refuses_are_dead_lettered_alone_and_the_rest_is_written(worker_over_http, server):
+    settings, worker = worker_over_http
+    batched(settings, sample.inferences(1000, id_prefix="before")[0])
+    worker.wait_for(lambda s: s["enriched"] >= 1000, timeout=120)
+    # The store itself refuses some rows: a constraint the worker knows nothing of.
+    alter(server, "ALTER TABLE enricher_store.inferences ADD CONSTRAINT no_poison "
+                  "CHECK NOT startsWith(inference_id, 'poison')")
+    messages = sample.inferences(2000, id_prefix="during")[0]
+    for k in (5, 777, 1999):
+        messages[k] = messages[k].replace(b'"during-', b'"poison-')
+    batched(settings, messages)
+    worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= 3000, timeout=120)
+    batched(settings, sample.inferences(500, id_prefix="after")[0])
+    status = worker.wait_for(lambda s: s["enriched"] >= 3497, timeout=120)
+    assert (status["enriched"], status["dead_lettered"]) == (3497, 3)
+    assert count_rows(settings) == (3497, 3497)
+    records = deadletters.read(settings, expected=3)
+    assert [r.reason for r in records] == ["store_rejected"] * 3
+    assert sorted(json.loads(r.value)["inference_id"] for r in records) == \
+        ["poison-0000005", "poison-0000777", "poison-0001999"]
+    assert all("no_poison" in r.detail and "enricher_store" in r.detail for r in records)
+    assert all(r.batch_index is not None for r in records), "a row of a batched message leaves alone"
+
+
+def test_a_table_changed_under_the_worker_dead_letters_its_rows_naming_the_column(worker_over_http, server):
+    settings, worker = worker_over_http
+    batched(settings, sample.inferences(500, id_prefix="before")[0])
+    worker.wait_for(lambda s: s["enriched"] >= 500, timeout=120)
+    alter(server, "ALTER TABLE enricher_store.inferences DROP COLUMN label_class")
+    batched(settings, sample.inferences(300, id_prefix="during")[0])
+    status = worker.wait_for(lambda s: s["dead_lettered"] >= 300, timeout=120)
+    assert (status["enriched"], status["dead_lettered"]) == (500, 300), "no retry loop on a mismatch"
+    records = deadletters.read(settings, expected=300)
+    assert Counter(r.reason for r in records) == {"store_rejected": 300}
+    assert "label_class" in records[0].detail and "enricher_store" in records[0].detail
+    # Put right, the stream goes on where it was, without a restart.
+    alter(server, "ALTER TABLE enricher_store.inferences ADD COLUMN label_class LowCardinality(Nullable(String))")
+    batched(settings, sample.inferences(200, id_prefix="after")[0])
+    worker.wait_for(lambda s: s["enriched"] >= 700, timeout=120)
+    assert worker.process.poll() is None
+
+
+@pytest.fixture
+def processor(settings, tmp_path):
+    registry = register_sample(settings, tmp_path)
+    serving = Serving(registry, ArtifactStore(settings.artifact_dir))
+    return BatchProcessor(settings, serving, ClickHouseSink(settings))
+
+
+def stored_ids(processor) -> set[str]:
+    result = processor.sink.tables.client.query(f"SELECT inference_id FROM enricher.{sample.MODEL_ID}")
+    return {r[0] for r in result.result_rows}
+
+
+def test_a_bug_triggered_by_one_message_sets_that_message_aside_and_writes_the_rest(processor, monkeypatch):
+    messages, _ = sample.inferences(64)
+    trigger = json.loads(messages[37])["inference_id"]
+    real = processor.enrich
+
+    def enrich_with_a_bug(parsed, *args):  # a bug on our side that one message's content sets off
+        ids = [i for rows in parsed.models.values() for i in rows.inference_id.to_pylist()]
+        if trigger in ids:
+            raise KeyError("a bug")
+        return real(parsed, *args)
+
+    monkeypatch.setattr(processor, "enrich", enrich_with_a_bug)
+    before = metrics.INTERNAL_ERRORS._value.get()
+    outcome = processor.handle(Messages(messages, [0] * 64, list(range(64))))
+    assert outcome.written == {sample.MODEL_ID: 63}
+    [dead] = outcome.dead
+    assert (dead.reason, dead.offset, dead.raw) == ("internal_error", 37, messages[37])
+    assert "KeyError" in dead.detail
+    assert stored_ids(processor) == {json.loads(m)["inference_id"] for m in messages} - {trigger}
+    assert metrics.INTERNAL_ERRORS._value.get() - before == 7, "log2(64) + 1 failing batches, no more"
+
+
+class Nonsense:
+    """An enrichment artifact whose output breaks the contract."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def transform(self, batch):
+        return self.output(batch.num_rows)
+
+
+@pytest.mark.parametrize("output", [
+    lambda n: {"anomaly_score": pa.array([0.5] * (n - 1))},              # one value short
+    lambda n: {"anomaly_score": pa.array(["high"] * n)},                 # not a number
+    lambda n: {"surprise": pa.array([0.5] * n)},                         # undeclared column
+    lambda n: [0.5] * n,                                                 # not columns at all
+], ids=["short", "wrong type", "wrong name", "not a dict"])
+def test_an_enrichment_returning_nonsense_leaves_its_columns_null_for_that_batch(processor, output):
+    processor.serving._active[sample.MODEL_ID] = {
+        "anomaly_detection": Active("anomaly_detection", 9, Nonsense(output))}
+    errors = metrics.ENRICHMENT_ERRORS.labels(sample.MODEL_ID, "anomaly_detection")
+    before = errors._value.get()
+    outcome = processor.handle(Messages(sample.inferences(20)[0], [0] * 20, list(range(20))))
+    assert outcome.written == {sample.MODEL_ID: 20} and not outcome.dead
+    rows = processor.sink.tables.client.query(
+        f"SELECT count(), countIf(anomaly_score IS NULL), countIf(anomaly_detection_version IS NULL) "
+        f"FROM enricher.{sample.MODEL_ID}").result_rows
+    assert rows == [(20, 20, 20)]
+    assert errors._value.get() - before == 1
