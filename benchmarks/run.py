@@ -285,7 +285,7 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
     published mid-stream: the throughput of each batch around the swap
     against the steady throughput before it, read back from the rows
     (each batch's rows share one _ingested_at)."""
-    from enricher.clickhouse import connect, run_query
+    from enricher.cli import query
     from enricher.control import ControlEvents
 
     data_dir = tmp / f"swap-{time.time_ns()}"
@@ -311,11 +311,9 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
             worker.wait_for(lambda s: s["enriched"] >= n, timeout=600)
         finally:
             worker.stop()
-    client = connect(settings, readonly=True)
-    _, rows = run_query(client, f"SELECT toUnixTimestamp64Micro(_ingested_at) / 1e6 AS t, count() AS rows, "
-                                f"max(anomaly_detection_version) AS v FROM enricher.{sample.MODEL_ID} "
-                                f"GROUP BY t ORDER BY t")
-    client.close()
+    _, rows = query(settings, f"SELECT toUnixTimestamp64Micro(_ingested_at) / 1e6 AS t, count() AS rows, "
+                              f"max(anomaly_detection_version) AS v FROM enricher.{sample.MODEL_ID} "
+                              f"GROUP BY t ORDER BY t")
     batches = [(t, r, v) for t, r, v in rows]
     served = next((t for t, _, v in batches if v == version), None)
     if served is None:

@@ -290,10 +290,10 @@ def cmd_query(args) -> int:
     settings = _settings(args)
     columns, rows = query(settings, args.sql)
     if args.format == "json":
-        from .worker import _jsonable
+        from .api import jsonable
 
         for row in rows:
-            print(json.dumps(dict(zip(columns, row)), default=_jsonable))
+            print(json.dumps(dict(zip(columns, row)), default=jsonable))
     else:
         print(format_table(columns, rows))
     return 0
@@ -301,7 +301,9 @@ def cmd_query(args) -> int:
 
 def query(settings: Settings, sql: str) -> tuple[list[str], list]:
     """Run a read-only query: directly, or through the running worker that
-    holds the embedded store (chDB allows one process per data directory)."""
+    holds the embedded store (chDB allows one process per data directory).
+    Either way the same rules apply (enricher/sqlguard.py): reads of the
+    enriched tables only, within the query limits."""
     worker = _running_worker(settings)
     if worker:
         req = urllib.request.Request(worker + "/query", data=json.dumps({"sql": sql}).encode(),
@@ -321,15 +323,18 @@ def query(settings: Settings, sql: str) -> tuple[list[str], list]:
         return doc["columns"], doc["rows"]
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    from .clickhouse import connect, run_query
+    from .api import QueryRunner
+    from .sqlguard import QueryRefused
 
-    client = connect(settings, readonly=True)
+    runner = QueryRunner(settings)
     try:
-        return run_query(client, sql)
+        return runner.run(sql)
+    except QueryRefused as exc:
+        raise UserError(f"query refused: {exc}") from None
     except ClickHouseError as exc:
         raise UserError(f"ClickHouse refused the query: {exc}") from None
     finally:
-        client.close()
+        runner.close()
 
 
 def _running_worker(settings: Settings) -> str | None:

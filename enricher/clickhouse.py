@@ -85,11 +85,12 @@ def quote(identifier: str) -> str:
     return f"`{identifier}`"
 
 
-def connect(settings: Settings, readonly: bool = False):
-    """A clickhouse-connect client for the configured URL."""
+def connect(settings: Settings):
+    """A clickhouse-connect client for the configured URL (reads go through api.QueryRunner,
+    which checks them and sets their limits)."""
     url = settings.clickhouse_url
     parts = urlsplit(url)
-    extra = {"settings": {"readonly": 2}} if readonly else {}
+    extra = {}
     if parts.scheme == "chdb":
         path = unquote(parts.netloc + parts.path)
         return clickhouse_connect.get_client(interface="chdb", path=path, **extra)
@@ -182,6 +183,6 @@ class EnrichedTables:
         self.client.insert_arrow(self.table, table)
 
 
-def run_query(client, sql: str) -> tuple[list[str], list[tuple]]:
-    result = client.query(sql)
+def run_query(client, sql: str, settings: dict | None = None) -> tuple[list[str], list[tuple]]:
+    result = client.query(sql, settings=settings)
     return list(result.column_names), [tuple(r) for r in result.result_rows]

@@ -40,7 +40,7 @@ def api(url: str, method: str = "GET", body=None) -> dict:
 
 
 def run_demo(args) -> int:
-    from .clickhouse import connect, run_query
+    from .cli import query
     from .producer import InferenceProducer
     from .supervise import TriggerProcess, WorkerProcess
     from .topics import ensure_topics
@@ -138,11 +138,10 @@ def run_demo(args) -> int:
         worker = None
 
         say("== 7/7 results, queried from ClickHouse (enricher query) and the dead-letter topic")
-        client = connect(settings, readonly=True)
         db = settings.clickhouse_database
 
         def show_query(title, sql):
-            columns, rows = run_query(client, sql)
+            columns, rows = query(settings, sql)
             say(f"\n-- {title}\n   {sql}\n")
             say(format_table(columns, rows))
 
@@ -159,16 +158,15 @@ def run_demo(args) -> int:
                    f"round(quantile(0.99)(anomaly_score), 3) AS p99, round(max(anomaly_score), 3) AS max, "
                    f"countIf(anomaly_score > 0.6) AS above_0_6 FROM {db}.{sample.MODEL_ID} "
                    f"WHERE anomaly_score IS NOT NULL")
-        columns, rows = run_query(client, f"SELECT inference_id, round(anomaly_score, 3) AS anomaly_score, "
+        columns, rows = query(settings, f"SELECT inference_id, round(anomaly_score, 3) AS anomaly_score, "
                                   f"round(f0, 2) AS f0, round(f1, 2) AS f1, region, anomaly_detection_version "
                                   f"FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC NULLS LAST LIMIT 10")
         say("\n-- top anomalies (* = planted)\n")
         say(format_table(columns + ["planted"], [r + ("*" if r[0] in planted else "",) for r in rows]))
-        _, top = run_query(client, f"SELECT inference_id FROM {db}.{sample.MODEL_ID} "
+        _, top = query(settings, f"SELECT inference_id FROM {db}.{sample.MODEL_ID} "
                            f"ORDER BY anomaly_score DESC NULLS LAST LIMIT {len(planted)}")
         found = len(planted & {r[0] for r in top})
         say(f"\n{found} of {len(planted)} planted anomalies are the top-{len(planted)} scores.")
-        client.close()
         say(f"\nQuery it yourself: {Path(sys.executable).parent / 'enricher'} --data-dir {data_dir} query "
             f"\"SELECT * FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 5\"")
         return 0

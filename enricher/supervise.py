@@ -59,9 +59,15 @@ class WorkerProcess(ChildProcess):
     def url(self) -> str:
         return f"http://{self.settings.http_host}:{self.settings.http_port}"
 
+    def _get(self, path: str, timeout: float):
+        request = urllib.request.Request(self.url + path)
+        if self.settings.api_token:
+            request.add_header("Authorization", f"Bearer {self.settings.api_token}")
+        return urllib.request.urlopen(request, timeout=timeout)
+
     def status(self) -> dict | None:
         try:
-            with urllib.request.urlopen(self.url + "/status", timeout=2) as resp:
+            with self._get("/status", timeout=2) as resp:
                 return json.loads(resp.read())
         except (OSError, ValueError):
             return None

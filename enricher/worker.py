@@ -18,26 +18,22 @@ are not committed and come back on restart or to the partition's next owner.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
 import threading
 import time
-from datetime import date, datetime
-from decimal import Decimal
 
 import faust
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.registry import ModelRegistry
 
 from . import deadletters, metrics
+from .api import check_exposure, install, scheme, web_options
 from .batch import BatchProcessor, Messages, Outcome
-from .clickhouse import connect, run_query
 from .config import Settings
 from .contract import DeadLetter
-from .control import ControlEvents, ControlPlane, RequestError
+from .control import ControlEvents, ControlPlane
 from .faust_patches import eager_hand_over, shorten_fetch_wait
 from .serving import Serving
 from .sink import ClickHouseSink, StoreUnavailable
@@ -125,10 +121,10 @@ def build_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         value_serializer="raw",
         key_serializer="raw",
-        web_enabled=True,
-        web_bind=settings.http_host,
-        web_host=settings.http_host,
-        web_port=settings.http_port,
+        **web_options(settings),
+        # Faust's own pages (graph, router, tables, stats) are not ours to serve.
+        web_graph_enabled=False, web_router_enabled=False, web_tables_enabled=False,
+        web_stats_enabled=False, web_metrics_enabled=False,
         datadir=str(settings.data_dir / "faust"),
         topic_partitions=settings.topic_partitions,
         producer_acks=-1,
@@ -190,101 +186,12 @@ def build_app(settings: Settings) -> faust.App:
         # loading happens off the event loop, and batches switch between runs.
         await asyncio.to_thread(serving.refresh)
 
-    @app.page("/metrics")
-    async def metrics_page(web, request):
-        # aiohttp refuses a charset inside content_type; Prometheus reads this as its text format.
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4")
-
-    @app.page("/status")
-    async def status_page(web, request):
-        return web.json({**progress.as_dict(), "serving": serving.describe(),
-                         "settings": settings.describe()})
-
-    control = ControlPlane(registry, store, ControlEvents(settings))
-
-    def authorised(request) -> bool:
-        token = settings.api_token
-        return not token or hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}")
-
-    async def answer(view, work, request=None, write=False, created_status=200):
-        """Run a control-plane call off the event loop; errors become 4xx JSON."""
-        if write and not authorised(request):
-            return view.json({"error": "missing or wrong bearer token (ENRICHER_API_TOKEN)"}, status=401)
-        body = None
-        if request is not None and write:
-            try:
-                body = await request.json()
-            except Exception:  # aiohttp raises JSONDecodeError or ContentTypeError
-                return view.json({"error": "body must be JSON", "field": ""}, status=400)
-        try:
-            result = await asyncio.to_thread(work, body)
-        except RequestError as exc:
-            return view.json(exc.body(), status=exc.status)
-        if isinstance(result, tuple):  # (created, doc)
-            return view.json(result[1], status=201 if result[0] else 200)
-        return view.json(result, status=created_status)
-
-    @app.page("/models")
-    class ModelsView(faust.web.View):
-        async def get(self, request):
-            return await answer(self, lambda _: {"models": control.list_models()})
-
-    @app.page("/models/{model_id}")
-    class ModelView(faust.web.View):
-        async def get(self, request, model_id):
-            return await answer(self, lambda _: control.model(model_id))
-
-        async def put(self, request, model_id):
-            return await answer(self, lambda body: control.put_model(model_id, body), request, write=True)
-
-    @app.page("/models/{model_id}/enrichments")
-    class EnrichmentsView(faust.web.View):
-        async def get(self, request, model_id):
-            return await answer(self, lambda _: control.enrichments(model_id))
-
-        async def patch(self, request, model_id):
-            result = await answer(self, lambda body: control.patch_enrichments(model_id, body), request,
-                                  write=True)
-            # Toggles apply to this worker at once (others follow the control topic).
-            await asyncio.to_thread(serving.refresh)
-            return result
-
-    query_client = {}
-
-    @app.page("/query")
-    class QueryView(faust.web.View):
-        """Read-only SQL through this process, which holds the embedded store."""
-
-        async def get(self, request):
-            return self.json({"error": "POST a JSON body {\"sql\": \"SELECT ...\"}"}, status=405)
-
-        async def post(self, request):
-            if not authorised(request):
-                return self.json({"error": "missing or wrong bearer token (ENRICHER_API_TOKEN)"}, status=401)
-            try:
-                body = await request.json()
-                sql = body["sql"]
-                if not isinstance(sql, str):
-                    raise TypeError
-            except Exception:
-                return self.json({"error": "body must be JSON {\"sql\": \"SELECT ...\"}"}, status=400)
-
-            def run():
-                if "client" not in query_client:
-                    query_client["client"] = connect(settings, readonly=True)
-                return run_query(query_client["client"], sql)
-
-            try:
-                columns, rows = await asyncio.to_thread(run)
-            except Exception as exc:
-                return self.json({"error": str(exc)}, status=400)
-            return self.bytes(json.dumps({"columns": columns, "rows": rows}, default=_jsonable).encode(),
-                              content_type="application/json")
+    install(app, settings, ControlPlane(registry, store, ControlEvents(settings)), serving, progress)
 
     @app.task
     async def announce():
         # Lets `enricher query` reach this process while it holds the embedded store.
-        info = {"pid": os.getpid(), "url": f"http://{settings.http_host}:{settings.http_port}"}
+        info = {"pid": os.getpid(), "url": f"{scheme(settings)}://{settings.http_host}:{settings.http_port}"}
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         (settings.data_dir / "worker.json").write_text(json.dumps(info))
         log.info("worker ready: consuming %s, dead letters to %s, HTTP on %s",
@@ -323,16 +230,6 @@ def content_type(headers) -> str | None:
         if key.lower() == "content-type" and value:
             return value.decode("ascii", "replace").split(";")[0].strip().lower()
     return None
-
-
-def _jsonable(value):
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
 
 
 def _messages(events: list) -> Messages:
@@ -446,6 +343,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         mode.loop.use("uvloop")
     except ImportError:
         pass
+    check_exposure(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # a fresh machine has none yet
     ensure_topics(settings)
     shorten_fetch_wait(settings.fetch_max_wait_ms)

@@ -23,7 +23,8 @@ def api(tmp_path_factory, broker):
     tmp = tmp_path_factory.mktemp("api")
     settings = Settings.from_env(env={}, data_dir=str(tmp / "data"), broker=broker.url, http_port=free_port(),
                                  inference_topic="api-inferences", dlq_topic="api-dlq",
-                                 control_topic="api-control", session_timeout=6.0, topic_partitions=1)
+                                 control_topic="api-control", session_timeout=6.0, topic_partitions=1,
+                                 api_token=TOKEN)
     ensure_topics(settings)
     reference = tmp / "reference.parquet"
     pq.write_table(sample.reference_table(500), reference)
@@ -55,9 +56,11 @@ def test_register_a_model_and_list_it(api):
     assert status == 201 and doc["model_id"] == "api_one" and doc["features"] == 11
     assert doc["enrichments"] == {"anomaly_detection": "disabled"}
     assert call(worker, "PUT", "/models/api_one", body)[0] == 200  # replaced, not created
-    status, doc = call(worker, "GET", "/models", token=None)  # reads need no token
+    # with a token configured, reads need it too
+    assert call(worker, "GET", "/models", token=None)[0] == 401
+    status, doc = call(worker, "GET", "/models")
     assert status == 200 and [m["model_id"] for m in doc["models"]] == ["api_one"]
-    status, doc = call(worker, "GET", "/models/api_one", token=None)
+    status, doc = call(worker, "GET", "/models/api_one")
     assert status == 200 and doc["schema"]["task"] == sample.SCHEMA["task"]
 
 

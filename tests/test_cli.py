@@ -108,7 +108,7 @@ def test_produce_sends_each_line_and_query_prints_json(files, capsys, tmp_path, 
 
 def test_query_is_read_only(files, capsys):
     code, _, err = run(capsys, "query", "CREATE DATABASE sneaky")
-    assert code == 2 and "readonly" in err.lower()
+    assert code == 2 and "query refused: only SELECT" in err
 
 
 def test_artifacts_list_and_rollback(files, capsys, monkeypatch):

@@ -19,7 +19,7 @@ from models.artifact import ArtifactStore
 
 from .clickhouse_http import ClickHouseHTTP
 from .conftest import register_sample
-from .test_stream import count_rows, produce, query
+from .test_stream import count_rows, produce
 
 pytestmark = pytest.mark.timeout(300)
 

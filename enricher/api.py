@@ -1,0 +1,208 @@
+"""The worker's HTTP server: metrics, health, status, the model API and read-only queries.
+
+Who may call what is decided here, in one place:
+- `GET /metrics` and `GET /health` are open (Prometheus and probes);
+- everything else needs `Authorization: Bearer $ENRICHER_API_TOKEN` when a
+  token is configured (compared in constant time); a worker whose server
+  binds anything but loopback refuses to start without a token, unless
+  `ENRICHER_HTTP_INSECURE=1` says so (check_exposure);
+- `POST /query` runs only what sqlguard.check lets through, with the time and
+  result-size limits of ENRICHER_QUERY_MAX_SECONDS and ENRICHER_QUERY_MAX_ROWS.
+Faust's own web pages (graph, router, tables, stats) are switched off: the
+server serves these endpoints and nothing else. With ENRICHER_HTTP_TLS_CERT
+and ENRICHER_HTTP_TLS_KEY it speaks HTTPS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import ssl
+from datetime import date, datetime
+from decimal import Decimal
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .clickhouse import connect, run_query
+from .config import ConfigError, Settings
+from .control import ControlPlane, RequestError
+from .sqlguard import QueryRefused, check, limits
+
+UNAUTHORISED = {"error": "missing or wrong bearer token (Authorization: Bearer $ENRICHER_API_TOKEN)"}
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve off loopback without a token (unless explicitly opted out)."""
+    if settings.api_token or settings.http_insecure or _loopback(settings.http_host):
+        return
+    raise ConfigError(f"ENRICHER_HTTP_HOST={settings.http_host!r} is reachable from other machines: set "
+                      "ENRICHER_API_TOKEN (or ENRICHER_API_TOKEN_FILE), or ENRICHER_HTTP_INSECURE=1 to serve "
+                      "without a token (e.g. behind a proxy that authenticates)")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def web_options(settings: Settings) -> dict:
+    """Faust settings for the HTTP server: our endpoints only, HTTPS when configured."""
+    options = dict(web_enabled=True, web_bind=settings.http_host, web_host=settings.http_host,
+                   web_port=settings.http_port)
+    if bool(settings.http_tls_cert) != bool(settings.http_tls_key):
+        raise ConfigError("HTTPS needs both ENRICHER_HTTP_TLS_CERT and ENRICHER_HTTP_TLS_KEY")
+    if settings.http_tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(settings.http_tls_cert, settings.http_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"ENRICHER_HTTP_TLS_CERT/KEY: cannot load ({exc})") from None
+        options["web_ssl_context"] = context
+    return options
+
+
+def scheme(settings: Settings) -> str:
+    return "https" if settings.http_tls_cert else "http"
+
+
+def authorised(settings: Settings, request) -> bool:
+    token = settings.api_token
+    if not token:
+        return True
+    given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
+def jsonable(value):
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+class QueryRunner:
+    """Checked, limited, read-only queries over the enriched tables (one client per thread)."""
+
+    def __init__(self, settings: Settings):
+        import threading
+
+        self.settings = settings
+        self.server = not settings.clickhouse_url.startswith("chdb:")
+        self._local = threading.local()
+
+    def run(self, sql: str) -> tuple[list[str], list]:
+        check(sql, self.settings.clickhouse_database)
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = connect(self.settings)
+        return run_query(client, sql, settings=limits(self.settings, self.server))
+
+    def close(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+            self._local.client = None
+
+
+def install(app: faust.App, settings: Settings, control: ControlPlane, serving, progress) -> None:
+    """The endpoints, on the worker's Faust app."""
+    queries = QueryRunner(settings)
+
+    def refuse(view, request):
+        return None if authorised(settings, request) else view.json(UNAUTHORISED, status=401)
+
+    async def answer(view, work, request, write=False, created_status=200):
+        """Run a control-plane call off the event loop; errors become 4xx JSON."""
+        denied = refuse(view, request)
+        if denied is not None:
+            return denied
+        body = None
+        if write:
+            try:
+                body = await request.json()
+            except Exception:  # noqa: BLE001 - aiohttp raises JSONDecodeError, ContentTypeError, ...
+                return view.json({"error": "body must be JSON", "field": ""}, status=400)
+        try:
+            result = await asyncio.to_thread(work, body)
+        except RequestError as exc:
+            return view.json(exc.body(), status=exc.status)
+        if isinstance(result, tuple):  # (created, doc)
+            return view.json(result[1], status=201 if result[0] else 200)
+        return view.json(result, status=created_status)
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):
+        # aiohttp refuses a charset inside content_type; Prometheus reads this as its text format.
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4")
+
+    @app.page("/health")
+    async def health_page(web, request):
+        return web.json({"status": "ok"})
+
+    @app.page("/status")
+    class StatusView(faust.web.View):
+        async def get(self, request):
+            return refuse(self, request) or self.json(
+                {**progress.as_dict(), "serving": serving.describe(), "settings": settings.describe()})
+
+    @app.page("/models")
+    class ModelsView(faust.web.View):
+        async def get(self, request):
+            return await answer(self, lambda _: {"models": control.list_models()}, request)
+
+    @app.page("/models/{model_id}")
+    class ModelView(faust.web.View):
+        async def get(self, request, model_id):
+            return await answer(self, lambda _: control.model(model_id), request)
+
+        async def put(self, request, model_id):
+            return await answer(self, lambda body: control.put_model(model_id, body), request, write=True)
+
+    @app.page("/models/{model_id}/enrichments")
+    class EnrichmentsView(faust.web.View):
+        async def get(self, request, model_id):
+            return await answer(self, lambda _: control.enrichments(model_id), request)
+
+        async def patch(self, request, model_id):
+            result = await answer(self, lambda body: control.patch_enrichments(model_id, body), request,
+                                  write=True)
+            # Toggles apply to this worker at once (others follow the control topic).
+            await asyncio.to_thread(serving.refresh)
+            return result
+
+    @app.page("/query")
+    class QueryView(faust.web.View):
+        """Read-only SQL through this process, which holds the embedded store."""
+
+        async def get(self, request):
+            return self.json({"error": "POST a JSON body {\"sql\": \"SELECT ...\"}"}, status=405)
+
+        async def post(self, request):
+            denied = refuse(self, request)
+            if denied is not None:
+                return denied
+            try:
+                body = await request.json()
+                sql = body["sql"]
+                if not isinstance(sql, str):
+                    raise TypeError
+            except Exception:  # noqa: BLE001 - any malformed body gets the same answer
+                return self.json({"error": "body must be JSON {\"sql\": \"SELECT ...\"}"}, status=400)
+            try:
+                columns, rows = await asyncio.to_thread(queries.run, sql)
+            except QueryRefused as exc:
+                return self.json({"error": f"query refused: {exc}"}, status=400)
+            except Exception as exc:  # noqa: BLE001 - the engine's own message, for the caller to fix
+                return self.json({"error": str(exc)[:2000]}, status=400)
+            return self.bytes(json.dumps({"columns": columns, "rows": rows}, default=jsonable).encode(),
+                              content_type="application/json")
