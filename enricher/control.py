@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime, timezone
 
 from models import ENRICHMENTS
 from models.artifact import ArtifactError, ArtifactStore
@@ -75,10 +74,6 @@ class ControlEvents:
             log.warning("could not announce %s for model %s on %s (%s); the registry has it, and the "
                         "trigger and workers will see it when they next look", event, model_id,
                         self.settings.control_topic, exc)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class ControlPlane:
@@ -163,6 +158,10 @@ class ControlPlane:
         if not isinstance(reference, str) or not reference:
             raise RequestError("reference: the location of the reference data (.parquet or .csv), a string",
                                "reference")
+        with self.registry.locked():
+            return self._put_model(model_id, body, reference)
+
+    def _put_model(self, model_id: str, body: dict, reference: str) -> tuple[bool, dict]:
         created = model_id not in self.registry.ids()
         try:
             self.registry.register(model_id, body["schema"], reference)
@@ -176,7 +175,15 @@ class ControlPlane:
         return created, next(m for m in self.list_models() if m["model_id"] == model_id)
 
     def patch_enrichments(self, model_id: str, body) -> dict[str, dict]:
-        """Body: {"anomaly_detection": {"enabled": true, "config": {...}}, ...}."""
+        """Body: {"anomaly_detection": {"enabled": true, "config": {...}}, ...}.
+
+        Holds the registry's lock throughout: two PATCHes at once (threads or
+        processes) apply one after the other, each on the state the other
+        left, each changing only the fields it names."""
+        with self.registry.locked():
+            return self._patch_enrichments(model_id, body)
+
+    def _patch_enrichments(self, model_id: str, body) -> dict[str, dict]:
         self._known(model_id)
         if not isinstance(body, dict) or not body:
             raise RequestError('body must be a JSON object like {"anomaly_detection": {"enabled": true}}', "")
@@ -204,11 +211,12 @@ class ControlPlane:
                 where = text.split(":", 1)[0]  # e.g. "anomaly_detection.n_estimators"
                 key = where.split(".", 1)[1] if where.startswith(f"{name}.") else None
                 raise RequestError(text, f"{name}.config" + (f".{key}" if key else "")) from None
-            changes[name] = (enabled, config)
-        for name, (enabled, config) in changes.items():  # all validated: now apply
+            changes[name] = (enabled, config, "enabled" in change, "config" in change)
+        for name, (enabled, config, set_enabled, set_config) in changes.items():  # all validated: now apply
             was = current[name]
             check = ENRICHMENTS[name].check_config
-            self.registry.set_enrichment(model_id, name, enabled, config)
+            self.registry.set_enrichment(model_id, name, enabled if set_enabled else None,
+                                         config if set_config else None)
             if not enabled:  # what made the last artifact stays on record
                 last = self.registry.status(model_id, name)
                 self.registry.set_status(model_id, name, "disabled", workflow=last.get("workflow"),
@@ -217,6 +225,6 @@ class ControlPlane:
                     self.registry.status(model_id, name).get("state") in (None, "failed", "disabled"):
                 self.registry.set_status(model_id, name, "pending")  # a run is needed
         self._announce("enrichments_changed", model_id,
-                       enabled=sorted(n for n, (on, _) in changes.items() if on),
-                       disabled=sorted(n for n, (on, _) in changes.items() if not on))
+                       enabled=sorted(n for n, (on, *_) in changes.items() if on),
+                       disabled=sorted(n for n, (on, *_) in changes.items() if not on))
         return self.enrichments(model_id)

@@ -10,13 +10,23 @@ steps share it without a server:
     <root>/GENERATION                    bumped on every change
 
 Readers poll GENERATION (one small file) to learn that something changed.
-Every write goes through a temporary file and an atomic rename.
+Every write goes through a temporary file of its own (unique per call, so
+threads and processes never share one) and an atomic rename, and every
+read-modify-write (a toggle, a registration, the generation) holds an
+exclusive lock on `<root>/.lock` (flock: threads and processes on one
+machine alike; on a shared volume, as far as its filesystem honours flock).
+So two PATCHes at once, from two threads or two processes, lose nothing:
+each changes only what it names, on the state the other left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import tempfile
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +43,9 @@ from .spec import ModelSpec, SpecError, check_model_id
 STATES = ("disabled", "pending", "training", "ready", "failed")
 
 
+_HELD = threading.local()  # per thread: registry roots whose lock it holds, and how deep
+
+
 class UnknownModel(KeyError):
     def __str__(self) -> str:
         return f"model {self.args[0]!r} is not registered (see `enricher models list`)"
@@ -42,19 +55,48 @@ class ModelRegistry:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Exclusive access to the registry for one read-modify-write; re-entrant
+        within a thread (whichever ModelRegistry object of the same root holds it)."""
+        held = _HELD.__dict__.setdefault("roots", {})
+        key = str(self.root.resolve())
+        if held.get(key):
+            held[key] += 1
+            try:
+                yield
+            finally:
+                held[key] -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            held[key] = 1
+            try:
+                yield
+            finally:
+                held[key] = 0
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     # -- models ---------------------------------------------------------
     def register(self, model_id: str, schema: dict, reference_path: str | Path) -> ModelSpec:
         spec = ModelSpec.from_json(model_id, schema)
         reference = normalise(spec, read_table(reference_path))
         folder = self.root / model_id
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".reference.{os.getpid()}.parquet"
-        pq.write_table(reference, tmp)
-        os.replace(tmp, folder / "reference.parquet")
-        _write_json(folder / "spec.json", spec.to_json())
-        if not (folder / "enrichments.json").exists():
-            _write_json(folder / "enrichments.json", {})
-        self.touch()
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".reference.", suffix=".parquet")
+        os.close(fd)
+        try:
+            pq.write_table(reference, tmp)
+            with self.locked():
+                os.replace(tmp, folder / "reference.parquet")
+                _write_json(folder / "spec.json", spec.to_json())
+                if not (folder / "enrichments.json").exists():
+                    _write_json(folder / "enrichments.json", {})
+                self.touch()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return spec
 
     def ids(self) -> list[str]:
@@ -92,17 +134,22 @@ class ModelRegistry:
     def enabled(self, model_id: str) -> dict[str, dict]:
         return {n: t["config"] for n, t in self.enrichments(model_id).items() if t["enabled"]}
 
-    def set_enrichment(self, model_id: str, name: str, enabled: bool, config: dict | None = None) -> dict:
+    def set_enrichment(self, model_id: str, name: str, enabled: bool | None = None,
+                       config: dict | None = None) -> dict:
+        """Change what is given (None: leave as it is), on the state as it is now."""
         if name not in ENRICHMENTS:
             raise SpecError(f"unknown enrichment {name!r}; known: {', '.join(sorted(ENRICHMENTS))}")
-        current = self.enrichments(model_id)
-        entry = current[name]
         if config is not None:
             ENRICHMENTS[name].check_config(config)
-            entry["config"] = config
-        entry["enabled"] = bool(enabled)
-        _write_json(self.root / model_id / "enrichments.json", current)
-        self.touch()
+        with self.locked():
+            current = self.enrichments(model_id)
+            entry = current[name]
+            if config is not None:
+                entry["config"] = config
+            if enabled is not None:
+                entry["enabled"] = bool(enabled)
+            _write_json(self.root / model_id / "enrichments.json", current)
+            self.touch()
         return current
 
     # -- training status -----------------------------------------------
@@ -121,7 +168,8 @@ class ModelRegistry:
                **fields}
         folder = self.root / check_model_id(model_id) / "status"
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / f"{name}.json", doc)
+        with self.locked():
+            _write_json(folder / f"{name}.json", doc)
         return doc
 
     # -- change detection ----------------------------------------------
@@ -133,12 +181,22 @@ class ModelRegistry:
 
     def touch(self) -> None:
         """Announce a change (a registration, a toggle, a published artifact)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / ".gen.tmp").write_text(str(self.generation() + 1))
-        os.replace(self.root / ".gen.tmp", self.root / "GENERATION")
+        with self.locked():
+            _write_text(self.root / "GENERATION", str(self.generation() + 1))
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Whole or not at all: a temporary file of this call's own, then a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
