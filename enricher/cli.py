@@ -37,14 +37,28 @@ def _registry(settings: Settings):
 def cmd_broker(args) -> int:
     from .broker import EmbeddedBroker
 
-    broker = EmbeddedBroker(args.host, args.port).start()
-    print(f"embedded broker (Tansu, memory storage) listening on {broker.url}; Ctrl-C stops it", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     try:
-        broker.process.wait()
+        broker = EmbeddedBroker(args.host, args.port, storage=args.storage).start()
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"embedded broker (Tansu, {args.storage} storage) listening on {broker.url} (pid {broker.process.pid}); "
+          "Ctrl-C or SIGTERM stops it", flush=True)
+
+    def on_sigterm(*_):
+        # Only interrupt the wait below; stopping (and reaping) the child happens
+        # in `finally`, outside the handler, not inside the wait it interrupted.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        code = broker.process.wait()
+        if code:
+            print(f"enricher broker: the broker exited with code {code}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         broker.stop()
     return 0
 
@@ -381,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
     b.add_argument("--host", default="127.0.0.1")
     b.add_argument("--port", type=int, default=9092)
+    b.add_argument("--storage", default="memory://tansu/",
+                   help="memory://tansu/ (lost on stop) or s3://BUCKET/ (kept; Tansu reads AWS_ENDPOINT, "
+                        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ALLOW_HTTP)")
     b.set_defaults(func=cmd_broker)
 
     m = sub.add_parser("models", help="register, list and show models").add_subparsers(

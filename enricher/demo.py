@@ -39,16 +39,42 @@ def api(url: str, method: str = "GET", body=None) -> dict:
         return json.loads(resp.read())
 
 
+MARKER = ".enricher-demo"  # in a data directory the demo made, so that it may remove it again
+# What a demo run leaves in its directory (runs before the marker existed left exactly these).
+DEMO_ENTRIES = {MARKER, "broker.log", "worker.log", "trigger.log", "reference.parquet", "registry", "artifacts",
+                "clickhouse", "faust", "worker.json"}
+
+
+def prepare_data_dir(data_dir: Path) -> Path:
+    """A fresh data directory for the demo. A previous demo's (it holds the
+    marker) is removed; an empty one is used; anything else is refused: the
+    demo never deletes data it did not create."""
+    from .cli import UserError
+
+    if data_dir.exists():
+        if not data_dir.is_dir():
+            raise UserError(f"--data-dir {data_dir} is a file; give a new or empty directory")
+        entries = {p.name for p in data_dir.iterdir()}
+        if (data_dir / MARKER).is_file() and entries <= DEMO_ENTRIES:
+            shutil.rmtree(data_dir)
+        elif entries and not entries <= DEMO_ENTRIES - {MARKER}:
+            raise UserError(f"--data-dir {data_dir} holds files the demo did not create "
+                            f"({', '.join(sorted(entries - DEMO_ENTRIES)[:5])}); the demo starts from an empty "
+                            "directory and removes it again on its next run, so give a new or empty one")
+        elif entries:  # a demo's from before the marker: only what a demo leaves
+            shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / MARKER).write_text("made by `enricher demo`; the next demo run removes this directory\n")
+    return data_dir
+
+
 def run_demo(args) -> int:
     from .cli import query
     from .producer import InferenceProducer
     from .supervise import TriggerProcess, WorkerProcess
     from .topics import ensure_topics
 
-    data_dir = Path(args.data_dir or ".enricher-demo").resolve()
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    data_dir.mkdir(parents=True)
+    data_dir = prepare_data_dir(Path(args.data_dir or ".enricher-demo").resolve())
     total = args.inferences
     before, after = total // 5, total - total // 5  # streamed before / after the toggle
     anomalies = max(1, after // 2000)

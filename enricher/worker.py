@@ -9,10 +9,14 @@ absorbed by the table's view (see clickhouse.py).
 
 Faust's `take_events` acknowledges a batch's events when the agent asks for
 the next one, which is after the body below has written them, or when the
-agent stops (a shutdown, a rebalance, a crash), whatever the body had done.
-On that second way out, the body first gives every event it has not made
-durable one extra reference, so Faust's ack is not their final one: they
-are not committed and come back on restart or to the partition's next owner.
+take is closed early (a shutdown closes it from the stream's side, while the
+body is still at work; a rebalance or a crash), whatever the body had done.
+So the body holds one reference of its own on every event of the take from
+the moment it gets it, and lets go of a piece's events only once that
+piece's rows and dead letters are durable: Faust's ack is then their final
+one. Events not yet durable keep the body's reference however the take
+ends: they are not acknowledged, not committed, and come back on restart or
+to the partition's next owner.
 """
 
 from __future__ import annotations
@@ -119,6 +123,11 @@ def build_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.session_timeout,
         broker_heartbeat_interval=max(settings.session_timeout / 6, 0.5),
         consumer_auto_offset_reset="earliest",
+        # Faust would wait, on a stop or a rebalance, for every taken event to be
+        # acknowledged; ours are acknowledged only once durable, so with the store
+        # down it would wait forever. Not waiting is safe: what is not acknowledged
+        # is not committed, and comes back (to this worker or the partition's next owner).
+        stream_wait_empty=False,
         value_serializer="raw",
         key_serializer="raw",
         **web_options(settings),
@@ -151,28 +160,21 @@ def build_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout):
             if progress.first_batch_at is None:
                 progress.first_batch_at = time.time()
-            done = 0  # events whose rows and dead letters are durable
-            try:
-                # Batched messages make a take of N messages far more than N rows:
-                # work through it in pieces of at most ENRICHER_BATCH_BYTES.
-                for piece in _pieces(events, settings.batch_bytes):
-                    outcome = await _handle_until_done(app, processor, _messages(piece), settings)
-                    await _send_dead_letters(dead_letters, outcome.dead, settings)
-                    done += len(piece)
-                    processor.count(outcome)
-                    progress.batches += 1
-                    progress.consumed += len(piece)
-                    progress.enriched += sum(outcome.written.values())
-                    progress.dead_lettered += len(outcome.dead)
-                    progress.last_batch_at = time.time()
-            except BaseException:
-                # Stopped, cancelled by a rebalance, or crashed mid-batch: take_events
-                # still acknowledges the whole take on its way out. Hold the events
-                # not yet durable so that ack is not their final one: they are not
-                # committed and come back (see module doc).
-                for event in events[done:]:
-                    event.message.incref()
-                raise
+            for event in events:  # held until durable (see module doc)
+                event.message.incref()
+            # Batched messages make a take of N messages far more than N rows:
+            # work through it in pieces of at most ENRICHER_BATCH_BYTES.
+            for piece in _pieces(events, settings.batch_bytes):
+                outcome = await _handle_until_done(app, processor, _messages(piece), settings)
+                await _send_dead_letters(dead_letters, outcome.dead, settings)
+                for event in piece:  # durable: Faust's ack will be the final one
+                    event.message.decref()
+                processor.count(outcome)
+                progress.batches += 1
+                progress.consumed += len(piece)
+                progress.enriched += sum(outcome.written.values())
+                progress.dead_lettered += len(outcome.dead)
+                progress.last_batch_at = time.time()
 
     @app.task
     async def follow_announcements():

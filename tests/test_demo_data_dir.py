@@ -1,0 +1,47 @@
+"""`enricher demo` never deletes data it did not create."""
+
+import pytest
+
+from enricher.cli import main
+from enricher.demo import MARKER, prepare_data_dir
+
+
+def test_a_directory_with_other_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "model.parquet").write_bytes(b"not the demo's")
+    assert main(["--data-dir", str(precious), "demo"]) == 2
+    err = capsys.readouterr().err
+    assert "did not create" in err and str(precious) in err
+    assert (precious / "model.parquet").read_bytes() == b"not the demo's"
+    assert sorted(p.name for p in precious.iterdir()) == ["model.parquet"]
+
+
+def test_a_file_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    from enricher.cli import UserError
+
+    with pytest.raises(UserError, match="is a file"):
+        prepare_data_dir(target)
+    assert target.read_text() == "x"
+
+
+def test_a_previous_demo_directory_is_started_afresh_and_an_empty_one_used(tmp_path):
+    previous = prepare_data_dir(tmp_path / "demo")
+    (previous / "worker.log").write_text("old run")
+    again = prepare_data_dir(tmp_path / "demo")
+    assert sorted(p.name for p in again.iterdir()) == [MARKER]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (prepare_data_dir(empty) / MARKER).is_file()
+
+
+def test_a_marked_directory_that_gained_other_files_is_refused(tmp_path):
+    from enricher.cli import UserError
+
+    demo = prepare_data_dir(tmp_path / "demo")
+    (demo / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        prepare_data_dir(demo)
+    assert (demo / "notes.txt").read_text() == "mine"
