@@ -189,8 +189,16 @@ def cmd_trigger(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    """One step of a training workflow (the command each workflow step runs)."""
+    """One step of a training workflow (the command each workflow step runs).
+
+    Exit 0: done. Exit 3 (EXIT_PERMANENT): failed for a reason a retry will
+    not change; the workflow's retry strategy does not retry it. Anything
+    else (exit 1, a crash, a kill at the step's deadline) is retried."""
+    from models.reference import ReferenceError
+    from models.registry import UnknownModel
+    from models.spec import SpecError
     from pipelines import steps
+    from pipelines.workflow import EXIT_PERMANENT
 
     from .control import ControlEvents
 
@@ -212,9 +220,9 @@ def cmd_pipeline(args) -> int:
             steps.validate(registry, store, args.model, args.run, names)
         else:
             steps.publish(registry, store, args.model, args.run, names, ControlEvents(settings).send)
-    except steps.StepError as exc:
+    except (steps.StepError, UnknownModel, SpecError, ReferenceError) as exc:
         print(f"enricher pipeline {args.step}: failed: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_PERMANENT
     return 0
 
 

@@ -184,7 +184,8 @@ def make_runner(settings: Settings):
 
 def workflow_options(settings: Settings) -> WorkflowOptions:
     return WorkflowOptions(image=settings.image, namespace=settings.argo_namespace if settings.runner == "argo"
-                           else None, service_account=settings.argo_service_account)
+                           else None, service_account=settings.argo_service_account,
+                           retries=settings.step_retries, step_deadline=settings.step_deadline)
 
 
 def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None:

@@ -26,6 +26,26 @@ from dataclasses import dataclass, field
 DONE = ("Succeeded", "Failed", "Error")
 
 
+DEADLINE_EXCEEDED = -1000  # not an exit code: the attempt was killed at its deadline
+_EXPRESSION = re.compile(r"^\s*asInt\(lastRetry\.exitCode\)\s*(==|!=|<=|>=|<|>)\s*(-?\d+)\s*$")
+
+
+def _retry_condition(expression: str | None):
+    """Argo's retryStrategy.expression, for the form our workflows use
+    (`asInt(lastRetry.exitCode) != N`): whether to retry after an exit code.
+    A killed attempt has no exit code; Argo's asInt then gives -1."""
+    if not expression:
+        return lambda code: True
+    m = _EXPRESSION.match(expression)
+    if not m:
+        raise RunnerError(f"the local runner cannot evaluate retryStrategy.expression {expression!r} "
+                          "(it knows asInt(lastRetry.exitCode) compared to a number)")
+    op, value = m.group(1), int(m.group(2))
+    compare = {"==": int.__eq__, "!=": int.__ne__, "<": int.__lt__, ">": int.__gt__, "<=": int.__le__,
+               ">=": int.__ge__}[op]
+    return lambda code: compare(-1 if code == DEADLINE_EXCEEDED else code, value)
+
+
 class RunnerError(RuntimeError):
     """A runner could not do what was asked; the message says what to fix."""
 
@@ -39,6 +59,7 @@ class RunStatus:
     started_at: float | None = None
     finished_at: float | None = None
     steps: dict[str, str] = field(default_factory=dict)  # task -> phase
+    attempts: dict[str, int] = field(default_factory=dict)  # task -> attempts made (local runner)
 
     @property
     def done(self) -> bool:
@@ -136,30 +157,51 @@ class LocalRunner:
             except RunnerError as exc:
                 return self._finish(status, "Error", task["name"], str(exc))
             env = {**os.environ, **self.env, **{e["name"]: e.get("value", "") for e in container.get("env", [])}}
-            attempts = int((template.get("retryStrategy") or {}).get("limit", 0)) + 1
+            strategy = template.get("retryStrategy") or {}
+            attempts = int(strategy.get("limit", 0)) + 1
+            try:
+                retry_if = _retry_condition(strategy.get("expression"))
+            except RunnerError as exc:
+                return self._finish(status, "Error", task["name"], str(exc))
+            deadline = template.get("activeDeadlineSeconds")
             status.steps[task["name"]] = "Running"
             for attempt in range(1, attempts + 1):
                 if stop.is_set():
                     return self._finish(status, "Failed", task["name"], "stopped (superseded)")
-                code, tail = self._exec(name, argv, env)
+                status.attempts[task["name"]] = attempt
+                code, tail = self._exec(name, argv, env, deadline)
                 if code == 0:
                     break
                 if stop.is_set():
                     return self._finish(status, "Failed", task["name"], "stopped (superseded)")
+                if code == DEADLINE_EXCEEDED:
+                    tail = f"exceeded its deadline of {deadline}s (activeDeadlineSeconds) and was killed"
+                if not retry_if(code):
+                    attempts = attempt  # a failure a retry will not change: as Argo's expression says
+                    break
                 if attempt < attempts:
                     time.sleep(min(2 ** (attempt - 1), 10))  # Argo's retries back off too
-            else:
+            if code != 0:
                 status.steps[task["name"]] = "Failed"
+                what = f"exit {code}" if code != DEADLINE_EXCEEDED else "deadline"
                 return self._finish(status, "Failed", task["name"],
-                                    f"exit {code} after {attempts} attempt(s): {tail}")
+                                    f"{what} after {attempts} attempt(s): {tail}")
             status.steps[task["name"]] = "Succeeded"
         self._finish(status, "Succeeded", None, None)
 
-    def _exec(self, name: str, argv: list[str], env: dict) -> tuple[int, str]:
+    def _exec(self, name: str, argv: list[str], env: dict, deadline: float | None = None) -> tuple[int, str]:
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
         self._procs[name] = proc
-        _, err = proc.communicate()
+        try:
+            _, err = proc.communicate(timeout=float(deadline) if deadline else None)
+        except subprocess.TimeoutExpired:  # past its deadline: the whole step (its process group) goes
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            return DEADLINE_EXCEEDED, ""
         lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
         return proc.returncode, (lines[-1] if lines else "")
 

@@ -58,7 +58,14 @@ def _reference(store: ArtifactStore, run: str) -> pa.Table:
 def prepare(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str) -> int:
     """Snapshot the spec and reference data, so every step of the run sees the same."""
     spec = registry.get(model_id)
-    reference = registry.reference(model_id)
+    try:
+        reference = registry.reference(model_id)
+    except FileNotFoundError:
+        raise StepError(f"model {model_id}: its reference data is missing from the registry "
+                        f"(register the model again: PUT /models/{model_id})") from None
+    except (OSError, ValueError, pa.ArrowException) as exc:  # a file that is not (or no longer) Parquet
+        raise StepError(f"model {model_id}: its reference data cannot be read ({exc}); "
+                        f"register the model again: PUT /models/{model_id}") from None
     if reference.num_rows == 0:
         raise StepError(f"model {model_id}: the reference data has no rows")
     buf = io.BytesIO()

@@ -27,6 +27,12 @@ from hera.workflows import (DAG, ConfigMapEnvFrom, Container, Env, ExistingVolum
                             RetryStrategy, SecretVolume, Workflow)
 
 STEP_RETRIES = 2
+STEP_DEADLINE = 3600  # seconds one attempt of a step may take (activeDeadlineSeconds)
+# `enricher pipeline` exits with this code when a step failed for a reason a
+# retry will not change (a model not registered, reference data missing or
+# malformed, a result that fails validation): the retry strategy skips those.
+EXIT_PERMANENT = 3
+RETRY_EXPRESSION = f"asInt(lastRetry.exitCode) != {EXIT_PERMANENT}"
 LABEL_MODEL = "enricher.io/model"
 LABEL_RUN = "enricher.io/run"
 ANNOTATION_MODEL = "enricher.io/model-id"
@@ -51,6 +57,7 @@ class WorkflowOptions:
     train_cpu: str = "1"
     train_memory: str = "2Gi"
     retries: int = STEP_RETRIES
+    step_deadline: int = STEP_DEADLINE
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -99,7 +106,11 @@ def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOption
             env_from=env_from or None,
             volumes=volumes or None,
             resources=Resources(cpu_request=cpu, memory_request=memory),
-            retry_strategy=RetryStrategy(limit=options.retries, retry_policy="Always"),
+            # Retried on anything but a permanent failure (exit EXIT_PERMANENT), a hang included:
+            # an attempt past its deadline is killed and counts as failed.
+            retry_strategy=RetryStrategy(limit=options.retries, retry_policy="Always",
+                                         expression=RETRY_EXPRESSION),
+            active_deadline_seconds=options.step_deadline,
         )
 
     common = ["--model", "{{workflow.parameters.model_id}}", "--run", "{{workflow.name}}"]

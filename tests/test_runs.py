@@ -40,16 +40,29 @@ def test_the_local_runner_executes_the_dag_and_the_artifact_is_published(setup):
     assert not (settings.artifact_dir / "_runs" / name).exists(), "the run's staging is cleaned up"
 
 
-def test_a_failing_step_is_retried_then_reported_with_its_name_and_reason(setup):
+def test_a_failure_a_retry_cannot_change_is_not_retried_and_is_reported_with_its_step_and_reason(setup):
     settings, registry, runner = setup
-    doc = workflow_dict("nosuch", {"anomaly_detection": {}}, WorkflowOptions(retries=1))
-    started = time.monotonic()
+    doc = workflow_dict("nosuch", {"anomaly_detection": {}}, WorkflowOptions(retries=2))
     status = runner.wait(runner.submit(doc), timeout=120)
     assert status.phase == "Failed" and status.failed_step == "prepare"
-    assert "2 attempt(s)" in status.message and "not registered" in status.message
-    assert time.monotonic() - started >= 1.0  # a back-off between the two attempts
+    assert status.message.startswith("exit 3 after 1 attempt(s)") and "not registered" in status.message
+    assert status.attempts == {"prepare": 1}
     assert status.steps["publish"] == "Pending"
     assert settings.artifacts().versions("nosuch", "anomaly_detection") == []
+
+
+def test_a_step_past_its_deadline_is_killed_and_retried_by_the_policy_then_reported(setup):
+    settings, registry, runner = setup
+    # a training that would take far longer than its deadline (a real fit, not a sleep)
+    doc = workflow_dict("credit", {"anomaly_detection": {"n_estimators": 5_000_000}},
+                        WorkflowOptions(retries=1, step_deadline=3))
+    started = time.monotonic()
+    status = runner.wait(runner.submit(doc), timeout=120)
+    assert status.phase == "Failed" and status.failed_step == "train-anomaly-detection"
+    assert status.message.startswith("deadline after 2 attempt(s)") and "deadline of 3s" in status.message
+    assert status.attempts == {"prepare": 1, "train-anomaly-detection": 2}
+    assert time.monotonic() - started >= 2 * 3 + 1, "two attempts of 3 s and a back-off between them"
+    assert settings.artifacts().versions("credit", "anomaly_detection") == []
 
 
 def test_a_stopped_run_ends_at_once_and_runs_nothing_after(setup):
