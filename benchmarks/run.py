@@ -68,16 +68,41 @@ def workload(n: int, models: list[str] | None = None, seed: int = 11) -> list[by
     return msgs
 
 
-def produce(broker: str, topic: str, messages: list[bytes], batch: str = "none") -> int:
-    """Send the workload with the product's own producer (batching included); returns messages sent."""
+def produce(broker: str, topic: str, messages: list[bytes], batch: str = "none",
+            hostile: list[tuple[bytes, str | None]] | None = None) -> int:
+    """Send the workload with the product's own producer (batching included); returns messages sent.
+    `hostile` messages, if given, go alone, spread evenly through the workload."""
     settings = Settings.from_env(env={}, broker=f"kafka://{broker}", inference_topic=topic,
                                  dlq_topic=f"{topic}-dlq", topic_partitions=4)
     ensure_topics(settings)
     producer = InferenceProducer(settings, batch=batch, batch_rows=BATCH_ROWS,
                                  **{"linger.ms": 50, "queue.buffering.max.messages": 1_000_000})
-    producer.send_many(messages)
+    if not hostile:
+        producer.send_many(messages)
+    else:
+        step = max(1, len(messages) // len(hostile))
+        for k, (value, content_type) in enumerate(hostile):
+            producer.send_many(messages[k * step:(k + 1) * step])
+            producer.send_alone(value, content_type)
+        producer.send_many(messages[len(hostile) * step:])
     producer.flush(120)
     return producer.messages
+
+
+def hostile_messages(count: int) -> tuple[list[tuple[bytes, str | None]], int]:
+    """`count` messages from the test suite's hostile corpus (tests/hostile.py),
+    and how many rows (stored or dead-lettered) the worker will make of them."""
+    from enricher.contract import parse_batch
+    from tests.hostile import corpus
+
+    kinds = corpus(1_048_576)
+    chosen = [(kinds[i % len(kinds)].value, kinds[i % len(kinds)].content_type) for i in range(count)]
+    spec = ModelSpec.from_json(sample.MODEL_ID, SCHEMA)
+    rows = 0
+    for value, content_type in chosen:
+        parsed = parse_batch([value], [0], [0], {sample.MODEL_ID: spec}.get, 1_048_576, [content_type])
+        rows += sum(r.num_rows for r in parsed.models.values()) + len(parsed.dead)
+    return chosen, rows
 
 
 def fitted_artifact():
@@ -145,12 +170,13 @@ def run_pipe(kind: str, n: int, tmp: Path, extra: list[str], messages: list[byte
 
 
 def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrichment: bool,
-               model_ids: list[str], fitted, extra_env: dict | None = None) -> dict:
+               model_ids: list[str], fitted, extra_env: dict | None = None,
+               hostile: list[tuple[bytes, str | None]] | None = None) -> dict:
     data_dir = tmp / f"worker-{time.time_ns()}"
     data_dir.mkdir()
     prepare_models(data_dir, model_ids, enrichment, fitted)
     with EmbeddedBroker(port=free_port()) as broker:
-        sent = produce(broker.url.split("://")[1], "bench", messages, batch)
+        sent = produce(broker.url.split("://")[1], "bench", messages, batch, hostile)
         settings = Settings.from_env(env={}, data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
                                      inference_topic="bench", dlq_topic="bench-dlq", session_timeout=6.0,
                                      topic_partitions=4)
@@ -285,7 +311,7 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
     published mid-stream: the throughput of each batch around the swap
     against the steady throughput before it, read back from the rows
     (each batch's rows share one _ingested_at)."""
-    from enricher.cli import query
+    from enricher.query import query
     from enricher.control import ControlEvents
 
     data_dir = tmp / f"swap-{time.time_ns()}"
@@ -485,6 +511,9 @@ def targets(results: dict) -> list[dict]:
     d = results.get("hot_swap", {}).get("lowest_vs_steady")
     target("hot swap under full load: no 2-s window below 90% of steady throughput", d, f"{d or 0:.0%}",
            (d or 0) >= 0.9)
+    r = ratio("worker_json_batches_anomaly_hostile", "worker_json_batches_anomaly")
+    target("hostile messages mid-stream (1 per 2 batches): >= 90% of the clean stream's throughput", r,
+           f"{r or 0:.0%}", (r or 0) >= 0.9)
     r = ratio("worker_1000_models", "worker_1_model")
     rss = p.get("worker_1000_models", {}).get("peak_rss_mb")
     target("1,000 models in one stream: >= 70% of single-model throughput", r,
@@ -517,6 +546,7 @@ def main() -> int:
                "pipelines": {}, "latency": {}, "transforms": {}}
     pipes = results["pipelines"]
     single = [sample.MODEL_ID]
+    poison, poison_rows = hostile_messages(max(1, n // (2 * BATCH_ROWS)))
     try:
         steps = [
             ("raw_pipe_orjson", lambda: run_pipe("raw", n, tmp, ["orjson"], messages)),
@@ -527,6 +557,9 @@ def main() -> int:
             ("worker_json_batches_plain", lambda: run_worker(n, tmp, messages, "json", False, single, fitted)),
             ("worker_json_batches_anomaly", lambda: run_worker(n, tmp, messages, "json", True, single, fitted)),
             ("worker_arrow_batches_anomaly", lambda: run_worker(n, tmp, messages, "arrow", True, single, fitted)),
+            # the same JSON batches with one hostile message (tests/hostile.py) after every two of them
+            ("worker_json_batches_anomaly_hostile",
+             lambda: run_worker(n + poison_rows, tmp, messages, "json", True, single, fitted, hostile=poison)),
         ]
         for key, step in steps:
             if want(key):

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .config import ConfigError, Settings
+from .errors import UserError
+from .query import format_table, query
 
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """Something the user must fix; printed without a traceback."""
 
 
 def _settings(args, **extra) -> Settings:
@@ -319,69 +314,6 @@ def cmd_query(args) -> int:
     else:
         print(format_table(columns, rows))
     return 0
-
-
-def query(settings: Settings, sql: str) -> tuple[list[str], list]:
-    """Run a read-only query: directly, or through the running worker that
-    holds the embedded store (chDB allows one process per data directory).
-    Either way the same rules apply (enricher/sqlguard.py): reads of the
-    enriched tables only, within the query limits."""
-    worker = _running_worker(settings)
-    if worker:
-        req = urllib.request.Request(worker + "/query", data=json.dumps({"sql": sql}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        if settings.api_token:
-            req.add_header("Authorization", f"Bearer {settings.api_token}")
-        try:
-            with urllib.request.urlopen(req, timeout=300) as resp:
-                doc = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            body = exc.read()
-            try:
-                message = json.loads(body)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {exc.code}: {body[:200].decode('utf-8', 'replace')}"
-            raise UserError(f"query through the running worker at {worker} failed: {message}") from None
-        return doc["columns"], doc["rows"]
-    from clickhouse_connect.driver.exceptions import ClickHouseError
-
-    from .api import QueryRunner
-    from .sqlguard import QueryRefused
-
-    runner = QueryRunner(settings)
-    try:
-        return runner.run(sql)
-    except QueryRefused as exc:
-        raise UserError(f"query refused: {exc}") from None
-    except ClickHouseError as exc:
-        raise UserError(f"ClickHouse refused the query: {exc}") from None
-    finally:
-        runner.close()
-
-
-def _running_worker(settings: Settings) -> str | None:
-    if not settings.clickhouse_url.startswith("chdb:"):
-        return None
-    try:
-        info = json.loads((settings.data_dir / "worker.json").read_text())
-        os.kill(info["pid"], 0)
-    except (FileNotFoundError, ProcessLookupError, ValueError, KeyError, PermissionError):
-        return None
-    return info["url"]
-
-
-def format_table(columns: list[str], rows: list) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return "NULL" if v is None else str(v)
-
-    text = [[cell(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in text]
-    return "\n".join(lines)
 
 
 def cmd_demo(args) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import time
 import urllib.request
@@ -24,8 +25,9 @@ import pyarrow.parquet as pq
 
 from . import deadletters, sample
 from .broker import EmbeddedBroker, free_port
-from .cli import format_table
 from .config import Settings
+from .errors import UserError
+from .query import format_table, query
 
 
 def say(text: str) -> None:
@@ -49,8 +51,6 @@ def prepare_data_dir(data_dir: Path) -> Path:
     """A fresh data directory for the demo. A previous demo's (it holds the
     marker) is removed; an empty one is used; anything else is refused: the
     demo never deletes data it did not create."""
-    from .cli import UserError
-
     if data_dir.exists():
         if not data_dir.is_dir():
             raise UserError(f"--data-dir {data_dir} is a file; give a new or empty directory")
@@ -69,7 +69,6 @@ def prepare_data_dir(data_dir: Path) -> Path:
 
 
 def run_demo(args) -> int:
-    from .cli import query
     from .producer import InferenceProducer
     from .supervise import TriggerProcess, WorkerProcess
     from .topics import ensure_topics
@@ -80,6 +79,10 @@ def run_demo(args) -> int:
     anomalies = max(1, after // 2000)
     max_bytes = 512 * 1024  # the too_large sample message is just over it
 
+    def on_sigterm(*_):  # as Ctrl-C: the `finally` below stops everything the demo started
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     say(f"== 1/7 embedded broker (Tansu), data in {data_dir}")
     broker = EmbeddedBroker(port=args.port or free_port()).start(log_file=open(data_dir / "broker.log", "wb"))
     worker = trigger = None
@@ -196,7 +199,11 @@ def run_demo(args) -> int:
         say(f"\nQuery it yourself: {Path(sys.executable).parent / 'enricher'} --data-dir {data_dir} query "
             f"\"SELECT * FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 5\"")
         return 0
+    except KeyboardInterrupt:
+        say("\n   interrupted: stopping what the demo started")
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if worker is not None:
             worker.stop()
         if trigger is not None:

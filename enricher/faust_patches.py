@@ -43,10 +43,18 @@ log = logging.getLogger("enricher.faust")
 # SHA-256 of the upstream source each adjustment replaces (faust-streaming 0.15.3).
 DRAIN_MESSAGES_SHA256 = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
 CREATE_WORKER_CONSUMER_SHA256 = "c2701bfc3e6f6cad95c2be36d6a255a86e2c57d18d36cc1082b5fb5c482d99d7"
+# aiokafka's AIOKafkaConsumer.start (0.14.0), which reads the private `_fetch_max_wait_ms`
+# that shorten_fetch_wait sets: the attribute is aiokafka's, not ours, so it is pinned too.
+AIOKAFKA_CONSUMER_START_SHA256 = "2f1ba70443327538800d348e61042cdedd5a5e6306f40ebe1a06dddba7494c45"
 
 
-def source_sha256(function) -> str:
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+def source_sha256(function) -> str | None:
+    """The SHA-256 of a function's source, or None where the source cannot be
+    read (an image without .py files): then no adjustment is applied."""
+    try:
+        return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+    except (OSError, TypeError):
+        return None
 
 
 def _upstream(function):
@@ -60,11 +68,17 @@ def shorten_fetch_wait(max_wait_ms: int) -> bool:
     setting it right after Faust builds the consumer is enough. Returns whether
     the adjustment is in place.
     """
+    from aiokafka import AIOKafkaConsumer
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
     original = _upstream(AIOKafkaConsumerThread._create_worker_consumer)
     if source_sha256(original) != CREATE_WORKER_CONSUMER_SHA256:
-        log.warning("faust-streaming's consumer construction changed upstream: fetch wait left at Faust's default")
+        log.warning("faust-streaming's consumer construction changed upstream (or its source cannot be read): "
+                    "fetch wait left at Faust's default")
+        return False
+    if source_sha256(AIOKafkaConsumer.start) != AIOKAFKA_CONSUMER_START_SHA256:
+        log.warning("aiokafka's consumer start changed upstream (or its source cannot be read): it may no longer "
+                    "read _fetch_max_wait_ms; fetch wait left at Faust's default")
         return False
 
     def create(self, transport):
@@ -205,7 +219,8 @@ def eager_hand_over() -> bool:
 
     original = _upstream(upstream.Consumer._drain_messages)
     if source_sha256(original) != DRAIN_MESSAGES_SHA256:
-        log.warning("faust-streaming's consumer loop changed upstream: per-message hand-over left as is")
+        log.warning("faust-streaming's consumer loop changed upstream (or its source cannot be read): "
+                    "per-message hand-over left as is")
         return False
     _drain_messages.__wrapped__ = original
     upstream.Consumer._drain_messages = _drain_messages

@@ -71,10 +71,10 @@ class InferenceProducer:
         if len(self._rows) >= self.batch_rows:
             self._send_batch()
 
-    def send_alone(self, value: bytes) -> None:
-        """Send bytes as a message of their own, whatever the batching."""
+    def send_alone(self, value: bytes, content_type: str | None = None) -> None:
+        """Send bytes as a message of their own (with a content-type header if given), whatever the batching."""
         self._send_batch()
-        self._produce(value)
+        self._produce(value, content_type)
 
     def _send_batch(self) -> None:
         if not self._rows:

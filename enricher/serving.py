@@ -3,12 +3,18 @@
 Refreshed when the registry's GENERATION changes (a registration, a toggle,
 a published artifact). Artifacts are loaded lazily, on a model's first batch,
 and verified before use; a version that fails verification or loading is
-refused and counted, and the version already loaded keeps serving.
+refused and counted, and the version already loaded keeps serving. A version
+refused for what it holds (it fails verification, its manifest or files are
+unusable) is not read again; one refused because it could not be read (the
+object store did not answer, an I/O error) is tried again after
+RETRY_UNREADABLE_SECONDS, so a passing outage does not leave its columns NULL
+until a newer version is published.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +27,8 @@ from models.spec import ModelSpec
 from . import metrics
 
 log = logging.getLogger(__name__)
+
+RETRY_UNREADABLE_SECONDS = 30.0
 
 
 @dataclass
@@ -43,7 +51,10 @@ class Serving:
         self._specs: dict[str, ModelSpec] = {}
         self._enabled: dict[str, dict[str, dict]] = {}
         self._active: dict[str, dict[str, Active]] = {}
-        self._refused: dict[tuple[str, str], int] = {}  # (model, enrichment) -> version refused
+        # (model, enrichment) -> (version refused, when it may be tried again: never for a bad one)
+        self._refused: dict[tuple[str, str], tuple[int, float]] = {}
+        self.retry_unreadable = RETRY_UNREADABLE_SECONDS
+        self._retry_at = math.inf  # when to look again at what could not be read
         self.refresh()
 
     # -- lookups used on the hot path ----------------------------------
@@ -68,12 +79,16 @@ class Serving:
         return loaded
 
     # -- change handling ----------------------------------------------
-    def refresh(self, force: bool = False) -> bool:
-        """Re-read the registry if its generation moved; returns whether it did."""
+    def refresh(self) -> bool:
+        """Re-read the registry if its generation moved (or a version that could
+        not be read is due to be tried again); returns whether it did."""
         self._checked = time.monotonic()
         generation = self.registry.generation()
-        if generation == self._generation and not force:
+        retry_due = self._retry_at <= self._checked or \
+            any(at <= self._checked for _, at in self._refused.values())
+        if generation == self._generation and not retry_due:
             return False
+        self._retry_at = math.inf
         with self._lock:
             specs, enabled = {}, {}
             for model_id in self.registry.ids():
@@ -101,18 +116,24 @@ class Serving:
         if spec is None:
             return out
         for name in self._enabled.get(model_id, {}):
+            old = previous.get(name)
             try:
                 version = self.store.current_version(model_id, name)
-            except ArtifactError as exc:
-                log.error("model %s, %s: %s", model_id, name, exc)
-                version = None
-            old = previous.get(name)
+            except Exception as exc:  # noqa: BLE001 - the store did not answer: what serves, serves on
+                log.error("model %s, %s: cannot read the current version (%s)%s; trying again in %ss",
+                          model_id, name, exc, f", still serving v{old.version}" if old else "",
+                          self.retry_unreadable)
+                self._retry_at = min(self._retry_at, time.monotonic() + self.retry_unreadable)
+                if old is not None:
+                    out[name] = old
+                continue
             if version is None:
                 continue  # enabled but not trained yet: columns stay NULL
             if old is not None and old.version == version:
                 out[name] = old
                 continue
-            if self._refused.get((model_id, name)) == version:  # refused once: not read again
+            refused = self._refused.get((model_id, name))
+            if refused and refused[0] == version and time.monotonic() < refused[1]:  # not again (yet)
                 if old is not None:
                     out[name] = old
                 continue
@@ -121,12 +142,16 @@ class Serving:
                 fitted = ENRICHMENTS[name].load(spec, artifact.manifest, artifact.blobs)
             except Exception as exc:  # any failure: refuse this version, keep serving the old one
                 metrics.ARTIFACT_LOADS.labels(name, "refused").inc()
-                self._refused[(model_id, name)] = version
+                # What it holds is bad (never again), or it could not be read (again later).
+                bad = isinstance(exc, (ArtifactError, ValueError, KeyError, TypeError))
+                self._refused[(model_id, name)] = (version, math.inf if bad else
+                                                   time.monotonic() + self.retry_unreadable)
                 log.error("model %s: refused %s artifact v%s: %s%s", model_id, name, version, exc,
                           f" (still serving v{old.version})" if old else "")
                 if old is not None:
                     out[name] = old
                 continue
+            self._refused.pop((model_id, name), None)
             metrics.ARTIFACT_LOADS.labels(name, "loaded").inc()
             log.info("model %s: serving %s artifact v%s", model_id, name, version)
             out[name] = Active(name, version, fitted)

@@ -101,10 +101,6 @@ class CompactForest:
             return np.ones(len(X))
         return np.exp2(-self.path_lengths(X) / self.denominator)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, k).nbytes for k in ("feature", "threshold", "children", "value", "roots"))
-
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez(buf, feature=self.feature, threshold=self.threshold, children=self.children, value=self.value,

@@ -38,7 +38,7 @@ def s3_broker(tmp_path):
     moto.stop()
 
 
-def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(s3_broker, tmp_path):
+def test_a_broker_restart_mid_stream_loses_nothing_and_reads_nothing_committed_again(s3_broker, tmp_path):
     settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker=s3_broker.url,
                                  http_port=free_port(), session_timeout=6.0, topic_partitions=2,
                                  batch_size=500, max_message_bytes=1 << 20, refresh_interval=0.5)

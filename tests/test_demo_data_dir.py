@@ -20,7 +20,7 @@ def test_a_directory_with_other_files_is_refused_and_left_as_it_was(tmp_path, ca
 def test_a_file_is_refused(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
-    from enricher.cli import UserError
+    from enricher.errors import UserError
 
     with pytest.raises(UserError, match="is a file"):
         prepare_data_dir(target)
@@ -38,7 +38,7 @@ def test_a_previous_demo_directory_is_started_afresh_and_an_empty_one_used(tmp_p
 
 
 def test_a_marked_directory_that_gained_other_files_is_refused(tmp_path):
-    from enricher.cli import UserError
+    from enricher.errors import UserError
 
     demo = prepare_data_dir(tmp_path / "demo")
     (demo / "notes.txt").write_text("mine")

@@ -19,7 +19,7 @@ from models.artifact import ArtifactStore
 
 from .clickhouse_http import ClickHouseHTTP
 from .conftest import register_sample
-from .test_stream import count_rows, produce
+from .test_stream import count_rows, produce, query
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,6 +67,9 @@ def test_rows_the_store_refuses_are_dead_lettered_alone_and_the_rest_is_written(
     status = worker.wait_for(lambda s: s["enriched"] >= 3497, timeout=120)
     assert (status["enriched"], status["dead_lettered"]) == (3497, 3)
     assert count_rows(settings) == (3497, 3497)
+    # splitting wrote each accepted row once: storage holds no copy of the refused batch's good rows
+    _, stored = query(settings, "SELECT count() FROM enricher_store.inferences")
+    assert stored[0][0] == 3497
     records = deadletters.read(settings, expected=3)
     assert [r.reason for r in records] == ["store_rejected"] * 3
     assert sorted(json.loads(r.value)["inference_id"] for r in records) == \

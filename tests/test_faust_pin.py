@@ -90,3 +90,27 @@ def test_installing_the_patch_replaces_the_loop_once_and_keeps_the_original():
     assert consumer.Consumer._drain_messages is faust_patches._drain_messages
     assert faust_patches.source_sha256(consumer.Consumer._drain_messages.__wrapped__) == \
         faust_patches.DRAIN_MESSAGES_SHA256
+
+
+def test_aiokafka_start_is_pinned_by_its_hash_in_the_product_code():
+    from aiokafka import AIOKafkaConsumer
+
+    from enricher.faust_patches import AIOKAFKA_CONSUMER_START_SHA256, source_sha256
+
+    assert source_sha256(AIOKafkaConsumer.start) == AIOKAFKA_CONSUMER_START_SHA256
+
+
+def test_without_readable_sources_no_adjustment_is_applied(monkeypatch, caplog):
+    # An image shipped without .py files: inspect.getsource raises OSError.
+    import inspect
+
+    from enricher import faust_patches
+
+    def no_source(_):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    assert faust_patches.source_sha256(test_without_readable_sources_no_adjustment_is_applied) is None
+    assert faust_patches.shorten_fetch_wait(100) is False
+    assert faust_patches.eager_hand_over() is False
+    assert "cannot be read" in caplog.text

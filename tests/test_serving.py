@@ -78,3 +78,42 @@ def test_turning_an_enrichment_off_stops_serving_it_at_the_next_refresh(world):
     registry.set_enrichment(sample.MODEL_ID, AD, False)
     serving.refresh()
     assert serving.active(sample.MODEL_ID) == {}
+
+
+def test_a_version_that_could_not_be_read_is_tried_again_and_served_once_the_store_answers(tmp_path, monkeypatch):
+    # A real S3 endpoint (moto's server) that goes away and comes back on the same port.
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from enricher.broker import free_port
+
+    port = free_port()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="art")
+        registry = ModelRegistry(tmp_path / "registry")
+        reference = tmp_path / "reference.parquet"
+        pq.write_table(sample.reference_table(1000), reference)
+        registry.register(sample.MODEL_ID, sample.SCHEMA, reference)
+        registry.set_enrichment(sample.MODEL_ID, AD, True)
+        url = f"s3://art/x?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        store = ArtifactStore(url)
+        fitted = ENRICHMENTS[AD].fit(SPEC, normalise(SPEC, sample.reference_table(1000)), {"n_estimators": 10})
+        publish(registry, store, fitted)
+        serving = Serving(registry, store, min_refresh=0)
+        assert serving.active(sample.MODEL_ID)[AD].version == 1
+        serving.retry_unreadable = 0.0    # try again at the next refresh, not in 30 s
+        publish(registry, store, fitted)  # v2 is published...
+        server.stop()                     # ...and the store stops answering before the worker reads it
+        serving.refresh()
+        assert serving.active(sample.MODEL_ID)[AD].version == 1, "v1 keeps serving"
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()                    # back, with its objects (moto keeps them in process)
+        assert serving.refresh(), "a version that could not be read is tried again without a new publish"
+        assert serving.active(sample.MODEL_ID)[AD].version == 2
+    finally:
+        server.stop()

@@ -185,3 +185,28 @@ def test_enricher_trigger_exits_on_sigterm(make_settings, tmp_path):
         time.sleep(0.2)
     code, took = stop_timed(trigger, timeout=30)
     assert code == 0 and took < 20
+
+
+def test_enricher_demo_on_sigterm_stops_everything_it_started(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "enricher.cli", "--data-dir", str(tmp_path / "demo"), "demo",
+                             "--inferences", "5000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("== 4/7"):  # broker, worker and trigger are all running
+                break
+        children = _children(proc.pid)
+        assert len(children) >= 3, "".join(seen)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130
+        deadline = time.monotonic() + 15
+        alive = children
+        while alive and time.monotonic() < deadline:
+            alive = [c for c in alive if os.path.exists(f"/proc/{c}") and
+                     open(f"/proc/{c}/stat").read().split()[2] != "Z"]
+            time.sleep(0.2)
+        assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

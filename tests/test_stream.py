@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from enricher import deadletters, sample
-from enricher.cli import query
+from enricher.query import query
 from enricher.producer import InferenceProducer
 from enricher.supervise import WorkerProcess
 from enricher.topics import ensure_topics
@@ -107,7 +107,7 @@ def test_models_without_a_trained_artifact_get_null_never_a_made_up_score(settin
         assert tuple(rows[0]) == (500, 500, 500)
 
 
-def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(make_settings, tmp_path, worker_for):
+def test_a_worker_killed_mid_stream_loses_nothing_and_its_view_shows_each_once(make_settings, tmp_path, worker_for):
     settings = make_settings(batch_size=500, batch_timeout=0.05)
     register_sample(settings, tmp_path)
     total = 40_000
@@ -270,7 +270,7 @@ def committed_offsets(settings) -> list[int]:
         consumer.close()
 
 
-def test_a_rebalance_mid_stream_loses_and_doubles_nothing_and_commits_to_the_end(make_settings, tmp_path,
+def test_a_rebalance_mid_stream_loses_nothing_shows_each_once_and_commits_to_the_end(make_settings, tmp_path,
                                                                                  worker_for):
     # Two workers of one group sharing one ClickHouse (over HTTP: chDB is one
     # process's). The second joining and then the first leaving are two

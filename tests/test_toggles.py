@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from enricher import sample
-from enricher.cli import query
+from enricher.query import query
 from enricher.producer import InferenceProducer
 from enricher.supervise import TriggerProcess, WorkerProcess
 from enricher.topics import ensure_topics

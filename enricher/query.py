@@ -1,0 +1,79 @@
+"""Reading the enriched tables: `enricher query`, the demo, the tests.
+
+Directly against the store, or through the running worker that holds the
+embedded one (chDB allows one process per data directory); the same rules
+either way (enricher/sqlguard.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+from .config import Settings
+from .errors import UserError
+
+
+def query(settings: Settings, sql: str) -> tuple[list[str], list]:
+    """Run a read-only query: directly, or through the running worker that
+    holds the embedded store (chDB allows one process per data directory).
+    Either way the same rules apply (enricher/sqlguard.py): reads of the
+    enriched tables only, within the query limits."""
+    worker = running_worker(settings)
+    if worker:
+        req = urllib.request.Request(worker + "/query", data=json.dumps({"sql": sql}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        if settings.api_token:
+            req.add_header("Authorization", f"Bearer {settings.api_token}")
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                doc = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                message = json.loads(body)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {exc.code}: {body[:200].decode('utf-8', 'replace')}"
+            raise UserError(f"query through the running worker at {worker} failed: {message}") from None
+        return doc["columns"], doc["rows"]
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from .api import QueryRunner
+    from .sqlguard import QueryRefused
+
+    runner = QueryRunner(settings)
+    try:
+        return runner.run(sql)
+    except QueryRefused as exc:
+        raise UserError(f"query refused: {exc}") from None
+    except ClickHouseError as exc:
+        raise UserError(f"ClickHouse refused the query: {exc}") from None
+    finally:
+        runner.close()
+
+
+def running_worker(settings: Settings) -> str | None:
+    if not settings.clickhouse_url.startswith("chdb:"):
+        return None
+    try:
+        info = json.loads((settings.data_dir / "worker.json").read_text())
+        os.kill(info["pid"], 0)
+    except (FileNotFoundError, ProcessLookupError, ValueError, KeyError, PermissionError):
+        return None
+    return info["url"]
+
+
+def format_table(columns: list[str], rows: list) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "NULL" if v is None else str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in text]
+    return "\n".join(lines)
