@@ -39,6 +39,7 @@ def malformed(model_id: str = MODEL_ID, max_bytes: int = 1_048_576) -> list[tupl
         return orjson.dumps({k: v for k, v in msg.items() if v is not _DROP})
 
     nan_features = orjson.dumps(good["features"]).replace(b'"f0":1.0', b'"f0":NaN')
+    huge_features = orjson.dumps(good["features"]).replace(b'"f2":1.0', b'"f2":' + b"9" * 400)
     return [
         (b"this is not json", "invalid_json"),
         (b"42", "not_an_object"),
@@ -50,6 +51,10 @@ def malformed(model_id: str = MODEL_ID, max_bytes: int = 1_048_576) -> list[tupl
         (variant(features={**good["features"], "f1": "high"}), "wrong_feature_type"),
         (variant(features=_DROP)[:-1] + b',"features":' + nan_features + b"}", "non_finite"),
         (variant(padding="x" * max_bytes), "too_large"),
+        (variant(features=_DROP)[:-1] + b',"features":' + huge_features + b"}", "out_of_range"),
+        # a lone surrogate, as JSON escapes it (what a UTF-16 string with half a character becomes)
+        (orjson.dumps(good).replace(b'"inference_id":"bad"', b'"inference_id":"bad\\ud800"'), "invalid_text"),
+        (b"\xff\xff\xff\xff" + b"not an arrow stream", "invalid_arrow"),
     ]
 
 

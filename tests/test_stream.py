@@ -66,10 +66,10 @@ def test_valid_rows_land_once_and_malformed_ones_in_the_dead_letter_topic(settin
 
     metrics = worker.metrics()
     assert 'enricher_inferences_enriched_total{model="credit_default"} 6000.0' in metrics
-    # of the malformed sample, 4 name the model, 1 names an unregistered one, 5 name none usable:
+    # of the malformed sample, 6 name the model, 1 names an unregistered one, 6 name none usable:
     # unregistered ids count under "" (no Prometheus series per id a producer makes up)
-    assert 'enricher_inferences_consumed_total{model="credit_default"} 6004.0' in metrics
-    assert 'enricher_inferences_consumed_total{model=""} 6.0' in metrics
+    assert 'enricher_inferences_consumed_total{model="credit_default"} 6006.0' in metrics
+    assert 'enricher_inferences_consumed_total{model=""} 7.0' in metrics
     assert 'no_such_model' not in metrics
     assert 'enricher_inferences_dead_lettered_total{model="credit_default",reason="non_finite"} 1.0' in metrics
     assert 'enricher_end_to_end_latency_seconds_count 6000.0' in metrics
