@@ -579,7 +579,7 @@ def main() -> int:
                 log(f"   {pipes[key]['rows_per_second']:,.0f} rows/s, peak RSS {pipes[key]['peak_rss_mb']} MB")
         if want("hot_swap"):
             log("-- hot swap under full load (JSON batches)")
-            rows = max(3 * n, 300_000)  # long enough that the swap lands mid-stream, even in the smoke run
+            rows = max(3 * n, 600_000)  # long enough that the swap lands mid-stream, even in the smoke run
             results["hot_swap"] = run_hot_swap(rows, tmp, workload(rows, seed=7), fitted)
             log(f"   slowest 2-s window around the swap: {results['hot_swap']['lowest_vs_steady']:.0%} of steady")
         if want("toggle"):
