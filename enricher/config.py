@@ -93,6 +93,7 @@ class Settings:
     eager_handover: bool = True
     max_message_bytes: int = 1_048_576
     dlq_max_bytes: int = 900_000          # under the usual 1 MB broker limit, with room for headers
+    max_request_bytes: int = 1_048_576    # the worker's producer: keep at or below the broker's message.max.bytes
     shutdown_grace: float = 30.0
     query_max_seconds: float = 30.0
     query_max_rows: int = 100_000
@@ -281,6 +282,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "eager_handover": ("ENRICHER_EAGER_HANDOVER", "flag", None),
     "max_message_bytes": ("ENRICHER_MAX_MESSAGE_BYTES", "int", 64),
     "dlq_max_bytes": ("ENRICHER_DLQ_MAX_BYTES", "int", 1024),
+    "max_request_bytes": ("ENRICHER_MAX_REQUEST_BYTES", "int", 4096),
     "shutdown_grace": ("ENRICHER_SHUTDOWN_GRACE", "float", 1),
     "query_max_seconds": ("ENRICHER_QUERY_MAX_SECONDS", "float", 0.1),
     "query_max_rows": ("ENRICHER_QUERY_MAX_ROWS", "int", 1),

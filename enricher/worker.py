@@ -29,6 +29,7 @@ import threading
 import time
 
 import faust
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from models.registry import ModelRegistry
 
@@ -137,8 +138,9 @@ def build_app(settings: Settings) -> faust.App:
         datadir=str(settings.data_dir / "faust"),
         topic_partitions=settings.topic_partitions,
         producer_acks=-1,
-        # A dead letter is at most ENRICHER_DLQ_MAX_BYTES plus its headers.
-        producer_max_request_size=max(1_048_576, settings.dlq_max_bytes + 65_536),
+        # Records over this are refused by the producer itself (MessageSizeTooLargeError):
+        # dead letters are then cut further (see _send_dead_letters).
+        producer_max_request_size=settings.max_request_bytes,
         # The buffer must hold a whole batch or take_events can never fill one.
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         broker_max_poll_records=max(500, settings.batch_size),
@@ -286,31 +288,62 @@ def _resume(app, paused: set) -> None:
 
 
 async def _send_dead_letters(topic, dead: list[DeadLetter], settings: Settings) -> None:
-    """Send every dead letter and wait until the broker has each; failed sends
-    are sent again (with backoff) until they get through: a message is not
-    committed before its dead letter is durable. A value too large for the
-    producer is cut first (deadletters.record), so no send fails for its size."""
-    records = []
-    for d in dead:
-        value, headers = deadletters.record(d, settings.inference_topic, settings.dlq_max_bytes)
-        if len(value) < len(d.raw):
-            metrics.DEAD_LETTERS_TRUNCATED.inc()
-        records.append((value, headers))
+    """Send every dead letter and wait until the broker has each: a message is
+    not committed before its dead letter is durable.
+
+    A value over ENRICHER_DLQ_MAX_BYTES is cut first (deadletters.record); one
+    the producer or the broker still finds too large (a broker limit below
+    ours) is cut by half again and sent at once, down to 1 KB, so no size is
+    retried as it was. Any other failure (the broker unreachable, not yet a
+    leader) is retried with backoff until it gets through."""
+    pending = [(d, settings.dlq_max_bytes) for d in dead]
     delay = 0.5
-    while records:
-        # The value is the original message, untouched, so it can be replayed as is.
-        sent = [await topic.send(value=value, headers=headers) for value, headers in records]
-        results = await asyncio.gather(*sent, return_exceptions=True)
-        failed = [(r, res) for r, res in zip(records, results) if isinstance(res, BaseException)]
-        if not failed:
-            return
-        if any(isinstance(res, asyncio.CancelledError) for _, res in failed):
-            raise asyncio.CancelledError()
-        log.error("%d dead letter(s) not acknowledged by the broker (%s); sending them again in %.1fs",
-                  len(failed), failed[0][1], delay)
-        records = [r for r, _ in failed]
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_MAX_SECONDS)
+    while pending:
+        attempts = []
+        for d, cap in pending:
+            value, headers = deadletters.record(d, settings.inference_topic, cap)
+            try:
+                attempts.append((d, cap, value, await topic.send(value=value, headers=headers)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - refused before it left (e.g. too large for the producer)
+                attempts.append((d, cap, value, exc))
+        futures = [f for *_, f in attempts if not isinstance(f, BaseException)]
+        outcomes = iter(await asyncio.gather(*futures, return_exceptions=True))
+        retry, cut, failure = [], False, None
+        for d, cap, value, sent in attempts:
+            result = sent if isinstance(sent, BaseException) else next(outcomes)
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if not isinstance(result, BaseException):
+                if len(value) < len(d.raw):
+                    metrics.DEAD_LETTERS_TRUNCATED.inc()
+                continue
+            if _too_large(result) and len(value) > 1024:
+                retry.append((d, max(1024, len(value) // 2)))
+                cut = True
+            else:
+                retry.append((d, cap))
+                failure = result
+        pending = retry
+        if pending and failure is not None:
+            log.error("%d dead letter(s) not acknowledged by the broker (%s); sending them again in %.1fs",
+                      len(pending), failure, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+        elif cut:
+            log.warning("dead letter(s) too large for the broker: cut further and sent again "
+                        "(ENRICHER_DLQ_MAX_BYTES is above the broker's limit)")
+
+
+def _too_large(exc: BaseException) -> bool:
+    """Whether a send failed for the record's size (Faust wraps aiokafka's error in its own)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (MessageSizeTooLargeError, RecordTooLargeError)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class EnricherWorker(faust.Worker):

@@ -158,3 +158,23 @@ def test_an_enrichment_returning_nonsense_leaves_its_columns_null_for_that_batch
         f"FROM enricher.{sample.MODEL_ID}").result_rows
     assert rows == [(20, 20, 20)]
     assert errors._value.get() - before == 1
+
+
+def test_a_dead_letter_too_large_for_the_producer_is_cut_further_and_still_sent(make_settings, tmp_path):
+    # ENRICHER_DLQ_MAX_BYTES above what the producer may send (as with a broker limit below ours):
+    # aiokafka refuses the record for its size, and the worker cuts it until it goes.
+    from enricher.supervise import WorkerProcess
+
+    settings = make_settings(max_message_bytes=1 << 20, dlq_max_bytes=400_000, max_request_bytes=100_000)
+    register_sample(settings, tmp_path)
+    big = b"{" + b'"x": "' + b"y" * 300_000 + b'"'  # not JSON (unterminated), 300 KB
+    produce(settings, [big] + sample.inferences(500)[0])
+    worker = WorkerProcess(settings, log_path=tmp_path / "worker.log").start()
+    try:
+        worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= 501, timeout=120)
+    finally:
+        worker.stop()
+    [record] = deadletters.read(settings, expected=1)
+    assert record.reason == "invalid_json" and record.original_bytes == len(big)
+    assert 1024 <= len(record.value) < 100_000 and big.startswith(record.value)
+    assert count_rows(settings) == (500, 500)
