@@ -188,7 +188,11 @@ def build_app(settings: Settings) -> faust.App:
     async def refresh_models():
         # Picks up registrations, toggles and newly published artifacts;
         # loading happens off the event loop, and batches switch between runs.
-        await asyncio.to_thread(serving.refresh)
+        try:
+            await asyncio.to_thread(serving.refresh)
+        except Exception:  # noqa: BLE001 - a registry it cannot read now: what serves, serves; try next tick
+            log.exception("refreshing models from the registry failed; trying again in %ss",
+                          settings.refresh_interval)
 
     install(app, settings, ControlPlane(registry, store, ControlEvents(settings)), serving, progress)
 
