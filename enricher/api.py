@@ -152,8 +152,10 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
     @app.page("/status")
     class StatusView(faust.web.View):
         async def get(self, request):
-            return refuse(self, request) or self.json(
-                {**progress.as_dict(), "serving": serving.describe(), "settings": settings.describe()})
+            denied = refuse(self, request)
+            if denied is not None:
+                return denied
+            return self.json({**progress.as_dict(), "serving": serving.describe(), "settings": settings.describe()})
 
     @app.page("/models")
     class ModelsView(faust.web.View):

@@ -47,6 +47,23 @@ TRANSIENT_CODES = frozenset({
     394,  # QUERY_WAS_CANCELLED
     425,  # SYSTEM_ERROR
     999,  # KEEPER_EXCEPTION
+    32,   # ATTEMPT_TO_READ_AFTER_EOF (a body cut by the network)
+    33,   # CANNOT_READ_ALL_DATA
+    75,   # CANNOT_WRITE_TO_FILE_DESCRIPTOR
+    198,  # DNS_ERROR
+    243,  # NOT_ENOUGH_SPACE (a disk filled up: writes resume once there is room)
+    285,  # TOO_FEW_LIVE_REPLICAS
+    286,  # UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE
+    439,  # CANNOT_SCHEDULE_TASK
+    1000,  # POCO_EXCEPTION (network errors inside the server)
+    # The store will not let this worker in (wrong password, a revoked grant):
+    # not a fault of the data, and a fix by an operator changes it. Pausing
+    # (and saying so in the log) beats dead-lettering the whole stream.
+    192,  # UNKNOWN_USER
+    193,  # WRONG_PASSWORD
+    194,  # REQUIRED_PASSWORD
+    497,  # ACCESS_DENIED
+    516,  # AUTHENTICATION_FAILED
 })
 # Codes meaning the table is not what this worker writes: every row of every
 # batch would fail the same way, so the batch is not split row by row.

@@ -178,3 +178,23 @@ def test_a_dead_letter_too_large_for_the_producer_is_cut_further_and_still_sent(
     assert record.reason == "invalid_json" and record.original_bytes == len(big)
     assert 1024 <= len(record.value) < 100_000 and big.startswith(record.value)
     assert count_rows(settings) == (500, 500)
+
+
+def test_a_store_that_refuses_the_workers_credentials_pauses_it_and_dead_letters_nothing(make_settings, tmp_path):
+    from enricher.supervise import WorkerProcess
+
+    server = ClickHouseHTTP(tmp_path / "server", user="enricher", password="right").start()
+    try:
+        settings = make_settings(clickhouse_url=f"http://enricher:wrong@127.0.0.1:{server.port}/enricher")
+        register_sample(settings, tmp_path)
+        produce(settings, sample.inferences(200)[0])
+        worker = WorkerProcess(settings, log_path=tmp_path / "worker.log").start()
+        try:
+            worker.wait_for(lambda s: "enricher_store_retries_total 0.0" not in worker.metrics(), timeout=60)
+            status = worker.status()
+            assert (status["enriched"], status["dead_lettered"]) == (0, 0), "retried, not dead-lettered"
+            assert "AUTHENTICATION_FAILED" in (tmp_path / "worker.log").read_text()
+        finally:
+            worker.stop()
+    finally:
+        server.stop()
