@@ -8,8 +8,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from models import ENRICHMENTS
-from models.enrichment import FeatureBatch
+from models.enrichment import FeatureBatch, checked_output
 
 from . import metrics
 from .clickhouse import STORE_COLUMNS
@@ -90,28 +89,6 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
             arr = pa.nulls(n, arrow_type)
         arrays.append(arr if arr.type == arrow_type else arr.cast(arrow_type))
     return pa.Table.from_arrays(arrays, names=list(STORE_COLUMNS))
-
-
-def checked_output(name: str, out, num_rows: int) -> dict[str, pa.Array]:
-    """An enrichment's output as the core expects it: exactly the declared
-    columns, one value per row, of the declared types (or castable to them).
-    Anything else raises, inside the caller's guard: that enrichment's
-    columns are NULL for the batch and the failure is counted."""
-    declared = ENRICHMENTS[name].output_columns()
-    if not isinstance(out, dict) or set(out) != set(declared):
-        got = sorted(out) if isinstance(out, dict) else type(out).__name__
-        raise ValueError(f"{name} returned {got}, it declares {sorted(declared)}")
-    checked = {}
-    for col, arrow_type in declared.items():
-        arr = out[col]
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks()
-        elif not isinstance(arr, pa.Array):
-            arr = pa.array(np.asarray(arr))
-        if len(arr) != num_rows:
-            raise ValueError(f"{name}.{col}: {len(arr)} values for {num_rows} rows")
-        checked[col] = arr if arr.type == arrow_type else arr.cast(arrow_type)
-    return checked
 
 
 def _map(names: list[str], values: list[pa.Array], n: int, item_type: pa.DataType) -> pa.Array:

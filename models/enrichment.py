@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol
 
+import numpy as np
 import pyarrow as pa
 
 from .artifact import Manifest
@@ -55,3 +56,28 @@ class Enrichment(Protocol):
 
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> Fitted:
         """Rebuild a fitted artifact from verified bytes."""
+
+
+def checked_output(name: str, out, num_rows: int) -> dict[str, pa.Array]:
+    """An enrichment's output as the rest of the engine expects it: exactly the
+    declared columns, one value per row, of the declared types (or castable to
+    them). Anything else raises ValueError. Serving calls it inside its guard
+    (that enrichment's columns are NULL for the batch, counted); a training
+    run's validate step calls it on reference rows (the run fails, saying why)."""
+    from . import ENRICHMENTS
+
+    declared = ENRICHMENTS[name].output_columns()
+    if not isinstance(out, dict) or set(out) != set(declared):
+        got = sorted(out) if isinstance(out, dict) else type(out).__name__
+        raise ValueError(f"{name} returned {got}, it declares {sorted(declared)}")
+    checked = {}
+    for col, arrow_type in declared.items():
+        arr = out[col]
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        elif not isinstance(arr, pa.Array):
+            arr = pa.array(np.asarray(arr))
+        if len(arr) != num_rows:
+            raise ValueError(f"{name}.{col}: {len(arr)} values for {num_rows} rows")
+        checked[col] = arr if arr.type == arrow_type else arr.cast(arrow_type)
+    return checked

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from models import ENRICHMENTS
 from models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
-from models.enrichment import FeatureBatch
+from models.enrichment import FeatureBatch, checked_output
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
@@ -120,13 +120,11 @@ def validate(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: 
             out = fitted.transform(batch)
         except Exception as exc:
             raise StepError(f"run {run}: {enrichment} does not load or score: {exc}") from exc
-        wanted = ENRICHMENTS[enrichment].output_columns()
-        if set(out) != set(wanted):
-            raise StepError(f"run {run}: {enrichment} gives columns {sorted(out)}, expected {sorted(wanted)}")
+        try:  # the same check serving applies to every batch
+            out = checked_output(enrichment, out, sample.num_rows)
+        except (ValueError, TypeError, pa.ArrowException) as exc:
+            raise StepError(f"run {run}: {exc}") from None
         for column, array in out.items():
-            if len(array) != sample.num_rows:
-                raise StepError(f"run {run}: {enrichment}.{column} has {len(array)} values "
-                                f"for {sample.num_rows} rows")
             if pa.types.is_floating(array.type):
                 values = array.to_numpy(zero_copy_only=False)
                 if not np.isfinite(values).all():
