@@ -43,13 +43,16 @@ class EmbeddedBroker:
             stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT,
             env=None if self.env is None else {**os.environ, **self.env})
         deadline = time.monotonic() + timeout
-        while not _listening(self.host, self.port):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"embedded broker exited with code {self.process.returncode}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"embedded broker did not listen on {self.host}:{self.port} in {timeout}s")
-            time.sleep(0.05)
+        try:
+            while not _listening(self.host, self.port):
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"embedded broker exited with code {self.process.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"embedded broker did not listen on {self.host}:{self.port} in {timeout}s")
+                time.sleep(0.05)
+        except BaseException:  # incl. Ctrl-C/SIGTERM while waiting: never leave the child behind
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

@@ -36,16 +36,19 @@ def cmd_broker(args) -> int:
         broker = EmbeddedBroker(args.host, args.port, storage=args.storage).start()
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    print(f"embedded broker (Tansu, {args.storage} storage) listening on {broker.url} (pid {broker.process.pid}); "
-          "Ctrl-C or SIGTERM stops it", flush=True)
 
     def on_sigterm(*_):
         # Only interrupt the wait below; stopping (and reaping) the child happens
         # in `finally`, outside the handler, not inside the wait it interrupted.
         raise KeyboardInterrupt
 
+    # Installed before the "listening" line: whoever reads that line may signal
+    # at once (CI caught the old order: a SIGTERM right after it killed us
+    # with the default action and left Tansu orphaned).
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        print(f"embedded broker (Tansu, {args.storage} storage) listening on {broker.url} "
+              f"(pid {broker.process.pid}); Ctrl-C or SIGTERM stops it", flush=True)
         code = broker.process.wait()
         if code:
             print(f"enricher broker: the broker exited with code {code}", file=sys.stderr)
@@ -53,8 +56,10 @@ def cmd_broker(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A second SIGTERM while stopping must not leave the child behind.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         broker.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
 
 
