@@ -6,10 +6,12 @@ The same rows (models x rows over `days`, 10 numeric features and one
 categorical, an anomaly score) are written in the chDB engine three ways, and
 the analyst queries of issue 9 are timed on one model in each (median of 5):
 
-- `current`: the product's storage table as it is today
-  (ReplacingMergeTree ORDER BY (model_id, inference_id), features in maps)
-  read through the model's view (`... FINAL WHERE model_id = ...`), written by
-  the product's own `enrich_many` and `EnrichedTables.insert`;
+- `current`: the product's storage table as the product writes it (when the
+  committed results were taken: layout v1, ReplacingMergeTree ORDER BY
+  (model_id, inference_id), features in maps; since, layout v2, see
+  enricher/clickhouse.py and the query section of `make bench`), read through
+  the model's view, written by the product's own `enrich_many` and
+  `EnrichedTables.insert`;
 - `typed`: one table for the layout with a typed column per feature,
   ReplacingMergeTree ORDER BY (model_id, timestamp, inference_id), daily
   partitions, read with FINAL;

@@ -26,7 +26,9 @@ from decimal import Decimal
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .clickhouse import connect, run_query
+from models.spec import SpecError, check_model_id
+
+from .clickhouse import EnrichedTables, connect, run_query
 from .config import ConfigError, Settings
 from .control import ControlPlane, RequestError
 from .sqlguard import QueryRefused, check, limits
@@ -181,6 +183,23 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
             # Toggles apply to this worker at once (others follow the control topic).
             await asyncio.to_thread(serving.refresh)
             return result
+
+    @app.page("/models/{model_id}/rows")
+    class RowsView(faust.web.View):
+        async def delete(self, request, model_id):
+            """Delete the model's enriched rows, labels and view (the registry entry stays)."""
+            def drop(_):
+                try:
+                    check_model_id(model_id)
+                except SpecError as exc:
+                    raise RequestError(str(exc), "model_id") from None
+                tables = EnrichedTables.from_settings(connect(settings), settings)
+                try:
+                    tables.drop_model(model_id)
+                finally:
+                    tables.client.close()
+                return {"model_id": model_id, "rows": "deleted"}
+            return await answer(self, drop, request)
 
     @app.page("/query")
     class QueryView(faust.web.View):

@@ -21,6 +21,7 @@ everything here is safe to run again on them (see `write`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 from . import metrics
 from .config import Settings
 from .contract import DeadLetter, ParsedBatch, parse_batch
-from .enrich import enrich_many
+from .enrich import enrich_many, storage_group
 from .serving import Serving
 from .sink import ClickHouseSink, StoreRejected, StoreUnavailable
 
@@ -78,12 +79,23 @@ class Messages:
         return (Messages(self.values[:h], self.partitions[:h], self.offsets[:h], ct[:h] if ct else None),
                 Messages(self.values[h:], self.partitions[h:], self.offsets[h:], ct[h:] if ct else None))
 
-    def where(self) -> str:
-        spans = {}
+    def token(self, topic: str) -> str:
+        """The batch's insert deduplication token: its topic, each partition's
+        offsets, and a digest of the values (a topic deleted and made again
+        reuses offsets; the digest keeps its new rows from passing for old ones)."""
+        spans = ",".join(f"{p}:{lo}-{hi}" for p, (lo, hi) in sorted(self._spans().items()))
+        digest = hashlib.blake2b(b"\0".join(self.values), digest_size=16).hexdigest()
+        return f"{topic}|{spans}|{len(self)}|{digest}"
+
+    def _spans(self) -> dict[int, tuple[int, int]]:
+        spans: dict[int, tuple[int, int]] = {}
         for p, o in zip(self.partitions, self.offsets):
             low, high = spans.get(p, (o, o))
             spans[p] = (min(low, o), max(high, o))
-        return ", ".join(f"partition {p} offsets {lo}-{hi}" for p, (lo, hi) in sorted(spans.items()))
+        return spans
+
+    def where(self) -> str:
+        return ", ".join(f"partition {p} offsets {lo}-{hi}" for p, (lo, hi) in sorted(self._spans().items()))
 
 
 class BatchProcessor:
@@ -95,7 +107,7 @@ class BatchProcessor:
     def handle(self, messages: Messages) -> Outcome:
         """Parse, enrich and store a batch; raises StoreUnavailable only (see module doc)."""
         try:
-            outcome = self._store(self.parse(messages))
+            outcome = self._store(self.parse(messages), messages.token(self.settings.inference_topic))
         except StoreUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: find the message that triggers it
@@ -121,16 +133,20 @@ class BatchProcessor:
             ingested_at_us = time.time_ns() // 1000
         groups: dict[tuple, list] = {}
         for model_id, rows in parsed.models.items():
-            groups.setdefault(rows.spec.layout, []).append((rows, self.serving.active(model_id)))
+            groups.setdefault(storage_group(rows.spec), []).append((rows, self.serving.active(model_id)))
         tables = [enrich_many(parts, ingested_at_us) for parts in groups.values()]
         origin = np.concatenate([rows.origin for parts in groups.values() for rows, _ in parts])
-        return (tables[0] if len(tables) == 1 else pa.concat_tables(tables)), origin
+        # Groups use different slot columns: the one insert has them all, NULL where unused.
+        return (tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")), origin
 
-    def _store(self, parsed: ParsedBatch) -> Outcome:
+    def _store(self, parsed: ParsedBatch, token: str | None = None) -> Outcome:
         """Enrich and insert every model's rows.
 
-        Safe to call again with the same batch after a failure: rows already
-        written are written again and the table's view shows them once.
+        Safe to call again with the same batch after a failure: the insert
+        carries the batch's token, so a store that took it the first time
+        takes nothing the second; without a token (or past the store's
+        deduplication window) the rows are written again, and the view shows
+        them once.
         """
         outcome = Outcome(dead=list(parsed.dead))
         if not parsed.models:
@@ -146,9 +162,9 @@ class BatchProcessor:
         table, origin = self.enrich(parsed)
         written = Counter({m: rows.num_rows for m, rows in parsed.models.items()})
         try:
-            self.sink.write(table, written)
+            self.sink.write(table, written, token)
         except StoreRejected as exc:
-            stored, dead = self._split(table, origin, parsed, exc)
+            stored, dead = self._split(table, origin, parsed, exc, token)
             outcome.written.update(stored)
             outcome.dead += dead
             return outcome
@@ -156,7 +172,7 @@ class BatchProcessor:
         return outcome
 
     def _split(self, table: pa.Table, origin: np.ndarray, parsed: ParsedBatch,
-               rejected: StoreRejected) -> tuple[Counter, list[DeadLetter]]:
+               rejected: StoreRejected, token: str | None = None) -> tuple[Counter, list[DeadLetter]]:
         """Halve the refused batch until the refused rows stand alone; write the rest."""
         log.warning("the store refused a batch of %d rows (%s); finding the rows at fault", table.num_rows,
                     rejected)
@@ -184,7 +200,7 @@ class BatchProcessor:
                                            pc.value_counts(piece.column("model_id")).flatten()])))
                 inserts += 1
                 try:
-                    self.sink.write(piece, counts)
+                    self.sink.write(piece, counts, token and f"{token}|rows {s}+{n}")
                 except StoreRejected as exc:
                     pending.append((s, n, exc))
                 else:

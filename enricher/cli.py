@@ -105,6 +105,43 @@ def cmd_models_show(args) -> int:
     return 0
 
 
+def cmd_models_drop_rows(args) -> int:
+    from .query import drop_rows
+
+    if not args.yes:
+        raise UserError(f"this deletes every enriched row and label of {args.model_id}; "
+                        "add --yes to do it")
+    drop_rows(_settings(args), args.model_id)
+    print(f"deleted the enriched rows, labels and view of {args.model_id} (its registration stays)")
+    return 0
+
+
+# -- storage -------------------------------------------------------------------
+def cmd_migrate(args) -> int:
+    from .migrate import MigrationError, migrate
+    from .query import store_tables
+
+    settings = _settings(args)
+    tables = store_tables(settings)
+    try:
+        report = migrate(tables, _registry(settings), drop_legacy=args.drop_legacy)
+    except MigrationError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        tables.client.close()
+    if not report.found:
+        print("nothing to migrate: no layout v1 table (inferences) in "
+              f"{settings.clickhouse_database}_store")
+        return 0
+    for model_id, n in report.rows.items():
+        print(f"{model_id}: {n} rows copied to layout v2, every one checked in the view")
+    if report.unregistered:
+        print(f"not registered, left in layout v1: {', '.join(report.unregistered)} "
+              "(register them, then run migrate again)")
+    print(f"layout v1 table: {report.legacy}")
+    return 1 if report.unregistered else 0
+
+
 # -- enrichments ---------------------------------------------------------------
 def _parse_assignment(text: str):
     if "=" not in text:
@@ -356,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = m.add_parser("show", help="a model's schema, enrichments and artifacts")
     s.add_argument("model_id")
     s.set_defaults(func=cmd_models_show)
+    dr = m.add_parser("drop-rows", help="delete a model's enriched rows, labels and view (not its registration)")
+    dr.add_argument("model_id")
+    dr.add_argument("--yes", action="store_true", help="really delete")
+    dr.set_defaults(func=cmd_models_drop_rows)
+
+    mg = sub.add_parser("migrate", help="copy rows of an earlier release's table layout (v1) into this one (v2)")
+    mg.add_argument("--drop-legacy", action="store_true",
+                    help="drop the v1 table once every row is checked in v2 (default: rename it inferences_v1)")
+    mg.set_defaults(func=cmd_migrate)
 
     e = sub.add_parser("enrichments", help="turn enrichments on and off per model").add_subparsers(
         dest="action", required=True, metavar="ACTION")

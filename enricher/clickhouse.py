@@ -4,29 +4,55 @@ One code path for the embedded engine (chDB, `chdb:///PATH`) and a server
 (`http(s)://USER:PASSWORD@HOST:PORT/DATABASE`): both go through
 clickhouse-connect, only `get_client`'s arguments differ.
 
-Layout, for a database setting `enricher`:
+Layout (v2), for a database setting `enricher`:
 
-    enricher_store.inferences  every model's rows, one ReplacingMergeTree
-                               ORDER BY (model_id, inference_id); features and
-                               attributes in two maps (numeric, categorical)
-    enricher.<model_id>        VIEW ... FINAL WHERE model_id = '<model_id>': the
-                               model's rows with one column per feature
+    enricher_store.enriched  every model's rows: CoalescingMergeTree
+                             PARTITION BY toYYYYMM(timestamp)
+                             ORDER BY (model_id, timestamp, inference_id);
+                             features in numbered typed columns n0, n1, ...
+                             (numeric) and c0, c1, ... (categorical)
+    enricher_store.labels    label updates, the latest per inference
+                             (ReplacingMergeTree(label_at))
+    enricher.<model_id>      VIEW ... FINAL WHERE model_id = '<model_id>': the
+                             model's rows, its columns named after its features
 
-Why one table: a worker's batch holds rows of many models, and one insert per
-batch, whatever the number of models, is what keeps a stream over a thousand
-models as fast as a stream over one (a table per model means an insert per
-model per batch). The view gives each model its own typed columns, and a new
-feature is a new view, not an ALTER.
+Why this layout (measured: benchmarks/layouts.py, then the query section of
+`make bench`):
+- time in the sort key, right after the model: a query over the last hour or
+  day reads that hour or day, not the model's whole history;
+- one typed column per slot: a query on one feature reads that feature only
+  (a Map column reads every key of every row). Slots, not a column per
+  feature name, because one table holds every model's rows, and one insert
+  per batch whatever the number of models is what keeps a stream over a
+  thousand models as fast as one over a single model (a table per model or
+  per feature layout is an insert per model or layout per batch). Which slot
+  is which feature is the registry's (models/slots.py), and the view names
+  them; a ClickHouse JSON column read as fast but inserted 3x slower;
+- CoalescingMergeTree: rows with one (model_id, timestamp, inference_id) are
+  one row, each column its last non-NULL value. A redelivered inference
+  collapses with its first copy, and a label update is a small row holding
+  only the key and the label (labels.py): no row is rewritten to label it.
+  So every column but the key is Nullable;
+- monthly partitions, and FINAL per partition in the view
+  (`do_not_merge_across_partitions_select_final`): a row's copies share its
+  timestamp, hence its partition, so the view never merges across months;
+- inserts carry a deduplication token made from the batch's offsets (see
+  `batch.py`): a retried insert adds nothing to storage. A batch redelivered
+  with other boundaries is left to the merge and the view's FINAL;
+- retention: `ENRICHER_RETENTION_DAYS` is a TTL on `timestamp` (and on the
+  labels' `label_at`).
 
-At-least-once delivery means a batch may be written twice after a crash; the
-copies share (model_id, inference_id), so the view shows each inference once,
-and background merges drop the copies from storage.
+Layout v1 (`<database>_store.inferences`, before 2026-12) is migrated by
+`enricher migrate` (migrate.py).
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from urllib.parse import unquote, urlsplit
+
+import logging
 
 import clickhouse_connect
 import pyarrow as pa
@@ -36,9 +62,16 @@ from models.spec import ModelSpec, check_model_id
 
 from .config import Settings
 
-TABLE = "inferences"
-_NUM_MAP = pa.map_(pa.string(), pa.float64())
-_CAT_MAP = pa.map_(pa.string(), pa.string())
+log = logging.getLogger(__name__)
+
+TABLE = "enriched"
+LABELS = "labels"
+LEGACY_TABLE = "inferences"  # layout v1 (migrate.py)
+KEY = ("model_id", "timestamp", "inference_id")
+# Enough recent inserts to recognise a retry (a batch every ~0.1-1 s: minutes).
+DEDUP_WINDOW = 10_000
+_SLOT = re.compile(r"^([nc])(\d+)$")
+SLOT_TYPES = {"n": ("Nullable(Float64)", pa.float64()), "c": ("LowCardinality(Nullable(String))", pa.string())}
 
 
 def _nullable(arrow_type: pa.DataType) -> str:
@@ -49,32 +82,45 @@ def _nullable(arrow_type: pa.DataType) -> str:
     return f"Nullable({mapping[arrow_type]})"
 
 
-def _store_columns() -> dict[str, tuple[str, pa.DataType]]:
+def _fixed_columns() -> dict[str, tuple[str, pa.DataType]]:
     cols = {
         "model_id": ("LowCardinality(String)", pa.string()),
-        "inference_id": ("String", pa.string()),
         "timestamp": ("DateTime64(3, 'UTC')", pa.timestamp("ms", tz="UTC")),
-        "numeric": ("Map(LowCardinality(String), Nullable(Float64))", _NUM_MAP),
-        "categorical": ("Map(LowCardinality(String), Nullable(String))", _CAT_MAP),
+        "inference_id": ("String", pa.string()),
         "prediction": ("Nullable(Float64)", pa.float64()),
         "prediction_class": ("LowCardinality(Nullable(String))", pa.string()),
         "label": ("Nullable(Float64)", pa.float64()),
         "label_class": ("LowCardinality(Nullable(String))", pa.string()),
+        # When the row's label was set: its own timestamp for a label sent with
+        # the inference, the update's arrival for a later one (labels.py).
+        "label_at": ("Nullable(DateTime64(6, 'UTC'))", pa.timestamp("us", tz="UTC")),
     }
     for name, enrichment in ENRICHMENTS.items():
         for col, arrow_type in enrichment.output_columns().items():
             cols[col] = (_nullable(arrow_type), arrow_type)
         cols[f"{name}_version"] = ("Nullable(UInt32)", pa.uint32())
     cols.update({
-        "_ingested_at": ("DateTime64(6, 'UTC')", pa.timestamp("us", tz="UTC")),
-        "_partition": ("UInt32", pa.uint32()),
-        "_offset": ("UInt64", pa.uint64()),
+        "_ingested_at": ("Nullable(DateTime64(6, 'UTC'))", pa.timestamp("us", tz="UTC")),
+        "_partition": ("Nullable(UInt32)", pa.uint32()),
+        "_offset": ("Nullable(UInt64)", pa.uint64()),
     })
     return cols
 
 
-#: Every column of the storage table: name -> (ClickHouse type, Arrow type).
-STORE_COLUMNS = _store_columns()
+#: The storage table's columns other than slots: name -> (ClickHouse type, Arrow type).
+FIXED_COLUMNS = _fixed_columns()
+
+
+def column_type(name: str) -> tuple[str, pa.DataType]:
+    """(ClickHouse type, Arrow type) of a storage column, slots included."""
+    if name in FIXED_COLUMNS:
+        return FIXED_COLUMNS[name]
+    slot = _SLOT.match(name)
+    if slot is None:
+        raise KeyError(f"{name!r} is not a column of the storage table")
+    return SLOT_TYPES[slot.group(1)]
+
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -85,32 +131,35 @@ def quote(identifier: str) -> str:
     return f"`{identifier}`"
 
 
+def literal(model_id: str) -> str:
+    """A model id as an SQL string literal (a valid id has nothing to escape)."""
+    return f"'{check_model_id(model_id)}'"
+
+
 def connect(settings: Settings):
     """A clickhouse-connect client for the configured URL (reads go through api.QueryRunner,
     which checks them and sets their limits)."""
     url = settings.clickhouse_url
     parts = urlsplit(url)
-    extra = {}
     if parts.scheme == "chdb":
         path = unquote(parts.netloc + parts.path)
-        return clickhouse_connect.get_client(interface="chdb", path=path, **extra)
+        return clickhouse_connect.get_client(interface="chdb", path=path)
     password = unquote(parts.password or "") or settings.clickhouse_password or ""
     # A store that accepts and never answers must fail the insert, not hold it forever.
     return clickhouse_connect.get_client(
         interface=parts.scheme, host=parts.hostname, port=parts.port,
         username=unquote(parts.username or "default"), password=password,
         database="default", connect_timeout=min(10.0, settings.clickhouse_timeout),
-        send_receive_timeout=settings.clickhouse_timeout, **extra)
+        send_receive_timeout=settings.clickhouse_timeout)
 
 
 def view_columns(spec: ModelSpec) -> list[tuple[str, str]]:
     """The model's view: (column name, SQL expression over the storage table)."""
     cols = [("inference_id", "inference_id"), ("timestamp", "timestamp")]
-    for c in spec.features + spec.attributes:
-        source = "numeric" if c.numeric else "categorical"
-        cols.append((c.name, f"{source}['{c.name}']"))
+    slots = spec.storage_columns
+    cols += [(c.name, slots[c.name]) for c in spec.columns]
     suffix = "" if spec.prediction_type == "numeric" else "_class"
-    cols += [("prediction", f"prediction{suffix}"), ("label", f"label{suffix}")]
+    cols += [("prediction", f"prediction{suffix}"), ("label", f"label{suffix}"), ("label_at", "label_at")]
     for name, enrichment in ENRICHMENTS.items():
         cols += [(col, col) for col in enrichment.output_columns()]
         cols.append((f"{name}_version", f"{name}_version"))
@@ -120,67 +169,155 @@ def view_columns(spec: ModelSpec) -> list[tuple[str, str]]:
 
 class Schema:
     """What DDL has been run: shared by every connection of a process, so
-    that the table and each view are created once, not once per thread."""
+    that the tables, slot columns and views are created once, not once per thread."""
 
     def __init__(self):
-        import threading
-
         self.lock = threading.Lock()
         self.table_ready = False
+        self.columns: set[str] = set()
         self.views: dict[str, ModelSpec] = {}
 
 
-def store_table(database: str) -> str:
-    """The storage table's quoted name for a database setting."""
-    return f"{quote(database + '_store')}.{quote(TABLE)}"
+def store_table(database: str, table: str = TABLE) -> str:
+    """A storage table's quoted name for a database setting."""
+    return f"{quote(database + '_store')}.{quote(table)}"
+
+
+def legacy_exists(client, database: str) -> bool:
+    """Whether a layout v1 table is still there, unmigrated."""
+    return client.query("SELECT count() FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+                        parameters={"db": f"{database}_store", "t": LEGACY_TABLE}).result_rows[0][0] > 0
+
+
+def _ttl(column: str, days: int) -> str:
+    return f"TTL toDateTime({column}) + toIntervalDay({int(days)})" if days > 0 else ""
 
 
 class EnrichedTables:
-    """Creates (on demand) the storage table and each model's view, and writes batches."""
+    """Creates (on demand) the storage tables, slot columns and each model's view, and writes batches."""
 
-    def __init__(self, client, database: str, schema: Schema | None = None):
+    def __init__(self, client, database: str, schema: Schema | None = None, retention_days: int = 0):
         self.client = client
         self.database = database
         self.store = f"{database}_store"
         self.schema = schema or Schema()
+        self.retention_days = retention_days
         quote(database), quote(self.store)
+
+    @classmethod
+    def from_settings(cls, client, settings: Settings, schema: Schema | None = None) -> "EnrichedTables":
+        return cls(client, settings.clickhouse_database, schema, settings.retention_days)
 
     @property
     def table(self) -> str:
         return store_table(self.database)
+
+    @property
+    def labels(self) -> str:
+        return store_table(self.database, LABELS)
+
+    def view(self, model_id: str) -> str:
+        return f"{quote(self.database)}.{quote(check_model_id(model_id))}"
 
     def ensure_table(self) -> None:
         if self.schema.table_ready:
             return
         with self.schema.lock:
             if not self.schema.table_ready:
-                self._create_table()
+                self._create_tables()
 
-    def _create_table(self) -> None:
-        self.client.command(f"CREATE DATABASE IF NOT EXISTS {quote(self.database)}")
-        self.client.command(f"CREATE DATABASE IF NOT EXISTS {quote(self.store)}")
-        body = ",\n  ".join(f"{quote(n)} {t}" for n, (t, _) in STORE_COLUMNS.items())
-        self.client.command(f"CREATE TABLE IF NOT EXISTS {self.table} (\n  {body}\n) "
-                            "ENGINE = ReplacingMergeTree(_ingested_at) ORDER BY (model_id, inference_id)")
+    def _create_tables(self) -> None:
+        c = self.client
+        c.command(f"CREATE DATABASE IF NOT EXISTS {quote(self.database)}")
+        c.command(f"CREATE DATABASE IF NOT EXISTS {quote(self.store)}")
+        body = ",\n  ".join(f"{quote(n)} {t}" for n, (t, _) in FIXED_COLUMNS.items())
+        # The bloom filter finds a label's row without its timestamp (labels.py);
+        # the minmax index finds the rows ingested since a label sweep.
+        c.command(f"CREATE TABLE IF NOT EXISTS {self.table} (\n  {body},\n"
+                  "  INDEX inference_id_bloom inference_id TYPE bloom_filter(0.01) GRANULARITY 1,\n"
+                  "  INDEX ingested_at_minmax _ingested_at TYPE minmax GRANULARITY 1\n) "
+                  "ENGINE = CoalescingMergeTree PARTITION BY toYYYYMM(timestamp) "
+                  f"ORDER BY ({', '.join(KEY)}) {_ttl('timestamp', self.retention_days)} "
+                  f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}")
+        c.command(f"CREATE TABLE IF NOT EXISTS {self.labels} (\n"
+                  "  model_id LowCardinality(String), inference_id String, label Nullable(Float64),\n"
+                  "  label_class LowCardinality(Nullable(String)), label_at DateTime64(6, 'UTC'),\n"
+                  "  INDEX label_at_minmax label_at TYPE minmax GRANULARITY 1\n) "
+                  "ENGINE = ReplacingMergeTree(label_at) ORDER BY (model_id, inference_id) "
+                  f"{_ttl('label_at', self.retention_days)} "
+                  f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}")
+        existing = {r[0] for r in c.query(
+            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": self.store, "t": TABLE}).result_rows}
         # A release with a new enrichment adds its columns; nothing is dropped.
-        for name, (ch_type, _) in STORE_COLUMNS.items():
-            self.client.command(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {quote(name)} {ch_type}")
+        for name, (ch_type, _) in FIXED_COLUMNS.items():
+            if name not in existing:
+                c.command(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {quote(name)} {ch_type}")
+                existing.add(name)
+        self._apply_retention(TABLE, "timestamp", self.retention_days)
+        self._apply_retention(LABELS, "label_at", self.retention_days)
+        self.schema.columns = existing
         self.schema.table_ready = True
+        if legacy_exists(c, self.database):
+            log.warning("%s (layout v1, an earlier release) is still there: its rows are not in the models' "
+                        "views until you run `enricher migrate`", store_table(self.database, LEGACY_TABLE))
+
+    def _apply_retention(self, table: str, column: str, days: int) -> None:
+        """The TTL the settings ask for, on a table made under other settings."""
+        engine = self.client.query("SELECT engine_full FROM system.tables WHERE database = {db:String} "
+                                   "AND name = {t:String}", parameters={"db": self.store, "t": table}
+                                   ).result_rows[0][0]
+        current = re.search(r"TTL toDateTime\(\w+\) \+ toIntervalDay\((\d+)\)", engine)
+        if (int(current.group(1)) if current else 0) == days:
+            return
+        name = store_table(self.database, table)
+        if days > 0:
+            self.client.command(f"ALTER TABLE {name} MODIFY {_ttl(column, days)}")
+        else:
+            self.client.command(f"ALTER TABLE {name} REMOVE TTL")
+
+    def ensure_columns(self, names) -> None:
+        """Slot columns a model needs (n7, c2, ...): added on first use, a metadata-only change."""
+        self.ensure_table()
+        missing = [n for n in names if n not in self.schema.columns]
+        if not missing:
+            return
+        with self.schema.lock:
+            for name in missing:
+                if name not in self.schema.columns:
+                    self.client.command(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {quote(name)} "
+                                        f"{column_type(name)[0]}")
+                    self.schema.columns.add(name)
 
     def ensure_view(self, spec: ModelSpec) -> None:
         if self.schema.views.get(spec.model_id) == spec:
             return
-        self.ensure_table()
-        model = check_model_id(spec.model_id)  # also safe inside the string literal below
-        select = ", ".join(f"{expr} AS {quote(name)}" for name, expr in view_columns(spec))
+        self.ensure_columns(spec.storage_columns.values())
+        select = ", ".join(f"{quote(expr)} AS {quote(name)}" for name, expr in view_columns(spec))
         with self.schema.lock:
-            self.client.command(f"CREATE OR REPLACE VIEW {quote(self.database)}.{quote(model)} AS "
-                                f"SELECT {select} FROM {self.table} FINAL WHERE model_id = '{model}'")
+            # FINAL per partition: a row's copies and its label rows share its
+            # partition (see the module doc), so no merge across months.
+            self.client.command(f"CREATE OR REPLACE VIEW {self.view(spec.model_id)} AS "
+                                f"SELECT {select} FROM {self.table} FINAL WHERE model_id = {literal(spec.model_id)} "
+                                "SETTINGS do_not_merge_across_partitions_select_final = 1")
             self.schema.views[spec.model_id] = spec
 
-    def insert(self, table: pa.Table) -> None:
-        """One INSERT; the table must exist (ensure_table/ensure_view ran before, once)."""
-        self.client.insert_arrow(self.table, table)
+    def insert(self, table: pa.Table, token: str | None = None) -> None:
+        """One INSERT; the table and columns must exist (ensure_view ran before, once).
+
+        `token` identifies the batch: an insert with a token already seen among the
+        last DEDUP_WINDOW inserts adds nothing (a retry of the same batch)."""
+        self.client.insert_arrow(self.table, table,
+                                 settings={"insert_deduplication_token": token} if token else None)
+
+    def drop_model(self, model_id: str) -> None:
+        """Delete a model's rows, labels and view (waits for the deletion to be done)."""
+        self.ensure_table()
+        where = f"WHERE model_id = {literal(model_id)}"
+        self.client.command(f"DROP VIEW IF EXISTS {self.view(model_id)}")
+        for table in (self.table, self.labels):
+            self.client.command(f"ALTER TABLE {table} DELETE {where} SETTINGS mutations_sync = 2")
+        self.schema.views.pop(model_id, None)
 
 
 def run_query(client, sql: str, settings: dict | None = None) -> tuple[list[str], list[tuple]]:

@@ -81,6 +81,7 @@ class Settings:
     clickhouse_database: str = ""
     clickhouse_password: str | None = field(default=None, repr=False)
     clickhouse_timeout: float = 30.0      # seconds an insert or query may take before it counts as failed
+    retention_days: int = 0               # enriched rows older than this (by timestamp) are dropped; 0: kept
     http_host: str = "127.0.0.1"
     http_port: int = 6066
     http_tls_cert: str | None = None
@@ -270,6 +271,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "clickhouse_database": ("ENRICHER_CLICKHOUSE_DATABASE", "str", None),
     "clickhouse_password": ("ENRICHER_CLICKHOUSE_PASSWORD", "secret", None),
     "clickhouse_timeout": ("ENRICHER_CLICKHOUSE_TIMEOUT", "float", 0.1),
+    "retention_days": ("ENRICHER_RETENTION_DAYS", "int", 0),
     "http_host": ("ENRICHER_HTTP_HOST", "str", None),
     "http_port": ("ENRICHER_HTTP_PORT", "int", 0),
     "http_tls_cert": ("ENRICHER_HTTP_TLS_CERT", "str", None),

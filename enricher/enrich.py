@@ -7,11 +7,12 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from models.enrichment import FeatureBatch, checked_output
 
 from . import metrics
-from .clickhouse import STORE_COLUMNS
+from .clickhouse import FIXED_COLUMNS, column_type
 from .contract import ModelRows
 from .serving import Active
 
@@ -24,10 +25,10 @@ def enrich(rows: ModelRows, active: dict[str, Active], ingested_at_us: int) -> p
 
 
 def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us: int) -> pa.Table:
-    """Batches of models that share one layout, as one storage-layout table.
+    """Batches of models that share one layout and slots (`storage_group`), as one storage-layout table.
 
     Each model's enrichments run on that model's rows; everything else (the
-    feature maps, ids, casts) is built once for all of them, so a batch spread
+    slot columns, ids, casts) is built once for all of them, so a batch spread
     over many models pays those costs once, not once per model.
 
     An enrichment that is off, not trained yet, or fails on a model's rows
@@ -56,7 +57,7 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
 
     columns: dict[str, pa.Array] = {}
     for col, arrays in outputs.items():
-        arrow_type = STORE_COLUMNS[col][1]
+        arrow_type = column_type(col)[1]
         columns[col] = pa.concat_arrays([
             pa.nulls(counts[k], arrow_type) if a is None else (a if a.type == arrow_type else a.cast(arrow_type))
             for k, a in enumerate(arrays)])
@@ -65,39 +66,36 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
         arrays = [get(rows) for rows, _ in parts]
         return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
-    numeric = [c.name for c in spec.columns if c.numeric]
-    categorical = [c.name for c in spec.columns if not c.numeric]
-    values = {c.name: joined(lambda r, name=c.name: r.values[name]) for c in spec.columns}
     model_ids = pa.array([rows.spec.model_id for rows, _ in parts])
     owner = np.repeat(np.arange(len(parts), dtype=np.int32), counts)
     columns["model_id"] = pa.DictionaryArray.from_arrays(owner, model_ids).cast(pa.string())
     columns["inference_id"] = joined(lambda r: r.inference_id)
     columns["timestamp"] = joined(lambda r: r.timestamp)
-    columns["numeric"] = _map(numeric, [values[c] for c in numeric], n, pa.float64())
-    columns["categorical"] = _map(categorical, [values[c] for c in categorical], n, pa.string())
+    slots = spec.storage_columns
+    for c in spec.columns:  # each feature into its slot column (the models of one group share slots)
+        columns[slots[c.name]] = joined(lambda r, name=c.name: r.values[name])
     suffix = "" if spec.prediction_type == "numeric" else "_class"
     columns["prediction" + suffix] = joined(lambda r: r.prediction)
-    columns["label" + suffix] = joined(lambda r: r.label)
-    columns["_ingested_at"] = pa.array(np.full(n, ingested_at_us, np.int64)).cast(STORE_COLUMNS["_ingested_at"][1])
+    label = columns["label" + suffix] = joined(lambda r: r.label)
+    # A label sent with its inference is as old as the inference: an update
+    # that arrives later is newer, a redelivered copy of the inference is not.
+    label_at = columns["timestamp"].cast(pa.int64()).cast(pa.timestamp("ms", tz="UTC"))
+    columns["label_at"] = pc.if_else(pc.is_valid(label), label_at, pa.scalar(None, label_at.type))
+    columns["_ingested_at"] = pa.array(np.full(n, ingested_at_us, np.int64))
     columns["_partition"] = pa.array(np.concatenate([r.partition for r, _ in parts]), pa.uint32())
     columns["_offset"] = pa.array(np.concatenate([r.offset for r, _ in parts]), pa.uint64())
 
+    names = list(FIXED_COLUMNS) + [slots[c.name] for c in spec.columns]
     arrays = []
-    for col, (_, arrow_type) in STORE_COLUMNS.items():
+    for col in names:
+        arrow_type = column_type(col)[1]
         arr = columns.get(col)
         if arr is None:
             arr = pa.nulls(n, arrow_type)
         arrays.append(arr if arr.type == arrow_type else arr.cast(arrow_type))
-    return pa.Table.from_arrays(arrays, names=list(STORE_COLUMNS))
+    return pa.Table.from_arrays(arrays, names=names)
 
 
-def _map(names: list[str], values: list[pa.Array], n: int, item_type: pa.DataType) -> pa.Array:
-    """One map per row, {name: value}, built column-wise: keys repeat, items interleave."""
-    k = len(names)
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
-    if k == 0:
-        return pa.MapArray.from_arrays(offsets, pa.array([], pa.string()), pa.array([], item_type))
-    keys = pa.DictionaryArray.from_arrays(np.tile(np.arange(k, dtype=np.int32), n), pa.array(names)).cast(pa.string())
-    stacked = pa.concat_arrays([v.cast(item_type) for v in values])
-    order = (np.arange(k, dtype=np.int64)[None, :] * n + np.arange(n, dtype=np.int64)[:, None]).ravel()
-    return pa.MapArray.from_arrays(offsets, keys, stacked.take(pa.array(order)))
+def storage_group(spec) -> tuple:
+    """Models with the same group key are enriched into one table together (enrich_many)."""
+    return spec.layout, tuple(spec.storage_columns.items())

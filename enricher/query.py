@@ -54,6 +54,42 @@ def query(settings: Settings, sql: str) -> tuple[list[str], list]:
         runner.close()
 
 
+def store_tables(settings: Settings):
+    """The enriched tables for a maintenance command (migrate, drop-rows): straight to the store."""
+    from .clickhouse import EnrichedTables, connect
+
+    worker = running_worker(settings)
+    if worker:
+        raise UserError(f"a worker ({worker}) holds the embedded store in {settings.data_dir}; stop it first "
+                        "(chDB allows one process per data directory)")
+    return EnrichedTables.from_settings(connect(settings), settings)
+
+
+def drop_rows(settings: Settings, model_id: str) -> None:
+    """Delete a model's enriched rows, labels and view: through the running worker
+    that holds the embedded store (DELETE /models/{id}/rows), or directly."""
+    from models.spec import check_model_id
+
+    check_model_id(model_id)
+    worker = running_worker(settings)
+    if worker is None:
+        tables = store_tables(settings)
+        try:
+            tables.drop_model(model_id)
+        finally:
+            tables.client.close()
+        return
+    req = urllib.request.Request(f"{worker}/models/{model_id}/rows", method="DELETE")
+    if settings.api_token:
+        req.add_header("Authorization", f"Bearer {settings.api_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=600):
+            pass
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"deleting through the running worker at {worker} failed: HTTP {exc.code} "
+                        f"{exc.read()[:300].decode('utf-8', 'replace')}") from None
+
+
 def running_worker(settings: Settings) -> str | None:
     if not settings.clickhouse_url.startswith("chdb:"):
         return None

@@ -129,7 +129,7 @@ class ClickHouseSink:
                 client = connect(self.settings)
             except Exception as exc:
                 raise classify(exc, self.table) from exc
-            tables = self._local.tables = EnrichedTables(client, self.settings.clickhouse_database, self._schema)
+            tables = self._local.tables = EnrichedTables.from_settings(client, self.settings, self._schema)
         return tables
 
     def _failed(self, exc: Exception) -> Exception:
@@ -149,11 +149,12 @@ class ClickHouseSink:
         except Exception as exc:
             raise self._failed(exc) from exc
 
-    def write(self, table: pa.Table, rows_per_model: dict[str, int]) -> None:
-        """One insert for the whole batch, every model's rows together."""
+    def write(self, table: pa.Table, rows_per_model: dict[str, int], token: str | None = None) -> None:
+        """One insert for the whole batch, every model's rows together (`token`:
+        the batch's deduplication token, see EnrichedTables.insert)."""
         started = time.perf_counter()
         try:
-            self.tables.insert(table)
+            self.tables.insert(table, token)
         except (StoreUnavailable, StoreRejected):
             metrics.INSERT_FAILURES.inc()
             raise

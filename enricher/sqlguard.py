@@ -9,7 +9,7 @@ checked here first, the same way for both, with sqlglot's ClickHouse parser:
 - one statement: a SELECT (with WITH, UNION, subqueries, joins), or
   DESCRIBE of a table;
 - every table it reads is a model's view in the enriched database, the
-  storage table `<database>_store.inferences`, or a name the query itself
+  storage tables in `<database>_store` (`enriched`, `labels`), or a name the query itself
   defines (WITH); no table functions (`file`, `url`, `s3`, `remote`,
   `executable`, `Python`, `input`, `merge`, `numbers`...), no other database
   (`system`, `default`, ...);
@@ -165,7 +165,7 @@ def _check_table(node: exp.Table, allowed_dbs: set[str], defined: set[str], data
     if not isinstance(node.this, exp.Identifier):
         name = node.this.name if isinstance(node.this, exp.Func) and node.this.name else node.this.sql()
         raise QueryRefused(f"table function {name}() is not allowed: read {database}.<model_id> or "
-                           f"{database}_store.inferences")
+                           f"{database}_store.enriched")
     if node.catalog:
         raise QueryRefused(f"{node.sql(dialect='clickhouse')}: only {database}.<model_id> can be read")
     if not node.db:

@@ -6,6 +6,7 @@ steps share it without a server:
     <root>/<model_id>/spec.json          validated schema
     <root>/<model_id>/reference.parquet  normalised reference data
     <root>/<model_id>/enrichments.json   {"anomaly_detection": {"enabled": true, "config": {}}}
+    <root>/<model_id>/slots.json         where each column is stored (models/slots.py)
     <root>/<model_id>/status/<name>.json where that enrichment's training stands
     <root>/GENERATION                    bumped on every change
 
@@ -22,6 +23,7 @@ each changes only what it names, on the state the other left.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -33,7 +35,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import ENRICHMENTS
+from . import ENRICHMENTS, slots
 from .reference import normalise, read_table
 from .spec import ModelSpec, SpecError, check_model_id
 
@@ -90,6 +92,8 @@ class ModelRegistry:
             pq.write_table(reference, tmp)
             with self.locked():
                 os.replace(tmp, folder / "reference.parquet")
+                # Slots before the spec: a reader that sees the new spec finds its slots.
+                _write_json(folder / "slots.json", slots.assign(spec.columns, self._slots(model_id)))
                 _write_json(folder / "spec.json", spec.to_json())
                 if not (folder / "enrichments.json").exists():
                     _write_json(folder / "enrichments.json", {})
@@ -97,7 +101,19 @@ class ModelRegistry:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        return spec
+        return self.get(model_id)
+
+    def _slots(self, model_id: str) -> dict:
+        folder = self.root / model_id
+        try:
+            return json.loads((folder / "slots.json").read_text())
+        except FileNotFoundError:
+            pass
+        try:  # registered before slots existed: its columns took them in order
+            old = ModelSpec.from_json(model_id, json.loads((folder / "spec.json").read_text()))
+        except FileNotFoundError:
+            return {}
+        return slots.assign(old.columns)
 
     def ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -110,7 +126,9 @@ class ModelRegistry:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise UnknownModel(model_id) from None
-        return ModelSpec.from_json(model_id, doc)
+        spec = ModelSpec.from_json(model_id, doc)
+        assigned = slots.assign(spec.columns, self._slots(model_id))
+        return dataclasses.replace(spec, slots=slots.column_names(spec.columns, assigned))
 
     def specs(self) -> dict[str, ModelSpec]:
         return {m: self.get(m) for m in self.ids()}

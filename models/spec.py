@@ -22,7 +22,7 @@ TASKS = ("binary_classification", "multiclass_classification", "regression")
 VALUE_TYPES = ("numeric", "categorical")
 # Names the enriched table uses for its own columns; a feature may not take them.
 RESERVED_COLUMNS = frozenset(
-    {"model_id", "inference_id", "timestamp", "prediction", "label", "features", "attributes"}
+    {"model_id", "inference_id", "timestamp", "prediction", "label", "label_at", "features", "attributes"}
 )
 
 
@@ -61,6 +61,19 @@ class ModelSpec:
     positive_threshold: float = 0.5
     prediction_type: str = "numeric"
     extra: dict = field(default_factory=dict, compare=False)
+    # Each column's storage column, ("age", "n3"): assigned by the registry and
+    # stable across registrations (models/slots.py). Empty for a spec that did
+    # not come from a registry: its columns then take the first slots in order.
+    slots: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def storage_columns(self) -> dict[str, str]:
+        """Column name -> storage column ("n<i>" numeric, "c<i>" categorical)."""
+        if self.slots:
+            return dict(self.slots)
+        from .slots import assign, column_names
+
+        return dict(column_names(self.columns, assign(self.columns)))
 
     @property
     def feature_names(self) -> list[str]:

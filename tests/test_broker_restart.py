@@ -61,6 +61,6 @@ def test_a_broker_restart_mid_stream_loses_nothing_and_reads_nothing_committed_a
                               f"countIf(startsWith(inference_id, 'after')) FROM enricher.{sample.MODEL_ID}")
     assert tuple(rows[0]) == (3000, 3000)
     # what had been committed was not read again: the "before" rows were stored once
-    _, stored = query(settings, "SELECT count() FROM enricher_store.inferences "
+    _, stored = query(settings, "SELECT count() FROM enricher_store.enriched "
                                 "WHERE startsWith(inference_id, 'before')")
     assert stored[0][0] == 3000

@@ -56,7 +56,7 @@ def test_rows_the_store_refuses_are_dead_lettered_alone_and_the_rest_is_written(
     batched(settings, sample.inferences(1000, id_prefix="before")[0])
     worker.wait_for(lambda s: s["enriched"] >= 1000, timeout=120)
     # The store itself refuses some rows: a constraint the worker knows nothing of.
-    alter(server, "ALTER TABLE enricher_store.inferences ADD CONSTRAINT no_poison "
+    alter(server, "ALTER TABLE enricher_store.enriched ADD CONSTRAINT no_poison "
                   "CHECK NOT startsWith(inference_id, 'poison')")
     messages = sample.inferences(2000, id_prefix="during")[0]
     for k in (5, 777, 1999):
@@ -68,7 +68,7 @@ def test_rows_the_store_refuses_are_dead_lettered_alone_and_the_rest_is_written(
     assert (status["enriched"], status["dead_lettered"]) == (3497, 3)
     assert count_rows(settings) == (3497, 3497)
     # splitting wrote each accepted row once: storage holds no copy of the refused batch's good rows
-    _, stored = query(settings, "SELECT count() FROM enricher_store.inferences")
+    _, stored = query(settings, "SELECT count() FROM enricher_store.enriched")
     assert stored[0][0] == 3497
     records = deadletters.read(settings, expected=3)
     assert [r.reason for r in records] == ["store_rejected"] * 3
@@ -82,7 +82,7 @@ def test_a_table_changed_under_the_worker_dead_letters_its_rows_naming_the_colum
     settings, worker = worker_over_http
     batched(settings, sample.inferences(500, id_prefix="before")[0])
     worker.wait_for(lambda s: s["enriched"] >= 500, timeout=120)
-    alter(server, "ALTER TABLE enricher_store.inferences DROP COLUMN label_class")
+    alter(server, "ALTER TABLE enricher_store.enriched DROP COLUMN label_class")
     batched(settings, sample.inferences(300, id_prefix="during")[0])
     status = worker.wait_for(lambda s: s["dead_lettered"] >= 300, timeout=120)
     assert (status["enriched"], status["dead_lettered"]) == (500, 300), "no retry loop on a mismatch"
@@ -90,7 +90,7 @@ def test_a_table_changed_under_the_worker_dead_letters_its_rows_naming_the_colum
     assert Counter(r.reason for r in records) == {"store_rejected": 300}
     assert "label_class" in records[0].detail and "enricher_store" in records[0].detail
     # Put right, the stream goes on where it was, without a restart.
-    alter(server, "ALTER TABLE enricher_store.inferences ADD COLUMN label_class LowCardinality(Nullable(String))")
+    alter(server, "ALTER TABLE enricher_store.enriched ADD COLUMN label_class LowCardinality(Nullable(String))")
     batched(settings, sample.inferences(200, id_prefix="after")[0])
     worker.wait_for(lambda s: s["enriched"] >= 700, timeout=120)
     assert worker.process.poll() is None

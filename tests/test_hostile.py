@@ -79,7 +79,7 @@ def test_the_whole_corpus_mid_stream_crashes_nothing_and_every_message_is_accoun
 
     assert count_rows(settings) == (len(valid) + len(stored),) * 2
     # nothing was redelivered here, so storage itself holds each row once (not only the view)
-    _, in_storage = query(settings, "SELECT count() FROM enricher_store.inferences")
+    _, in_storage = query(settings, "SELECT count() FROM enricher_store.enriched")
     assert in_storage[0][0] == len(valid) + len(stored)
     _, rows = query(settings, f"SELECT inference_id FROM enricher.{sample.MODEL_ID} "
                               f"WHERE NOT startsWith(inference_id, 'inf-')")

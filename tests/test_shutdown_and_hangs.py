@@ -73,7 +73,7 @@ def test_a_hanging_store_times_out_is_retried_loses_nothing_and_memory_stays_bou
     finally:
         worker.stop()
     assert count_rows(settings) == (102_000, 102_000)
-    _, stored = query(settings, f"SELECT count() FROM enricher_store.inferences WHERE model_id = '{sample.MODEL_ID}'")
+    _, stored = query(settings, f"SELECT count() FROM enricher_store.enriched WHERE model_id = '{sample.MODEL_ID}'")
     assert stored[0][0] >= 102_000
 
 

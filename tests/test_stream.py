@@ -144,7 +144,7 @@ def test_a_redelivered_stream_shows_each_inference_once(make_settings, tmp_path,
     second.wait_for(lambda s: s["consumed"] >= 3000, timeout=120)
     second.stop()
     assert count_rows(settings) == (3000, 3000)
-    _, stored = query(settings, f"SELECT count() FROM enricher_store.inferences WHERE model_id = '{sample.MODEL_ID}'")
+    _, stored = query(settings, f"SELECT count() FROM enricher_store.enriched WHERE model_id = '{sample.MODEL_ID}'")
     assert stored[0][0] >= 3000  # copies may sit in storage until merged; the view hides them
 
 
@@ -315,7 +315,7 @@ def test_a_rebalance_mid_stream_loses_nothing_shows_each_once_and_commits_to_the
         # one past the last offset stored from it (the rows say which; Tansu's
         # high watermark lags the last record batch, so it is not used).
         _, stored = query(settings, "SELECT _partition, max(_offset) + 1, uniqExact(_offset) "
-                                    "FROM enricher_store.inferences GROUP BY _partition ORDER BY _partition")
+                                    "FROM enricher_store.enriched GROUP BY _partition ORDER BY _partition")
         ends = [row[1] for row in stored]
         assert [row[2] for row in stored] == ends and sum(ends) == total  # offsets dense: every message stored
         deadline = time.monotonic() + 60
