@@ -35,6 +35,7 @@ from . import metrics
 from .config import Settings
 from .contract import DeadLetter, ParsedBatch, parse_batch
 from .enrich import enrich_many, storage_group
+from .labels import label_table
 from .serving import Serving
 from .sink import ClickHouseSink, StoreRejected, StoreUnavailable
 
@@ -53,9 +54,11 @@ class Outcome:
     written: Counter = field(default_factory=Counter)
     dead: list[DeadLetter] = field(default_factory=list)
     messages: int = 0
+    labels: Counter = field(default_factory=Counter)  # label updates taken, per model
 
     def add(self, other: "Outcome") -> "Outcome":
         self.written.update(other.written)
+        self.labels.update(other.labels)
         self.dead.extend(other.dead)
         self.messages += other.messages
         return self
@@ -149,8 +152,13 @@ class BatchProcessor:
         them once.
         """
         outcome = Outcome(dead=list(parsed.dead))
-        if not parsed.models:
-            return outcome
+        if parsed.models:
+            self._store_inferences(parsed, token, outcome)
+        if parsed.labels:
+            self._store_labels(parsed, token, outcome)
+        return outcome
+
+    def _store_inferences(self, parsed: ParsedBatch, token: str | None, outcome: Outcome) -> None:
         try:
             self.sink.prepare([rows.spec for rows in parsed.models.values()])
         except StoreRejected as exc:  # the store refuses our DDL: no row of these models can be written
@@ -158,7 +166,7 @@ class BatchProcessor:
             models = [m for m, rows in parsed.models.items() for _ in range(rows.num_rows)]
             outcome.dead += [parsed.dead_letter(o, "store_rejected", f"{exc.table}: {exc}", m)
                              for o, m in zip(origin.tolist(), models)]
-            return outcome
+            return
         table, origin = self.enrich(parsed)
         written = Counter({m: rows.num_rows for m, rows in parsed.models.items()})
         try:
@@ -167,9 +175,22 @@ class BatchProcessor:
             stored, dead = self._split(table, origin, parsed, exc, token)
             outcome.written.update(stored)
             outcome.dead += dead
-            return outcome
+            return
         outcome.written.update(written)
-        return outcome
+
+    def _store_labels(self, parsed: ParsedBatch, token: str | None, outcome: Outcome) -> None:
+        """The batch's label updates, in one insert to the labels table (labels.py
+        brings them to their rows). Validated already: a refusal here is the
+        store's, for all of them alike."""
+        table = label_table([(m, r.inference_id, r.label, r.spec.prediction_type == "numeric")
+                             for m, r in parsed.labels.items()], time.time_ns() // 1000)
+        try:
+            self.sink.write_labels(table, token and f"{token}|labels")
+        except StoreRejected as exc:
+            outcome.dead += [parsed.dead_letter(o, "store_rejected", f"{exc.table}: {exc}", m)
+                             for m, r in parsed.labels.items() for o in r.origin.tolist()]
+            return
+        outcome.labels.update({m: r.num_rows for m, r in parsed.labels.items()})
 
     def _split(self, table: pa.Table, origin: np.ndarray, parsed: ParsedBatch,
                rejected: StoreRejected, token: str | None = None) -> tuple[Counter, list[DeadLetter]]:
@@ -219,5 +240,7 @@ class BatchProcessor:
             metrics.CONSUMED.labels(model_id).inc(n)
         for model_id, n in outcome.written.items():
             metrics.ENRICHED.labels(model_id).inc(n)
+        for model_id, n in outcome.labels.items():
+            metrics.LABELS_RECEIVED.labels(model_id).inc(n)
         metrics.BATCH_MESSAGES.observe(outcome.messages)
         metrics.BATCH_ROWS.observe(sum(consumed.values()))

@@ -12,7 +12,8 @@ Layout (v2), for a database setting `enricher`:
                              features in numbered typed columns n0, n1, ...
                              (numeric) and c0, c1, ... (categorical)
     enricher_store.labels    label updates, the latest per inference
-                             (ReplacingMergeTree(label_at))
+                             (ReplacingMergeTree(label_at); labels.py)
+    enricher_store.label_sweeps  the label sweep's watermarks (labels.py)
     enricher.<model_id>      VIEW ... FINAL WHERE model_id = '<model_id>': the
                              model's rows, its columns named after its features
 
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "enriched"
 LABELS = "labels"
+LABEL_SWEEPS = "label_sweeps"
 LEGACY_TABLE = "inferences"  # layout v1 (migrate.py)
 KEY = ("model_id", "timestamp", "inference_id")
 # Enough recent inserts to recognise a retry (a batch every ~0.1-1 s: minutes).
@@ -246,6 +248,9 @@ class EnrichedTables:
                   "ENGINE = ReplacingMergeTree(label_at) ORDER BY (model_id, inference_id) "
                   f"{_ttl('label_at', self.retention_days)} "
                   f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}")
+        c.command(f"CREATE TABLE IF NOT EXISTS {store_table(self.database, LABEL_SWEEPS)} (\n"
+                  "  started_at DateTime64(6, 'UTC'), applied UInt64, pending UInt64\n) "
+                  f"ENGINE = MergeTree ORDER BY started_at {_ttl('started_at', 30)}")
         existing = {r[0] for r in c.query(
             "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
             parameters={"db": self.store, "t": TABLE}).result_rows}
@@ -308,6 +313,12 @@ class EnrichedTables:
         `token` identifies the batch: an insert with a token already seen among the
         last DEDUP_WINDOW inserts adds nothing (a retry of the same batch)."""
         self.client.insert_arrow(self.table, table,
+                                 settings={"insert_deduplication_token": token} if token else None)
+
+    def insert_labels(self, table: pa.Table, token: str | None = None) -> None:
+        """One INSERT of label updates (labels.label_table), deduplicated like `insert`."""
+        self.ensure_table()
+        self.client.insert_arrow(self.labels, table,
                                  settings={"insert_deduplication_token": token} if token else None)
 
     def drop_model(self, model_id: str) -> None:

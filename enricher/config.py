@@ -82,6 +82,7 @@ class Settings:
     clickhouse_password: str | None = field(default=None, repr=False)
     clickhouse_timeout: float = 30.0      # seconds an insert or query may take before it counts as failed
     retention_days: int = 0               # enriched rows older than this (by timestamp) are dropped; 0: kept
+    label_sweep_interval: float = 5.0     # seconds between runs that bring label updates to their rows
     http_host: str = "127.0.0.1"
     http_port: int = 6066
     http_tls_cert: str | None = None
@@ -272,6 +273,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "clickhouse_password": ("ENRICHER_CLICKHOUSE_PASSWORD", "secret", None),
     "clickhouse_timeout": ("ENRICHER_CLICKHOUSE_TIMEOUT", "float", 0.1),
     "retention_days": ("ENRICHER_RETENTION_DAYS", "int", 0),
+    "label_sweep_interval": ("ENRICHER_LABEL_SWEEP_INTERVAL", "float", 0.1),
     "http_host": ("ENRICHER_HTTP_HOST", "str", None),
     "http_port": ("ENRICHER_HTTP_PORT", "int", 0),
     "http_tls_cert": ("ENRICHER_HTTP_TLS_CERT", "str", None),

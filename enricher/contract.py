@@ -9,9 +9,16 @@ One message is one JSON object:
 `timestamp` is ISO-8601 (no offset means UTC) or epoch milliseconds; `label`
 and `attributes` are optional.
 
+A message with `model_id`, `inference_id` and `label` and no `features` is a
+*label update* (ground truth that came later; labels.py brings it to its
+row):
+
+    {"model_id": "credit", "inference_id": "a1", "label": 1}
+
 A message may also carry many inferences: a JSON array of such objects, or an
 Arrow IPC stream with the same columns (`features` and `attributes` as struct
-columns). The format is told by the content (an IPC stream starts with
+columns; label updates as a stream with `model_id`, `inference_id` and
+`label` and no `features` column). The format is told by the content (an IPC stream starts with
 0xFFFFFFFF, an array with `[`) or by a `content-type` header
 (`application/json`, `application/vnd.apache.arrow.stream`). Each row of a
 batched message is validated on its own.
@@ -114,8 +121,23 @@ class ModelRows:
 
 
 @dataclass
+class LabelRows:
+    """Valid label updates of one model."""
+
+    spec: ModelSpec
+    inference_id: pa.Array
+    label: pa.Array  # float64 for a numeric prediction type, else string
+    origin: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.inference_id)
+
+
+@dataclass
 class ParsedBatch:
     models: dict[str, ModelRows] = field(default_factory=dict)
+    labels: dict[str, LabelRows] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
     origins: "_Origins | None" = None
 
@@ -186,6 +208,14 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
             if count:
                 parts.setdefault(model_id, []).append(_slice(group_rows, specs(model_id), start, count))
             start += count
+    label_parts: dict[str, list[LabelRows]] = {}
+    for model_id, order in items.labels_by_model.items():
+        labels, bad = _guarded(_validate_labels, specs(model_id), [items.objs[k] for k in order],
+                               np.asarray(order, np.int64))
+        for j, (reason, detail) in sorted(bad.items()):
+            items.dead(order[j], reason, detail, model_id)
+        if labels is not None:
+            label_parts.setdefault(model_id, []).append(labels)
     for i, table in arrow_parts:
         base = out.origins.add_arrow(i, table)
         try:
@@ -196,9 +226,13 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
                                        partitions[i], offsets[i]))
             continue
         for model_id, model_rows in found.items():
-            parts.setdefault(model_id, []).append(model_rows)
+            (label_parts if isinstance(model_rows, LabelRows) else parts).setdefault(model_id, []).append(model_rows)
     for model_id, rows in parts.items():
         out.models[model_id] = rows[0] if len(rows) == 1 else _concat(rows)
+    for model_id, labels in label_parts.items():
+        out.labels[model_id] = labels[0] if len(labels) == 1 else LabelRows(
+            labels[0].spec, pa.concat_arrays([x.inference_id for x in labels]),
+            pa.concat_arrays([x.label for x in labels]), np.concatenate([x.origin for x in labels]))
     return out
 
 
@@ -292,6 +326,7 @@ class _Items:
         self.pos: list[int | None] = []
         self.raw: list[bytes] = []
         self.by_model: dict[str, list[int]] = {}
+        self.labels_by_model: dict[str, list[int]] = {}
 
     def add(self, obj, raw: bytes, i: int, pos: int | None) -> None:
         k = len(self.objs)
@@ -305,11 +340,13 @@ class _Items:
         if type(model_id) is not str:
             reason = "missing_field" if model_id is None else "wrong_type"
             return self.dead(k, reason, f"model_id: expected a string, got {_kind(model_id)}", None)
-        rows = self.by_model.get(model_id)
+        update = obj.get("features") is None and "label" in obj  # a label update (module doc)
+        by_model = self.labels_by_model if update else self.by_model
+        rows = by_model.get(model_id)
         if rows is None:
             if self.specs(model_id) is None:
                 return self.dead(k, "unknown_model", f"model {_short(model_id)} is not registered", model_id)
-            rows = self.by_model[model_id] = []
+            rows = by_model[model_id] = []
         rows.append(k)
 
     def raw_of(self, k: int) -> bytes:
@@ -380,17 +417,21 @@ def _columns(spec: ModelSpec, objs: list[dict], origin: np.ndarray) -> tuple[Mod
 
 
 def _columns_guarded(spec: ModelSpec, objs: list[dict], origin: np.ndarray) -> tuple[ModelRows | None, Bad]:
-    """`_columns`, and if it fails (a bug), each row on its own: the rows that
-    fail alone are `internal_error`, the others go on."""
+    return _guarded(_columns, spec, objs, origin)
+
+
+def _guarded(validate, spec: ModelSpec, objs: list[dict], origin: np.ndarray):
+    """`validate(spec, objs, origin)`, and if it fails (a bug), each row on its
+    own: the rows that fail alone are `internal_error`, the others go on."""
     try:
-        return _columns(spec, objs, origin)
+        return validate(spec, objs, origin)
     except Exception:  # noqa: BLE001
         log.exception("validating %d rows of layout %s together failed; validating them one by one",
                       len(objs), spec.model_id)
     good, bad = [], {}
     for j, obj in enumerate(objs):
         try:
-            rows, one_bad = _columns(spec, [obj], origin[j:j + 1])
+            rows, one_bad = validate(spec, [obj], origin[j:j + 1])
         except Exception as exc:  # noqa: BLE001
             bad[j] = ("internal_error", f"validation failed: {_error(exc)}")
             continue
@@ -398,7 +439,12 @@ def _columns_guarded(spec: ModelSpec, objs: list[dict], origin: np.ndarray) -> t
             bad[j] = one_bad[0]
         if rows is not None:
             good.append(rows)
-    return (_concat(good) if good else None), bad
+    if not good:
+        return None, bad
+    if isinstance(good[0], LabelRows):
+        return LabelRows(spec, pa.concat_arrays([g.inference_id for g in good]),
+                         pa.concat_arrays([g.label for g in good]), np.concatenate([g.origin for g in good])), bad
+    return _concat(good), bad
 
 
 def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource",
@@ -409,12 +455,7 @@ def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource",
     problem found in a row is its reason.
     """
     bad = src.bad
-    inference_id = _check(src.top("inference_id", _ID, "wrong_type"), "inference_id", bad, "missing_field")
-    if len(inference_id) and (pc.max(pc.utf8_length(inference_id)).as_py() or 0) > MAX_ID_CHARS:
-        too_long = pc.fill_null(pc.greater(pc.utf8_length(inference_id), MAX_ID_CHARS), False)
-        for j in np.flatnonzero(too_long.to_numpy(zero_copy_only=False)):
-            _mark(bad, int(j), "out_of_range", f"inference_id: {len(inference_id[int(j)].as_py()):,} characters, "
-                  f"the limit is {MAX_ID_CHARS:,}")
+    inference_id = _inference_ids(src)
     timestamp = _check_time_range(src.timestamp(), bad)
     src.group("features", required=True)
     target = Column("prediction", spec.prediction_type)
@@ -444,6 +485,35 @@ def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource",
                      {k: kept(v) for k, v in values.items()}, np.empty(0), np.empty(0),
                      origin if mask is None else origin[mask])
     return rows, bad
+
+
+def _inference_ids(src: "_JsonSource | _ArrowSource") -> pa.Array:
+    bad = src.bad
+    inference_id = _check(src.top("inference_id", _ID, "wrong_type"), "inference_id", bad, "missing_field")
+    if len(inference_id) and (pc.max(pc.utf8_length(inference_id)).as_py() or 0) > MAX_ID_CHARS:
+        too_long = pc.fill_null(pc.greater(pc.utf8_length(inference_id), MAX_ID_CHARS), False)
+        for j in np.flatnonzero(too_long.to_numpy(zero_copy_only=False)):
+            _mark(bad, int(j), "out_of_range", f"inference_id: {len(inference_id[int(j)].as_py()):,} characters, "
+                  f"the limit is {MAX_ID_CHARS:,}")
+    return inference_id
+
+
+def _validate_labels(spec: ModelSpec, objs, origin: np.ndarray) -> tuple[LabelRows | None, Bad]:
+    """Label updates (JSON objects, or an Arrow table): an inference id and a
+    label of the model's prediction type, nothing else read."""
+    src = objs if isinstance(objs, _ArrowSource) else _JsonSource(objs)
+    bad = src.bad
+    inference_id = _inference_ids(src)
+    label = _check(src.top("label", Column("label", spec.prediction_type), "wrong_type"), "label", bad,
+                   "missing_field")
+    if len(bad) == src.n:
+        return None, bad
+    if not bad:
+        return LabelRows(spec, inference_id, label, origin), bad
+    mask = np.ones(src.n, bool)
+    mask[list(bad)] = False
+    keep = pa.array(mask)
+    return LabelRows(spec, inference_id.filter(keep), label.filter(keep), origin[mask]), bad
 
 
 def _check_time_range(ts: pa.Array, bad: Bad) -> pa.Array:
@@ -569,8 +639,9 @@ class _ArrowSource:
 
 
 def _arrow_message(table: pa.Table, i: int, base: int, specs, out: ParsedBatch, partitions,
-                   offsets) -> dict[str, ModelRows]:
-    """Validate one Arrow IPC message, which may hold rows of several models."""
+                   offsets) -> dict[str, "ModelRows | LabelRows"]:
+    """Validate one Arrow IPC message, which may hold rows of several models
+    (inferences, or label updates: a stream with a label and no features)."""
     def dead(rows, reason, detail, model_id):
         for j in rows:
             out.dead.append(DeadLetter(to_ipc(table.slice(int(j), 1)), reason, detail, model_id,
@@ -594,6 +665,13 @@ def _arrow_message(table: pa.Table, i: int, base: int, specs, out: ParsedBatch, 
             dead(positions, "unknown_model", f"model {_short(model_id)} is not registered", model_id)
             continue
         part = table.take(positions) if len(positions) < table.num_rows else table
+        if "features" not in table.column_names and "label" in table.column_names:  # label updates
+            labels, bad = _validate_labels(spec, _ArrowSource(part), base + positions.astype(np.int64))
+            for j, (reason, detail) in sorted(bad.items()):
+                dead([positions[j]], reason, detail, model_id)
+            if labels is not None:
+                found[model_id] = labels
+            continue
         rows, bad = _validate(spec, _ArrowSource(part), base + positions.astype(np.int64))
         for j, (reason, detail) in sorted(bad.items()):
             dead([positions[j]], reason, detail, model_id)

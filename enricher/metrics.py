@@ -36,6 +36,15 @@ E2E_LATENCY = Histogram("enricher_end_to_end_latency_seconds",
 REBALANCES = Histogram("enricher_rebalance_seconds", "Consumer group rebalances this worker went through, "
                        "and how long its stream was suspended by each",
                        buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+LABELS_RECEIVED = Counter("enricher_labels_received", "Label updates taken from the inference topic and stored "
+                          "in the labels table", ["model"])
+LABELS_APPLIED = Counter("enricher_labels_applied", "Labels the sweep brought to their inference's row")
+LABELS_PENDING = Counter("enricher_labels_pending", "Label updates that found no inference yet (kept for "
+                         "ENRICHER_LABEL_PENDING_DAYS)")
+LABEL_SWEEP_SECONDS = Histogram("enricher_label_sweep_seconds", "Duration of one label sweep",
+                                buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+LABEL_SWEEP_FAILURES = Counter("enricher_label_sweep_failures", "Label sweeps that failed (the next one "
+                               "covers their window again)")
 ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused", ["enrichment", "result"])
 
 

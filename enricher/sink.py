@@ -132,6 +132,10 @@ class ClickHouseSink:
             tables = self._local.tables = EnrichedTables.from_settings(client, self.settings, self._schema)
         return tables
 
+    def forget_connection(self) -> None:
+        """This thread's next use opens a new connection."""
+        self._local.tables = None
+
     def _failed(self, exc: Exception) -> Exception:
         error = classify(exc, self.table)
         if isinstance(error, StoreUnavailable):
@@ -144,6 +148,15 @@ class ClickHouseSink:
         try:
             for spec in specs:
                 self.tables.ensure_view(spec)
+        except (StoreUnavailable, StoreRejected):
+            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
+    def write_labels(self, table: pa.Table, token: str | None = None) -> None:
+        """One insert of a batch's label updates (labels.label_table)."""
+        try:
+            self.tables.insert_labels(table, token)
         except (StoreUnavailable, StoreRejected):
             raise
         except Exception as exc:

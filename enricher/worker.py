@@ -40,6 +40,7 @@ from .config import Settings
 from .contract import DeadLetter
 from .control import ControlEvents, ControlPlane
 from .faust_patches import eager_hand_over, shorten_fetch_wait
+from .labels import LabelSweep
 from .serving import Serving
 from .sink import ClickHouseSink, StoreUnavailable
 from .topics import ensure_topics
@@ -196,6 +197,18 @@ def build_app(settings: Settings) -> faust.App:
 
     install(app, settings, ControlPlane(registry, store, ControlEvents(settings)), serving, progress)
 
+    sweeper = LabelSweeper(processor.sink)
+
+    @app.timer(settings.label_sweep_interval)
+    async def sweep_labels():
+        # One sweeper per consumer group: whoever holds partition 0 (labels.py).
+        try:
+            assigned = app.consumer.assignment()
+        except Exception:  # noqa: BLE001 - not started or rebalancing: next tick
+            return
+        if any(tp.topic == settings.inference_topic and tp.partition == 0 for tp in assigned):
+            await asyncio.get_running_loop().run_in_executor(sweeper.thread, sweeper.run)
+
     @app.task
     async def announce():
         # Lets `enricher query` reach this process while it holds the embedded store.
@@ -206,6 +219,40 @@ def build_app(settings: Settings) -> faust.App:
                  settings.inference_topic, settings.dlq_topic, info["url"])
 
     return app
+
+
+class LabelSweeper:
+    """Runs the label sweep in a thread of its own (one ClickHouse connection,
+    off the event loop); a failed sweep is logged and tried at the next tick,
+    over the same window."""
+
+    def __init__(self, sink: ClickHouseSink):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sink = sink
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="label-sweep")
+        self.sweep: LabelSweep | None = None
+
+    def run(self) -> None:
+        try:
+            if self.sweep is None:
+                self.sweep = LabelSweep(self.sink.tables)
+            result = self.sweep.run()
+        except Exception as exc:  # noqa: BLE001 - a store that is down, a bug: the next sweep covers this window
+            metrics.LABEL_SWEEP_FAILURES.inc()
+            log.warning("label sweep failed (%s: %s); the next one covers its window", type(exc).__name__,
+                        str(exc)[:300])
+            # A new connection next time, and the watermark of the last sweep that
+            # succeeded, as the label_sweeps table has it.
+            self.sink.forget_connection()
+            self.sweep = None
+            return
+        metrics.LABEL_SWEEP_SECONDS.observe(result.seconds)
+        metrics.LABELS_APPLIED.inc(result.applied)
+        metrics.LABELS_PENDING.inc(result.pending)
+        if result.applied or result.pending:
+            log.info("label sweep: %d labels brought to their rows, %d waiting for their inference (%.3fs)",
+                     result.applied, result.pending, result.seconds)
 
 
 def _listen(settings: Settings, serving: Serving) -> None:

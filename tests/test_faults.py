@@ -8,13 +8,14 @@ import json
 import signal
 from collections import Counter
 
+import orjson
 import pyarrow as pa
 import pytest
 
 from enricher import deadletters, metrics, sample
 from enricher.batch import BatchProcessor, Messages
 from enricher.serving import Active, Serving
-from enricher.sink import ClickHouseSink
+from enricher.sink import ClickHouseSink, StoreUnavailable
 from models.artifact import ArtifactStore
 
 from .clickhouse_http import ClickHouseHTTP
@@ -198,3 +199,32 @@ def test_a_store_that_refuses_the_workers_credentials_pauses_it_and_dead_letters
             worker.stop()
     finally:
         server.stop()
+
+
+def test_a_batch_handled_again_adds_nothing_to_storage_even_when_the_store_took_it_the_first_time(processor):
+    """A redelivered batch, and a retried insert whose first attempt the store did
+    take (the answer was lost): the storage table itself holds each row once."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    messages, _ = sample.inferences(300)
+    labels = [orjson.dumps({"model_id": sample.MODEL_ID, "inference_id": "inf-0000001", "label": 1})]
+    batch = Messages(messages + labels, [0] * 301, list(range(301)))
+    tables = processor.sink.tables
+    real = tables.insert
+    lost = []
+
+    def insert_then_lose_the_answer(table, token=None):
+        real(table, token)
+        if not lost:
+            lost.append(token)
+            raise OperationalError("connection reset after the insert was done")
+
+    tables.insert = insert_then_lose_the_answer
+    with pytest.raises(StoreUnavailable):
+        processor.handle(batch)
+    assert lost and lost[0].startswith(processor.settings.inference_topic + "|0:0-300|301|")
+    processor.handle(batch)  # the retry
+    processor.handle(batch)  # and a redelivery of the same messages
+    storage = tables.client.query("SELECT count() FROM enricher_store.enriched").result_rows[0][0]
+    assert storage == 300
+    assert tables.client.query("SELECT count() FROM enricher_store.labels").result_rows[0][0] == 1

@@ -74,8 +74,9 @@ def test_migrate_copies_every_v1_row_into_the_model_view_with_its_values(v1_stor
     again = migrate(EnrichedTables.from_settings(client, settings), registry)
     assert again.rows == {sample.MODEL_ID: 3000, "gone_model": 10} and again.legacy == "renamed"
     assert client.query(f"SELECT count() FROM {view}").result_rows == [(3000,)]  # copied twice, one row each
-    assert client.query("SELECT name FROM system.tables WHERE database = 'enricher_store' ORDER BY name"
-                        ).result_rows == [("enriched",), ("inferences_v1",), ("labels",)]
+    tables = {r[0] for r in client.query("SELECT name FROM system.tables WHERE database = 'enricher_store'"
+                                         ).result_rows}
+    assert "inferences_v1" in tables and "inferences" not in tables
     assert not migrate(EnrichedTables.from_settings(client, settings), registry).found
 
 
