@@ -26,11 +26,13 @@ from decimal import Decimal
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from models.registry import UnknownModel
 from models.spec import SpecError, check_model_id
 
 from .clickhouse import EnrichedTables, connect, run_query
 from .config import ConfigError, Settings
 from .control import ControlPlane, RequestError
+from .drift import DriftService
 from .sqlguard import QueryRefused, check, limits
 
 UNAUTHORISED = {"error": "missing or wrong bearer token (Authorization: Bearer $ENRICHER_API_TOKEN)"}
@@ -183,6 +185,33 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
             # Toggles apply to this worker at once (others follow the control topic).
             await asyncio.to_thread(serving.refresh)
             return result
+
+    drift = DriftService(settings, control.registry)
+
+    @app.page("/models/{model_id}/drift")
+    class DriftView(faust.web.View):
+        async def get(self, request, model_id):
+            """Per-feature drift of a window against the reference: ?window=1h[&feature=F][&end=ISO]."""
+            query = request.query
+
+            def measure(_):
+                try:
+                    check_model_id(model_id)
+                    control.registry.get(model_id)
+                except (SpecError, UnknownModel) as exc:
+                    raise RequestError(str(exc), "model_id", status=404) from None
+                unknown = set(query) - {"window", "feature", "end"}
+                if unknown:
+                    raise RequestError(f"unknown parameter(s) {', '.join(sorted(unknown))}; use window, feature, "
+                                       "end", sorted(unknown)[0])
+                try:
+                    return drift.measure(model_id, query.get("window") or settings.drift_window,
+                                         query.get("feature"), query.get("end")).as_dict()
+                except ValueError as exc:  # the message starts with what is wrong: window, end, feature
+                    text = str(exc)
+                    field = "feature" if "no feature" in text else text.split(" ", 1)[0]
+                    raise RequestError(text, field if field in ("window", "end", "feature") else None) from None
+            return await answer(self, measure, request)
 
     @app.page("/models/{model_id}/rows")
     class RowsView(faust.web.View):

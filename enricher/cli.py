@@ -116,6 +116,21 @@ def cmd_models_drop_rows(args) -> int:
     return 0
 
 
+def cmd_drift(args) -> int:
+    from .query import drift_report, format_table
+
+    settings = _settings(args)
+    report = drift_report(settings, args.model_id, args.window or settings.drift_window, args.feature, args.end)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model_id']}: {report['start']} to {report['end']} against the reference "
+          f"({report['bins']} bins per numeric feature)")
+    columns = ["feature", "kind", "rows", "reference_rows", "psi", "kl", "js", "hellinger", "ks"]
+    print(format_table(columns, [[f[c] for c in columns] for f in report["features"]]))
+    return 0
+
+
 # -- storage -------------------------------------------------------------------
 def cmd_migrate(args) -> int:
     from .migrate import MigrationError, migrate
@@ -397,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("model_id")
     dr.add_argument("--yes", action="store_true", help="really delete")
     dr.set_defaults(func=cmd_models_drop_rows)
+
+    dft = sub.add_parser("drift", help="per-feature drift of a recent window against the reference data")
+    dft.add_argument("model_id")
+    dft.add_argument("--window", help="how far back from --end, e.g. 30m, 1h, 7d (default ENRICHER_DRIFT_WINDOW)")
+    dft.add_argument("--feature", help="one feature or attribute (default: all)")
+    dft.add_argument("--end", help="the window's end: ISO-8601 or epoch seconds (default: now)")
+    dft.add_argument("--format", choices=["table", "json"], default="table")
+    dft.set_defaults(func=cmd_drift)
 
     mg = sub.add_parser("migrate", help="copy rows of an earlier release's table layout (v1) into this one (v2)")
     mg.add_argument("--drop-legacy", action="store_true",

@@ -14,6 +14,7 @@ Layout (v2), for a database setting `enricher`:
     enricher_store.labels    label updates, the latest per inference
                              (ReplacingMergeTree(label_at); labels.py)
     enricher_store.label_sweeps  the label sweep's watermarks (labels.py)
+    enricher_store.reference_bins, reference_values   reference profiles (drift.py)
     enricher.<model_id>      VIEW ... FINAL WHERE model_id = '<model_id>': the
                              model's rows, its columns named after its features
 
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 TABLE = "enriched"
 LABELS = "labels"
 LABEL_SWEEPS = "label_sweeps"
+REFERENCE_BINS = "reference_bins"      # drift.py
+REFERENCE_VALUES = "reference_values"
 LEGACY_TABLE = "inferences"  # layout v1 (migrate.py)
 KEY = ("model_id", "timestamp", "inference_id")
 # Enough recent inserts to recognise a retry (a batch every ~0.1-1 s: minutes).
@@ -251,6 +254,16 @@ class EnrichedTables:
         c.command(f"CREATE TABLE IF NOT EXISTS {store_table(self.database, LABEL_SWEEPS)} (\n"
                   "  started_at DateTime64(6, 'UTC'), applied UInt64, pending UInt64\n) "
                   f"ENGINE = MergeTree ORDER BY started_at {_ttl('started_at', 30)}")
+        c.command(f"CREATE TABLE IF NOT EXISTS {store_table(self.database, REFERENCE_BINS)} (\n"
+                  "  model_id LowCardinality(String), reference String, feature String, kind LowCardinality(String),\n"
+                  "  bin UInt16, lower Nullable(Float64), upper Nullable(Float64), category Nullable(String),\n"
+                  "  count UInt64, written_at DateTime64(6, 'UTC') DEFAULT now64(6)\n) "
+                  "ENGINE = ReplacingMergeTree ORDER BY (model_id, reference, feature, bin) "
+                  f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}")
+        c.command(f"CREATE TABLE IF NOT EXISTS {store_table(self.database, REFERENCE_VALUES)} (\n"
+                  "  model_id LowCardinality(String), reference String, feature LowCardinality(String),\n"
+                  "  value Float64\n) ENGINE = MergeTree ORDER BY (model_id, reference, feature, value) "
+                  f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}")
         existing = {r[0] for r in c.query(
             "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
             parameters={"db": self.store, "t": TABLE}).result_rows}

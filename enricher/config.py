@@ -83,6 +83,10 @@ class Settings:
     clickhouse_timeout: float = 30.0      # seconds an insert or query may take before it counts as failed
     retention_days: int = 0               # enriched rows older than this (by timestamp) are dropped; 0: kept
     label_sweep_interval: float = 5.0     # seconds between runs that bring label updates to their rows
+    drift_bins: int = 10                  # quantile bins per numeric feature (drift.py)
+    drift_window: str = "1h"              # the window the exported drift gauges cover
+    drift_interval: float = 60.0          # seconds between drift exports to Prometheus; 0: none
+    drift_max_features: int = 20          # features per model exported as gauges (bounded cardinality)
     http_host: str = "127.0.0.1"
     http_port: int = 6066
     http_tls_cert: str | None = None
@@ -246,6 +250,12 @@ class Settings:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$", self.clickhouse_database):
             raise ConfigError(f"ENRICHER_CLICKHOUSE_DATABASE={self.clickhouse_database!r}: "
                               "use letters, digits and _ only")
+        from .drift import parse_window
+
+        try:
+            parse_window(self.drift_window)
+        except ValueError as exc:
+            raise ConfigError(f"ENRICHER_DRIFT_WINDOW: {exc}") from None
         if self.inference_topic == self.dlq_topic:
             raise ConfigError("ENRICHER_INFERENCE_TOPIC and ENRICHER_DLQ_TOPIC must differ")
 
@@ -274,6 +284,10 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "clickhouse_timeout": ("ENRICHER_CLICKHOUSE_TIMEOUT", "float", 0.1),
     "retention_days": ("ENRICHER_RETENTION_DAYS", "int", 0),
     "label_sweep_interval": ("ENRICHER_LABEL_SWEEP_INTERVAL", "float", 0.1),
+    "drift_bins": ("ENRICHER_DRIFT_BINS", "int", 2),
+    "drift_window": ("ENRICHER_DRIFT_WINDOW", "str", None),
+    "drift_interval": ("ENRICHER_DRIFT_INTERVAL", "float", 0),
+    "drift_max_features": ("ENRICHER_DRIFT_MAX_FEATURES", "int", 1),
     "http_host": ("ENRICHER_HTTP_HOST", "str", None),
     "http_port": ("ENRICHER_HTTP_PORT", "int", 0),
     "http_tls_cert": ("ENRICHER_HTTP_TLS_CERT", "str", None),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 CONSUMED = Counter("enricher_inferences_consumed", "Inferences (rows) taken from the inference topic, stored "
                    "or dead-lettered; a batched message counts its rows (model is empty when a row named no "
@@ -45,6 +45,11 @@ LABEL_SWEEP_SECONDS = Histogram("enricher_label_sweep_seconds", "Duration of one
                                 buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 LABEL_SWEEP_FAILURES = Counter("enricher_label_sweep_failures", "Label sweeps that failed (the next one "
                                "covers their window again)")
+DRIFT = Gauge("enricher_drift", "Drift of the last ENRICHER_DRIFT_WINDOW of a model's inferences against its "
+              "reference data, per feature: metric is psi, kl, js, hellinger or ks (README: Drift)",
+              ["model", "feature", "metric"])
+DRIFT_ROWS = Gauge("enricher_drift_rows", "Rows of the feature in the drift window (0: the metrics are absent)",
+                   ["model", "feature"])
 ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused", ["enrichment", "result"])
 
 

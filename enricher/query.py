@@ -90,6 +90,42 @@ def drop_rows(settings: Settings, model_id: str) -> None:
                         f"{exc.read()[:300].decode('utf-8', 'replace')}") from None
 
 
+def drift_report(settings: Settings, model_id: str, window: str, feature: str | None = None,
+                 end: str | None = None) -> dict:
+    """Per-feature drift (drift.py): through the running worker that holds the
+    embedded store (GET /models/{id}/drift), or directly."""
+    worker = running_worker(settings)
+    if worker is None:
+        from models.registry import ModelRegistry
+
+        from .drift import DriftService
+
+        service = DriftService(settings, ModelRegistry(settings.registry_dir))
+        try:
+            return service.measure(model_id, window, feature, end).as_dict()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        finally:
+            drift = getattr(service._local, "drift", None)
+            if drift is not None:
+                drift.tables.client.close()
+    from urllib.parse import quote, urlencode
+
+    params = urlencode({k: v for k, v in {"window": window, "feature": feature, "end": end}.items() if v})
+    req = urllib.request.Request(f"{worker}/models/{quote(model_id)}/drift?{params}")
+    if settings.api_token:
+        req.add_header("Authorization", f"Bearer {settings.api_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        raise UserError(f"drift through the running worker at {worker}: {message}") from None
+
+
 def running_worker(settings: Settings) -> str | None:
     if not settings.clickhouse_url.startswith("chdb:"):
         return None

@@ -199,15 +199,27 @@ def build_app(settings: Settings) -> faust.App:
 
     sweeper = LabelSweeper(processor.sink)
 
-    @app.timer(settings.label_sweep_interval)
-    async def sweep_labels():
-        # One sweeper per consumer group: whoever holds partition 0 (labels.py).
+    def holds_first_partition() -> bool:
+        # Jobs run once per consumer group, by whoever holds partition 0.
         try:
             assigned = app.consumer.assignment()
         except Exception:  # noqa: BLE001 - not started or rebalancing: next tick
-            return
-        if any(tp.topic == settings.inference_topic and tp.partition == 0 for tp in assigned):
+            return False
+        return any(tp.topic == settings.inference_topic and tp.partition == 0 for tp in assigned)
+
+    @app.timer(settings.label_sweep_interval)
+    async def sweep_labels():
+        if holds_first_partition():
             await asyncio.get_running_loop().run_in_executor(sweeper.thread, sweeper.run)
+
+    if settings.drift_interval > 0:
+        exporter = DriftExporter(settings, registry)
+
+        @app.timer(settings.drift_interval)
+        async def export_drift():
+            # Another worker's gauges would repeat this one's: only one exports.
+            run = exporter.run if holds_first_partition() else exporter.clear
+            await asyncio.get_running_loop().run_in_executor(exporter.thread, run)
 
     @app.task
     async def announce():
@@ -253,6 +265,63 @@ class LabelSweeper:
         if result.applied or result.pending:
             log.info("label sweep: %d labels brought to their rows, %d waiting for their inference (%.3fs)",
                      result.applied, result.pending, result.seconds)
+
+
+class DriftExporter:
+    """Per-model, per-feature drift of the last ENRICHER_DRIFT_WINDOW as gauges
+    (enricher_drift{model, feature, metric}); at most ENRICHER_DRIFT_MAX_FEATURES
+    features per model, so the series are bounded by models x that x 5."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .drift import DriftService
+
+        self.settings = settings
+        self.registry = registry
+        self.service = DriftService(settings, registry)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-export")
+        self.exported: set[tuple[str, str]] = set()
+
+    def run(self) -> None:
+        seen = set()
+        for model_id in self.registry.ids():
+            try:
+                report = self.service.measure(model_id, self.settings.drift_window,
+                                              limit=self.settings.drift_max_features)
+            except Exception as exc:  # noqa: BLE001 - one model's failure leaves the others' gauges
+                log.warning("drift of model %s not exported: %s: %s", model_id, type(exc).__name__, str(exc)[:300])
+                continue
+            for f in report.features:
+                seen.add((model_id, f.feature))
+                metrics.DRIFT_ROWS.labels(model_id, f.feature).set(f.rows)
+                for metric in ("psi", "kl", "js", "hellinger", "ks"):
+                    value = getattr(f, metric)
+                    if value is None:
+                        _remove(metrics.DRIFT, model_id, f.feature, metric)
+                    else:
+                        metrics.DRIFT.labels(model_id, f.feature, metric).set(value)
+        for model_id, feature in self.exported - seen:  # a model or feature gone
+            self._drop(model_id, feature)
+        self.exported = seen
+
+    def clear(self) -> None:
+        for model_id, feature in self.exported:
+            self._drop(model_id, feature)
+        self.exported = set()
+
+    @staticmethod
+    def _drop(model_id: str, feature: str) -> None:
+        _remove(metrics.DRIFT_ROWS, model_id, feature)
+        for metric in ("psi", "kl", "js", "hellinger", "ks"):
+            _remove(metrics.DRIFT, model_id, feature, metric)
+
+
+def _remove(gauge, *labels) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
 
 
 def _listen(settings: Settings, serving: Serving) -> None:

@@ -54,7 +54,7 @@ def promql(base: str, expr: str) -> list:
 
 
 def test_prometheus_scrapes_the_worker_and_answers_dashboard_queries(make_settings, tmp_path, prometheus):
-    settings = make_settings()
+    settings = make_settings(drift_interval=1.0)
     register_sample(settings, tmp_path)
     bad = sample.malformed(max_bytes=settings.max_message_bytes)
     produce(settings, sample.inferences(4000)[0] + [m for m, _ in bad])
@@ -74,6 +74,14 @@ def test_prometheus_scrapes_the_worker_and_answers_dashboard_queries(make_settin
         assert {r["metric"]["reason"]: float(r["value"][1]) for r in dead} == {reason: 1.0 for _, reason in bad}
         p99 = promql(base, "histogram_quantile(0.99, sum by (le) (enricher_end_to_end_latency_seconds_bucket))")
         assert p99 and 0 < float(p99[0]["value"][1]) < 3600
+        # drift gauges, one series per feature and metric (a dashboard's "drift per feature" panel)
+        deadline = time.monotonic() + 60
+        psi = []
+        while time.monotonic() < deadline and len(psi) < 12:
+            psi = promql(base, 'enricher_drift{model="credit_default", metric="psi"}')
+            time.sleep(0.5)
+        assert sorted(r["metric"]["feature"] for r in psi) == sorted(sample.NUMERIC + ["region", "sex"])
+        assert all(float(r["value"][1]) >= 0 for r in psi)
         up = promql(base, 'up{job="enricher"}')
         assert float(up[0]["value"][1]) == 1
     finally:

@@ -1,0 +1,311 @@
+"""Drift of recent inferences against the reference data, computed in ClickHouse SQL.
+
+The reference profile (models/profile.py: quantile bins and counts per
+numeric feature, the most frequent categories per categorical one, and the
+numeric reference values) is written to ClickHouse once per reference data
+(`<database>_store.reference_bins`, `<database>_store.reference_values`,
+keyed by the reference file's digest and the bin count), by whichever of the
+worker's drift export, `GET /models/{id}/drift` or `enricher drift` needs it
+first. Then, per feature, for the rows of a time window:
+
+- the window's rows are binned like the reference (in SQL, with the edges or
+  categories read from reference_bins), and with p the reference's share of
+  each bin and q the window's, both smoothed by adding SMOOTHING to every
+  bin's count (so that an empty bin gives finite values):
+    PSI        sum (q - p) ln(q / p)
+    KL         sum q ln(q / p)                  (window against reference)
+    JS         (KL(q || m) + KL(p || m)) / 2, m = (p + q) / 2   (natural log)
+    Hellinger  sqrt(sum (sqrt q - sqrt p)^2 / 2)
+- numeric features also get the two-sample Kolmogorov-Smirnov statistic
+  sup |F_reference - F_window|, exact, over the reference values and every
+  value of the window (both empirical CDFs evaluated at every distinct value).
+
+Missing values are left out of both sides. A window without a value of the
+feature gives NULL metrics (and rows = 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from models.profile import FeatureProfile, profile
+from models.registry import ModelRegistry
+from models.spec import ModelSpec
+
+from .clickhouse import REFERENCE_BINS, REFERENCE_VALUES, EnrichedTables, literal, quote, store_table
+
+SMOOTHING = 0.5
+METRICS = ("psi", "kl", "js", "hellinger", "ks")
+_WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_window(text: str) -> float:
+    """'30m', '1h', '7d' -> seconds."""
+    match = _WINDOW.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"window {text!r}: write a positive number and a unit, e.g. 30m, 1h, 7d "
+                         "(s, m, h, d or w)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class FeatureDrift:
+    feature: str
+    kind: str
+    rows: int
+    reference_rows: int
+    psi: float | None
+    kl: float | None
+    js: float | None
+    hellinger: float | None
+    ks: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DriftReport:
+    model_id: str
+    start: float  # epoch seconds
+    end: float
+    bins: int
+    features: list[FeatureDrift]
+
+    def as_dict(self) -> dict:
+        from datetime import datetime, timezone
+
+        def iso(t):
+            return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+        return {"model_id": self.model_id, "start": iso(self.start), "end": iso(self.end), "bins": self.bins,
+                "features": [f.as_dict() for f in self.features]}
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def reference_digest(path: Path) -> str:
+    """sha256 of the reference file (cached by size and mtime)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+class Drift:
+    """Reference profiles in ClickHouse, and drift measured against them."""
+
+    def __init__(self, tables: EnrichedTables, registry: ModelRegistry, bins: int = 10):
+        self.tables = tables
+        self.registry = registry
+        self.bins = bins
+        self.ref_bins = store_table(tables.database, REFERENCE_BINS)
+        self.ref_values = store_table(tables.database, REFERENCE_VALUES)
+        self._written: set[tuple[str, str]] = set()
+
+    def reference_id(self, model_id: str) -> str:
+        digest = reference_digest(self.registry.root / model_id / "reference.parquet")
+        return f"{digest[:32]}-{self.bins}"
+
+    def ensure_reference(self, spec: ModelSpec) -> str:
+        """The model's current reference profile in ClickHouse; its id."""
+        ref = self.reference_id(spec.model_id)
+        if (spec.model_id, ref) in self._written:
+            return ref
+        c = self.tables.client
+        self.tables.ensure_table()
+        have = c.query(f"SELECT count() FROM {self.ref_bins} WHERE model_id = {literal(spec.model_id)} "
+                       "AND reference = {ref:String}", parameters={"ref": ref}).result_rows[0][0]
+        if not have:
+            profiles = profile(spec, self.registry.reference(spec.model_id), self.bins)
+            c.insert_arrow(self.ref_bins, _bins_table(spec.model_id, ref, profiles),
+                           settings={"insert_deduplication_token": f"bins/{spec.model_id}/{ref}"})
+            values = _values_table(spec.model_id, ref, profiles)
+            if values.num_rows:
+                c.insert_arrow(self.ref_values, values,
+                               settings={"insert_deduplication_token": f"values/{spec.model_id}/{ref}"})
+        self._written.add((spec.model_id, ref))
+        return ref
+
+    def measure(self, model_id: str, window_s: float, feature: str | None = None,
+                end: float | None = None, limit: int | None = None) -> DriftReport:
+        """Drift of every feature (or one) over [end - window, end)."""
+        spec = self.registry.get(model_id)
+        names = [c.name for c in spec.columns]
+        if feature is not None and feature not in names:
+            raise ValueError(f"model {model_id} has no feature or attribute {feature!r}; it has "
+                             f"{', '.join(names)}")
+        columns = [c for c in spec.columns if feature is None or c.name == feature][:limit]
+        ref = self.ensure_reference(spec)
+        self.tables.ensure_view(spec)
+        end = time.time() if end is None else end
+        start = end - window_s
+        out = [self._feature(spec, ref, col.name, col.numeric, start, end) for col in columns]
+        return DriftReport(model_id, start, end, self.bins, out)
+
+    def _feature(self, spec: ModelSpec, ref: str, name: str, numeric: bool, start: float,
+                 end: float) -> FeatureDrift:
+        c = self.tables.client
+        where_ref = (f"model_id = {literal(spec.model_id)} AND reference = {{ref:String}} "
+                     "AND feature = {feature:String}")
+        col = quote(name)
+        window = (f"timestamp >= fromUnixTimestamp64Milli({int(start * 1000)}, 'UTC') "
+                  f"AND timestamp < fromUnixTimestamp64Milli({int(end * 1000)}, 'UTC') AND {col} IS NOT NULL")
+        view = self.tables.view(spec.model_id)
+        if numeric:
+            known = (f"(SELECT groupArray(upper) FROM (SELECT upper FROM {self.ref_bins} FINAL WHERE {where_ref} "
+                     "AND upper IS NOT NULL ORDER BY bin)) AS edges")
+            bin_of = f"toUInt16(arrayCount(e -> e <= {col}, edges))"
+        else:
+            known = (f"(SELECT groupArray(category) FROM (SELECT category FROM {self.ref_bins} FINAL "
+                     f"WHERE {where_ref} AND category IS NOT NULL ORDER BY bin)) AS cats")
+            # (each branch typed alike: mixed integer types would make a Variant)
+            bin_of = (f"if(indexOf(cats, {col}) = 0, toUInt16(length(cats)), "
+                      f"toUInt16(indexOf(cats, {col}) - 1))")
+        sql = f"""
+WITH {known},
+  ref AS (SELECT bin, count AS rc FROM {self.ref_bins} FINAL WHERE {where_ref}),
+  cur AS (SELECT {bin_of} AS bin, count() AS cc FROM {view} WHERE {window} GROUP BY bin),
+  joined AS (SELECT r.bin AS bin, r.rc AS rc, ifNull(k.cc, 0) AS cc FROM ref AS r LEFT JOIN cur AS k ON r.bin = k.bin),
+  shares AS (
+    SELECT (rc + {SMOOTHING}) / (sum(rc) OVER () + {SMOOTHING} * count() OVER ()) AS p,
+           (cc + {SMOOTHING}) / (sum(cc) OVER () + {SMOOTHING} * count() OVER ()) AS q,
+           (p + q) / 2 AS m, sum(cc) OVER () AS n, sum(rc) OVER () AS rn
+    FROM joined)
+SELECT any(n), any(rn), sum((q - p) * ln(q / p)), sum(q * ln(q / p)),
+       0.5 * sum(q * ln(q / m)) + 0.5 * sum(p * ln(p / m)), sqrt(0.5 * sum(pow(sqrt(q) - sqrt(p), 2)))
+FROM shares"""
+        params = {"ref": ref, "feature": name}
+        rows, ref_rows, psi, kl, js, hellinger = c.query(sql, parameters=params).result_rows[0]
+        ks = None
+        if numeric and rows:
+            ks = c.query(f"""
+WITH g AS (
+  SELECT v, sum(r) AS r, sum(k) AS k FROM (
+    SELECT value AS v, toUInt64(1) AS r, toUInt64(0) AS k FROM {self.ref_values} WHERE {where_ref}
+    UNION ALL SELECT assumeNotNull(toFloat64({col})) AS v, toUInt64(0) AS r, toUInt64(1) AS k
+    FROM {view} WHERE {window})
+  GROUP BY v)
+SELECT max(abs(cr / rn - ck / kn)) FROM (
+  SELECT sum(r) OVER (ORDER BY v ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS cr,
+         sum(k) OVER (ORDER BY v ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS ck,
+         sum(r) OVER () AS rn, sum(k) OVER () AS kn FROM g)""", parameters=params).result_rows[0][0]
+        rows, ref_rows = int(rows or 0), int(ref_rows or 0)
+        if not rows:
+            psi = kl = js = hellinger = None
+        return FeatureDrift(name, "numeric" if numeric else "categorical", rows, ref_rows,
+                            _num(psi), _num(kl), _num(js), _num(hellinger), _num(ks))
+
+
+def _num(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _bins_table(model_id: str, ref: str, profiles: list[FeatureProfile]) -> pa.Table:
+    cols: dict[str, list] = {k: [] for k in ("model_id", "reference", "feature", "kind", "bin", "lower", "upper",
+                                             "category", "count")}
+    for p in profiles:
+        k = len(p.counts)
+        for i in range(k):
+            cols["bin"].append(i)
+            cols["count"].append(int(p.counts[i]))
+            if p.kind == "numeric":
+                cols["lower"].append(float(p.edges[i - 1]) if i > 0 else None)
+                cols["upper"].append(float(p.edges[i]) if i < k - 1 else None)
+                cols["category"].append(None)
+            else:
+                cols["lower"].append(None)
+                cols["upper"].append(None)
+                cols["category"].append(p.categories[i] if i < len(p.categories) else None)
+        cols["feature"] += [p.feature] * k
+        cols["kind"] += [p.kind] * k
+    n = len(cols["bin"])
+    cols["model_id"], cols["reference"] = [model_id] * n, [ref] * n
+    types = {"bin": pa.uint16(), "count": pa.uint64(), "lower": pa.float64(), "upper": pa.float64()}
+    return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in cols.items()})
+
+
+def _values_table(model_id: str, ref: str, profiles: list[FeatureProfile]) -> pa.Table:
+    numeric = [p for p in profiles if p.kind == "numeric" and p.values is not None and p.values.size]
+    if not numeric:
+        return pa.table({"model_id": pa.array([], pa.string())})
+    values = np.concatenate([p.values for p in numeric])
+    features = np.concatenate([np.full(p.values.size, i) for i, p in enumerate(numeric)])
+    return pa.table({"model_id": pa.array(np.full(values.size, model_id)),
+                     "reference": pa.array(np.full(values.size, ref)),
+                     "feature": pa.DictionaryArray.from_arrays(pa.array(features.astype(np.int32)),
+                                                               pa.array([p.feature for p in numeric])
+                                                               ).cast(pa.string()),
+                     "value": pa.array(values, pa.float64())})
+
+
+def parse_end(text) -> float | None:
+    """The window's end: ISO-8601 (no offset means UTC) or epoch seconds; None: now."""
+    if text is None or text == "":
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        pass
+    try:
+        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"end {text!r}: write an ISO-8601 time (2026-12-01T10:00:00Z) or epoch seconds") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+class DriftService:
+    """Drift for the API, the CLI and the exporter: a Drift (so a connection)
+    per thread, reference profiles written once per process."""
+
+    def __init__(self, settings, registry: ModelRegistry, schema=None):
+        import threading
+
+        from .clickhouse import Schema
+
+        self.settings = settings
+        self.registry = registry
+        self.schema = schema or Schema()
+        self._local = threading.local()
+        self._written: set = set()
+
+    def drift(self) -> Drift:
+        from .clickhouse import connect
+
+        drift = getattr(self._local, "drift", None)
+        if drift is None:
+            tables = EnrichedTables.from_settings(connect(self.settings), self.settings, self.schema)
+            drift = self._local.drift = Drift(tables, self.registry, self.settings.drift_bins)
+            drift._written = self._written  # shared: one profile write per process
+        return drift
+
+    def forget_connection(self) -> None:
+        self._local.drift = None
+
+    def measure(self, model_id: str, window: str, feature: str | None = None, end=None,
+                limit: int | None = None) -> DriftReport:
+        """Raises ValueError (a bad window, end or feature) and UnknownModel."""
+        seconds = parse_window(window)
+        when = parse_end(end)
+        try:
+            return self.drift().measure(model_id, seconds, feature, when, limit)
+        except (ValueError, KeyError):
+            raise
+        except Exception:
+            self.forget_connection()  # a connection that failed mid-request is not reused
+            raise
