@@ -53,6 +53,8 @@ from models.registry import ModelRegistry  # noqa: E402
 from models.spec import ModelSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+# The release before storage layout v2: its ingest is the bar v2 is held to.
+BASELINE = "76808cf"
 SCHEMA = {**sample.SCHEMA, "attributes": []}  # 10 numeric + 1 categorical feature
 BATCH_ROWS = 1000
 
@@ -172,7 +174,8 @@ def run_pipe(kind: str, n: int, tmp: Path, extra: list[str], messages: list[byte
 
 def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrichment: bool,
                model_ids: list[str], fitted, extra_env: dict | None = None,
-               hostile: list[tuple[bytes, str | None]] | None = None) -> dict:
+               hostile: list[tuple[bytes, str | None]] | None = None, code: Path | None = None) -> dict:
+    """`code`: a checkout of another release, whose worker runs instead of this one."""
     data_dir = tmp / f"worker-{time.time_ns()}"
     data_dir.mkdir()
     prepare_models(data_dir, model_ids, enrichment, fitted)
@@ -181,7 +184,7 @@ def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrich
         settings = Settings.from_env(env={}, data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
                                      inference_topic="bench", dlq_topic="bench-dlq", session_timeout=6.0,
                                      topic_partitions=4)
-        worker = WorkerProcess(settings, log_path=data_dir / "worker.log", extra_env=extra_env).start()
+        worker = WorkerProcess(settings, log_path=data_dir / "worker.log", extra_env=extra_env, cwd=code).start()
         try:
             # Timed by the worker itself: from taking its first batch to acknowledging its last.
             status = worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= n_rows, timeout=900)
@@ -405,6 +408,17 @@ def versions() -> dict:
     return out
 
 
+BASELINE_KEYS = ("worker_json_batches_anomaly", "worker_1_model", "worker_1000_models")
+
+
+def checkout(revision: str, tmp: Path) -> Path:
+    """A worktree of `revision` (its worker, for the baseline lines)."""
+    path = tmp / f"release-{revision}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(path), revision],
+                   check=True, capture_output=True)
+    return path
+
+
 def write_report(results: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
@@ -449,6 +463,11 @@ def write_report(results: dict, name: str) -> None:
                          f"{h['lowest_second_around_swap']:,} rows/s ({h['lowest_vs_steady']:.0%}; the slowest "
                          f"steady window before it: {h['lowest_steady_second_vs_steady']:.0%}); new version served "
                          f"{h['swap_seconds']} s after it was published")
+    if results.get("queries"):
+        import queries
+
+        lines += ["", "Analyst queries (benchmarks/queries.py; also queries.md and queries.png):", ""]
+        lines += queries.markdown(results["queries"])
     if results.get("targets"):
         lines += ["", "Targets:", "", "| target | measured | met |", "| --- | --- | --- |"]
         for t in results["targets"]:
@@ -515,6 +534,16 @@ def targets(results: dict) -> list[dict]:
     r = ratio("worker_json_batches_anomaly_hostile", "worker_json_batches_anomaly")
     target("hostile messages mid-stream (1 per 2 batches): >= 90% of the clean stream's throughput", r,
            f"{r or 0:.0%}", (r or 0) >= 0.9)
+    for key in BASELINE_KEYS:
+        r = ratio(key, f"baseline_{key}")
+        target(f"{key}: ingest at least the release before layout v2's, same run", r, f"{r or 0:.2f}x",
+               (r or 0) >= 1.0)
+    for h in results.get("queries", {}).get("histories", []):
+        worst = max(q["ratio"] for q in h["queries"].values())
+        target(f"analyst queries, {h['days']:g}-day history: every one within 1.25x of the physical best", worst,
+               f"worst {worst:.2f}x", worst <= 1.25)
+        target(f"label updates, {h['days']:g}-day history: a million a day (12/s) is routine",
+               h["labels_per_second"], f"{h['labels_per_second']:,}/s", h["labels_per_second"] >= 12)
     r = ratio("worker_1000_models", "worker_1_model")
     rss = p.get("worker_1000_models", {}).get("peak_rss_mb")
     target("1,000 models in one stream: >= 70% of single-model throughput", r,
@@ -527,6 +556,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--smoke", action="store_true", help="a small, quick run (CI): 5,000 rows, no latency sweep")
     parser.add_argument("--only", help="comma-separated scenario names")
+    parser.add_argument("--baseline", default=BASELINE,
+                        help=f"a git revision whose worker's ingest is measured in the same run (default {BASELINE}, "
+                             "the last release with storage layout v1; 'none' to skip)")
     args = parser.parse_args()
     n = 5000 if args.smoke else args.rows
     only = set(args.only.split(",")) if args.only else None
@@ -578,6 +610,28 @@ def main() -> int:
                 mixed = workload(n, models=ids, seed=5)
                 pipes[key] = run_worker(n, tmp, mixed, "json", True, ids, fitted)
                 log(f"   {pipes[key]['rows_per_second']:,.0f} rows/s, peak RSS {pipes[key]['peak_rss_mb']} MB")
+        code = None
+        if args.baseline != "none" and any(want(f"baseline_{k}") for k in BASELINE_KEYS):
+            try:
+                code = checkout(args.baseline, tmp)
+            except (OSError, subprocess.CalledProcessError) as exc:  # not a git checkout, or no such revision
+                log(f"-- no baseline lines: cannot check out {args.baseline} ({exc})")
+        if code is not None:
+            for key in BASELINE_KEYS:
+                if want(f"baseline_{key}") and not (args.smoke and key == "worker_1000_models"):
+                    log(f"-- baseline_{key} (release {args.baseline})")
+                    ids = [sample.MODEL_ID] if key != "worker_1000_models" else [f"model_{i:04d}" for i in range(1000)]
+                    mixed = messages if key == "worker_json_batches_anomaly" else workload(
+                        n, models=ids, seed=5)
+                    pipes[f"baseline_{key}"] = run_worker(n, tmp, mixed, "json", True, ids, fitted, code=code)
+                    log(f"   {pipes[f'baseline_{key}']['rows_per_second']:,.0f} rows/s")
+        if want("queries"):
+            import queries
+
+            log("-- analyst queries against the physical best, two history lengths (benchmarks/queries.py)")
+            size = (4, 2000, 2) if args.smoke else (20, 62_500, 30)
+            results["queries"] = queries.measure(*size)
+            queries.write(results["queries"], args.smoke)
         if want("hot_swap"):
             log("-- hot swap under full load (JSON batches)")
             rows = max(3 * n, 600_000)  # long enough that the swap lands mid-stream, even in the smoke run
@@ -598,6 +652,7 @@ def main() -> int:
         log((RESULTS / f"{name}.md").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
     return 0
 
 

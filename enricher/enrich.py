@@ -81,7 +81,7 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
     # that arrives later is newer, a redelivered copy of the inference is not.
     label_at = columns["timestamp"].cast(pa.int64()).cast(pa.timestamp("ms", tz="UTC"))
     columns["label_at"] = pc.if_else(pc.is_valid(label), label_at, pa.scalar(None, label_at.type))
-    columns["_ingested_at"] = pa.array(np.full(n, ingested_at_us, np.int64))
+    columns["_ingested_at"] = columns["_written_at"] = pa.array(np.full(n, ingested_at_us, np.int64))
     columns["_partition"] = pa.array(np.concatenate([r.partition for r, _ in parts]), pa.uint32())
     columns["_offset"] = pa.array(np.concatenate([r.offset for r, _ in parts]), pa.uint64())
 

@@ -9,13 +9,14 @@ on the hot path.
 
 A *sweep*, run every ENRICHER_LABEL_SWEEP_INTERVAL seconds by the worker that
 holds partition 0 of the inference topic (one sweeper per consumer group),
-brings labels to their rows. The storage table is a CoalescingMergeTree keyed
-by (model_id, timestamp, inference_id), so labelling a row is inserting a
-small row with that key and the label only; merges (and the view's FINAL)
-fold it into the inference's row, and no row is rewritten. A label names no
-timestamp, so the sweep looks its inference up (a bloom-filter index on
-inference_id skips the granules that do not hold it). Each sweep runs two
-queries in ClickHouse and inserts what they find (a few columns per label):
+brings labels to their rows. The storage table is a ReplacingMergeTree keyed
+by (model_id, timestamp, inference_id) and versioned by _written_at, so
+labelling a row is writing it again, label set, as a newer version; the view
+(FINAL) shows that one, and merges drop the old. A label names no timestamp,
+so the sweep looks its inference up (a bloom-filter index on inference_id
+skips the granules that do not hold it). Each sweep runs two queries in
+ClickHouse and inserts the rows they return (clickhouse.py says why rows are
+rewritten rather than labelled by a row of their own):
 
 1. labels that arrived since the last sweep whose inference is stored;
 2. inferences ingested since the last sweep that have a label: one that
@@ -48,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .clickhouse import LABEL_SWEEPS, EnrichedTables, store_table
+from .clickhouse import LABEL_SWEEPS, EnrichedTables, quote, store_table
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,8 @@ class LabelSweep:
             self.watermark_us = self._start_watermark()
         since = f"fromUnixTimestamp64Micro({self.watermark_us - self.overlap_us}, 'UTC')"
         t, c = self.tables, self.tables.client
-        # What the view shows now (FINAL: the label a merge would keep, which is
-        # the last written, not the newest by label_at).
-        shown = ("SELECT model_id, timestamp, inference_id, label_at AS shown_at FROM {table} FINAL "
-                 "WHERE {where}").format(table=t.table, where="{where}")
+        # The rows as the view shows them now (FINAL: the last written version).
+        shown = f"SELECT * FROM {t.table} FINAL WHERE {{where}}"
         # (Aliases differ from the columns: in ClickHouse an alias would stand
         # for the column in WHERE.)
         latest = ("SELECT model_id, inference_id, argMax(label, label_at) AS latest, "
@@ -122,11 +121,14 @@ class LabelSweep:
         ingested = f"SELECT inference_id FROM {t.table} WHERE _ingested_at > {since}"
         settings = {"use_skip_indexes_if_final": 1, "do_not_merge_across_partitions_select_final": 1,
                     "join_use_nulls": 1}
-        pick = ("SELECT e.model_id AS model_id, e.timestamp AS timestamp, e.inference_id AS inference_id, "
-                "l.latest AS label, l.latest_class AS label_class, l.latest_at AS label_at, "
-                "e.inference_id IS NULL AS unseen FROM ({labels}) AS l LEFT JOIN ({rows}) AS e "
-                "ON e.model_id = l.model_id AND e.inference_id = l.inference_id "
-                "WHERE e.inference_id IS NULL OR e.shown_at IS NULL OR e.shown_at < l.latest_at")
+        # The whole row again, with the label, as a newer version of it.
+        own = {"label": "l.latest", "label_class": "l.latest_class", "label_at": "l.latest_at",
+               "_written_at": f"fromUnixTimestamp64Micro({now_us}, 'UTC')"}
+        columns = ", ".join(f"{own.get(name, 'e.' + quote(name))} AS {quote(name)}"
+                            for name in sorted(t.schema.columns))
+        pick = (f"SELECT {columns}, e.inference_id IS NULL AS _unseen FROM ({{labels}}) AS l "
+                "LEFT JOIN ({rows}) AS e ON e.model_id = l.model_id AND e.inference_id = l.inference_id "
+                "WHERE e.inference_id IS NULL OR e.label_at IS NULL OR e.label_at < l.latest_at")
         # 1. labels that arrived since the last sweep; 2. rows ingested since then
         # that have a label (arrived earlier, or written over by a redelivered copy).
         found = [c.query_arrow(pick.format(labels=latest.format(where=f"label_at > {since}"),
@@ -135,9 +137,9 @@ class LabelSweep:
                  c.query_arrow(pick.format(labels=latest.format(where=f"inference_id IN ({ingested})"),
                                            rows=shown.format(where=f"_ingested_at > {since}")),
                                settings=settings)]
-        pending = pc.sum(found[0].column("unseen").cast(pa.int64())).as_py() or 0
+        pending = pc.sum(found[0].column("_unseen").cast(pa.int64())).as_py() or 0
         rows = pa.concat_tables(found)
-        rows = rows.filter(pc.invert(rows.column("unseen").cast(pa.bool_()))).drop_columns(["unseen"])
+        rows = rows.filter(pc.invert(rows.column("_unseen").cast(pa.bool_()))).drop_columns(["_unseen"])
         if rows.num_rows:
             # a label found by both queries is written once
             rows = rows.take(np.sort(rows.append_column("_i", pa.array(np.arange(rows.num_rows))).group_by(

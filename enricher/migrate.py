@@ -72,6 +72,7 @@ def migrate(tables: EnrichedTables, registry: ModelRegistry, drop_legacy: bool =
                 select[name] = quote(name)
         # v1 had no label_at: a label there came with its inference, so it is as old as it.
         select["label_at"] = "if(label IS NULL AND label_class IS NULL, NULL, toDateTime64(timestamp, 6, 'UTC'))"
+        select["_written_at"] = quote("_ingested_at")
         where = f"WHERE model_id = {literal(model_id)}"
         client.command(f"INSERT INTO {tables.table} ({', '.join(quote(n) for n in select)}) "
                        f"SELECT {', '.join(f'{expr} AS {quote(n)}' for n, expr in select.items())} "

@@ -18,10 +18,11 @@ class ChildProcess:
 
     command: list[str] = []
 
-    def __init__(self, settings: Settings, log_path=None, extra_env: dict | None = None):
+    def __init__(self, settings: Settings, log_path=None, extra_env: dict | None = None, cwd=None):
         self.settings = settings
         self.log_path = log_path
         self.extra_env = extra_env or {}
+        self.cwd = cwd  # the benchmarks run an earlier release's worker from its checkout
         self.process: subprocess.Popen | None = None
         self._log = None
 
@@ -29,7 +30,7 @@ class ChildProcess:
         env = {**os.environ, **self.settings.to_env(), **self.extra_env}
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen([sys.executable, "-m", "enricher.cli", *self.command], env=env,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+                                        stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -62,7 +62,7 @@ def test_storage_is_time_ordered_partitioned_by_month_and_typed_per_slot(tables)
     engine, sorting, partition = tables.client.query(
         "SELECT engine, sorting_key, partition_key FROM system.tables "
         "WHERE database = 'enricher_store' AND name = 'enriched'").result_rows[0]
-    assert (engine, sorting, partition) == ("CoalescingMergeTree", "model_id, timestamp, inference_id",
+    assert (engine, sorting, partition) == ("ReplacingMergeTree", "model_id, timestamp, inference_id",
                                             "toYYYYMM(timestamp)")
     columns = dict(tables.client.query("SELECT name, type FROM system.columns WHERE database = 'enricher_store' "
                                        "AND table = 'enriched'").result_rows)
