@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .clickhouse import LABEL_SWEEPS, EnrichedTables, quote, store_table
+from .clickhouse import LABEL_SWEEPS, TABLE, EnrichedTables, quote, store_table
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,13 @@ class LabelSweep:
         # The whole row again, with the label, as a newer version of it.
         own = {"label": "l.latest", "label_class": "l.latest_class", "label_at": "l.latest_at",
                "_written_at": f"fromUnixTimestamp64Micro({now_us}, 'UTC')"}
-        columns = ", ".join(f"{own.get(name, 'e.' + quote(name))} AS {quote(name)}"
-                            for name in sorted(t.schema.columns))
+        # Every column the table has now: another worker may have added a
+        # model's slot columns since this one looked, and a copy without them
+        # would lose that model's features.
+        present = [r[0] for r in c.query(
+            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} ORDER BY position",
+            parameters={"db": t.store, "t": TABLE}).result_rows]
+        columns = ", ".join(f"{own.get(name, 'e.' + quote(name))} AS {quote(name)}" for name in present)
         pick = (f"SELECT {columns}, e.inference_id IS NULL AS _unseen FROM ({{labels}}) AS l "
                 "LEFT JOIN ({rows}) AS e ON e.model_id = l.model_id AND e.inference_id = l.inference_id "
                 "WHERE e.inference_id IS NULL OR e.label_at IS NULL OR e.label_at < l.latest_at")

@@ -1,6 +1,7 @@
 """Late labels: label updates on the inference topic reach their rows (enricher/labels.py)."""
 
 import json
+import time
 
 import orjson
 import pyarrow as pa
@@ -181,3 +182,31 @@ def test_a_worker_brings_streamed_labels_to_their_rows(make_settings, tmp_path):
         assert "enricher_labels_received_total" in worker.metrics()
     finally:
         worker.stop(signal.SIGTERM, timeout=30)
+
+
+def test_a_label_keeps_the_features_of_slot_columns_another_worker_added(engine, tmp_path):
+    """The sweeper's process has not seen the slot columns a wider model needed (another
+    worker made them): the labelled copy of a row still carries every feature."""
+    from enricher.clickhouse import EnrichedTables, Schema
+    from enricher.enrich import enrich
+    from enricher.contract import parse_batch
+
+    import pyarrow.parquet as pq
+
+    processor, send, sweep, registry, _ = engine
+    sweep.run()  # the sweeper has looked at the table already
+    pq.write_table(pa.table({**{f"x{i}": [0.0, 1.0] for i in range(14)}, "prediction": [0.0, 1.0]}),
+                   tmp_path / "wide.parquet")
+    wide = registry.register("wide", {"task": "regression",
+                                      "features": [{"name": f"x{i}", "type": "numeric"} for i in range(14)]},
+                             tmp_path / "wide.parquet")
+    processor.serving.refresh()
+    other = EnrichedTables(processor.sink.tables.client, "enricher", Schema())  # another worker's view of it
+    other.ensure_view(wide)
+    msg = orjson.dumps({"model_id": "wide", "inference_id": "w1", "timestamp": int(time.time() * 1000),
+                        "features": {f"x{i}": float(i) for i in range(14)}, "prediction": 1.0})
+    rows = parse_batch([msg], [0], [0], {"wide": wide}.get, 1 << 20).models["wide"]
+    other.insert(enrich(rows, {}, int(time.time() * 1e6)))
+    processor.handle(Messages([orjson.dumps(label("w1", 2.5, model="wide"))], [0], [10**6]))
+    assert sweep.run().applied == 1
+    assert q(processor, "SELECT x13, x10, label FROM enricher.wide") == [(13.0, 10.0, 2.5)]
