@@ -16,6 +16,7 @@ and ENRICHER_HTTP_TLS_KEY it speaks HTTPS.
 from __future__ import annotations
 
 import asyncio
+import logging
 import hmac
 import ipaddress
 import json
@@ -35,6 +36,7 @@ from .control import ControlPlane, RequestError
 from .drift import DriftService
 from .sqlguard import QueryRefused, check, limits
 
+log = logging.getLogger(__name__)
 UNAUTHORISED = {"error": "missing or wrong bearer token (Authorization: Bearer $ENRICHER_API_TOKEN)"}
 
 
@@ -166,13 +168,24 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
         async def get(self, request):
             return await answer(self, lambda _: {"models": control.list_models()}, request)
 
+    drift = DriftService(settings, control.registry)
+
     @app.page("/models/{model_id}")
     class ModelView(faust.web.View):
         async def get(self, request, model_id):
             return await answer(self, lambda _: control.model(model_id), request)
 
         async def put(self, request, model_id):
-            return await answer(self, lambda body: control.put_model(model_id, body), request, write=True)
+            def put(body):
+                result = control.put_model(model_id, body)
+                try:  # the reference's histograms, for drift queries and dashboards, at once
+                    drift.drift().ensure_reference(control.registry.get(model_id))
+                except Exception as exc:  # noqa: BLE001 - the registration stands; the drift export retries
+                    drift.forget_connection()
+                    log.warning("model %s: reference histograms not written yet (%s: %s); the drift export "
+                                "writes them", model_id, type(exc).__name__, str(exc)[:300])
+                return result
+            return await answer(self, put, request, write=True)
 
     @app.page("/models/{model_id}/enrichments")
     class EnrichmentsView(faust.web.View):
@@ -185,8 +198,6 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
             # Toggles apply to this worker at once (others follow the control topic).
             await asyncio.to_thread(serving.refresh)
             return result
-
-    drift = DriftService(settings, control.registry)
 
     @app.page("/models/{model_id}/drift")
     class DriftView(faust.web.View):

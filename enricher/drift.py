@@ -4,9 +4,9 @@ The reference profile (models/profile.py: quantile bins and counts per
 numeric feature, the most frequent categories per categorical one, and the
 numeric reference values) is written to ClickHouse once per reference data
 (`<database>_store.reference_bins`, `<database>_store.reference_values`,
-keyed by the reference file's digest and the bin count), by whichever of the
-worker's drift export, `GET /models/{id}/drift` or `enricher drift` needs it
-first. Then, per feature, for the rows of a time window:
+keyed by the reference file's digest and the bin count): at registration
+through the API (PUT /models/{id}), else by whichever of the worker's drift
+export, `GET /models/{id}/drift` or `enricher drift` needs it first. Then, per feature, for the rows of a time window:
 
 - the window's rows are binned like the reference (in SQL, with the edges or
   categories read from reference_bins), and with p the reference's share of

@@ -62,6 +62,10 @@ def test_register_a_model_and_list_it(api):
     assert status == 200 and [m["model_id"] for m in doc["models"]] == ["api_one"]
     status, doc = call(worker, "GET", "/models/api_one")
     assert status == 200 and doc["schema"]["task"] == sample.SCHEMA["task"]
+    # the registration wrote the reference's histograms (drift, dashboards) at once
+    status, doc = call(worker, "POST", "/query", {"sql": "SELECT feature, sum(count) FROM enricher_store.reference_bins "
+                                                        "FINAL WHERE model_id = 'api_one' GROUP BY feature ORDER BY feature"})
+    assert status == 200 and doc["rows"] == [[f, 500] for f in sorted(sample.NUMERIC + ["region", "sex"])]
 
 
 @pytest.mark.parametrize("path, body, field", [
