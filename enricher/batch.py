@@ -87,15 +87,22 @@ class Messages:
         offsets, and a digest of the values (a topic deleted and made again
         reuses offsets; the digest keeps its new rows from passing for old ones)."""
         spans = ",".join(f"{p}:{lo}-{hi}" for p, (lo, hi) in sorted(self._spans().items()))
-        digest = hashlib.blake2b(b"\0".join(self.values), digest_size=16).hexdigest()
+        # (a tombstone's value is None: it counts as empty, as parse_batch reads it)
+        digest = hashlib.blake2b(b"\0".join(v or b"" for v in self.values), digest_size=16).hexdigest()
         return f"{topic}|{spans}|{len(self)}|{digest}"
 
     def _spans(self) -> dict[int, tuple[int, int]]:
-        spans: dict[int, tuple[int, int]] = {}
-        for p, o in zip(self.partitions, self.offsets):
-            low, high = spans.get(p, (o, o))
-            spans[p] = (min(low, o), max(high, o))
-        return spans
+        """Each partition's lowest and highest offset, per partition in one numpy pass
+        (this runs for every batch: no Python loop over its messages)."""
+        if not len(self):
+            return {}
+        partitions = np.asarray(self.partitions, np.int64)
+        offsets = np.asarray(self.offsets, np.int64)
+        order = np.lexsort((offsets, partitions))
+        partitions, offsets = partitions[order], offsets[order]
+        starts = np.flatnonzero(np.r_[True, partitions[1:] != partitions[:-1]])
+        ends = np.r_[starts[1:], len(partitions)] - 1
+        return {int(partitions[a]): (int(offsets[a]), int(offsets[b])) for a, b in zip(starts, ends)}
 
     def where(self) -> str:
         return ", ".join(f"partition {p} offsets {lo}-{hi}" for p, (lo, hi) in sorted(self._spans().items()))

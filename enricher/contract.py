@@ -133,6 +133,13 @@ class LabelRows:
     def num_rows(self) -> int:
         return len(self.inference_id)
 
+    @classmethod
+    def concat(cls, parts: list["LabelRows"]) -> "LabelRows":
+        if len(parts) == 1:
+            return parts[0]
+        return cls(parts[0].spec, pa.concat_arrays([p.inference_id for p in parts]),
+                   pa.concat_arrays([p.label for p in parts]), np.concatenate([p.origin for p in parts]))
+
 
 @dataclass
 class ParsedBatch:
@@ -230,9 +237,7 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
     for model_id, rows in parts.items():
         out.models[model_id] = rows[0] if len(rows) == 1 else _concat(rows)
     for model_id, labels in label_parts.items():
-        out.labels[model_id] = labels[0] if len(labels) == 1 else LabelRows(
-            labels[0].spec, pa.concat_arrays([x.inference_id for x in labels]),
-            pa.concat_arrays([x.label for x in labels]), np.concatenate([x.origin for x in labels]))
+        out.labels[model_id] = LabelRows.concat(labels)
     return out
 
 
@@ -442,8 +447,7 @@ def _guarded(validate, spec: ModelSpec, objs: list[dict], origin: np.ndarray):
     if not good:
         return None, bad
     if isinstance(good[0], LabelRows):
-        return LabelRows(spec, pa.concat_arrays([g.inference_id for g in good]),
-                         pa.concat_arrays([g.label for g in good]), np.concatenate([g.origin for g in good])), bad
+        return LabelRows.concat(good), bad
     return _concat(good), bad
 
 

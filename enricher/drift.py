@@ -108,13 +108,15 @@ def reference_digest(path: Path) -> str:
 class Drift:
     """Reference profiles in ClickHouse, and drift measured against them."""
 
-    def __init__(self, tables: EnrichedTables, registry: ModelRegistry, bins: int = 10):
+    def __init__(self, tables: EnrichedTables, registry: ModelRegistry, bins: int = 10,
+                 written: set | None = None):
         self.tables = tables
         self.registry = registry
         self.bins = bins
         self.ref_bins = store_table(tables.database, REFERENCE_BINS)
         self.ref_values = store_table(tables.database, REFERENCE_VALUES)
-        self._written: set[tuple[str, str]] = set()
+        # (model, reference) profiles known to be stored; shareable across a process's Drifts
+        self._written: set[tuple[str, str]] = set() if written is None else written
 
     def reference_id(self, model_id: str) -> str:
         digest = reference_digest(self.registry.root / model_id / "reference.parquet")
@@ -290,11 +292,17 @@ class DriftService:
         drift = getattr(self._local, "drift", None)
         if drift is None:
             tables = EnrichedTables.from_settings(connect(self.settings), self.settings, self.schema)
-            drift = self._local.drift = Drift(tables, self.registry, self.settings.drift_bins)
-            drift._written = self._written  # shared: one profile write per process
+            drift = self._local.drift = Drift(tables, self.registry, self.settings.drift_bins, self._written)
         return drift
 
     def forget_connection(self) -> None:
+        self._local.drift = None
+
+    def close(self) -> None:
+        """Close this thread's connection, if it opened one."""
+        drift = getattr(self._local, "drift", None)
+        if drift is not None:
+            drift.tables.client.close()
         self._local.drift = None
 
     def measure(self, model_id: str, window: str, feature: str | None = None, end=None,

@@ -106,9 +106,7 @@ def drift_report(settings: Settings, model_id: str, window: str, feature: str | 
         except ValueError as exc:
             raise UserError(str(exc)) from None
         finally:
-            drift = getattr(service._local, "drift", None)
-            if drift is not None:
-                drift.tables.client.close()
+            service.close()
     from urllib.parse import quote, urlencode
 
     params = urlencode({k: v for k, v in {"window": window, "feature": feature, "end": end}.items() if v})

@@ -133,13 +133,19 @@ class ClickHouseSink:
         return tables
 
     def forget_connection(self) -> None:
-        """This thread's next use opens a new connection."""
+        """This thread's next use opens a new connection (the old one is closed, as far as it can be)."""
+        tables = getattr(self._local, "tables", None)
         self._local.tables = None
+        if tables is not None:
+            try:
+                tables.client.close()
+            except Exception:  # noqa: BLE001 - a connection that failed may fail to close, too
+                pass
 
     def _failed(self, exc: Exception) -> Exception:
         error = classify(exc, self.table)
         if isinstance(error, StoreUnavailable):
-            self._local.tables = None  # a connection that failed mid-request is not reused
+            self.forget_connection()  # a connection that failed mid-request is not reused
         return error
 
     def prepare(self, specs: list[ModelSpec]) -> None:

@@ -101,7 +101,10 @@ def test_a_table_changed_under_the_worker_dead_letters_its_rows_naming_the_colum
 def processor(settings, tmp_path):
     registry = register_sample(settings, tmp_path)
     serving = Serving(registry, ArtifactStore(settings.artifact_dir))
-    return BatchProcessor(settings, serving, ClickHouseSink(settings))
+    processor = BatchProcessor(settings, serving, ClickHouseSink(settings))
+    yield processor
+    # chDB holds one store per process: close it, or the next test's store cannot open
+    processor.sink.tables.client.close()
 
 
 def stored_ids(processor) -> set[str]:
@@ -225,6 +228,7 @@ def test_a_batch_handled_again_adds_nothing_to_storage_even_when_the_store_took_
     assert lost and lost[0].startswith(processor.settings.inference_topic + "|0:0-300|301|")
     processor.handle(batch)  # the retry
     processor.handle(batch)  # and a redelivery of the same messages
-    storage = tables.client.query("SELECT count() FROM enricher_store.enriched").result_rows[0][0]
+    client = processor.sink.tables.client  # (the failed connection was closed and replaced)
+    storage = client.query("SELECT count() FROM enricher_store.enriched").result_rows[0][0]
     assert storage == 300
-    assert tables.client.query("SELECT count() FROM enricher_store.labels").result_rows[0][0] == 1
+    assert client.query("SELECT count() FROM enricher_store.labels").result_rows[0][0] == 1
