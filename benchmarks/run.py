@@ -371,14 +371,13 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
 
 def run_transforms(fitted, forest, batch: int = 10_000) -> dict:
     from enricher.contract import parse_batch
-    from models.enrichment import FeatureBatch
-
+    
     spec = ModelSpec.from_json(sample.MODEL_ID, SCHEMA)
     msgs = workload(batch)
     rows = parse_batch(msgs, [0] * batch, list(range(batch)), {spec.model_id: spec}.get, 1 << 20).models[spec.model_id]
-    fb = FeatureBatch(rows.values, rows.num_rows)
+    fb = rows.batch()
     X = fitted.encoder.transform(fb.columns, fb.num_rows)
-    small = FeatureBatch({k: v.slice(0, 50) for k, v in rows.values.items()}, 50)
+    small = fb.slice(0, 50)
 
     def rate(fn, rounds=5, rows=batch):
         fn()

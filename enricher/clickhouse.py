@@ -55,6 +55,7 @@ Layout v1 (`<database>_store.inferences`, before 2026-12) is migrated by
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from urllib.parse import unquote, urlsplit
@@ -64,7 +65,7 @@ import logging
 import clickhouse_connect
 import pyarrow as pa
 
-from models import ENRICHMENTS
+from models.enrichment import model_outputs
 from models.spec import ModelSpec, check_model_id
 
 from .config import Settings
@@ -88,54 +89,55 @@ _SLOT = re.compile(r"^([nc])(\d+)$")
 SLOT_TYPES = {"n": ("Nullable(Float64)", pa.float64()), "c": ("LowCardinality(Nullable(String))", pa.string())}
 
 
+_CH_TYPES = {pa.float64(): "Float64", pa.float32(): "Float32", pa.string(): "String",
+             pa.int64(): "Int64", pa.uint32(): "UInt32"}
+
+
 def _nullable(arrow_type: pa.DataType) -> str:
-    mapping = {pa.float64(): "Float64", pa.float32(): "Float32", pa.string(): "String",
-               pa.int64(): "Int64", pa.uint32(): "UInt32"}
-    if arrow_type not in mapping:
+    if arrow_type not in _CH_TYPES:
         raise TypeError(f"no ClickHouse type for enrichment column type {arrow_type}")
-    return f"Nullable({mapping[arrow_type]})"
+    return f"Nullable({_CH_TYPES[arrow_type]})"
 
 
-def _fixed_columns() -> dict[str, tuple[str, pa.DataType]]:
-    cols = {
-        "model_id": ("LowCardinality(String)", pa.string()),
-        "timestamp": ("DateTime64(3, 'UTC')", pa.timestamp("ms", tz="UTC")),
-        "inference_id": ("String", pa.string()),
-        "prediction": ("Nullable(Float64)", pa.float64()),
-        "prediction_class": ("LowCardinality(Nullable(String))", pa.string()),
-        "label": ("Nullable(Float64)", pa.float64()),
-        "label_class": ("LowCardinality(Nullable(String))", pa.string()),
-        # When the row's label was set: its own timestamp for a label sent with
-        # the inference, the update's arrival for a later one (labels.py).
-        "label_at": ("Nullable(DateTime64(6, 'UTC'))", pa.timestamp("us", tz="UTC")),
-    }
-    for name, enrichment in ENRICHMENTS.items():
-        for col, arrow_type in enrichment.output_columns().items():
-            cols[col] = (_nullable(arrow_type), arrow_type)
-        cols[f"{name}_version"] = ("Nullable(UInt32)", pa.uint32())
-    cols.update({
-        "_ingested_at": ("DateTime64(6, 'UTC')", pa.timestamp("us", tz="UTC")),
-        "_partition": ("UInt32", pa.uint32()),
-        "_offset": ("UInt64", pa.uint64()),
-        # This version of the row was written at: the version ReplacingMergeTree
-        # keeps (a label sweep's copy is newer than the row it labels).
-        "_written_at": ("DateTime64(6, 'UTC')", pa.timestamp("us", tz="UTC")),
-    })
+#: The storage table's own columns (ids, prediction, label, bookkeeping):
+#: name -> (ClickHouse type, Arrow type). Slots and enrichment outputs come per model (`spec_columns`).
+FIXED_COLUMNS: dict[str, tuple[str, pa.DataType]] = {
+    "model_id": ("LowCardinality(String)", pa.string()),
+    "timestamp": ("DateTime64(3, 'UTC')", pa.timestamp("ms", tz="UTC")),
+    "inference_id": ("String", pa.string()),
+    "prediction": ("Nullable(Float64)", pa.float64()),
+    "prediction_class": ("LowCardinality(Nullable(String))", pa.string()),
+    "label": ("Nullable(Float64)", pa.float64()),
+    "label_class": ("LowCardinality(Nullable(String))", pa.string()),
+    # When the row's label was set: its own timestamp for a label sent with
+    # the inference, the update's arrival for a later one (labels.py).
+    "label_at": ("Nullable(DateTime64(6, 'UTC'))", pa.timestamp("us", tz="UTC")),
+    "_ingested_at": ("DateTime64(6, 'UTC')", pa.timestamp("us", tz="UTC")),
+    "_partition": ("UInt32", pa.uint32()),
+    "_offset": ("UInt64", pa.uint64()),
+    # This version of the row was written at: the version ReplacingMergeTree
+    # keeps (a label sweep's copy is newer than the row it labels).
+    "_written_at": ("DateTime64(6, 'UTC')", pa.timestamp("us", tz="UTC")),
+}
+META_COLUMNS = ("_ingested_at", "_partition", "_offset")  # shown in the views; _written_at is not
+
+
+@functools.lru_cache(maxsize=8192)
+def spec_columns(spec: ModelSpec) -> dict[str, tuple[str, pa.DataType]]:
+    """The storage columns a model writes besides FIXED_COLUMNS: its slots, then
+    the outputs (and version columns) of every enrichment it can use, as the
+    enrichments declare them (models.enrichment.model_outputs). Don't modify
+    the result: it is shared."""
+    cols = {}
+    for storage in spec.storage_columns.values():
+        cols[storage] = SLOT_TYPES[_SLOT.match(storage).group(1)]
+    for name, outputs in model_outputs(spec):
+        for out in outputs:
+            if out.storage in FIXED_COLUMNS or out.storage in cols or _SLOT.match(out.storage):
+                raise ValueError(f"{name}: output {out.name!r} would be stored in {out.storage!r}, "
+                                 "a column already taken")
+            cols[out.storage] = (_nullable(out.type), out.type)
     return cols
-
-
-#: The storage table's columns other than slots: name -> (ClickHouse type, Arrow type).
-FIXED_COLUMNS = _fixed_columns()
-
-
-def column_type(name: str) -> tuple[str, pa.DataType]:
-    """(ClickHouse type, Arrow type) of a storage column, slots included."""
-    if name in FIXED_COLUMNS:
-        return FIXED_COLUMNS[name]
-    slot = _SLOT.match(name)
-    if slot is None:
-        raise KeyError(f"{name!r} is not a column of the storage table")
-    return SLOT_TYPES[slot.group(1)]
 
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -177,10 +179,9 @@ def view_columns(spec: ModelSpec) -> list[tuple[str, str]]:
     cols += [(c.name, slots[c.name]) for c in spec.columns]
     suffix = "" if spec.prediction_type == "numeric" else "_class"
     cols += [("prediction", f"prediction{suffix}"), ("label", f"label{suffix}"), ("label_at", "label_at")]
-    for name, enrichment in ENRICHMENTS.items():
-        cols += [(col, col) for col in enrichment.output_columns()]
-        cols.append((f"{name}_version", f"{name}_version"))
-    cols += [(c, c) for c in ("_ingested_at", "_partition", "_offset")]
+    for _, outputs in model_outputs(spec):
+        cols += [(out.name, out.storage) for out in outputs]
+    cols += [(c, c) for c in META_COLUMNS]
     return cols
 
 
@@ -281,7 +282,8 @@ class EnrichedTables:
         existing = {r[0] for r in c.query(
             "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
             parameters={"db": self.store, "t": TABLE}).result_rows}
-        # A release with a new enrichment adds its columns; nothing is dropped.
+        # A release with new columns of its own adds them; nothing is dropped.
+        # (An enrichment's columns are added when a model first needs them.)
         for name, (ch_type, _) in FIXED_COLUMNS.items():
             if name not in existing:
                 c.command(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {quote(name)} {ch_type}")
@@ -308,23 +310,24 @@ class EnrichedTables:
         else:
             self.client.command(f"ALTER TABLE {name} REMOVE TTL")
 
-    def ensure_columns(self, names) -> None:
-        """Slot columns a model needs (n7, c2, ...): added on first use, a metadata-only change."""
+    def ensure_columns(self, columns: dict[str, tuple[str, pa.DataType]]) -> None:
+        """Columns a model needs (slots n7, c2, ..., an enrichment's outputs): added on
+        first use, a metadata-only change. `columns`: name -> (ClickHouse type, Arrow type)."""
         self.ensure_table()
-        missing = [n for n in names if n not in self.schema.columns]
+        missing = [n for n in columns if n not in self.schema.columns]
         if not missing:
             return
         with self.schema.lock:
             for name in missing:
                 if name not in self.schema.columns:
                     self.client.command(f"ALTER TABLE {self.table} ADD COLUMN IF NOT EXISTS {quote(name)} "
-                                        f"{column_type(name)[0]}")
+                                        f"{columns[name][0]}")
                     self.schema.columns.add(name)
 
     def ensure_view(self, spec: ModelSpec) -> None:
         if self.schema.views.get(spec.model_id) == spec:
             return
-        self.ensure_columns(spec.storage_columns.values())
+        self.ensure_columns(spec_columns(spec))
         select = ", ".join(f"{quote(expr)} AS {quote(name)}" for name, expr in view_columns(spec))
         with self.schema.lock:
             # FINAL per partition: a row's copies and its label rows share its

@@ -47,6 +47,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from models.enrichment import InferenceBatch
 from models.spec import Column, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,11 @@ class ModelRows:
     @property
     def num_rows(self) -> int:
         return len(self.inference_id)
+
+    def batch(self) -> InferenceBatch:
+        """The rows as an enrichment's transform sees them (no copy)."""
+        return InferenceBatch(self.spec, self.values, self.num_rows, prediction=self.prediction, label=self.label,
+                              inference_id=self.inference_id, timestamp=self.timestamp)
 
 
 @dataclass

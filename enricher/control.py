@@ -201,6 +201,11 @@ class ControlPlane:
             enabled = change.get("enabled", current[name]["enabled"])
             if not isinstance(enabled, bool):
                 raise RequestError(f"{name}.enabled: expected true or false, got {enabled!r}", f"{name}.enabled")
+            if enabled and not current[name]["enabled"]:
+                try:  # before any training: the model must have what the enrichment needs
+                    self.registry.check_usable(model_id, name)
+                except SpecError as exc:
+                    raise RequestError(f"{name}: this model cannot use it: {exc}", f"{name}.enabled") from None
             config = change.get("config", current[name]["config"])
             if not isinstance(config, dict):
                 raise RequestError(f"{name}.config: expected an object", f"{name}.config")

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.enrichment import FeatureBatch, checked_output
+from models.enrichment import checked_output, model_outputs, version_column
 
 from . import metrics
-from .clickhouse import FIXED_COLUMNS, column_type
+from .clickhouse import FIXED_COLUMNS, spec_columns
 from .contract import ModelRows
 from .serving import Active
 
@@ -38,26 +38,30 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
     spec = parts[0][0].spec
     counts = [rows.num_rows for rows, _ in parts]
     n = sum(counts)
-    outputs: dict[str, list[pa.Array]] = {}  # enrichment column -> one array per model
+    own = spec_columns(spec)  # the same for every model of the group
+    storage = {name: {o.name: o.storage for o in outs} for name, outs in model_outputs(spec)}
+    outputs: dict[str, list[pa.Array]] = {}  # storage column -> one array per model
     for k, (rows, active) in enumerate(parts):
-        batch = FeatureBatch(rows.values, rows.num_rows)
+        batch = rows.batch()
         for name, act in active.items():
+            if name not in storage:  # not one this model can use (its view has no such columns)
+                continue
             started = time.perf_counter()
             try:
-                out = checked_output(name, act.fitted.transform(batch), rows.num_rows)
+                out = checked_output(name, rows.spec, act.fitted.transform(batch), rows.num_rows)
             except Exception:  # noqa: BLE001 - whatever an enrichment does, the rows go on
                 metrics.ENRICHMENT_ERRORS.labels(rows.spec.model_id, name).inc()
                 log.exception("model %s: %s v%s failed on a batch of %d rows; its columns are NULL",
                               rows.spec.model_id, name, act.version, rows.num_rows)
                 continue
             metrics.ENRICHMENT_SECONDS.labels(name).observe(time.perf_counter() - started)
-            out[f"{name}_version"] = pa.array(np.full(rows.num_rows, act.version, np.uint32))
+            out[version_column(name)] = pa.array(np.full(rows.num_rows, act.version, np.uint32))
             for col, arr in out.items():
-                outputs.setdefault(col, [None] * len(parts))[k] = arr
+                outputs.setdefault(storage[name][col], [None] * len(parts))[k] = arr
 
     columns: dict[str, pa.Array] = {}
     for col, arrays in outputs.items():
-        arrow_type = column_type(col)[1]
+        arrow_type = own[col][1]
         columns[col] = pa.concat_arrays([
             pa.nulls(counts[k], arrow_type) if a is None else (a if a.type == arrow_type else a.cast(arrow_type))
             for k, a in enumerate(arrays)])
@@ -85,10 +89,10 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
     columns["_partition"] = pa.array(np.concatenate([r.partition for r, _ in parts]), pa.uint32())
     columns["_offset"] = pa.array(np.concatenate([r.offset for r, _ in parts]), pa.uint64())
 
-    names = list(FIXED_COLUMNS) + [slots[c.name] for c in spec.columns]
+    names = list(FIXED_COLUMNS) + list(own)
     arrays = []
     for col in names:
-        arrow_type = column_type(col)[1]
+        arrow_type = (FIXED_COLUMNS.get(col) or own[col])[1]
         arr = columns.get(col)
         if arr is None:
             arr = pa.nulls(n, arrow_type)
@@ -97,5 +101,6 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
 
 
 def storage_group(spec) -> tuple:
-    """Models with the same group key are enriched into one table together (enrich_many)."""
-    return spec.layout, tuple(spec.storage_columns.items())
+    """Models with the same group key are enriched into one table together (enrich_many):
+    same inputs, same storage columns (slots and the enrichments' outputs)."""
+    return spec.layout, tuple(spec.storage_columns.items()), tuple(spec_columns(spec))

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from models.registry import ModelRegistry, UnknownModel
 
-from .clickhouse import FIXED_COLUMNS, KEY, LEGACY_TABLE, EnrichedTables, legacy_exists, literal, quote, store_table
+from .clickhouse import (FIXED_COLUMNS, KEY, LEGACY_TABLE, EnrichedTables, legacy_exists, literal, quote,
+                         spec_columns, store_table)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def migrate(tables: EnrichedTables, registry: ModelRegistry, drop_legacy: bool =
         select = {k: quote(k) for k in KEY}
         for c in spec.columns:
             select[spec.storage_columns[c.name]] = f"{'numeric' if c.numeric else 'categorical'}['{c.name}']"
-        for name in FIXED_COLUMNS:
+        for name in [*FIXED_COLUMNS, *spec_columns(spec)]:  # enrichment columns: v1 stored them by the same names
             if name in legacy_cols and name not in select:
                 select[name] = quote(name)
         # v1 had no label_at: a label there came with its inference, so it is as old as it.

@@ -17,7 +17,7 @@ from sklearn.ensemble import IsolationForest
 
 from .artifact import Manifest
 from .encoding import FeatureEncoder
-from .enrichment import FeatureBatch
+from .enrichment import InferenceBatch, Output
 from .forest import CompactForest
 from .spec import ModelSpec
 
@@ -31,7 +31,7 @@ class AnomalyArtifact:
         self.forest = forest
         self.parameters = parameters
 
-    def transform(self, batch: FeatureBatch) -> dict[str, pa.Array]:
+    def transform(self, batch: InferenceBatch) -> dict[str, pa.Array]:
         X = self.encoder.transform(batch.columns, batch.num_rows)
         return {"anomaly_score": pa.array(self.forest.score(X), pa.float64())}
 
@@ -41,10 +41,15 @@ class AnomalyArtifact:
 
 class AnomalyDetection:
     name = NAME
-    output_bounds = {"anomaly_score": (0.0, 1.0)}  # checked on reference rows before publishing
+    reserved = ("anomaly_*",)
 
-    def output_columns(self) -> dict[str, pa.DataType]:
-        return {"anomaly_score": pa.float64()}
+    def outputs(self, spec: ModelSpec) -> list[Output]:
+        # The bounds are checked on reference rows before an artifact is published.
+        return [Output("anomaly_score", pa.float64(), "anomaly_score", bounds=(0.0, 1.0),
+                       doc="how unusual the row's features are: about 0.5 typical, near 1 anomalous")]
+
+    def check_model(self, spec: ModelSpec, reference: pa.Schema | None = None) -> None:
+        """Any model can use it: the forest needs the features only."""
 
     def check_config(self, config: dict) -> dict:
         """Validate an enrichment config when it is set, before any training."""

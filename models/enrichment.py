@@ -1,34 +1,125 @@
-"""The surface every enrichment shares, after scikit-learn's estimator contract.
+"""The surface every enrichment shares (version 2), after scikit-learn's estimator contract.
 
 An enrichment *fits* an artifact on a model's reference data and the fitted
-artifact *transforms* a batch of inferences into the columns it adds. Adding an
-enrichment is one module implementing this and one line in `models.ENRICHMENTS`;
-nothing in the streaming service changes.
+artifact *transforms* a validated batch of inferences into the columns it adds.
+Everything the engine needs to know about an enrichment it asks the
+enrichment, per model:
+
+- `outputs(spec)`: the columns it adds for that model (a per-feature output is
+  one column per feature), each with its type, its name in the model's view and
+  its column in storage;
+- `reserved`: the view names it may ever use, so that a feature that would
+  collide is refused at registration (`ModelSpec.from_json`);
+- `check_model(spec, reference)`: what a model needs to use it (a task, a
+  sensitive attribute, labels in the reference...); a toggle that switches it
+  on for a model that cannot use it is refused with that reason, before any
+  training;
+- `check_config`, `fit`, `load`, and the fitted artifact's `transform` and
+  `to_blobs`.
+
+Adding an enrichment is one module implementing this and one line in
+`models.ENRICHMENTS`; nothing in the streaming service, the training steps or
+the store changes. `models.conformance.check_enrichment` checks a new one the
+way the suite checks ours. This package knows nothing of Kafka or ClickHouse:
+a storage column is only a stable name, which `enricher/clickhouse.py` turns
+into a column of the shared table.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Mapping, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from .artifact import Manifest
-from .spec import ModelSpec
+from .spec import ModelSpec, SpecError
+
+#: The Arrow types an output may have (the store maps each to a column type).
+OUTPUT_TYPES = (pa.float64(), pa.float32(), pa.string(), pa.int64(), pa.uint32())
 
 
-class FeatureBatch:
-    """A columnar batch of validated inferences for one model.
+class Unusable(SpecError):
+    """An enrichment a model cannot use; the message says what the model lacks."""
 
-    `columns` maps each feature (and attribute, where sent) to an Arrow array
-    of `num_rows` values: float64 for numeric, string for categorical.
+
+@dataclass(frozen=True)
+class Output:
+    """One column an enrichment adds for a model.
+
+    `name` is the column in the model's view (what users query), `storage` its
+    column in the shared storage table: stable for the model's life, so a
+    per-feature output follows the feature's storage slot, not its name.
+    `bounds`, where given, are checked on reference rows before an artifact is
+    published (a value outside them fails the training run).
     """
 
-    __slots__ = ("columns", "num_rows")
+    name: str
+    type: pa.DataType
+    storage: str
+    bounds: tuple[float, float] | None = None
+    doc: str = ""
 
-    def __init__(self, columns: Mapping[str, pa.Array], num_rows: int):
+
+def per_feature(prefix: str, spec: ModelSpec, type_: pa.DataType = pa.float64(), doc: str = "") -> list[Output]:
+    """One output per feature: `<prefix><feature>` in the view, `<prefix><slot>` in storage."""
+    slots = spec.storage_columns
+    return [Output(f"{prefix}{c.name}", type_, f"{prefix}{slots[c.name]}", doc=doc.format(feature=c.name))
+            for c in spec.features]
+
+
+class InferenceBatch:
+    """A validated batch of one model's inferences, column by column.
+
+    `columns` maps each feature (and attribute, where sent) to an Arrow array of
+    `num_rows` values: float64 for numeric, string for categorical. `prediction`
+    and `label` are float64 for a numeric prediction type, string otherwise
+    (label NULL where not sent); `inference_id` strings; `timestamp` Arrow
+    timestamps (ms, UTC). Training's validate step builds one from reference
+    rows (ids `reference-<row>`, the time of the run).
+    """
+
+    __slots__ = ("spec", "columns", "num_rows", "prediction", "label", "inference_id", "timestamp")
+
+    def __init__(self, spec: ModelSpec, columns: Mapping[str, pa.Array], num_rows: int, *,
+                 prediction: pa.Array, label: pa.Array, inference_id: pa.Array, timestamp: pa.Array):
+        self.spec = spec
         self.columns = columns
         self.num_rows = num_rows
+        self.prediction = prediction
+        self.label = label
+        self.inference_id = inference_id
+        self.timestamp = timestamp
+
+    def slice(self, offset: int, length: int) -> "InferenceBatch":
+        """Rows offset..offset+length (zero-copy)."""
+        n = max(0, min(length, self.num_rows - offset))
+        return InferenceBatch(self.spec, {k: v.slice(offset, n) for k, v in self.columns.items()}, n,
+                              prediction=self.prediction.slice(offset, n), label=self.label.slice(offset, n),
+                              inference_id=self.inference_id.slice(offset, n),
+                              timestamp=self.timestamp.slice(offset, n))
+
+    @classmethod
+    def from_reference(cls, spec: ModelSpec, table: pa.Table) -> "InferenceBatch":
+        """Normalised reference rows as a batch (training's validate step, the conformance check)."""
+        import time
+
+        n = table.num_rows
+
+        def col(name: str, type_: pa.DataType) -> pa.Array:
+            if name in table.column_names:
+                return table.column(name).combine_chunks()
+            return pa.nulls(n, type_)
+
+        value_type = pa.float64() if spec.prediction_type == "numeric" else pa.string()
+        return cls(spec, {c.name: table.column(c.name).combine_chunks() for c in spec.columns
+                          if c.name in table.column_names}, n,
+                   prediction=col("prediction", value_type), label=col("label", value_type),
+                   inference_id=pa.array([f"reference-{i}" for i in range(n)], pa.string()),
+                   timestamp=pa.array(np.full(n, int(time.time() * 1000), "datetime64[ms]"),
+                                      pa.timestamp("ms", tz="UTC")))
 
 
 class Fitted(Protocol):
@@ -37,16 +128,22 @@ class Fitted(Protocol):
     def to_blobs(self) -> dict[str, bytes]:
         """The files that make up the artifact (name -> bytes)."""
 
-    def transform(self, batch: FeatureBatch) -> dict[str, pa.Array]:
-        """The enrichment's columns for every row of the batch, in order."""
+    def transform(self, batch: InferenceBatch) -> dict[str, pa.Array]:
+        """The enrichment's outputs (by view name) for every row of the batch, in order."""
 
 
 class Enrichment(Protocol):
     name: str
+    #: View column names this enrichment may use for any model; "x_*" is a prefix.
+    reserved: tuple[str, ...]
 
-    def output_columns(self) -> dict[str, pa.DataType]:
-        """Columns this enrichment adds to the enriched rows, the same for every
-        model (a per-feature output would be one map column)."""
+    def outputs(self, spec: ModelSpec) -> list[Output]:
+        """Columns this enrichment adds to the model's rows."""
+
+    def check_model(self, spec: ModelSpec, reference: pa.Schema | None = None) -> None:
+        """Raise `Unusable` saying why, if this model cannot use the enrichment.
+        `reference` (the normalised reference data's schema) where known: a
+        requirement on it (labels, say) is checked only then."""
 
     def check_config(self, config: dict) -> dict:
         """Validate settings when they are set; returns them with defaults filled in."""
@@ -58,15 +155,53 @@ class Enrichment(Protocol):
         """Rebuild a fitted artifact from verified bytes."""
 
 
-def checked_output(name: str, out, num_rows: int) -> dict[str, pa.Array]:
-    """An enrichment's output as the rest of the engine expects it: exactly the
-    declared columns, one value per row, of the declared types (or castable to
-    them). Anything else raises ValueError. Serving calls it inside its guard
-    (that enrichment's columns are NULL for the batch, counted); a training
-    run's validate step calls it on reference rows (the run fails, saying why)."""
+def version_column(name: str) -> str:
+    """The column saying which artifact version made an enrichment's values (added by the engine)."""
+    return f"{name}_version"
+
+
+def reserves(enrichment: Enrichment, column: str) -> bool:
+    """Whether a view column name belongs to this enrichment."""
+    if column == version_column(enrichment.name):
+        return True
+    return any(column.startswith(r[:-1]) if r.endswith("*") else column == r for r in enrichment.reserved)
+
+
+def usable(enrichment: Enrichment, spec: ModelSpec) -> bool:
+    """Whether the model can use it, as far as its spec says (a model's view
+    has the columns of every enrichment it can use, on or off)."""
+    try:
+        enrichment.check_model(spec)
+    except Unusable:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=8192)
+def model_outputs(spec: ModelSpec) -> tuple[tuple[str, tuple[Output, ...]], ...]:
+    """Every enrichment the model can use with its outputs, its version column
+    last (cached: the stream asks for every batch)."""
     from . import ENRICHMENTS
 
-    declared = ENRICHMENTS[name].output_columns()
+    out = []
+    for name, enrichment in ENRICHMENTS.items():
+        if usable(enrichment, spec):
+            out.append((name, tuple(enrichment.outputs(spec))
+                        + (Output(version_column(name), pa.uint32(), version_column(name),
+                                  doc=f"the {name} artifact version that made this row's values"),)))
+    return tuple(out)
+
+
+def checked_output(name: str, spec: ModelSpec, out, num_rows: int) -> dict[str, pa.Array]:
+    """An enrichment's output as the rest of the engine expects it: exactly the
+    declared columns (by view name), one value per row, of the declared types
+    (or castable to them). Anything else raises ValueError. Serving calls it
+    inside its guard (that enrichment's columns are NULL for the batch,
+    counted); a training run's validate step calls it on reference rows (the
+    run fails, saying why)."""
+    from . import ENRICHMENTS
+
+    declared = {o.name: o.type for o in ENRICHMENTS[name].outputs(spec)}
     if not isinstance(out, dict) or set(out) != set(declared):
         got = sorted(out) if isinstance(out, dict) else type(out).__name__
         raise ValueError(f"{name} returned {got}, it declares {sorted(declared)}")

@@ -85,6 +85,9 @@ class ModelRegistry:
         spec = ModelSpec.from_json(model_id, schema)
         reference = normalise(spec, read_table(reference_path))
         folder = self.root / model_id
+        if (folder / "spec.json").is_file():  # what is on must still be usable with the new schema
+            for name in self.enabled(model_id):
+                ENRICHMENTS[name].check_model(spec, reference.schema)
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".reference.", suffix=".parquet")
         os.close(fd)
@@ -137,6 +140,15 @@ class ModelRegistry:
         self.get(model_id)
         return pq.read_table(self.root / model_id / "reference.parquet")
 
+    def reference_schema(self, model_id: str) -> pa.Schema:
+        """The normalised reference data's columns and types (what `check_model` asks about)."""
+        self.get(model_id)
+        return pq.read_schema(self.root / model_id / "reference.parquet")
+
+    def check_usable(self, model_id: str, name: str) -> None:
+        """Raise `Unusable` (a SpecError) saying why, if the model cannot use the enrichment."""
+        ENRICHMENTS[name].check_model(self.get(model_id), self.reference_schema(model_id))
+
     # -- enrichment toggles --------------------------------------------
     def enrichments(self, model_id: str) -> dict[str, dict]:
         """Every known enrichment with its toggle: {"enabled": bool, "config": {...}}."""
@@ -159,6 +171,8 @@ class ModelRegistry:
             raise SpecError(f"unknown enrichment {name!r}; known: {', '.join(sorted(ENRICHMENTS))}")
         if config is not None:
             ENRICHMENTS[name].check_config(config)
+        if enabled:
+            self.check_usable(model_id, name)
         with self.locked():
             current = self.enrichments(model_id)
             entry = current[name]

@@ -21,9 +21,23 @@ _COLUMN_NAME = re.compile(COLUMN_NAME_RULE)
 TASKS = ("binary_classification", "multiclass_classification", "regression")
 VALUE_TYPES = ("numeric", "categorical")
 # Names the enriched table uses for its own columns; a feature may not take them.
+# Each enrichment reserves its own (`Enrichment.reserved`), checked here too.
 RESERVED_COLUMNS = frozenset(
     {"model_id", "inference_id", "timestamp", "prediction", "label", "label_at", "features", "attributes"}
 )
+
+
+def _reserved_by(name: str) -> str | None:
+    """What a column name is reserved for, if anything."""
+    if name in RESERVED_COLUMNS:
+        return "the enriched table's own columns"
+    from . import ENRICHMENTS  # here: the enrichments import this module
+    from .enrichment import reserves
+
+    for enrichment in ENRICHMENTS.values():
+        if reserves(enrichment, name):
+            return f"the {enrichment.name} enrichment's columns"
+    return None
 
 
 class SpecError(ValueError):
@@ -154,10 +168,9 @@ def _columns(value: Any, key: str, required: bool) -> list[Column]:
         name = item.get("name")
         if not isinstance(name, str) or not _COLUMN_NAME.match(name):
             raise SpecError(f"{where}.name: {name!r} must match {COLUMN_NAME_RULE}")
-        if name in RESERVED_COLUMNS or name.endswith("_version") or name.startswith("anomaly_"):
-            raise SpecError(
-                f"{where}.name: {name!r} is reserved for the enriched table's own columns; rename it"
-            )
+        owner = _reserved_by(name)
+        if owner:
+            raise SpecError(f"{where}.name: {name!r} is reserved for {owner}; rename it")
         ctype = item.get("type")
         if ctype not in VALUE_TYPES:
             raise SpecError(f"{where}.type: must be one of {', '.join(VALUE_TYPES)}, got {ctype!r}")

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from models import ENRICHMENTS
 from models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
-from models.enrichment import FeatureBatch, checked_output
+from models.enrichment import InferenceBatch, Unusable, checked_output
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
@@ -82,6 +82,10 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str
         raise StepError(f"unknown enrichment {enrichment!r}; known: {', '.join(sorted(ENRICHMENTS))}")
     registry.set_status(model_id, enrichment, "training", workflow=run)
     spec, reference = _spec(store, run, model_id), _reference(store, run)
+    try:  # checked when it was switched on; the schema or reference may have changed since
+        ENRICHMENTS[enrichment].check_model(spec, reference.schema)
+    except Unusable as exc:
+        raise StepError(f"model {model_id}: {enrichment} cannot be used: {exc}") from None
     fitted = ENRICHMENTS[enrichment].fit(spec, reference, config)
     blobs = fitted.to_blobs()
     for name, data in blobs.items():
@@ -109,7 +113,7 @@ def validate(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: 
     """Load each staged result the way a worker will and score reference rows with it."""
     spec, reference = _spec(store, run, model_id), _reference(store, run)
     sample = reference.slice(0, VALIDATION_ROWS)
-    batch = FeatureBatch({c.name: sample.column(c.name).combine_chunks() for c in spec.columns}, sample.num_rows)
+    batch = InferenceBatch.from_reference(spec, sample)
     checked = {}
     for enrichment in enrichments:
         meta, blobs = _staged_result(store, run, model_id, enrichment)
@@ -121,15 +125,16 @@ def validate(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: 
         except Exception as exc:
             raise StepError(f"run {run}: {enrichment} does not load or score: {exc}") from exc
         try:  # the same check serving applies to every batch
-            out = checked_output(enrichment, out, sample.num_rows)
+            out = checked_output(enrichment, spec, out, sample.num_rows)
         except (ValueError, TypeError, pa.ArrowException) as exc:
             raise StepError(f"run {run}: {exc}") from None
+        declared = {o.name: o for o in ENRICHMENTS[enrichment].outputs(spec)}
         for column, array in out.items():
-            if pa.types.is_floating(array.type):
-                values = array.to_numpy(zero_copy_only=False)
+            if pa.types.is_floating(array.type):  # NULL is a value not computed (e.g. not sampled), fine
+                values = array.drop_null().to_numpy(zero_copy_only=False)
                 if not np.isfinite(values).all():
                     raise StepError(f"run {run}: {enrichment}.{column} is not finite on reference rows")
-                bounds = getattr(ENRICHMENTS[enrichment], "output_bounds", {}).get(column)
+                bounds = declared[column].bounds
                 if bounds and not ((values >= bounds[0]) & (values <= bounds[1])).all():
                     raise StepError(f"run {run}: {enrichment}.{column} leaves [{bounds[0]}, {bounds[1]}] "
                                     f"on reference rows")

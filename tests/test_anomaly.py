@@ -7,7 +7,6 @@ from sklearn.metrics import roc_auc_score
 from enricher import sample
 from enricher.contract import parse_batch
 from models import ENRICHMENTS
-from models.enrichment import FeatureBatch
 from models.reference import normalise
 from models.spec import ModelSpec
 
@@ -17,7 +16,7 @@ SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 def scores_for(fitted, n, anomalies, seed=3):
     msgs, planted = sample.inferences(n, anomalies=anomalies, seed=seed)
     rows = parse_batch(msgs, [0] * n, list(range(n)), {SPEC.model_id: SPEC}.get, 1 << 20).models[SPEC.model_id]
-    scores = fitted.transform(FeatureBatch(rows.values, rows.num_rows))["anomaly_score"].to_numpy()
+    scores = fitted.transform(rows.batch())["anomaly_score"].to_numpy()
     is_planted = np.array([i in planted for i in rows.inference_id.to_pylist()])
     return scores, is_planted
 
@@ -46,7 +45,7 @@ def test_a_category_never_seen_in_reference_counts_as_unusual(fitted):
             .replace(b'"region":"east"', b'"region":"mars"').replace(b'"region":"west"', b'"region":"mars"')
             for m in msgs]
     rows = parse_batch(msgs, [0] * 2000, list(range(2000)), {SPEC.model_id: SPEC}.get, 1 << 20).models[SPEC.model_id]
-    scores_new = fitted.transform(FeatureBatch(rows.values, rows.num_rows))["anomaly_score"].to_numpy()
+    scores_new = fitted.transform(rows.batch())["anomaly_score"].to_numpy()
     assert scores_new.mean() > scores_seen.mean()
 
 

@@ -9,7 +9,6 @@ from enricher import sample
 from enricher.contract import parse_batch
 from models import ENRICHMENTS
 from models.artifact import ArtifactError, ArtifactStore, IntegrityError
-from models.enrichment import FeatureBatch
 from models.reference import normalise
 from models.spec import ModelSpec
 
@@ -25,7 +24,7 @@ def fitted():
 def batch_of(n=500):
     msgs, _ = sample.inferences(n, anomalies=5)
     rows = parse_batch(msgs, [0] * n, list(range(n)), {SPEC.model_id: SPEC}.get, 1 << 20).models[SPEC.model_id]
-    return FeatureBatch(rows.values, rows.num_rows)
+    return rows.batch()
 
 
 def publish(store, fitted):

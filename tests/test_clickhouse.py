@@ -249,8 +249,11 @@ def test_dropping_a_model_deletes_its_rows_and_view_only(tables):
 
 def test_storage_columns_line_up_with_the_arrow_rows():
     table = enrich(rows_for(SPEC, 5), {}, 0)
-    assert table.column_names == list(FIXED_COLUMNS) + [f"n{i}" for i in range(10)] + ["c0", "c1"]
+    # the table's own columns, the model's slots, then what each enrichment declares for it
+    assert table.column_names == list(FIXED_COLUMNS) + [f"n{i}" for i in range(10)] + ["c0", "c1"] + \
+        ["anomaly_score", "anomaly_detection_version"]
     assert table.schema.field("n0").type == pa.float64()
+    assert table.schema.field("anomaly_detection_version").type == pa.uint32()
 
 
 @pytest.mark.parametrize("bad", ["a`b", "x; DROP TABLE y", "", "1; --", "a b"])
