@@ -1,0 +1,144 @@
+"""Exact path-dependent TreeSHAP (models/treeshap.py) against known answers."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import shap
+from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+
+from models.treeshap import MAX_PATH_FEATURES, TreeEnsemble
+
+
+def data(n=3000, features=8, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, features)).astype(np.float32)
+    y = 2 * X[:, 0] - X[:, 1] + np.sin(3 * X[:, 2]) + 0.5 * X[:, 3] * X[:, 4]
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def regressor():
+    X, y = data()
+    return X, GradientBoostingRegressor(n_estimators=60, max_depth=5, random_state=0).fit(X, y)
+
+
+def test_attributions_equal_shap_tree_explainer_for_a_regressor(regressor):
+    X, model = regressor
+    ens = TreeEnsemble.from_sklearn(model)
+    explainer = shap.TreeExplainer(model, feature_perturbation="tree_path_dependent")
+    phi, base, output = ens.explain(X[:800])
+    np.testing.assert_allclose(phi, explainer.shap_values(X[:800]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(base, float(np.ravel(explainer.expected_value)[0]), rtol=0, atol=1e-6)
+    # additivity on every row, and the output is the model's own prediction
+    assert np.abs(phi.sum(axis=1) + base - output).max() < 1e-6
+    assert np.abs(output - model.predict(X[:800])).max() < 1e-6
+
+
+def test_attributions_equal_shap_for_a_binary_classifier_in_margin_space():
+    X, y = data(seed=1)
+    model = GradientBoostingClassifier(n_estimators=40, max_depth=4, random_state=0).fit(X, y > 0)
+    ens = TreeEnsemble.from_sklearn(model)
+    phi, base, output = ens.explain(X[:500])
+    np.testing.assert_allclose(phi, shap.TreeExplainer(model).shap_values(X[:500]), rtol=0, atol=1e-6)
+    assert np.abs(output - model.decision_function(X[:500])).max() < 1e-6
+    assert np.abs(phi.sum(axis=1) + base - output).max() < 1e-6
+
+
+def _brute_force(model, x, k):
+    """Shapley values of path-dependent TreeSHAP's game, by enumerating every coalition."""
+    F = len(x)
+    trees = [est.tree_ for est in model.estimators_[:, k]]
+
+    def expected(tree, node, S):
+        if tree.children_left[node] < 0:
+            return tree.value[node, 0, 0] * model.learning_rate
+        a, b = tree.children_left[node], tree.children_right[node]
+        if tree.feature[node] in S:
+            return expected(tree, a if x[tree.feature[node]] <= tree.threshold[node] else b, S)
+        w = tree.weighted_n_node_samples
+        return (w[a] * expected(tree, a, S) + w[b] * expected(tree, b, S)) / w[node]
+
+    def v(S):
+        return sum(expected(t, 0, S) for t in trees)
+
+    phi = np.zeros(F)
+    for i in range(F):
+        others = [j for j in range(F) if j != i]
+        for size in range(F):
+            for S in itertools.combinations(others, size):
+                weight = math.factorial(size) * math.factorial(F - size - 1) / math.factorial(F)
+                phi[i] += weight * (v(set(S) | {i}) - v(set(S)))
+    return phi, v(set())
+
+
+def test_multiclass_attributions_equal_the_shapley_values_of_the_path_dependent_game():
+    X, y = data(n=1500, features=5, seed=2)
+    classes = np.digitize(y, [-1.0, 1.0])
+    model = GradientBoostingClassifier(n_estimators=6, max_depth=3, random_state=0).fit(X, classes)
+    ens = TreeEnsemble.from_sklearn(model)
+    margins = model.decision_function(X[:12])
+    chosen = margins.argmax(axis=1)
+    phi, base, output = ens.explain(X[:12], chosen)
+    for r in range(12):
+        expected_phi, expected_value = _brute_force(model, X[r].astype(np.float64), chosen[r])
+        np.testing.assert_allclose(phi[r], expected_phi, rtol=0, atol=1e-9)
+        assert abs(base[r] - (expected_value + ens.init[chosen[r]])) < 1e-9
+        assert abs(output[r] - margins[r, chosen[r]]) < 1e-9
+
+
+def test_two_features_that_drive_the_prediction_carry_nearly_all_attribution():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(4000, 10)).astype(np.float32)
+    y = 3 * X[:, 2] - 2 * X[:, 7]
+    model = GradientBoostingRegressor(n_estimators=80, max_depth=4, random_state=0).fit(X, y)
+    phi, _, _ = TreeEnsemble.from_sklearn(model).explain(X[:2000])
+    importance = np.abs(phi).mean(axis=0)
+    assert importance[[2, 7]].sum() / importance.sum() >= 0.9
+
+
+def test_the_ensemble_round_trips_through_bytes_without_pickle(regressor):
+    X, model = regressor
+    ens = TreeEnsemble.from_sklearn(model)
+    again = TreeEnsemble.from_bytes(ens.to_bytes())
+    np.testing.assert_array_equal(again.explain(X[:100])[0], ens.explain(X[:100])[0])
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda a: a["left"].__setitem__(0, len(a["left"]) + 5),  # a child outside the arrays
+    lambda a: a["feature"].__setitem__(0, 99),               # a feature the rows do not have
+    lambda a: a["t_unit_tab"].__setitem__(-1, a["t_unit_tab"][-1] + 8),  # a table longer than stored
+    lambda a: a["t_unit_feat"].__setitem__(0, -1),
+    lambda a: a["t_node_unit"].__setitem__(0, 10**6),
+])
+def test_arrays_that_would_read_outside_themselves_are_refused(regressor, corrupt):
+    import io
+
+    _, model = regressor
+    with np.load(io.BytesIO(TreeEnsemble.from_sklearn(model).to_bytes()), allow_pickle=False) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    corrupt(arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with pytest.raises(ValueError, match="inconsistent"):
+        TreeEnsemble.from_bytes(buf.getvalue())
+
+
+def test_a_path_on_too_many_distinct_features_is_refused_with_the_reason():
+    depth = MAX_PATH_FEATURES + 1  # a chain: every split on a new feature, left child a leaf
+    nodes = 2 * depth + 1
+    left, right = np.full(nodes, -1), np.full(nodes, -1)
+    feature = np.zeros(nodes, int)
+    for d in range(depth):
+        node = 2 * d
+        left[node], right[node], feature[node] = node + 1, node + 2, d
+    with pytest.raises(ValueError, match="distinct features"):
+        TreeEnsemble(left, right, feature, np.zeros(nodes), np.ones(nodes), np.ones(nodes), [0, nodes], [0],
+                     [0.0], n_features=depth)
+
+
+def test_a_wrong_matrix_is_refused(regressor):
+    _, model = regressor
+    with pytest.raises(ValueError, match=r"\(rows, 8\)"):
+        TreeEnsemble.from_sklearn(model).explain(np.zeros((3, 5), np.float32))
