@@ -118,10 +118,13 @@ class ControlPlane:
                 state = "disabled"
             try:
                 version = self.store.current_version(model_id, name)
+                # what training measured for the serving version (e.g. the surrogate's fidelity)
+                quality = next((m.parameters.get("quality") for m in self.store.manifests(model_id, name)
+                                if m.version == version), None) if version else None
             except ArtifactError:
-                version = None
+                version = quality = None
             out[name] = {"enabled": toggle["enabled"], "config": toggle["config"], "status": state,
-                         "version": version, "workflow": status.get("workflow"),
+                         "version": version, "quality": quality, "workflow": status.get("workflow"),
                          "updated_at": status.get("updated_at"), "message": status.get("message"),
                          "step": status.get("step")}
         return out

@@ -30,6 +30,7 @@ class AnomalyArtifact:
         self.encoder = encoder
         self.forest = forest
         self.parameters = parameters
+        self.quality: dict = {}  # nothing measured beyond the bounds every run checks
 
     def transform(self, batch: InferenceBatch) -> dict[str, pa.Array]:
         X = self.encoder.transform(batch.columns, batch.num_rows)
@@ -54,6 +55,9 @@ class AnomalyDetection:
     def check_config(self, config: dict) -> dict:
         """Validate an enrichment config when it is set, before any training."""
         return _parameters(config)
+
+    def check_quality(self, quality: dict, config: dict) -> None:
+        """No bar beyond the score's bounds, which validation checks on reference rows."""
 
     def fit(self, spec: ModelSpec, reference: pa.Table, config: dict) -> AnomalyArtifact:
         params = _parameters(config)

@@ -26,6 +26,7 @@ What the stream relies on, and why each is checked:
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 
@@ -33,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from .artifact import ArtifactStore
-from .enrichment import OUTPUT_TYPES, Enrichment, InferenceBatch, Unusable, checked_output, reserves
+from .enrichment import (OUTPUT_TYPES, Enrichment, InferenceBatch, Unusable, checked_output, published_parameters,
+                         reserves)
 from .reference import normalise
 from .spec import ModelSpec
 
@@ -122,12 +124,15 @@ def _check_fitted(enrichment: Enrichment, spec: ModelSpec, reference: pa.Table, 
     name = enrichment.name
     fitted = enrichment.fit(spec, reference, config)
     assert isinstance(fitted.parameters, dict), f"{name}: the fitted artifact's parameters must be a dict"
+    assert isinstance(fitted.quality, dict), f"{name}: the fitted artifact's quality must be a dict"
+    json.dumps(published_parameters(fitted))  # the manifest is JSON
+    enrichment.check_quality(fitted.quality, config)  # the sample models are easy: the bar must pass
     blobs = fitted.to_blobs()
     assert blobs and all(isinstance(k, str) and isinstance(v, bytes) for k, v in blobs.items()), \
         f"{name}.to_blobs must give file name -> bytes"
     with tempfile.TemporaryDirectory() as root:
         store = ArtifactStore(root)
-        store.publish(spec.model_id, name, blobs, reference.num_rows, fitted.parameters)
+        store.publish(spec.model_id, name, blobs, reference.num_rows, published_parameters(fitted))
         artifact = store.load(spec.model_id, name)  # verified, as a worker loads it
         loaded = enrichment.load(spec, artifact.manifest, artifact.blobs)
 

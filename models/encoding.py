@@ -1,10 +1,16 @@
 """Turns a model's features into the float matrix tree models are fitted on.
 
 Numeric features pass through (reference gaps filled with the median).
-Categorical features become the frequency of their value in the reference
-data, 0 for a value never seen there: a rare or new category is exactly what
-an anomaly detector should find easy to isolate, and one column per feature
-keeps the matrix small whatever the number of categories.
+Categorical features become one column each, whatever the number of
+categories, in one of two ways:
+- `frequency` (anomaly detection): the frequency of the value in the
+  reference data, 0 for a value never seen there: a rare or new category is
+  exactly what an anomaly detector should find easy to isolate;
+- `code` (explanations): the value's rank by frequency in the reference (0 the
+  commonest), -1 for a value never seen there: distinct categories stay
+  distinct, so a tree can split them apart (two categories of equal frequency
+  would be one under `frequency`), and each feature's attribution is that one
+  column's.
 
 Everything is columnar: a batch is a mapping of feature name -> Arrow array.
 """
@@ -24,7 +30,11 @@ Columns = Mapping[str, "pa.Array | pa.ChunkedArray"]
 
 class FeatureEncoder:
     def __init__(self, names: list[str], kinds: list[str], medians: dict[str, float],
-                 categories: dict[str, list[str]], frequencies: dict[str, list[float]]):
+                 categories: dict[str, list[str]], frequencies: dict[str, list[float]],
+                 categorical: str = "frequency"):
+        if categorical not in ("frequency", "code"):
+            raise ValueError(f"categorical encoding {categorical!r}: frequency or code")
+        self.categorical = categorical
         self.names = names
         self.kinds = kinds
         self.medians = medians
@@ -34,9 +44,13 @@ class FeatureEncoder:
         # last slot: frequency of a category the reference never showed
         self._freq_lookup = {n: np.append(np.asarray(f, np.float32), np.float32(0.0))
                              for n, f in frequencies.items()}
+        if categorical == "code":  # last slot: a category the reference never showed
+            self._freq_lookup = {n: np.append(np.arange(len(f), dtype=np.float32), np.float32(-1.0))
+                                 for n, f in frequencies.items()}
 
     @classmethod
-    def fit(cls, spec: ModelSpec, reference: pa.Table, max_categories: int = 10_000) -> "FeatureEncoder":
+    def fit(cls, spec: ModelSpec, reference: pa.Table, max_categories: int = 10_000,
+            categorical: str = "frequency") -> "FeatureEncoder":
         medians, categories, frequencies = {}, {}, {}
         n = reference.num_rows
         for col in spec.features:
@@ -50,7 +64,8 @@ class FeatureEncoder:
                 counts = counts[:max_categories]
                 categories[col.name] = [vc["values"] for vc in counts]
                 frequencies[col.name] = [vc["counts"] / n for vc in counts]
-        return cls(spec.feature_names, [c.type for c in spec.features], medians, categories, frequencies)
+        return cls(spec.feature_names, [c.type for c in spec.features], medians, categories, frequencies,
+                   categorical)
 
     def transform(self, columns: Columns, num_rows: int) -> np.ndarray:
         out = np.empty((num_rows, len(self.names)), dtype=np.float32)
@@ -68,11 +83,12 @@ class FeatureEncoder:
 
     def to_json(self) -> dict:
         return {"names": self.names, "kinds": self.kinds, "medians": self.medians,
-                "categories": self.categories, "frequencies": self.frequencies}
+                "categories": self.categories, "frequencies": self.frequencies, "categorical": self.categorical}
 
     @classmethod
     def from_json(cls, doc: dict) -> "FeatureEncoder":
-        return cls(doc["names"], doc["kinds"], doc["medians"], doc["categories"], doc["frequencies"])
+        return cls(doc["names"], doc["kinds"], doc["medians"], doc["categories"], doc["frequencies"],
+                   doc.get("categorical", "frequency"))
 
 
 def _to_numpy(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:

@@ -14,8 +14,9 @@ enrichment, per model:
   sensitive attribute, labels in the reference...); a toggle that switches it
   on for a model that cannot use it is refused with that reason, before any
   training;
-- `check_config`, `fit`, `load`, and the fitted artifact's `transform` and
-  `to_blobs`.
+- `check_config`, `fit`, `load`, `check_quality` (the bar a fitted artifact's
+  measured `quality` must pass before it is published), and the fitted
+  artifact's `transform`, `to_blobs` and `quality`.
 
 Adding an enrichment is one module implementing this and one line in
 `models.ENRICHMENTS`; nothing in the streaming service, the training steps or
@@ -124,6 +125,9 @@ class InferenceBatch:
 
 class Fitted(Protocol):
     parameters: dict
+    #: What training measured (e.g. a surrogate's fidelity), JSON; published with the
+    #: artifact (`published_parameters`), shown in the enrichment's status.
+    quality: dict
 
     def to_blobs(self) -> dict[str, bytes]:
         """The files that make up the artifact (name -> bytes)."""
@@ -148,11 +152,20 @@ class Enrichment(Protocol):
     def check_config(self, config: dict) -> dict:
         """Validate settings when they are set; returns them with defaults filled in."""
 
+    def check_quality(self, quality: dict, config: dict) -> None:
+        """Raise ValueError saying why, if a fitted artifact's `quality` is below what the
+        config asks: the training run's validate step fails, the previous version serves."""
+
     def fit(self, spec: ModelSpec, reference: pa.Table, config: dict) -> Fitted:
         """Learn from normalised reference data."""
 
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> Fitted:
         """Rebuild a fitted artifact from verified bytes."""
+
+
+def published_parameters(fitted: Fitted) -> dict:
+    """What a manifest records of a fitted artifact: its parameters, and its quality if any."""
+    return {**fitted.parameters, **({"quality": fitted.quality} if fitted.quality else {})}
 
 
 def version_column(name: str) -> str:

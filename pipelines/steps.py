@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from models import ENRICHMENTS
 from models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
-from models.enrichment import InferenceBatch, Unusable, checked_output
+from models.enrichment import InferenceBatch, Unusable, checked_output, published_parameters
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
@@ -90,7 +90,7 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str
     blobs = fitted.to_blobs()
     for name, data in blobs.items():
         store.files.write(_staged(store, run, enrichment, name), data)
-    meta = {"training_rows": reference.num_rows, "parameters": fitted.parameters,
+    meta = {"training_rows": reference.num_rows, "parameters": published_parameters(fitted),
             "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}}
     store.files.write(_staged(store, run, enrichment, "meta.json"), json.dumps(meta).encode())
     log.info("run %s: trained %s on %d rows", run, enrichment, reference.num_rows)
@@ -127,6 +127,11 @@ def validate(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: 
         try:  # the same check serving applies to every batch
             out = checked_output(enrichment, spec, out, sample.num_rows)
         except (ValueError, TypeError, pa.ArrowException) as exc:
+            raise StepError(f"run {run}: {exc}") from None
+        try:  # what training measured, against the bar the config sets (e.g. a surrogate's fidelity)
+            settings = {k: v for k, v in meta["parameters"].items() if k != "quality"}
+            ENRICHMENTS[enrichment].check_quality(meta["parameters"].get("quality", {}), settings)
+        except ValueError as exc:
             raise StepError(f"run {run}: {exc}") from None
         declared = {o.name: o for o in ENRICHMENTS[enrichment].outputs(spec)}
         for column, array in out.items():

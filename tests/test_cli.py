@@ -74,7 +74,7 @@ def test_reference_that_does_not_fit_is_refused_by_column(files, capsys, tmp_pat
 def test_toggle_mistakes(files, capsys):
     schema, reference = files
     run(capsys, "models", "register", "m", "--schema", str(schema), "--reference", str(reference))
-    assert "unknown enrichment 'explainability'" in run(capsys, "enrichments", "set", "m", "explainability=on")[2]
+    assert "unknown enrichment 'no_such_one'" in run(capsys, "enrichments", "set", "m", "no_such_one=on")[2]
     assert "takes on or off" in run(capsys, "enrichments", "set", "m", "anomaly_detection=maybe")[2]
     assert "n_estimators" in run(capsys, "enrichments", "set", "m", "anomaly_detection.n_estimators=-1")[2]
     assert "no enrichment enabled" in run(capsys, "train", "m")[2]

@@ -49,7 +49,9 @@ def test_each_model_view_has_the_documented_columns_in_order(tables):
     assert names == [n for n, _ in view_columns(SPEC)]
     assert names[:2] == ["inference_id", "timestamp"]
     assert names[2:14] == sample.NUMERIC + ["region", "sex"]
+    explanations = [f"explanation_{f}" for f in sample.NUMERIC + ["region"]]
     assert names[14:] == ["prediction", "label", "label_at", "anomaly_score", "anomaly_detection_version",
+                          *explanations, "explanation_base_value", "explanation_output", "explainability_version",
                           "_ingested_at", "_partition", "_offset"]
     types = {r[0]: r[1] for r in described}
     assert types["timestamp"] == "DateTime64(3, 'UTC')" and types["f0"] == "Nullable(Float64)"
@@ -251,7 +253,9 @@ def test_storage_columns_line_up_with_the_arrow_rows():
     table = enrich(rows_for(SPEC, 5), {}, 0)
     # the table's own columns, the model's slots, then what each enrichment declares for it
     assert table.column_names == list(FIXED_COLUMNS) + [f"n{i}" for i in range(10)] + ["c0", "c1"] + \
-        ["anomaly_score", "anomaly_detection_version"]
+        ["anomaly_score", "anomaly_detection_version"] + \
+        [f"explanation_n{i}" for i in range(10)] + ["explanation_c0"] + \
+        ["explanation_base_value", "explanation_output", "explainability_version"]
     assert table.schema.field("n0").type == pa.float64()
     assert table.schema.field("anomaly_detection_version").type == pa.uint32()
 

@@ -74,7 +74,7 @@ def test_the_check_catches_an_undeclared_output_name():
 def test_the_check_catches_an_artifact_that_depends_on_its_batch():
     class Batchy:
         def __init__(self, fitted):
-            self.fitted, self.parameters = fitted, fitted.parameters
+            self.fitted, self.parameters, self.quality = fitted, fitted.parameters, fitted.quality
 
         def to_blobs(self):
             return self.fitted.to_blobs()
@@ -138,6 +138,9 @@ def test_switching_on_an_enrichment_the_model_cannot_use_is_refused_before_any_t
 
         def check_config(self, config):
             return dict(config)
+
+        def check_quality(self, quality, config):
+            pass
 
     saved = dict(ENRICHMENTS)
     ENRICHMENTS["needs_labels"] = NeedsLabels()

@@ -113,3 +113,22 @@ def test_validation_refuses_a_staged_result_changed_after_training(setup):
     store.files.write(store.files.path("_runs", "run-x", "anomaly_detection", "forest.npz"), b"garbage")
     with pytest.raises(steps.StepError, match="changed after training"):
         steps.validate(registry, store, "credit", "run-x", ["anomaly_detection"])
+
+
+def test_an_explanation_surrogate_below_the_fidelity_bar_fails_validation_and_the_previous_version_serves(setup):
+    settings, registry, runner = setup
+    store = settings.artifacts()
+    registry.set_enrichment("credit", "explainability", True, {"n_estimators": 30})
+    first = runner.submit(workflow_dict("credit", {"explainability": {"n_estimators": 30}}, WorkflowOptions(retries=0)))
+    assert runner.wait(first, timeout=240).phase == "Succeeded"
+    manifest = store.load("credit", "explainability").manifest
+    quality = manifest.parameters["quality"]
+    assert quality["metric"] == "r2" and quality["fidelity"] >= 0.9  # recorded with the artifact
+    # a bar no surrogate of 5 trees meets: the run trains, then validation refuses it, saying why
+    bar = {"n_estimators": 5, "min_fidelity": 0.99}
+    registry.set_enrichment("credit", "explainability", True, bar)
+    name = runner.submit(workflow_dict("credit", {"explainability": bar}, WorkflowOptions(retries=2)))
+    status = runner.wait(name, timeout=240)
+    assert status.phase == "Failed" and status.failed_step == "validate"
+    assert "below min_fidelity 0.99" in status.message and "held-out reference rows" in status.message
+    assert store.current_version("credit", "explainability") == manifest.version  # the previous one serves

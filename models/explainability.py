@@ -1,0 +1,258 @@
+"""Explainability: exact per-row attributions of the model's output to its features.
+
+For any model, a *surrogate* is fitted: a gradient-boosted tree ensemble
+(scikit-learn) trained on the reference data to reproduce the model's own
+predictions. Its attributions are exact path-dependent TreeSHAP values
+(models/treeshap.py), so what is approximate is only how well the surrogate
+follows the model, and that is measured (fidelity on held-out reference
+rows), stored in the artifact, and enforced before publishing (`min_fidelity`).
+
+What is explained, per row (`explanation_output`, which the attributions plus
+`explanation_base_value` add up to):
+- a numeric prediction (regression, or a classifier's score): the surrogate's
+  prediction of it, in the same units (a score's attributions add up to the
+  score);
+- a categorical prediction (multiclass, or binary with class labels): the
+  surrogate's margin (log-odds, its raw output) for the class the model
+  predicted on that row (the surrogate's own prediction if the model's class is
+  one the reference never showed), so attributions say what pushed the model
+  towards the class it chose.
+
+Categorical features enter the trees as their rank by frequency in the
+reference (`FeatureEncoder(categorical="code")`): one column, one attribution
+per feature.
+
+A sample rate explains a fraction of rows, chosen by a hash of the inference
+id (the same rows on a replay); the rest get NULL.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numba
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+
+from .artifact import Manifest
+from .encoding import FeatureEncoder
+from .enrichment import InferenceBatch, Output, Unusable, per_feature
+from .spec import ModelSpec
+from .treeshap import TreeEnsemble
+
+NAME = "explainability"
+PREFIX = "explanation_"
+BASE, OUTPUT = f"{PREFIX}base_value", f"{PREFIX}output"
+DEFAULTS = {"n_estimators": 100, "max_depth": 4, "learning_rate": 0.1, "min_fidelity": 0.8,
+            "sample_rate": 1.0, "holdout": 0.2, "random_state": 0}
+MAX_DEPTH = 10
+
+
+class ExplainabilityArtifact:
+    def __init__(self, encoder: FeatureEncoder, ensemble: TreeEnsemble, classes: list[str] | None,
+                 parameters: dict, quality: dict):
+        self.encoder = encoder
+        self.ensemble = ensemble
+        self.classes = classes  # None: a numeric prediction (regression surrogate)
+        self.parameters = parameters
+        self.quality = quality
+        self._class_codes = pa.array(classes, pa.string()) if classes else None
+        self.surrogate = None  # the scikit-learn model, right after fit only (never stored)
+
+    def transform(self, batch: InferenceBatch) -> dict[str, pa.Array]:
+        n = batch.num_rows
+        names = [f"{PREFIX}{f}" for f in self.encoder.names]
+        rate = self.parameters["sample_rate"]
+        chosen = np.arange(n) if rate >= 1.0 else np.flatnonzero(sampled(batch.inference_id, rate))
+        if n == 0 or chosen.size == 0:
+            return {name: pa.nulls(n, pa.float64()) for name in [*names, BASE, OUTPUT]}
+        X = self.encoder.transform(batch.columns, n)
+        if chosen.size < n:
+            X = X[chosen]
+        phi, base, output = self._explain(X, batch.prediction, chosen)
+        if chosen.size == n:
+            columns = np.ascontiguousarray(phi.T)
+            out = {name: pa.array(columns[j]) for j, name in enumerate(names)}
+            out[BASE], out[OUTPUT] = pa.array(base), pa.array(output)
+            return out
+        missing = np.ones(n, bool)
+        missing[chosen] = False
+
+        def spread(values: np.ndarray) -> pa.Array:
+            full = np.zeros(n)
+            full[chosen] = values
+            return pa.array(full, mask=missing)
+
+        out = {name: spread(phi[:, j]) for j, name in enumerate(names)}
+        out[BASE], out[OUTPUT] = spread(base), spread(output)
+        return out
+
+    def _explain(self, X: np.ndarray, prediction: pa.Array, rows: np.ndarray):
+        if self.classes is None:
+            return self.ensemble.explain(X)
+        margins = self.ensemble.predict_raw(X)
+        if len(self.classes) == 2:  # one output: the margin of classes[1]
+            own = (margins[:, 0] > 0).astype(np.int64)
+        else:
+            own = margins.argmax(axis=1)
+        told = pc.index_in(prediction.take(pa.array(rows)), value_set=self._class_codes)
+        told = told.to_numpy(zero_copy_only=False) if told.null_count == 0 else \
+            pc.fill_null(told, -1).to_numpy(zero_copy_only=False)
+        cls = np.where(told >= 0, told, own).astype(np.int64)
+        if len(self.classes) == 2:
+            phi, base, output = self.ensemble.explain(X, 0)
+            sign = np.where(cls == 1, 1.0, -1.0)  # the margin of classes[0] is minus that of classes[1]
+            return phi * sign[:, None], base * sign, output * sign
+        return self.ensemble.explain(X, cls)
+
+    def to_blobs(self) -> dict[str, bytes]:
+        doc = {"encoder": self.encoder.to_json(), "classes": self.classes}
+        return {"surrogate.json": json.dumps(doc).encode(), "ensemble.npz": self.ensemble.to_bytes()}
+
+
+class Explainability:
+    name = NAME
+    reserved = (f"{PREFIX}*",)
+
+    def outputs(self, spec: ModelSpec) -> list[Output]:
+        return per_feature(PREFIX, spec, doc="the feature's attribution (SHAP value) to explanation_output") + [
+            Output(BASE, pa.float64(), BASE, doc="the surrogate's expected output on the reference data"),
+            Output(OUTPUT, pa.float64(), OUTPUT,
+                   doc="the explained output for the row: base value plus the attributions"),
+        ]
+
+    def check_model(self, spec: ModelSpec, reference: pa.Schema | None = None) -> None:
+        """Any task; a feature may not be called `base_value` or `output` (its
+        attribution column would be the base value's or the output's)."""
+        for c in spec.features:
+            if f"{PREFIX}{c.name}" in (BASE, OUTPUT):
+                raise Unusable(f"feature {c.name!r}: its attribution column {PREFIX}{c.name} would be the "
+                               "explanation's own column of that name; rename the feature")
+
+    def check_config(self, config: dict) -> dict:
+        return _parameters(config)
+
+    def check_quality(self, quality: dict, config: dict) -> None:
+        """Refuse a surrogate that does not follow the model closely enough."""
+        params = _parameters(config)
+        if quality.get("fidelity", -np.inf) < params["min_fidelity"]:
+            raise ValueError(
+                f"{NAME}: the surrogate follows the model with {quality.get('metric')} "
+                f"{quality.get('fidelity'):.3f} on {quality.get('holdout_rows')} held-out reference rows, below "
+                f"min_fidelity {params['min_fidelity']}: trees of depth {params['max_depth']} x "
+                f"{params['n_estimators']} cannot reproduce its predictions from these features (raise max_depth "
+                "or n_estimators, or lower min_fidelity to accept it)")
+
+    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict) -> ExplainabilityArtifact:
+        params = _parameters(config)
+        encoder = FeatureEncoder.fit(spec, reference, categorical="code")
+        X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
+        target = reference.column("prediction").combine_chunks()
+        known = ~target.is_null().to_numpy(zero_copy_only=False)
+        X = X[known]
+        rng = np.random.default_rng(params["random_state"])
+        holdout = rng.random(len(X)) < params["holdout"]
+        if holdout.sum() < 10 or (~holdout).sum() < 10:
+            raise ValueError(f"{NAME}: {len(X)} reference rows with a prediction; at least 10 to fit on and "
+                             "10 to measure fidelity on are needed (more reference rows, or another holdout)")
+        common = dict(n_estimators=params["n_estimators"], max_depth=params["max_depth"],
+                      learning_rate=params["learning_rate"], random_state=params["random_state"])
+        if spec.prediction_type == "numeric":
+            y = target.to_numpy(zero_copy_only=False)[known]
+            model = GradientBoostingRegressor(**common).fit(X[~holdout], y[~holdout])
+            fitted_y = model.predict(X[holdout])
+            residual = np.sum((y[holdout] - fitted_y) ** 2)
+            spread = np.sum((y[holdout] - y[holdout].mean()) ** 2)
+            fidelity = 1.0 - residual / spread if spread > 0 else float(residual == 0)
+            quality = {"metric": "r2", "fidelity": round(float(fidelity), 6)}
+            classes = None
+        else:
+            y = np.asarray(target.to_pylist(), dtype=object)[known]
+            classes = sorted(set(y[~holdout]))
+            if len(classes) < 2:
+                raise ValueError(f"{NAME}: the reference predictions hold one class ({classes}): nothing to explain")
+            model = GradientBoostingClassifier(**common).fit(X[~holdout], y[~holdout])
+            classes = [str(c) for c in model.classes_]
+            accuracy = float(np.mean(model.predict(X[holdout]) == y[holdout]))
+            quality = {"metric": "accuracy", "fidelity": round(accuracy, 6)}
+        quality["holdout_rows"] = int(holdout.sum())
+        ensemble = TreeEnsemble.from_sklearn(model, n_features=len(spec.features))
+        quality["artifact_bytes"] = ensemble.nbytes
+        artifact = ExplainabilityArtifact(encoder, ensemble, classes, params, quality)
+        artifact.surrogate = model
+        return artifact
+
+    def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> ExplainabilityArtifact:
+        doc = json.loads(blobs["surrogate.json"])
+        encoder = FeatureEncoder.from_json(doc["encoder"])
+        if encoder.names != spec.feature_names:
+            raise ValueError(f"artifact was trained on features {encoder.names}, "
+                             f"the model now has {spec.feature_names}: retrain it")
+        ensemble = TreeEnsemble.from_bytes(blobs["ensemble.npz"])
+        if ensemble.n_features != len(encoder.names):
+            raise ValueError(f"surrogate has {ensemble.n_features} features, the encoder {len(encoder.names)}")
+        classes = doc.get("classes")
+        expected_outputs = 1 if classes is None or len(classes) == 2 else len(classes)
+        if ensemble.n_outputs != expected_outputs:
+            raise ValueError(f"surrogate has {ensemble.n_outputs} outputs for classes {classes}")
+        parameters = {k: v for k, v in manifest.parameters.items() if k != "quality"}
+        return ExplainabilityArtifact(encoder, ensemble, classes, _parameters(parameters),
+                                      manifest.parameters.get("quality", {}))
+
+
+def sampled(inference_id: pa.Array, rate: float) -> np.ndarray:
+    """Which rows a sample rate explains: a 64-bit hash of each inference id (FNV-1a,
+    then MurmurHash3's finaliser) below rate * 2^64, so the same ids are chosen on every replay, in any batch."""
+    if isinstance(inference_id, pa.ChunkedArray):
+        inference_id = inference_id.combine_chunks()
+    if inference_id.type != pa.string():
+        inference_id = inference_id.cast(pa.string())
+    n = len(inference_id)
+    _, offsets, data = inference_id.buffers()
+    offsets = np.frombuffer(offsets, np.int32, n + 1, inference_id.offset * 4)
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    hashes = np.empty(n, np.uint64)
+    _fnv1a(offsets, data, hashes)
+    return hashes < np.uint64(min(rate, 1.0) * 18446744073709549568.0)  # the largest float64 below 2^64
+
+
+@numba.njit(cache=True, nogil=True)
+def _fnv1a(offsets, data, out):
+    for i in range(len(out)):
+        h = np.uint64(14695981039346656037)
+        for b in data[offsets[i]:offsets[i + 1]]:
+            h = (h ^ np.uint64(b)) * np.uint64(1099511628211)
+        # MurmurHash3's finaliser: FNV-1a's high bits barely move between ids that
+        # differ in their last characters (inf-0001, inf-0002, ...), and the high bits decide
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+        out[i] = h
+
+
+def _parameters(config: dict) -> dict:
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"{NAME}: unknown setting(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **config}
+    for key in ("n_estimators", "max_depth", "random_state"):
+        value = params[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "random_state" else 1):
+            raise ValueError(f"{NAME}.{key}: must be a {'non-negative' if key == 'random_state' else 'positive'} "
+                             f"integer, got {value!r}")
+    if params["max_depth"] > MAX_DEPTH:
+        raise ValueError(f"{NAME}.max_depth: at most {MAX_DEPTH} (exact TreeSHAP tables grow as 2^depth), "
+                         f"got {params['max_depth']}")
+    for key, low, high in (("learning_rate", 0.0, 1.0), ("min_fidelity", -1.0, 1.0), ("sample_rate", 0.0, 1.0),
+                           ("holdout", 0.0, 0.9)):
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high or \
+                (key in ("learning_rate", "holdout") and value <= low):
+            raise ValueError(f"{NAME}.{key}: must be a number in {'(' if key in ('learning_rate', 'holdout') else '['}"
+                             f"{low}, {high}], got {value!r}")
+        params[key] = float(value)
+    return params
