@@ -19,7 +19,7 @@ It depends on `x` only through `M`, one of `2^m` masks. So at fit (or load)
 time every leaf gets a table `T[l, k, M]` (k: position of the feature in `U`),
 and explaining a row is, per tree: compare the row with every split once,
 build each leaf's mask from its path's comparisons, and add `m` table entries
-per leaf. No polynomial unwinding per row; the per-row work is a few hundred
+per leaf (stored side by side: one cache line). No polynomial unwinding per row; the per-row work is a few hundred
 integer operations per tree, compiled with numba (`nogil`: the stream's other
 threads run meanwhile), for a whole batch per call.
 
@@ -69,6 +69,15 @@ class TreeEnsemble:
         self.n_features = int(n_features)
         self.strict = bool(strict)
         self.tables = tables if tables is not None else _precompute(self)
+        if self.tables:
+            self._work()
+
+    def _work(self) -> None:
+        """The nodes a row visits per tree, in preorder: every split, and the leaves no
+        twig holds (a twig's leaves are done at the twig). Derived, never stored."""
+        keep = (self.left >= 0) | (self.tables["node_unit"] >= 0)
+        self.work = np.flatnonzero(keep).astype(np.int32)
+        self.work_start = np.searchsorted(self.work, self.node_start).astype(np.int64)
 
     # -- shape -----------------------------------------------------------------
     @property
@@ -145,8 +154,8 @@ class TreeEnsemble:
         value = np.zeros(n)
         t = self.tables
         _explain(X, self.left, self.right, self.feature, self.threshold, self.value, self.node_start,
-                 self.tree_output, self.strict, t["node_pos"], t["node_unit"], t["unit_m"], t["unit_fs"],
-                 t["unit_feat"], t["unit_tab"], t["table"], rows_output, phi, value)
+                 self.tree_output, self.strict, self.work, self.work_start, t["node_pos"], t["node_unit"],
+                 t["unit_m"], t["unit_fs"], t["unit_feat"], t["unit_tab"], t["table"], rows_output, phi, value)
         return phi, t["base"][rows_output], value + self.init[rows_output]
 
     # -- bytes -------------------------------------------------------------------
@@ -167,8 +176,10 @@ class TreeEnsemble:
             arrays = {k: z[k] for k in z.files}
         n_features, strict = (int(v) for v in arrays.pop("meta"))
         tables = {k[2:]: arrays.pop(k) for k in list(arrays) if k.startswith("t_")}
-        ensemble = cls(**arrays, n_features=n_features, strict=bool(strict), tables=tables)
-        ensemble.check()
+        ensemble = cls(**arrays, n_features=n_features, strict=bool(strict), tables={})
+        ensemble.tables = tables
+        ensemble.check()  # before anything indexes with them
+        ensemble._work()
         return ensemble
 
     def check(self) -> None:
@@ -277,7 +288,7 @@ def _precompute(ens: TreeEnsemble) -> dict[str, np.ndarray]:
     def leaf_table(node):
         i = leaf_index[node]
         m = int(leaf_m[i])
-        return leaf_tables[leaf_tab[i]:leaf_tab[i + 1]].reshape(m, 1 << m)
+        return leaf_tables[leaf_tab[i]:leaf_tab[i + 1]].reshape(1 << m, m)  # [mask][k]
 
     # units: twigs, then the leaves no twig holds
     node_unit = np.full(nodes, -1, np.int32)
@@ -290,8 +301,8 @@ def _precompute(ens: TreeEnsemble) -> dict[str, np.ndarray]:
             masks = np.arange(1 << m)
             cleared = masks & ~(1 << int(node_pos[node]))
             ta, tb = leaf_table(a), leaf_table(b)
-            tables.append(np.concatenate([(ta[:, masks] + tb[:, cleared]).ravel(),    # the row went left
-                                          (ta[:, cleared] + tb[:, masks]).ravel()]))  # the row went right
+            tables.append(np.concatenate([(ta[masks] + tb[cleared]).ravel(),    # the row went left
+                                          (ta[cleared] + tb[masks]).ravel()]))  # the row went right
             node_unit[node] = len(unit_m)
             unit_m.append(m)
             unit_feat.extend(path_features[a])
@@ -344,7 +355,7 @@ def _fill_tables(leaf_m, feat_start, z_flat, values, tab_start, table):
                 for s in range(size + 1):
                     total += w[s] * coef[s]
                 o = 1.0 if (mask >> k) & 1 else 0.0
-                table[tab_start[leaf] + k * (1 << m) + mask] = v * (o - z[k]) * others * total
+                table[tab_start[leaf] + mask * m + k] = v * (o - z[k]) * others * total
 
 
 _BLOCK = 64
@@ -365,13 +376,14 @@ def _predict(X, left, right, feature, threshold, value, node_start, tree_output,
             out[i, tree_output[t]] += value[node]
 
 
-@numba.njit(cache=True, nogil=True)
-def _explain(X, left, right, feature, threshold, value, node_start, tree_output, strict, node_pos, node_unit,
-             unit_m, unit_fs, unit_feat, unit_tab, table, rows_output, phi, out):
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _explain(X, left, right, feature, threshold, value, node_start, tree_output, strict, work, work_start,
+             node_pos, node_unit, unit_m, unit_fs, unit_feat, unit_tab, table, rows_output, phi, out):
     # Trees outermost within a block of rows: a tree's tables stay in cache for the block.
     # Nodes are in preorder (children after their parent), so one pass per row and tree
     # pushes each leaf's mask down: a split clears its feature's bit on the side the row
-    # did not take. A twig adds its merged entries for the side taken, its leaves nothing.
+    # did not take. A twig adds its merged entries for the side taken; its leaves are
+    # not visited (`work` leaves them out).
     widest = 1
     for t in range(len(node_start) - 1):
         widest = max(widest, node_start[t + 1] - node_start[t])
@@ -380,33 +392,37 @@ def _explain(X, left, right, feature, threshold, value, node_start, tree_output,
     for start in range(0, n, _BLOCK):
         stop = min(n, start + _BLOCK)
         for t in range(len(node_start) - 1):
-            first, last, target = node_start[t], node_start[t + 1], tree_output[t]
+            first, target = node_start[t], tree_output[t]
             for i in range(start, stop):
                 if rows_output[i] != target:
                     continue
                 masks[0] = -1
                 at = first  # the row's own path, for its output
-                for node in range(first, last):
+                for w in range(work_start[t], work_start[t + 1]):
+                    node = work[w]
                     unit = node_unit[node]
-                    if left[node] < 0:  # a leaf: its own unit, or its twig's
-                        if unit >= 0:
-                            m = unit_m[unit]
-                            row = unit_tab[unit] + (masks[node - first] & ((np.int64(1) << m) - 1))
-                            for k in range(m):
-                                phi[i, unit_feat[unit_fs[unit] + k]] += table[row + (k << m)]
+                    here = masks[node - first]
+                    if left[node] < 0:  # a leaf no twig holds
+                        m = unit_m[unit]
+                        row = unit_tab[unit] + (here & ((np.int64(1) << m) - 1)) * m
+                        f0 = unit_fs[unit]
+                        for k in range(m):
+                            phi[i, unit_feat[f0 + k]] += table[row + k]
                         if at == node:
                             out[i] += value[node]
                         continue
-                    here = masks[node - first]
                     goes_left = _goes_left(X[i, feature[node]], threshold[node], strict)
-                    if unit >= 0:  # a twig
+                    if unit >= 0:  # a twig: both its leaves at once
                         m = unit_m[unit]
-                        row = unit_tab[unit] + (0 if goes_left else (m << m)) + (here & ((np.int64(1) << m) - 1))
+                        row = unit_tab[unit] + (0 if goes_left else (m << m)) + (here & ((np.int64(1) << m) - 1)) * m
+                        f0 = unit_fs[unit]
                         for k in range(m):
-                            phi[i, unit_feat[unit_fs[unit] + k]] += table[row + (k << m)]
-                    else:
-                        bit = np.int64(1) << node_pos[node]
-                        masks[left[node] - first] = here if goes_left else here & ~bit
-                        masks[right[node] - first] = here & ~bit if goes_left else here
+                            phi[i, unit_feat[f0 + k]] += table[row + k]
+                        if at == node:
+                            out[i] += value[left[node]] if goes_left else value[right[node]]
+                        continue
+                    bit = np.int64(1) << node_pos[node]
+                    masks[left[node] - first] = here if goes_left else here & ~bit
+                    masks[right[node] - first] = here & ~bit if goes_left else here
                     if at == node:
                         at = left[node] if goes_left else right[node]
