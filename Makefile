@@ -38,6 +38,7 @@ bench: setup
 
 ## The same on 5,000 rows, to keep the benchmark from rotting (CI runs it).
 bench-smoke: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/run.py --smoke
 
 clean:

@@ -9,6 +9,8 @@ writes to its own fresh chDB store, one after the other on this machine:
   message and for batched messages (JSON arrays, Arrow IPC);
 - end-to-end latency at 25%, 50% and 75% of the worker's measured maximum;
 - each enrichment's transform alone against the plain library call;
+- exact explanations (benchmarks/explain.py) against shap, LightGBM and XGBoost,
+  and the worker with explanations on every row;
 - worker peak memory and throughput with 1, 100 and 1,000 registered models,
   the stream mixed over all of them.
 
@@ -48,6 +50,7 @@ from enricher.supervise import WorkerProcess  # noqa: E402
 from enricher.topics import ensure_topics  # noqa: E402
 from models import ENRICHMENTS  # noqa: E402
 from models.artifact import ArtifactStore  # noqa: E402
+from models.enrichment import published_parameters  # noqa: E402
 from models.reference import normalise  # noqa: E402
 from models.registry import ModelRegistry  # noqa: E402
 from models.spec import ModelSpec  # noqa: E402
@@ -121,9 +124,10 @@ def fitted_artifact():
     return fitted, forest
 
 
-def prepare_models(data_dir: Path, model_ids: list[str], enrichment: bool, fitted) -> None:
+def prepare_models(data_dir: Path, model_ids: list[str], enrichment: bool, fitted, explained=None) -> None:
     """Register the models; publish the same fitted artifact for each (fitting
-    a thousand forests would measure training, not serving)."""
+    a thousand forests would measure training, not serving). `explained`: an
+    explainability artifact to publish and switch on too."""
     reference = data_dir / "reference.parquet"
     pq.write_table(sample.reference_table(2000), reference)
     registry = ModelRegistry(data_dir / "registry")
@@ -134,6 +138,10 @@ def prepare_models(data_dir: Path, model_ids: list[str], enrichment: bool, fitte
         if enrichment:
             registry.set_enrichment(model_id, "anomaly_detection", True)
             store.publish(model_id, "anomaly_detection", blobs, 10_000, fitted.parameters)
+        if explained is not None:
+            registry.set_enrichment(model_id, "explainability", True)
+            store.publish(model_id, "explainability", explained.to_blobs(), 20_000,
+                          published_parameters(explained))
     registry.touch()
 
 
@@ -174,11 +182,12 @@ def run_pipe(kind: str, n: int, tmp: Path, extra: list[str], messages: list[byte
 
 def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrichment: bool,
                model_ids: list[str], fitted, extra_env: dict | None = None,
-               hostile: list[tuple[bytes, str | None]] | None = None, code: Path | None = None) -> dict:
+               hostile: list[tuple[bytes, str | None]] | None = None, code: Path | None = None,
+               explained=None) -> dict:
     """`code`: a checkout of another release, whose worker runs instead of this one."""
     data_dir = tmp / f"worker-{time.time_ns()}"
     data_dir.mkdir()
-    prepare_models(data_dir, model_ids, enrichment, fitted)
+    prepare_models(data_dir, model_ids, enrichment, fitted, explained)
     with EmbeddedBroker(port=free_port()) as broker:
         sent = produce(broker.url.split("://")[1], "bench", messages, batch, hostile)
         settings = Settings.from_env(env={}, data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
@@ -462,6 +471,12 @@ def write_report(results: dict, name: str) -> None:
                          f"{h['lowest_second_around_swap']:,} rows/s ({h['lowest_vs_steady']:.0%}; the slowest "
                          f"steady window before it: {h['lowest_steady_second_vs_steady']:.0%}); new version served "
                          f"{h['swap_seconds']} s after it was published")
+    if results.get("explanations"):
+        import explain
+
+        explain.write(results["explanations"], name == "smoke")
+        lines += ["", "Explanations (benchmarks/explain.py; also explain.md):", ""]
+        lines += (RESULTS / f"explain{'-smoke' if name == 'smoke' else ''}.md").read_text().splitlines()
     if results.get("queries"):
         import queries
 
@@ -543,6 +558,15 @@ def targets(results: dict) -> list[dict]:
                f"worst {worst:.2f}x", worst <= 1.25)
         target(f"label updates, {h['days']:g}-day history: a million a day (12/s) is routine",
                h["labels_per_second"], f"{h['labels_per_second']:,}/s", h["labels_per_second"] >= 12)
+    e = results.get("explanations", {})
+    if e:
+        target("explanation transform: >= 5x shap.TreeExplainer on the same surrogate", e["ratios"]["vs_shap"],
+               f"{e['ratios']['vs_shap']:.2f}x", e["ratios"]["vs_shap"] >= 5)
+        target("explanation transform: ahead of LightGBM's pred_contrib on a same-size model",
+               e["ratios"]["vs_lightgbm"], f"{e['ratios']['vs_lightgbm']:.2f}x", e["ratios"]["vs_lightgbm"] > 1)
+    r = ratio("worker_json_batches_anomaly_explain", "worker_json_batches_anomaly")
+    target("worker with anomaly detection and explanations on every row: >= 0.5x anomaly detection alone", r,
+           f"{r or 0:.2f}x", (r or 0) >= 0.5)
     r = ratio("worker_1000_models", "worker_1_model")
     rss = p.get("worker_1000_models", {}).get("peak_rss_mb")
     target("1,000 models in one stream: >= 70% of single-model throughput", r,
@@ -569,6 +593,15 @@ def main() -> int:
     import pickle
 
     fitted, forest = fitted_artifact()
+    surrogate = []
+
+    def explained():
+        if not surrogate:
+            import explain
+
+            surrogate.append(explain.fitted_explainer()[2])
+        return surrogate[0]
+
     model_dir = tmp / "model"
     model_dir.mkdir()
     (model_dir / "encoder.json").write_bytes(fitted.to_blobs()["encoder.json"])
@@ -589,6 +622,9 @@ def main() -> int:
             ("worker_json_batches_plain", lambda: run_worker(n, tmp, messages, "json", False, single, fitted)),
             ("worker_json_batches_anomaly", lambda: run_worker(n, tmp, messages, "json", True, single, fitted)),
             ("worker_arrow_batches_anomaly", lambda: run_worker(n, tmp, messages, "arrow", True, single, fitted)),
+            # anomaly detection and exact explanations on every row (a surrogate of 100 trees, depth 4)
+            ("worker_json_batches_anomaly_explain",
+             lambda: run_worker(n, tmp, messages, "json", True, single, fitted, explained=explained())),
             # the same JSON batches with one hostile message (tests/hostile.py) after every two of them
             ("worker_json_batches_anomaly_hostile",
              lambda: run_worker(n + poison_rows, tmp, messages, "json", True, single, fitted, hostile=poison)),
@@ -601,6 +637,17 @@ def main() -> int:
         if want("transforms"):
             log("-- transforms")
             results["transforms"] = run_transforms(fitted, forest)
+        if want("explanations"):
+            import explain
+
+            log("-- explanations: our TreeSHAP against shap, LightGBM and XGBoost (benchmarks/explain.py)")
+            results["explanations"] = explain.measure(5000, 1000, 3, 2) if args.smoke else explain.measure()
+            a, b = (pipes.get(k, {}).get("rows_per_second") for k in
+                    ("worker_json_batches_anomaly", "worker_json_batches_anomaly_explain"))
+            if a and b:
+                results["explanations"]["worker"] = {"anomaly": round(a), "anomaly_and_explanations": round(b),
+                                                     "ratio": round(b / a, 3)}
+            explain.write(results["explanations"], args.smoke)
         for count in (1, 100, 1000):
             key = f"worker_{count}_model{'s' if count > 1 else ''}"
             if want(key) and not (args.smoke and count == 1000):

@@ -2,7 +2,8 @@
 
 Starts the embedded broker, a worker and the trigger (local runner); registers
 a sample model through the worker's API; streams inferences while anomaly
-detection is off (rows land with NULL scores); turns it on with one PATCH;
+detection and explanations are off (rows land with NULL scores); turns both
+on with one PATCH;
 the trigger builds and runs the training workflow, the artifact is published,
 the worker swaps it in without stopping; streams more inferences (planted
 anomalies and malformed messages among them) and shows the columns that
@@ -117,27 +118,35 @@ def run_demo(args) -> int:
         worker.wait_for(lambda s: s["enriched"] >= before, timeout=max(120, before / 500))
         say(f"   {before:,} rows written, anomaly_score NULL (off)")
 
-        say(f"== 5/7 turn anomaly detection on: PATCH {worker.url}/models/{sample.MODEL_ID}/enrichments")
+        say(f"== 5/7 turn anomaly detection and explanations on: PATCH {worker.url}/models/{sample.MODEL_ID}"
+            "/enrichments")
         toggled = time.monotonic()
+        names = ("anomaly_detection", "explainability")
         doc = api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments", "PATCH",
-                  {"anomaly_detection": {"enabled": True, "config": {"n_estimators": 100}}})
+                  {"anomaly_detection": {"enabled": True, "config": {"n_estimators": 100}},
+                   "explainability": {"enabled": True}})
         say(f"   status {doc['anomaly_detection']['status']}; the trigger builds the workflow "
-            "(prepare -> train-anomaly-detection -> validate -> publish) and runs it")
+            "(prepare -> train-anomaly-detection | train-explainability -> validate -> publish) and runs it")
         seen = None
         while True:
-            ad = api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments")["anomaly_detection"]
-            if ad["status"] != seen:
-                say(f"   {time.monotonic() - toggled:5.1f}s  {ad['status']:<8} workflow {ad['workflow']}")
-                seen = ad["status"]
-            if ad["status"] in ("ready", "failed") or time.monotonic() - toggled > 300:
+            states = api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments")
+            now = tuple(states[n]["status"] for n in names)
+            if now != seen:
+                say(f"   {time.monotonic() - toggled:5.1f}s  " + ", ".join(f"{n} {st}" for n, st in zip(names, now))
+                    + f"  (workflow {states[names[0]]['workflow']})")
+                seen = now
+            if all(st in ("ready", "failed") for st in now) or time.monotonic() - toggled > 300:
                 break
             time.sleep(0.25)
-        if ad["status"] != "ready":
-            say(f"   training did not finish: {ad}; see {data_dir / 'trigger.log'}")
+        if any(states[n]["status"] != "ready" for n in names):
+            say(f"   training did not finish: {states}; see {data_dir / 'trigger.log'}")
             return 1
-        worker.wait_for(lambda s: s["serving"].get(sample.MODEL_ID, {}).get("anomaly_detection"), timeout=60)
-        say(f"   {time.monotonic() - toggled:5.1f}s  the worker serves artifact v{ad['version']} "
-            f"(hot swap, no restart)")
+        worker.wait_for(lambda s: all(s["serving"].get(sample.MODEL_ID, {}).get(n) for n in names), timeout=60)
+        quality = states["explainability"]["quality"]
+        say(f"   {time.monotonic() - toggled:5.1f}s  the worker serves anomaly_detection "
+            f"v{states['anomaly_detection']['version']} and explainability v{states['explainability']['version']} "
+            f"(surrogate fidelity: {quality['metric']} {quality['fidelity']:.3f} on {quality['holdout_rows']:,} "
+            "held-out reference rows; hot swap, no restart)")
 
         say(f"== 6/7 stream {after:,} more inferences ({anomalies} planted anomalies, "
             f"{len(bad)} malformed messages)")
@@ -196,6 +205,21 @@ def run_demo(args) -> int:
                            f"ORDER BY anomaly_score DESC NULLS LAST LIMIT {len(planted)}")
         found = len(planted & {r[0] for r in top})
         say(f"\n{found} of {len(planted)} planted anomalies are the top-{len(planted)} scores.")
+        features = [c["name"] for c in sample.SCHEMA["features"]]
+        show_query("what drives the model: mean |attribution| per feature (global importance), and every row's "
+                   "check (base value + attributions = explained output)",
+                   "SELECT " + ", ".join(f"round(avg(abs(explanation_{f})), 4) AS {f}" for f in features)
+                   + ", max(abs(" + " + ".join(f"explanation_{f}" for f in features)
+                   + " + explanation_base_value - explanation_output)) AS worst_sum_error, count() AS explained "
+                   f"FROM {db}.{sample.MODEL_ID} WHERE explanation_output IS NOT NULL")
+        show_query("the top anomalies explained: the model's prediction, the surrogate's output the attributions "
+                   "add up to (far outside the reference data the two part: compare them per row), and the "
+                   "attributions of the features that drive the model",
+                   f"SELECT inference_id, round(prediction, 3) AS prediction, round(explanation_output, 3) AS "
+                   f"explained, round(explanation_base_value, 3) AS base, round(explanation_f0, 3) AS f0, "
+                   f"round(explanation_f3, 3) AS f3, round(explanation_region, 3) AS region, "
+                   f"explainability_version FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC NULLS LAST "
+                   "LIMIT 3")
         say(f"\nQuery it yourself: {Path(sys.executable).parent / 'enricher'} --data-dir {data_dir} query "
             f"\"SELECT * FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 5\"")
         return 0
