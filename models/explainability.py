@@ -62,9 +62,16 @@ class ExplainabilityArtifact:
         self.surrogate = None  # the scikit-learn model, right after fit only (never stored)
 
     def transform(self, batch: InferenceBatch) -> dict[str, pa.Array]:
+        """The rows the sample rate chooses explained, NULL elsewhere."""
+        return self._columns(batch, self.parameters["sample_rate"])
+
+    def explain(self, batch: InferenceBatch) -> dict[str, pa.Array]:
+        """Every row explained, whatever the sample rate (on demand, what-if)."""
+        return self._columns(batch, 1.0)
+
+    def _columns(self, batch: InferenceBatch, rate: float) -> dict[str, pa.Array]:
         n = batch.num_rows
         names = [f"{PREFIX}{f}" for f in self.encoder.names]
-        rate = self.parameters["sample_rate"]
         chosen = np.arange(n) if rate >= 1.0 else np.flatnonzero(sampled(batch.inference_id, rate))
         if n == 0 or chosen.size == 0:
             return {name: pa.nulls(n, pa.float64()) for name in [*names, BASE, OUTPUT]}
