@@ -34,6 +34,7 @@ from .clickhouse import EnrichedTables, connect, run_query
 from .config import ConfigError, Settings
 from .control import ControlPlane, RequestError
 from .drift import DriftService
+from .explain import OnDemand
 from .sqlguard import QueryRefused, check, limits
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,20 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
                     field = "feature" if "no feature" in text else text.split(" ", 1)[0]
                     raise RequestError(text, field if field in ("window", "end", "feature") else None) from None
             return await answer(self, measure, request)
+
+    on_demand = OnDemand(settings, control.registry, serving)
+
+    @app.page("/models/{model_id}/inferences/{inference_id}/explanation")
+    class ExplanationView(faust.web.View):
+        async def get(self, request, model_id, inference_id):
+            """The stored attributions of one inference, or computed now if it was not sampled."""
+            return await answer(self, lambda _: on_demand.stored(model_id, inference_id), request)
+
+    @app.page("/models/{model_id}/what_if")
+    class WhatIfView(faust.web.View):
+        async def post(self, request, model_id):
+            """Attributions for any features: {"features": {...}[, "prediction": ...]}."""
+            return await answer(self, lambda body: on_demand.what_if(model_id, body), request, write=True)
 
     @app.page("/models/{model_id}/rows")
     class RowsView(faust.web.View):

@@ -131,6 +131,32 @@ def cmd_drift(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .explain import importance, plot
+    from .query import format_table
+
+    settings = _settings(args)
+    try:
+        report = importance(settings, args.model_id, args.window, args.end)
+    except ValueError as exc:  # a window or end to fix
+        raise UserError(str(exc)) from None
+    if args.plot:
+        plot(report, args.plot)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model_id']}: global importance, {report['rows']:,} explained rows from {report['start']} "
+          f"to {report['end']} (mean |attribution|; mean: its sign on average)")
+    print(format_table(["feature", "mean_abs", "mean"], [[f["feature"], f["mean_abs"], f["mean"]]
+                                                          for f in report["features"]]))
+    if report["rows"] == 0:
+        print("no explained rows in this window: is explainability on (enricher enrichments show "
+              f"{args.model_id}), and did inferences arrive?")
+    if args.plot:
+        print(f"chart written to {args.plot}")
+    return 0
+
+
 # -- storage -------------------------------------------------------------------
 def cmd_migrate(args) -> int:
     from .migrate import MigrationError, migrate
@@ -420,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     dft.add_argument("--end", help="the window's end: ISO-8601 or epoch seconds (default: now)")
     dft.add_argument("--format", choices=["table", "json"], default="table")
     dft.set_defaults(func=cmd_drift)
+
+    ex = sub.add_parser("explain", help="global importance: mean |attribution| per feature over a recent window")
+    ex.add_argument("model_id")
+    ex.add_argument("--window", default="1d", help="how far back from --end, e.g. 1h, 1d, 7d (default 1d)")
+    ex.add_argument("--end", help="the window's end: ISO-8601 or epoch seconds (default: now)")
+    ex.add_argument("--plot", metavar="FILE", help="also write a bar chart as PNG")
+    ex.add_argument("--format", choices=["table", "json"], default="table")
+    ex.set_defaults(func=cmd_explain)
 
     mg = sub.add_parser("migrate", help="copy rows of an earlier release's table layout (v1) into this one (v2)")
     mg.add_argument("--drop-legacy", action="store_true",

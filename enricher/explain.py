@@ -16,11 +16,11 @@ nothing else.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import numpy as np
-import orjson
 import pyarrow as pa
 
 from models.enrichment import InferenceBatch
@@ -122,9 +122,9 @@ class OnDemand:
                    else body["prediction"]}
         if body.get("attributes") is not None:
             message["attributes"] = body["attributes"]
-        try:
-            raw = orjson.dumps(message)
-        except (TypeError, orjson.JSONEncodeError) as exc:
+        try:  # as a producer would send it: the stream's own parser then judges every value
+            raw = json.dumps(message).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
             raise RequestError(f"body: cannot be read as an inference ({exc})", "") from None
         active = self._artifact(model_id)
         parsed = parse_batch([raw], [0], [0], {model_id: spec}.get, MAX_WHAT_IF_BYTES)
