@@ -72,9 +72,10 @@ def cmd_models_register(args) -> int:
         raise UserError(f"schema file {args.schema!r} does not exist") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"schema file {args.schema!r} is not valid JSON: {exc}") from None
-    spec = _registry(settings).register(args.model_id, schema, args.reference)
+    spec = _registry(settings).register(args.model_id, schema, args.reference, args.model_file)
     print(f"registered {spec.model_id}: {spec.task}, {len(spec.features)} features, "
-          f"{len(spec.attributes)} attributes")
+          f"{len(spec.attributes)} attributes" + (f", model file {Path(args.model_file).name}" if args.model_file
+                                                  else ""))
     return 0
 
 
@@ -429,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model_id")
     r.add_argument("--schema", required=True, help="JSON schema file")
     r.add_argument("--reference", required=True, help="reference data, .parquet or .csv")
+    r.add_argument("--model-file", help="the model itself, to explain exactly instead of a surrogate: XGBoost JSON "
+                                        "(.json) or LightGBM text (.txt); never a pickle")
     r.set_defaults(func=cmd_models_register)
     m.add_parser("list", help="registered models").set_defaults(func=cmd_models_list)
     s = m.add_parser("show", help="a model's schema, enrichments and artifacts")

@@ -104,8 +104,9 @@ class ControlPlane:
 
     def model(self, model_id: str) -> dict:
         self._known(model_id)
+        stored = self.registry.model_file(model_id)
         return {"model_id": model_id, "schema": self.registry.get(model_id).to_json(),
-                "enrichments": self.enrichments(model_id)}
+                "model_file": stored[0] if stored else None, "enrichments": self.enrichments(model_id)}
 
     def enrichments(self, model_id: str) -> dict[str, dict]:
         """Every enrichment of the model: toggle, config, status, serving version, workflow, when."""
@@ -147,9 +148,13 @@ class ControlPlane:
             raise RequestError(str(exc), "model_id") from None
         if not isinstance(body, dict):
             raise RequestError('body must be a JSON object {"schema": {...}, "reference": "PATH or URL"}', "")
-        unknown = sorted(set(body) - {"schema", "reference"})
+        unknown = sorted(set(body) - {"schema", "reference", "model_file"})
         if unknown:
-            raise RequestError(f"unknown field(s) {unknown}; a model takes schema and reference", unknown[0])
+            raise RequestError(f"unknown field(s) {unknown}; a model takes schema, reference and model_file",
+                               unknown[0])
+        if body.get("model_file") is not None and (not isinstance(body["model_file"], str) or not body["model_file"]):
+            raise RequestError("model_file: the location of the model's own file (XGBoost .json or LightGBM .txt), "
+                               "a string", "model_file")
         if "schema" not in body:
             raise RequestError("schema: missing (the model's features, task, ...)", "schema")
         try:
@@ -167,8 +172,12 @@ class ControlPlane:
     def _put_model(self, model_id: str, body: dict, reference: str) -> tuple[bool, dict]:
         created = model_id not in self.registry.ids()
         try:
-            self.registry.register(model_id, body["schema"], reference)
+            self.registry.register(model_id, body["schema"], reference, body.get("model_file"))
         except (SpecError, ReferenceError, FileNotFoundError, OSError) as exc:
+            text = str(exc)
+            if text.startswith("model_file:") or text.startswith("model file"):
+                raise RequestError(text if text.startswith("model_file:") else f"model_file: {text}",
+                                   "model_file") from None
             raise RequestError(f"reference: {exc}", "reference") from None
         # New reference data: whatever is on must be trained again.
         for name, toggle in self.registry.enrichments(model_id).items():

@@ -59,7 +59,8 @@ class AnomalyDetection:
     def check_quality(self, quality: dict, config: dict) -> None:
         """No bar beyond the score's bounds, which validation checks on reference rows."""
 
-    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict) -> AnomalyArtifact:
+    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict, model_file=None) -> AnomalyArtifact:
+        """`model_file` plays no part: the forest learns the inputs, not the model."""
         params = _parameters(config)
         encoder = FeatureEncoder.fit(spec, reference)
         X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)

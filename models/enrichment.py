@@ -123,6 +123,14 @@ class InferenceBatch:
                                       pa.timestamp("ms", tz="UTC")))
 
 
+@dataclass(frozen=True)
+class ModelFile:
+    """The user's own model, registered with the model (`--model-file`): its file name and bytes."""
+
+    name: str
+    data: bytes
+
+
 class Fitted(Protocol):
     parameters: dict
     #: What training measured (e.g. a surrogate's fidelity), JSON; published with the
@@ -156,8 +164,9 @@ class Enrichment(Protocol):
         """Raise ValueError saying why, if a fitted artifact's `quality` is below what the
         config asks: the training run's validate step fails, the previous version serves."""
 
-    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict) -> Fitted:
-        """Learn from normalised reference data."""
+    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict, model_file: ModelFile | None = None) -> Fitted:
+        """Learn from normalised reference data (and the model's own file, where registered
+        and the enrichment uses it)."""
 
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> Fitted:
         """Rebuild a fitted artifact from verified bytes."""

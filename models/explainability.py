@@ -38,7 +38,7 @@ from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegress
 
 from .artifact import Manifest
 from .encoding import FeatureEncoder
-from .enrichment import InferenceBatch, Output, Unusable, per_feature
+from .enrichment import InferenceBatch, ModelFile, Output, Unusable, per_feature
 from .spec import ModelSpec
 from .treeshap import TreeEnsemble
 
@@ -100,7 +100,8 @@ class ExplainabilityArtifact:
         if self.classes is None:
             return self.ensemble.explain(X)
         margins = self.ensemble.predict_raw(X)
-        if len(self.classes) == 2:  # one output: the margin of classes[1]
+        single = self.ensemble.n_outputs == 1  # two classes, one output: the margin of classes[1]
+        if single:
             own = (margins[:, 0] > 0).astype(np.int64)
         else:
             own = margins.argmax(axis=1)
@@ -108,7 +109,7 @@ class ExplainabilityArtifact:
         told = told.to_numpy(zero_copy_only=False) if told.null_count == 0 else \
             pc.fill_null(told, -1).to_numpy(zero_copy_only=False)
         cls = np.where(told >= 0, told, own).astype(np.int64)
-        if len(self.classes) == 2:
+        if single:
             phi, base, output = self.ensemble.explain(X, 0)
             sign = np.where(cls == 1, 1.0, -1.0)  # the margin of classes[0] is minus that of classes[1]
             return phi * sign[:, None], base * sign, output * sign
@@ -152,8 +153,11 @@ class Explainability:
                 f"{params['n_estimators']} cannot reproduce its predictions from these features (raise max_depth "
                 "or n_estimators, or lower min_fidelity to accept it)")
 
-    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict) -> ExplainabilityArtifact:
+    def fit(self, spec: ModelSpec, reference: pa.Table, config: dict,
+            model_file: ModelFile | None = None) -> ExplainabilityArtifact:
         params = _parameters(config)
+        if model_file is not None:
+            return self._fit_model_file(spec, reference, params, model_file)
         encoder = FeatureEncoder.fit(spec, reference, categorical="code")
         X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
         target = reference.column("prediction").combine_chunks()
@@ -185,11 +189,51 @@ class Explainability:
             accuracy = float(np.mean(model.predict(X[holdout]) == y[holdout]))
             quality = {"metric": "accuracy", "fidelity": round(accuracy, 6)}
         quality["holdout_rows"] = int(holdout.sum())
+        quality["explains"] = "surrogate"
         ensemble = TreeEnsemble.from_sklearn(model, n_features=len(spec.features))
         quality["artifact_bytes"] = ensemble.nbytes
         artifact = ExplainabilityArtifact(encoder, ensemble, classes, params, quality)
         artifact.surrogate = model
         return artifact
+
+    def _fit_model_file(self, spec: ModelSpec, reference: pa.Table, params: dict,
+                        model_file: ModelFile) -> ExplainabilityArtifact:
+        """The user's own tree model, explained exactly; fidelity is then how well the file
+        reproduces the reference predictions: whether it is the model that made them."""
+        from . import usermodels
+
+        model = usermodels.load(model_file.name, model_file.data, len(spec.features))
+        generic = [f"f{i}" for i in range(len(spec.features))], [f"Column_{i}" for i in range(len(spec.features))]
+        if model.feature_names and model.feature_names not in generic and model.feature_names != spec.feature_names:
+            raise ValueError(f"{NAME}: the model file's features are {model.feature_names}, the schema's "
+                             f"{spec.feature_names}: they must be the same, in the same order")
+        encoder = FeatureEncoder.fit(spec, reference, categorical="code")
+        X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
+        target = reference.column("prediction").combine_chunks()
+        known = ~target.is_null().to_numpy(zero_copy_only=False)
+        predicted = usermodels.to_prediction(model.ensemble.predict_raw(X[known]), model.link)
+        outputs = model.ensemble.n_outputs
+        if outputs == 1:
+            if spec.prediction_type != "numeric":
+                raise ValueError(f"{NAME}: the model file has one output (a score or a value); the schema's "
+                                 "predictions are class labels: send the score as the prediction")
+            y = target.to_numpy(zero_copy_only=False)[known]
+            spread = np.sum((y - y.mean()) ** 2)
+            residual = np.sum((y - predicted[:, 0]) ** 2)
+            fidelity = 1.0 - residual / spread if spread > 0 else float(residual == 0)
+            quality = {"metric": "r2", "fidelity": round(float(fidelity), 6)}
+            classes = None
+        else:
+            if spec.prediction_type == "numeric":
+                raise ValueError(f"{NAME}: the model file has {outputs} class outputs; the schema's predictions are "
+                                 "numbers: send the class (0 to {outputs - 1}) as a categorical prediction")
+            classes = [str(k) for k in range(outputs)]  # the classes a booster knows: 0..K-1
+            told = np.asarray(target.to_pylist(), dtype=object)[known]
+            fidelity = float(np.mean(np.asarray(classes, dtype=object)[predicted.argmax(axis=1)] == told))
+            quality = {"metric": "accuracy", "fidelity": round(fidelity, 6)}
+        quality.update({"holdout_rows": int(known.sum()), "explains": "model_file", "model_file": model_file.name,
+                        "format": model.format, "objective": model.objective, "artifact_bytes": model.ensemble.nbytes})
+        return ExplainabilityArtifact(encoder, model.ensemble, classes, params, quality)
 
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> ExplainabilityArtifact:
         doc = json.loads(blobs["surrogate.json"])
@@ -201,8 +245,8 @@ class Explainability:
         if ensemble.n_features != len(encoder.names):
             raise ValueError(f"surrogate has {ensemble.n_features} features, the encoder {len(encoder.names)}")
         classes = doc.get("classes")
-        expected_outputs = 1 if classes is None or len(classes) == 2 else len(classes)
-        if ensemble.n_outputs != expected_outputs:
+        if ensemble.n_outputs not in ((1,) if classes is None else (1, len(classes)) if len(classes) == 2
+                                      else (len(classes),)):
             raise ValueError(f"surrogate has {ensemble.n_outputs} outputs for classes {classes}")
         parameters = {k: v for k, v in manifest.parameters.items() if k != "quality"}
         return ExplainabilityArtifact(encoder, ensemble, classes, _parameters(parameters),

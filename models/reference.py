@@ -46,6 +46,32 @@ def read_table(path: str | Path) -> pa.Table:
         raise ReferenceError(f"reference file {text!r} could not be read: {exc}") from exc
 
 
+def read_bytes(location: str | Path, what: str, limit: int) -> bytes:
+    """A whole file from a local path or a URL pyarrow.fs reads, at most `limit` bytes."""
+    text = str(location)
+    if "://" in text:
+        import pyarrow.fs as pafs
+
+        from .artifact import redact
+
+        try:
+            fs, inner = pafs.FileSystem.from_uri(text)
+            with fs.open_input_file(inner) as fh:
+                if fh.size() > limit:
+                    raise ReferenceError(f"{what} {redact(text)!r}: {fh.size():,} bytes, more than {limit:,}")
+                return fh.read()
+        except FileNotFoundError:
+            raise ReferenceError(f"{what} {redact(text)!r} does not exist") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise ReferenceError(f"{what} {redact(text)!r} could not be read: {exc}") from exc
+    local = Path(text)
+    if not local.is_file():
+        raise ReferenceError(f"{what} {text!r} does not exist")
+    if local.stat().st_size > limit:
+        raise ReferenceError(f"{what} {text!r}: {local.stat().st_size:,} bytes, more than {limit:,}")
+    return local.read_bytes()
+
+
 def normalise(spec: ModelSpec, table: pa.Table) -> pa.Table:
     """Check `table` against `spec`; return it with canonical column types."""
     if table.num_rows == 0:

@@ -7,6 +7,7 @@ steps share it without a server:
     <root>/<model_id>/reference.parquet  normalised reference data
     <root>/<model_id>/enrichments.json   {"anomaly_detection": {"enabled": true, "config": {}}}
     <root>/<model_id>/slots.json         where each column is stored (models/slots.py)
+    <root>/<model_id>/model_file/<name>  the user's own tree model, if registered (models/usermodels.py)
     <root>/<model_id>/status/<name>.json where that enrichment's training stands
     <root>/GENERATION                    bumped on every change
 
@@ -36,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import ENRICHMENTS, slots
-from .reference import normalise, read_table
+from .reference import normalise, read_bytes, read_table
 from .spec import ModelSpec, SpecError, check_model_id
 
 
@@ -81,9 +82,28 @@ class ModelRegistry:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- models ---------------------------------------------------------
-    def register(self, model_id: str, schema: dict, reference_path: str | Path) -> ModelSpec:
+    def register(self, model_id: str, schema: dict, reference_path: str | Path,
+                 model_file: str | Path | None = None) -> ModelSpec:
+        """Register (or replace) a model: schema, reference data, and optionally the
+        model itself as a tree-model file (replacing without one removes a stored one)."""
         spec = ModelSpec.from_json(model_id, schema)
         reference = normalise(spec, read_table(reference_path))
+        model = None
+        if model_file is not None:
+            from . import usermodels
+
+            name = Path(str(model_file).split("?", 1)[0]).name
+            try:
+                usermodels.check_name(name)  # a pickle is refused before a byte of it is read
+                data = read_bytes(model_file, "model file", usermodels.MAX_BYTES)
+                usermodels.load(name, data, len(spec.features))  # refused now, not at training
+            except usermodels.ModelFileError as exc:
+                raise SpecError(f"model_file: {exc}") from None
+            categorical = [c.name for c in spec.features if not c.numeric]
+            if categorical:
+                raise SpecError(f"model_file: with a model file every feature must be numeric (how the model "
+                                f"encodes categories is its own); {', '.join(categorical)} are categorical")
+            model = (name, data)
         folder = self.root / model_id
         if (folder / "spec.json").is_file():  # what is on must still be usable with the new schema
             for name in self.enabled(model_id):
@@ -95,6 +115,13 @@ class ModelRegistry:
             pq.write_table(reference, tmp)
             with self.locked():
                 os.replace(tmp, folder / "reference.parquet")
+                files = folder / "model_file"
+                if files.is_dir():
+                    for old in files.iterdir():
+                        old.unlink()
+                if model is not None:
+                    files.mkdir(exist_ok=True)
+                    _write_bytes(files / model[0], model[1])
                 # Slots before the spec: a reader that sees the new spec finds its slots.
                 _write_json(folder / "slots.json", slots.assign(spec.columns, self._slots(model_id)))
                 _write_json(folder / "spec.json", spec.to_json())
@@ -139,6 +166,13 @@ class ModelRegistry:
     def reference(self, model_id: str) -> pa.Table:
         self.get(model_id)
         return pq.read_table(self.root / model_id / "reference.parquet")
+
+    def model_file(self, model_id: str) -> tuple[str, bytes] | None:
+        """The registered model file (name, bytes), or None."""
+        self.get(model_id)
+        folder = self.root / model_id / "model_file"
+        found = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+        return (found[0].name, found[0].read_bytes()) if found else None
 
     def reference_schema(self, model_id: str) -> pa.Schema:
         """The normalised reference data's columns and types (what `check_model` asks about)."""
@@ -219,6 +253,18 @@ class ModelRegistry:
 
 def _write_json(path: Path, doc: dict) -> None:
     _write_text(path, json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -182,23 +182,36 @@ class TreeEnsemble:
         ensemble._work()
         return ensemble
 
+    def check_structure(self) -> None:
+        """The trees as trees: every child after its parent and inside its tree, every
+        feature one the rows have (what the precomputation and the loops rely on)."""
+        nodes = len(self.left)
+        idx = np.arange(nodes)
+        inner = self.left >= 0
+        ok = (len(self.right) == len(self.feature) == len(self.threshold) == len(self.value) == len(self.cover)
+              == nodes and len(self.node_start) >= 1 and self.node_start[0] == 0
+              and self.node_start[-1] == nodes and bool(np.all(np.diff(self.node_start) > 0))
+              and len(self.tree_output) == self.n_trees
+              and bool(np.all((self.tree_output >= 0) & (self.tree_output < self.n_outputs)))
+              and bool(np.all((self.left == -1) == (self.right == -1))))
+        if ok and nodes:
+            ends = np.repeat(self.node_start[1:], np.diff(self.node_start))
+            ok = (bool(np.all((self.left[inner] > idx[inner]) & (self.left[inner] < ends[inner])
+                              & (self.right[inner] > idx[inner]) & (self.right[inner] < ends[inner])))
+                  and bool(np.all((self.feature[inner] >= 0) & (self.feature[inner] < self.n_features)))
+                  and bool(np.all(np.isfinite(self.value)) and np.all(np.isfinite(self.cover))))
+        if not ok:
+            raise ValueError("tree ensemble arrays are inconsistent")
+
     def check(self) -> None:
         """Structural checks on arrays read from bytes: every index inside the array it
         indexes, so that the compiled loops (which do not check bounds) never leave them."""
+        self.check_structure()
         nodes, t = len(self.left), self.tables
-        idx = np.arange(nodes)
-        ends = np.repeat(self.node_start[1:], np.diff(self.node_start)) if nodes else idx
         inner = self.left >= 0
         units = len(t["unit_m"])
         m = t["unit_m"].astype(np.int64)
-        ok = (len(self.right) == len(self.feature) == len(self.threshold) == len(self.value) == len(self.cover)
-              == len(t["node_pos"]) == len(t["node_unit"]) == nodes
-              and len(self.node_start) >= 1 and self.node_start[0] == 0 and self.node_start[-1] == nodes
-              and bool(np.all(np.diff(self.node_start) > 0)) and len(self.tree_output) == self.n_trees
-              and bool(np.all((self.tree_output >= 0) & (self.tree_output < self.n_outputs)))
-              and bool(np.all((self.left == -1) == (self.right == -1)))
-              and bool(np.all((self.left[inner] > idx[inner]) & (self.left[inner] < ends[inner])
-                              & (self.right[inner] > idx[inner]) & (self.right[inner] < ends[inner])))
+        ok = (len(t["node_pos"]) == len(t["node_unit"]) == nodes
               and bool(np.all((self.feature >= 0) & (self.feature < self.n_features)))
               and bool(np.all((m >= 0) & (m <= MAX_PATH_FEATURES)))
               and bool(np.all((t["node_pos"] >= 0) & (t["node_pos"] < MAX_PATH_FEATURES)))

@@ -20,11 +20,12 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from models import ENRICHMENTS
 from models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
-from models.enrichment import InferenceBatch, Unusable, checked_output, published_parameters
+from models.enrichment import InferenceBatch, ModelFile, Unusable, checked_output, published_parameters
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
@@ -55,6 +56,13 @@ def _reference(store: ArtifactStore, run: str) -> pa.Table:
     return pq.read_table(io.BytesIO(_read(store, run, "reference.parquet")))
 
 
+def _model_file(store: ArtifactStore, run: str) -> ModelFile | None:
+    staged = [i for i in store.files.listing(_staged(store, run, "model_file")) if i.type == pafs.FileType.File]
+    if not staged:
+        return None
+    return ModelFile(staged[0].base_name, _read(store, run, "model_file", staged[0].base_name))
+
+
 def prepare(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str) -> int:
     """Snapshot the spec and reference data, so every step of the run sees the same."""
     spec = registry.get(model_id)
@@ -72,6 +80,9 @@ def prepare(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: s
     pq.write_table(reference, buf)
     store.files.write(_staged(store, run, "spec.json"), json.dumps(spec.to_json()).encode())
     store.files.write(_staged(store, run, "reference.parquet"), buf.getvalue())
+    model_file = registry.model_file(model_id)
+    if model_file is not None:  # the user's own model, for the enrichments that explain it
+        store.files.write(_staged(store, run, "model_file", model_file[0]), model_file[1])
     log.info("run %s: staged %d reference rows of %s", run, reference.num_rows, model_id)
     return reference.num_rows
 
@@ -86,7 +97,7 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str
         ENRICHMENTS[enrichment].check_model(spec, reference.schema)
     except Unusable as exc:
         raise StepError(f"model {model_id}: {enrichment} cannot be used: {exc}") from None
-    fitted = ENRICHMENTS[enrichment].fit(spec, reference, config)
+    fitted = ENRICHMENTS[enrichment].fit(spec, reference, config, _model_file(store, run))
     blobs = fitted.to_blobs()
     for name, data in blobs.items():
         store.files.write(_staged(store, run, enrichment, name), data)

@@ -1,0 +1,167 @@
+"""The user's own tree model, registered with the model and explained exactly (no surrogate),
+against XGBoost's and LightGBM's own contributions; pickles refused."""
+
+import pickle
+
+import lightgbm
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import xgboost
+
+from enricher.config import Settings
+from enricher.control import ControlPlane, RequestError
+from models import ENRICHMENTS
+from models.enrichment import InferenceBatch
+from models.registry import ModelRegistry
+from models.spec import SpecError
+from pipelines.train import train
+
+EX = ENRICHMENTS["explainability"]
+N_FEATURES = 6
+NAMES = [f"x{i}" for i in range(N_FEATURES)]
+
+
+def data(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
+    y = 2 * X[:, 0] + np.sin(X[:, 1]) + X[:, 2] * X[:, 3]
+    return X, y
+
+
+def schema(task, prediction_type="numeric"):
+    return {"task": task, "prediction_type": prediction_type,
+            "features": [{"name": n, "type": "numeric"} for n in NAMES]}
+
+
+def fitted_models(kind):
+    X, y = data()
+    common = dict(n_estimators=40, max_depth=4)
+    if kind == "regression":
+        models = {"json": xgboost.XGBRegressor(**common).fit(X, y),
+                  "txt": lightgbm.LGBMRegressor(**common, num_leaves=16, verbose=-1).fit(X, y)}
+    elif kind == "binary":
+        models = {"json": xgboost.XGBClassifier(**common).fit(X, y > 0),
+                  "txt": lightgbm.LGBMClassifier(**common, num_leaves=16, verbose=-1).fit(X, y > 0)}
+    else:
+        classes = np.digitize(y, [-1.0, 1.0])
+        models = {"json": xgboost.XGBClassifier(**common).fit(X, classes),
+                  "txt": lightgbm.LGBMClassifier(**common, num_leaves=16, verbose=-1).fit(X, classes)}
+    return X, models
+
+
+def contributions(model, fmt, X, outputs):
+    """The library's own attributions and margins: (rows, outputs, features + 1), (rows, outputs)."""
+    if fmt == "json":
+        booster = model.get_booster()
+        c = booster.predict(xgboost.DMatrix(X), pred_contribs=True)
+        m = booster.predict(xgboost.DMatrix(X), output_margin=True)
+    else:
+        c = np.asarray(model.predict(X, pred_contrib=True))
+        m = model.predict(X, raw_score=True)
+    return c.reshape(len(X), outputs, N_FEATURES + 1), np.asarray(m).reshape(len(X), outputs)
+
+
+@pytest.mark.parametrize("kind", ["regression", "binary", "multiclass"])
+@pytest.mark.parametrize("fmt", ["json", "txt"])
+def test_a_registered_model_file_is_explained_exactly_as_its_library_does(tmp_path, kind, fmt):
+    X, models = fitted_models(kind)
+    model = models[fmt]
+    path = tmp_path / f"model.{fmt}"
+    (model.get_booster() if fmt == "json" else model.booster_).save_model(str(path))
+    if kind == "regression":
+        prediction, doc = model.predict(X), schema("regression")
+    elif kind == "binary":
+        prediction, doc = model.predict_proba(X)[:, 1], schema("binary_classification")
+    else:
+        prediction, doc = model.predict(X).astype(str), schema("multiclass_classification", "categorical")
+    reference = tmp_path / "reference.parquet"
+    pq.write_table(pa.table({**{n: X[:, i] for i, n in enumerate(NAMES)}, "prediction": prediction}), reference)
+    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
+    registry = ModelRegistry(settings.registry_dir)
+    registry.register("own", doc, reference, path)
+    registry.set_enrichment("own", "explainability", True)
+    train(registry, settings.artifacts(), "own", log=lambda m: None)
+    artifact = settings.artifacts().load("own", "explainability")
+    quality = artifact.manifest.parameters["quality"]
+    assert quality["explains"] == "model_file" and quality["fidelity"] > 0.999  # it is the model that predicted
+    spec = registry.get("own")
+    fitted = EX.load(spec, artifact.manifest, artifact.blobs)
+    rows = pq.read_table(reference).slice(0, 400)
+    out = fitted.transform(InferenceBatch.from_reference(spec, rows))
+    phi = np.column_stack([out[f"explanation_{n}"].to_numpy() for n in NAMES])
+    outputs = 3 if kind == "multiclass" else 1
+    c, margins = contributions(model, fmt, X[:400], outputs)
+    chosen = margins.argmax(axis=1) if outputs > 1 else np.zeros(400, int)
+    c, margins = c[np.arange(400), chosen], margins[np.arange(400), chosen]
+    # XGBoost sums in float32 (its own outputs carry ~1e-6 of rounding); LightGBM in float64
+    tolerance = 2e-5 if fmt == "json" else 1e-9
+    np.testing.assert_allclose(phi, c[:, :-1], rtol=0, atol=tolerance)
+    np.testing.assert_allclose(out["explanation_base_value"].to_numpy(), c[:, -1], rtol=0, atol=tolerance)
+    np.testing.assert_allclose(out["explanation_output"].to_numpy(), margins, rtol=0, atol=tolerance)
+    assert np.abs(phi.sum(axis=1) + out["explanation_base_value"].to_numpy()
+                  - out["explanation_output"].to_numpy()).max() < 1e-9
+
+
+def _reference(tmp_path, X, prediction):
+    path = tmp_path / "reference.parquet"
+    pq.write_table(pa.table({**{n: X[:, i] for i, n in enumerate(NAMES)}, "prediction": prediction}), path)
+    return path
+
+
+def test_a_pickle_is_refused_by_its_name_and_by_its_content(tmp_path):
+    X, models = fitted_models("regression")
+    reference = _reference(tmp_path, X, models["txt"].predict(X))
+    registry = ModelRegistry(tmp_path / "registry")
+    pkl = tmp_path / "model.pkl"
+    pkl.write_bytes(pickle.dumps(models["txt"]))
+    with pytest.raises(SpecError, match="a pickle is refused"):
+        registry.register("own", schema("regression"), reference, pkl)
+    disguised = tmp_path / "model.json"
+    disguised.write_bytes(pickle.dumps(models["txt"]))
+    with pytest.raises(SpecError, match="is a pickle"):
+        registry.register("own", schema("regression"), reference, disguised)
+    assert "own" not in registry.ids()  # nothing registered
+    control = ControlPlane(registry, None)
+    with pytest.raises(RequestError) as err:
+        control.put_model("own", {"schema": schema("regression"), "reference": str(reference), "model_file": str(pkl)})
+    assert err.value.field == "model_file" and "pickle is refused" in str(err.value)
+
+
+def test_a_model_file_that_did_not_make_the_reference_predictions_is_refused_by_fidelity(tmp_path):
+    X, models = fitted_models("regression")
+    path = tmp_path / "model.txt"
+    models["txt"].booster_.save_model(str(path))
+    other = np.random.default_rng(5).normal(size=len(X))  # predictions this model never made
+    reference = _reference(tmp_path, X, other)
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.register("own", schema("regression"), reference, path)
+    from models.enrichment import ModelFile
+    from models.reference import normalise
+
+    spec = registry.get("own")
+    fitted = EX.fit(spec, normalise(spec, pq.read_table(reference)), {}, ModelFile("model.txt", path.read_bytes()))
+    with pytest.raises(ValueError, match="below min_fidelity"):
+        EX.check_quality(fitted.quality, {})
+
+
+def test_a_model_file_that_does_not_fit_the_schema_is_refused_at_registration(tmp_path):
+    X, models = fitted_models("regression")
+    path = tmp_path / "model.txt"
+    models["txt"].booster_.save_model(str(path))
+    reference = _reference(tmp_path, X, models["txt"].predict(X))
+    registry = ModelRegistry(tmp_path / "registry")
+    fewer = {"task": "regression", "features": [{"name": n, "type": "numeric"} for n in NAMES[:4]]}
+    with pytest.raises(SpecError, match="has 6 features, the schema 4"):
+        registry.register("own", fewer, reference, path)
+    categorical = {**schema("regression"), "features": schema("regression")["features"][:5]
+                   + [{"name": "x5", "type": "categorical"}]}
+    with pytest.raises(SpecError, match="every feature must be numeric"):
+        registry.register("own", categorical, reference, path)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"learner": {}}')
+    with pytest.raises(SpecError, match="not a xgboost-json model we can read"):
+        registry.register("own", schema("regression"), reference, broken)
+    with pytest.raises(SpecError, match="use an XGBoost JSON model"):
+        registry.register("own", schema("regression"), reference, tmp_path / "reference.parquet")
