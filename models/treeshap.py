@@ -199,7 +199,8 @@ class TreeEnsemble:
             ok = (bool(np.all((self.left[inner] > idx[inner]) & (self.left[inner] < ends[inner])
                               & (self.right[inner] > idx[inner]) & (self.right[inner] < ends[inner])))
                   and bool(np.all((self.feature[inner] >= 0) & (self.feature[inner] < self.n_features)))
-                  and bool(np.all(np.isfinite(self.value)) and np.all(np.isfinite(self.cover))))
+                  and bool(np.all(np.isfinite(self.value)) and np.all(np.isfinite(self.cover))
+                           and np.all(self.cover >= 0)))
         if not ok:
             raise ValueError("tree ensemble arrays are inconsistent")
 
@@ -270,8 +271,12 @@ def _precompute(ens: TreeEnsemble) -> dict[str, np.ndarray]:
                 k = features.index(f) if f in features else len(features)
                 node_pos[node] = k
                 below = features if k < len(features) else features + (f,)
+                # A child's share of the split's cover, out of both children's (equal to
+                # child / node where the file's covers add up, as every library's do; and
+                # the shares add up to 1 even where they do not, so additivity holds).
+                both = cover[left[node]] + cover[right[node]]
                 for child in (int(right[node]), int(left[node])):
-                    ratio = cover[child] / cover[node] if cover[node] > 0 else 0.0
+                    ratio = cover[child] / both if both > 0 else 0.5
                     zc = list(z) + ([1.0] if k == len(z) else [])
                     zc[k] *= ratio
                     stack.append((child, below, tuple(zc)))

@@ -2,6 +2,7 @@
 
 Formats (chosen by the file's name):
 - `.json`: XGBoost's JSON model (`Booster.save_model("model.json")`);
+- `.ubj`: the same as UBJSON, XGBoost's binary form (`Booster.save_model("model.ubj")`);
 - `.txt`: LightGBM's text model (`Booster.save_model("model.txt")`).
 
 Both are parsed here into the flat arrays of models/treeshap.py, so serving
@@ -27,7 +28,7 @@ from .treeshap import TreeEnsemble
 
 MAX_BYTES = 512 << 20
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav", ".dill", ".cloudpickle")
-FORMATS = {".json": "xgboost-json", ".txt": "lightgbm-text"}
+FORMATS = {".json": "xgboost-json", ".ubj": "xgboost-ubjson", ".txt": "lightgbm-text"}
 
 # XGBoost objectives by how their margin becomes the prediction.
 _XGB_LINKS = {
@@ -66,7 +67,8 @@ def check_name(name: str) -> str:
     for suffix, fmt in FORMATS.items():
         if lower.endswith(suffix):
             return fmt
-    raise ModelFileError(f"model file {name!r}: use an XGBoost JSON model (.json) or a LightGBM text model (.txt)")
+    raise ModelFileError(f"model file {name!r}: use an XGBoost JSON (.json) or UBJSON (.ubj) model, or a LightGBM "
+                         "text model (.txt)")
 
 
 def load(name: str, data: bytes, n_features: int) -> UserModel:
@@ -77,10 +79,13 @@ def load(name: str, data: bytes, n_features: int) -> UserModel:
         raise ModelFileError(f"model file {name!r} is a pickle or compressed pickle, whatever its name; it is "
                              "refused (loading it would run the code it holds)")
     try:
-        model = _xgboost(data) if fmt == "xgboost-json" else _lightgbm(data)
+        if fmt == "lightgbm-text":
+            model = _lightgbm(data)
+        else:
+            model = _xgboost(json.loads(data) if fmt == "xgboost-json" else ubjson(data), fmt)
     except ModelFileError:
         raise
-    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelFileError(f"model file {name!r} is not a {fmt} model we can read: {type(exc).__name__}: "
                              f"{str(exc)[:200]}") from None
     if model.ensemble.n_features != n_features:
@@ -114,8 +119,7 @@ def _build(trees: list[dict], n_features: int, init, strict: bool, fmt: str, obj
                                   n_features=n_features, strict=strict), fmt, objective, link, names)
 
 
-def _xgboost(data: bytes) -> UserModel:
-    doc = json.loads(data)
+def _xgboost(doc: dict, fmt: str) -> UserModel:
     learner = doc["learner"]
     objective = learner["objective"]["name"]
     if objective not in _XGB_LINKS:
@@ -137,15 +141,19 @@ def _xgboost(data: bytes) -> UserModel:
     elif link == "exp":
         base = np.log(base)
     trees = []
+    if len(model["trees"]) != len(model["tree_info"]):
+        raise ValueError("the model's tree_info does not match its trees")
     for tree, output in zip(model["trees"], model["tree_info"]):
         if any(int(s) != 0 for s in tree.get("split_type", [])):
             raise ModelFileError("the XGBoost model has categorical splits; we explain numerical splits only")
         left, right = tree["left_children"], tree["right_children"]
+        n = len(left)
+        if not all(len(tree[k]) == n for k in ("right_children", "split_indices", "split_conditions", "sum_hessian")):
+            raise ValueError("a tree's node arrays differ in length")
         trees.append({"left": left, "right": right, "feature": tree["split_indices"],
                       "threshold": np.asarray(tree["split_conditions"], np.float32).astype(np.float64),
                       "value": tree["split_conditions"], "cover": tree["sum_hessian"], "output": int(output)})
-    return _build(trees, n_features, base, True, "xgboost-json", objective, link,
-                  list(learner.get("feature_names") or []))
+    return _build(trees, n_features, base, True, fmt, objective, link, [str(n) for n in learner.get("feature_names", [])])
 
 
 def _lightgbm(data: bytes) -> UserModel:
@@ -165,6 +173,8 @@ def _lightgbm(data: bytes) -> UserModel:
         f = dict(line.split("=", 1) for line in block.splitlines()[1:] if "=" in line)
         leaves = int(f["num_leaves"])
         leaf_value = np.array(f["leaf_value"].split(), np.float64)
+        if leaves < 1 or len(leaf_value) != leaves:
+            raise ValueError(f"tree {k}: num_leaves={leaves} but {len(leaf_value)} leaf values")
         leaf_count = np.array(f["leaf_count"].split(), np.float64) if leaves > 1 else np.ones(1)
         if leaves == 1:  # a tree of one leaf
             trees.append({"left": [-1], "right": [-1], "feature": [0], "threshold": [0.0], "value": leaf_value,
@@ -183,6 +193,10 @@ def _lightgbm(data: bytes) -> UserModel:
         left = [node(int(c)) for c in f["left_child"].split()]
         right = [node(int(c)) for c in f["right_child"].split()]
         cover = np.concatenate([np.array(f["internal_count"].split(), np.float64), leaf_count])
+        sizes = {len(left), len(right), len(f["split_feature"].split()), len(f["threshold"].split()),
+                 len(cover) - leaves, len(decision)}
+        if sizes != {inner} or len(leaf_count) != leaves:
+            raise ValueError(f"tree {k}: its arrays do not match num_leaves={leaves}")
         trees.append({"left": left + [-1] * leaves, "right": right + [-1] * leaves,
                       "feature": [int(v) for v in f["split_feature"].split()] + [0] * leaves,
                       "threshold": [float(v) for v in f["threshold"].split()] + [0.0] * leaves,
@@ -204,3 +218,95 @@ def to_prediction(margins: np.ndarray, link: str) -> np.ndarray:
     shifted = np.exp(margins - margins.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
+
+
+# -- UBJSON (XGBoost's binary model format: `booster.save_model("model.ubj")`) ------------------
+
+_UBJ_NUMBERS = {b"i": ">i1", b"U": ">u1", b"I": ">i2", b"l": ">i4", b"L": ">i8", b"d": ">f4", b"D": ">f8"}
+_UBJ_DEPTH = 64
+
+
+def ubjson(data: bytes):
+    """Decode UBJSON (draft 12, with typed and counted containers, as XGBoost writes it).
+    Typed numeric arrays come back as numpy arrays (one read, not one object per value)."""
+    view = memoryview(data)
+    value, end = _ubj_value(view, 0, None, 0)
+    if end != len(data):
+        raise ValueError(f"{len(data) - end} bytes after the UBJSON value")
+    return value
+
+
+def _ubj_count(view, at):
+    marker = bytes(view[at:at + 1])
+    if marker not in (b"i", b"U", b"I", b"l", b"L"):
+        raise ValueError(f"a UBJSON length must be an integer, found {marker!r} at {at}")
+    dtype = np.dtype(_UBJ_NUMBERS[marker])
+    n = int(np.frombuffer(view[at + 1:at + 1 + dtype.itemsize], dtype)[0])
+    if n < 0:
+        raise ValueError(f"negative UBJSON length at {at}")
+    return n, at + 1 + dtype.itemsize
+
+
+def _ubj_value(view, at, marker, depth):
+    if depth > _UBJ_DEPTH:
+        raise ValueError("UBJSON nested too deep")
+    if marker is None:
+        if at >= len(view):
+            raise ValueError("UBJSON ends early")
+        marker, at = bytes(view[at:at + 1]), at + 1
+    if marker in _UBJ_NUMBERS:
+        dtype = np.dtype(_UBJ_NUMBERS[marker])
+        if at + dtype.itemsize > len(view):
+            raise ValueError("UBJSON ends inside a number")
+        number = np.frombuffer(view[at:at + dtype.itemsize], dtype)[0]
+        return (float(number) if dtype.kind == "f" else int(number)), at + dtype.itemsize
+    if marker in (b"Z", b"N"):
+        return None, at
+    if marker in (b"T", b"F"):
+        return marker == b"T", at
+    if marker == b"C":
+        return bytes(view[at:at + 1]).decode("latin-1"), at + 1
+    if marker in (b"S", b"H"):
+        n, at = _ubj_count(view, at)
+        if at + n > len(view):
+            raise ValueError("UBJSON ends inside a string")
+        text = bytes(view[at:at + n]).decode("utf-8")
+        return (float(text) if marker == b"H" else text), at + n
+    if marker in (b"[", b"{"):
+        return _ubj_container(view, at, marker == b"{", depth)
+    raise ValueError(f"unknown UBJSON marker {marker!r} at {at - 1}")
+
+
+def _ubj_container(view, at, is_object, depth):
+    typed = count = None
+    if bytes(view[at:at + 1]) == b"$":
+        typed, at = bytes(view[at + 1:at + 2]), at + 2
+    if bytes(view[at:at + 1]) == b"#":
+        count, at = _ubj_count(view, at + 1)
+    elif typed is not None:
+        raise ValueError("a typed UBJSON container needs a count")
+    if not is_object and typed in _UBJ_NUMBERS and count is not None:  # a typed numeric array, in one read
+        dtype = np.dtype(_UBJ_NUMBERS[typed])
+        size = count * dtype.itemsize
+        if at + size > len(view):
+            raise ValueError("UBJSON ends inside an array")
+        return np.frombuffer(view[at:at + size], dtype).astype(dtype.newbyteorder("=")), at + size
+    out = {} if is_object else []
+    k = 0
+    while True:
+        if count is None:
+            if at >= len(view):
+                raise ValueError("UBJSON container not closed")
+            if bytes(view[at:at + 1]) == (b"}" if is_object else b"]"):
+                return out, at + 1
+        elif k == count:
+            return out, at
+        if is_object:
+            n, at = _ubj_count(view, at)
+            key = bytes(view[at:at + n]).decode("utf-8")
+            at += n
+            out[key], at = _ubj_value(view, at, typed, depth + 1)
+        else:
+            item, at = _ubj_value(view, at, typed, depth + 1)
+            out.append(item)
+        k += 1
