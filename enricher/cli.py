@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--schema", required=True, help="JSON schema file")
     r.add_argument("--reference", required=True, help="reference data, .parquet or .csv")
     r.add_argument("--model-file", help="the model itself, to explain exactly instead of a surrogate: XGBoost JSON "
-                                        "(.json), XGBoost UBJSON (.ubj) or LightGBM text (.txt); never a pickle")
+                                        "(.json), XGBoost UBJSON (.ubj), LightGBM text (.txt) or scikit-learn through skops "
+                                        "(.skops); never a pickle")
     r.set_defaults(func=cmd_models_register)
     m.add_parser("list", help="registered models").set_defaults(func=cmd_models_list)
     s = m.add_parser("show", help="a model's schema, enrichments and artifacts")

@@ -227,7 +227,7 @@ class Explainability:
             if spec.prediction_type == "numeric":
                 raise ValueError(f"{NAME}: the model file has {outputs} class outputs; the schema's predictions are "
                                  "numbers: send the class (0 to {outputs - 1}) as a categorical prediction")
-            classes = [str(k) for k in range(outputs)]  # the classes a booster knows: 0..K-1
+            classes = model.classes or [str(k) for k in range(outputs)]  # a booster's classes are 0..K-1
             told = np.asarray(target.to_pylist(), dtype=object)[known]
             fidelity = float(np.mean(np.asarray(classes, dtype=object)[predicted.argmax(axis=1)] == told))
             quality = {"metric": "accuracy", "fidelity": round(fidelity, 6)}

@@ -3,7 +3,11 @@
 Formats (chosen by the file's name):
 - `.json`: XGBoost's JSON model (`Booster.save_model("model.json")`);
 - `.ubj`: the same as UBJSON, XGBoost's binary form (`Booster.save_model("model.ubj")`);
-- `.txt`: LightGBM's text model (`Booster.save_model("model.txt")`).
+- `.txt`: LightGBM's text model (`Booster.save_model("model.txt")`);
+- `.skops`: a scikit-learn GradientBoostingRegressor or GradientBoostingClassifier
+  saved with skops (`skops.io.dump(model, "model.skops")`), loaded with skops'
+  type checks: anything in it beyond the estimator and its trees is refused by
+  name, before it is loaded.
 
 Both are parsed here into the flat arrays of models/treeshap.py, so serving
 needs neither library. A pickle (`.pkl`, `.pickle`, `.joblib`, or any file that
@@ -28,7 +32,9 @@ from .treeshap import TreeEnsemble
 
 MAX_BYTES = 512 << 20
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav", ".dill", ".cloudpickle")
-FORMATS = {".json": "xgboost-json", ".ubj": "xgboost-ubjson", ".txt": "lightgbm-text"}
+FORMATS = {".json": "xgboost-json", ".ubj": "xgboost-ubjson", ".txt": "lightgbm-text", ".skops": "sklearn-skops"}
+# What a skops file may hold beyond what skops itself trusts: the trees of a gradient-boosting model.
+SKOPS_TRUSTED = frozenset({"sklearn.tree._tree.Tree"})
 
 # XGBoost objectives by how their margin becomes the prediction.
 _XGB_LINKS = {
@@ -55,6 +61,7 @@ class UserModel:
     objective: str
     link: str
     feature_names: list[str] = field(default_factory=list)
+    classes: list[str] | None = None  # a classifier's class labels, where the file names them
 
 
 def check_name(name: str) -> str:
@@ -67,8 +74,8 @@ def check_name(name: str) -> str:
     for suffix, fmt in FORMATS.items():
         if lower.endswith(suffix):
             return fmt
-    raise ModelFileError(f"model file {name!r}: use an XGBoost JSON (.json) or UBJSON (.ubj) model, or a LightGBM "
-                         "text model (.txt)")
+    raise ModelFileError(f"model file {name!r}: use an XGBoost JSON (.json) or UBJSON (.ubj) model, a LightGBM "
+                         "text model (.txt), or a scikit-learn gradient-boosting model saved with skops (.skops)")
 
 
 def load(name: str, data: bytes, n_features: int) -> UserModel:
@@ -81,6 +88,8 @@ def load(name: str, data: bytes, n_features: int) -> UserModel:
     try:
         if fmt == "lightgbm-text":
             model = _lightgbm(data)
+        elif fmt == "sklearn-skops":
+            model = _skops(data)
         else:
             model = _xgboost(json.loads(data) if fmt == "xgboost-json" else ubjson(data), fmt)
     except ModelFileError:
@@ -205,6 +214,34 @@ def _lightgbm(data: bytes) -> UserModel:
     names = head.get("feature_names", "").split()
     return _build(trees, n_features, np.zeros(outputs), False, "lightgbm-text", objective, _LGB_LINKS[objective],
                   names)
+
+
+def _skops(data: bytes) -> UserModel:
+    import skops.io as sio
+    from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+
+    try:
+        untrusted = sio.get_untrusted_types(data=data)
+    except Exception as exc:  # noqa: BLE001 - skops raises many kinds on a damaged file
+        raise ModelFileError(f"not a skops file we can read: {type(exc).__name__}: {str(exc)[:200]}") from None
+    unexpected = sorted(set(untrusted) - SKOPS_TRUSTED)
+    if unexpected:
+        raise ModelFileError(f"the skops file holds types we do not load: {', '.join(unexpected)}; a "
+                             "GradientBoostingRegressor or GradientBoostingClassifier is expected")
+    try:
+        model = sio.loads(data, trusted=list(untrusted))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"the skops file could not be loaded: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(model, (GradientBoostingRegressor, GradientBoostingClassifier)):
+        raise ModelFileError(f"the skops file holds a {type(model).__name__}; we explain GradientBoostingRegressor "
+                             "and GradientBoostingClassifier (or XGBoost and LightGBM files)")
+    ensemble = TreeEnsemble.from_sklearn(model)
+    names = [str(n) for n in getattr(model, "feature_names_in_", [])]
+    if isinstance(model, GradientBoostingRegressor):
+        return UserModel(ensemble, "sklearn-skops", "regression", "identity", names)
+    classes = [str(c) for c in model.classes_]
+    link = "logistic" if ensemble.n_outputs == 1 else "softmax"
+    return UserModel(ensemble, "sklearn-skops", "classification", link, names, classes)
 
 
 def to_prediction(margins: np.ndarray, link: str) -> np.ndarray:

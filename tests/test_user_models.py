@@ -39,21 +39,36 @@ def schema(task, prediction_type="numeric"):
 def fitted_models(kind):
     X, y = data()
     common = dict(n_estimators=40, max_depth=4)
+    from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+
     if kind == "regression":
         models = {"json": xgboost.XGBRegressor(**common).fit(X, y),
-                  "txt": lightgbm.LGBMRegressor(**common, num_leaves=16, verbose=-1).fit(X, y)}
+                  "txt": lightgbm.LGBMRegressor(**common, num_leaves=16, verbose=-1).fit(X, y),
+                  "skops": GradientBoostingRegressor(**common, random_state=0).fit(X, y)}
     elif kind == "binary":
         models = {"json": xgboost.XGBClassifier(**common).fit(X, y > 0),
-                  "txt": lightgbm.LGBMClassifier(**common, num_leaves=16, verbose=-1).fit(X, y > 0)}
+                  "txt": lightgbm.LGBMClassifier(**common, num_leaves=16, verbose=-1).fit(X, y > 0),
+                  "skops": GradientBoostingClassifier(**common, random_state=0).fit(X, y > 0)}
     else:
         classes = np.digitize(y, [-1.0, 1.0])
         models = {"json": xgboost.XGBClassifier(**common).fit(X, classes),
-                  "txt": lightgbm.LGBMClassifier(**common, num_leaves=16, verbose=-1).fit(X, classes)}
+                  "txt": lightgbm.LGBMClassifier(**common, num_leaves=16, verbose=-1).fit(X, classes),
+                  "skops": GradientBoostingClassifier(**common, random_state=0).fit(X, classes)}
     return X, models
 
 
 def contributions(model, fmt, X, outputs):
     """The library's own attributions and margins: (rows, outputs, features + 1), (rows, outputs)."""
+    if fmt == "skops":  # scikit-learn's own have no contributions: shap's are the reference (not for multiclass)
+        import shap
+
+        m = model.decision_function(X) if hasattr(model, "decision_function") else model.predict(X)
+        if outputs > 1:
+            return None, np.asarray(m).reshape(len(X), outputs)
+        explainer = shap.TreeExplainer(model)
+        base = float(np.ravel(explainer.expected_value)[0])
+        c = np.column_stack([explainer.shap_values(X), np.full(len(X), base)])
+        return c.reshape(len(X), 1, N_FEATURES + 1), np.asarray(m).reshape(len(X), 1)
     if fmt in ("json", "ubj"):
         booster = model.get_booster()
         c = booster.predict(xgboost.DMatrix(X), pred_contribs=True)
@@ -65,12 +80,17 @@ def contributions(model, fmt, X, outputs):
 
 
 @pytest.mark.parametrize("kind", ["regression", "binary", "multiclass"])
-@pytest.mark.parametrize("fmt", ["json", "ubj", "txt"])
+@pytest.mark.parametrize("fmt", ["json", "ubj", "txt", "skops"])
 def test_a_registered_model_file_is_explained_exactly_as_its_library_does(tmp_path, kind, fmt):
     X, models = fitted_models(kind)
-    model = models["txt" if fmt == "txt" else "json"]
+    model = models["json" if fmt == "ubj" else fmt]
     path = tmp_path / f"model.{fmt}"
-    (model.booster_ if fmt == "txt" else model.get_booster()).save_model(str(path))
+    if fmt == "skops":
+        import skops.io
+
+        skops.io.dump(model, path)
+    else:
+        (model.booster_ if fmt == "txt" else model.get_booster()).save_model(str(path))
     if kind == "regression":
         prediction, doc = model.predict(X), schema("regression")
     elif kind == "binary":
@@ -95,11 +115,13 @@ def test_a_registered_model_file_is_explained_exactly_as_its_library_does(tmp_pa
     outputs = 3 if kind == "multiclass" else 1
     c, margins = contributions(model, fmt, X[:400], outputs)
     chosen = margins.argmax(axis=1) if outputs > 1 else np.zeros(400, int)
-    c, margins = c[np.arange(400), chosen], margins[np.arange(400), chosen]
-    # XGBoost sums in float32 (its own outputs carry ~1e-6 of rounding); LightGBM in float64
-    tolerance = 1e-9 if fmt == "txt" else 2e-5
-    np.testing.assert_allclose(phi, c[:, :-1], rtol=0, atol=tolerance)
-    np.testing.assert_allclose(out["explanation_base_value"].to_numpy(), c[:, -1], rtol=0, atol=tolerance)
+    margins = margins[np.arange(400), chosen]
+    # XGBoost sums in float32 (its own outputs carry ~1e-6 of rounding); LightGBM and scikit-learn in float64
+    tolerance = 2e-5 if fmt in ("json", "ubj") else 1e-9
+    if c is not None:
+        c = c[np.arange(400), chosen]
+        np.testing.assert_allclose(phi, c[:, :-1], rtol=0, atol=tolerance)
+        np.testing.assert_allclose(out["explanation_base_value"].to_numpy(), c[:, -1], rtol=0, atol=tolerance)
     np.testing.assert_allclose(out["explanation_output"].to_numpy(), margins, rtol=0, atol=tolerance)
     assert np.abs(phi.sum(axis=1) + out["explanation_base_value"].to_numpy()
                   - out["explanation_output"].to_numpy()).max() < 1e-9
@@ -130,6 +152,19 @@ def test_ubjson_decodes_what_xgboost_writes_and_refuses_what_it_does_not(tmp_pat
     for bad in [b"[", b"{i\x03ab", b"[$d#i\x05\x00", b"X", b"[" * 100 + b"]" * 100, b"Si\x05ab"]:
         with pytest.raises(ValueError):
             ubjson(bad)
+
+
+def test_a_skops_file_holding_anything_else_is_refused_naming_it(tmp_path):
+    import skops.io
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    X, models = fitted_models("regression")
+    reference = _reference(tmp_path, X, models["skops"].predict(X))
+    path = tmp_path / "model.skops"
+    skops.io.dump(make_pipeline(FunctionTransformer(np.log1p), models["skops"]), path)
+    with pytest.raises(SpecError, match="types we do not load: numpy.log1p|holds a Pipeline"):
+        ModelRegistry(tmp_path / "registry").register("own", schema("regression"), reference, path)
 
 
 def test_a_pickle_is_refused_by_its_name_and_by_its_content(tmp_path):
