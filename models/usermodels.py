@@ -6,8 +6,8 @@ Formats (chosen by the file's name):
 - `.txt`: LightGBM's text model (`Booster.save_model("model.txt")`);
 - `.skops`: a scikit-learn GradientBoostingRegressor or GradientBoostingClassifier
   saved with skops (`skops.io.dump(model, "model.skops")`), loaded with skops'
-  type checks: anything in it beyond the estimator and its trees is refused by
-  name, before it is loaded.
+  type checks: a type skops does not trust, other than a tree, is refused by
+  name before anything is loaded, and what loads must be one of those two.
 
 Both are parsed here into the flat arrays of models/treeshap.py, so serving
 needs neither library. A pickle (`.pkl`, `.pickle`, `.joblib`, or any file that
