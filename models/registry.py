@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import ENRICHMENTS, slots
-from .reference import normalise, read_bytes, read_table
+from .reference import ReferenceError, normalise, read_bytes, read_table
 from .spec import ModelSpec, SpecError, check_model_id
 
 
@@ -97,7 +97,7 @@ class ModelRegistry:
                 usermodels.check_name(name)  # a pickle is refused before a byte of it is read
                 data = read_bytes(model_file, "model file", usermodels.MAX_BYTES)
                 usermodels.load(name, data, len(spec.features))  # refused now, not at training
-            except usermodels.ModelFileError as exc:
+            except (usermodels.ModelFileError, ReferenceError) as exc:
                 raise SpecError(f"model_file: {exc}") from None
             categorical = [c.name for c in spec.features if not c.numeric]
             if categorical:

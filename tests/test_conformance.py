@@ -173,3 +173,26 @@ def test_switching_on_an_enrichment_the_model_cannot_use_is_refused_before_any_t
     finally:
         ENRICHMENTS.clear()
         ENRICHMENTS.update(saved)
+
+
+def test_explanations_for_a_model_whose_feature_would_take_their_column_are_refused_at_the_patch(tmp_path):
+    import pyarrow.parquet as pq
+
+    from enricher.control import ControlPlane, RequestError
+    from models.artifact import ArtifactStore
+    from models.registry import ModelRegistry
+
+    spec, reference = sample_models(100)[0]
+    path = tmp_path / "ref.parquet"
+    pq.write_table(reference.rename_columns(["output" if c == "x2" else c for c in reference.column_names]), path)
+    doc = spec.to_json()
+    doc["features"] = [{**f, "name": "output"} if f["name"] == "x2" else f for f in doc["features"]]
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.register("clash", doc, path)
+    control = ControlPlane(registry, ArtifactStore(tmp_path / "artifacts"))
+    with pytest.raises(RequestError) as err:
+        control.patch_enrichments("clash", {"explainability": {"enabled": True}})
+    assert err.value.status == 400 and err.value.field == "explainability.enabled"
+    assert "explanation_output" in str(err.value) and "rename the feature" in str(err.value)
+    assert not registry.enrichments("clash")["explainability"]["enabled"]
+    control.patch_enrichments("clash", {"anomaly_detection": {"enabled": True}})  # what it can use, it may

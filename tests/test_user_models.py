@@ -269,3 +269,24 @@ def test_a_damaged_model_file_is_refused_with_a_reason_never_a_crash(name, edits
     phi, base, out = model.ensemble.explain(np.zeros((3, N_FEATURES), np.float32))
     assert np.allclose(phi.sum(axis=1) + base, out, atol=1e-6 * max(1.0, float(np.abs(out).max())))
     assert phi.shape == (3, N_FEATURES)
+
+
+from .test_artifact import s3  # noqa: E402,F401 - the object-store fixture
+
+
+def test_a_model_file_may_come_from_an_object_store(tmp_path, s3):  # noqa: F811
+    import boto3
+
+    X, models = fitted_models("regression")
+    path = tmp_path / "model.txt"
+    models["txt"].booster_.save_model(str(path))
+    reference = _reference(tmp_path, X, models["txt"].predict(X))
+    query = s3.split("?", 1)[1]
+    endpoint = "http://" + dict(p.split("=") for p in query.split("&"))["endpoint_override"]
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket="artifacts", Key="models/own.txt",
+                                                         Body=path.read_bytes())
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.register("own", schema("regression"), reference, f"s3://artifacts/models/own.txt?{query}")
+    assert registry.model_file("own") == ("own.txt", path.read_bytes())
+    with pytest.raises(SpecError, match="does not exist"):
+        registry.register("own", schema("regression"), reference, f"s3://artifacts/models/nothing.txt?{query}")
