@@ -32,7 +32,9 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
     over many models pays those costs once, not once per model.
 
     An enrichment that is off, not trained yet, or fails on a model's rows
-    gives NULLs there (never a made-up value), and its version column is NULL too.
+    gives NULLs there (never a made-up value), and its version column is NULL too;
+    when it computed nothing for any model of the group its columns are not in
+    the table at all (the insert leaves them NULL).
     """
 
     spec = parts[0][0].spec
@@ -89,7 +91,11 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
     columns["_partition"] = pa.array(np.concatenate([r.partition for r, _ in parts]), pa.uint32())
     columns["_offset"] = pa.array(np.concatenate([r.offset for r, _ in parts]), pa.uint64())
 
-    names = list(FIXED_COLUMNS) + list(own)
+    # Only the columns something was computed for: an enrichment that is off (or
+    # failed on the batch) is left out of the insert, and ClickHouse stores NULL
+    # there, as for any column an insert does not name. Writing its NULLs
+    # (explanations: a column per feature) costs as much as writing values.
+    names = list(FIXED_COLUMNS) + list(slots.values()) + [c for c in own if c in outputs]
     arrays = []
     for col in names:
         arrow_type = (FIXED_COLUMNS.get(col) or own[col])[1]

@@ -29,8 +29,8 @@ id (the same rows on a replay); the rest get NULL.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,7 +40,11 @@ from .artifact import Manifest
 from .encoding import FeatureEncoder
 from .enrichment import InferenceBatch, ModelFile, Output, Unusable, per_feature
 from .spec import ModelSpec
-from .treeshap import TreeEnsemble
+
+# models/treeshap.py (numba) is imported where an artifact is fitted or loaded, so that a
+# worker none of whose models uses explanations never loads the compiler.
+if TYPE_CHECKING:
+    from .treeshap import TreeEnsemble
 
 NAME = "explainability"
 PREFIX = "explanation_"
@@ -190,6 +194,8 @@ class Explainability:
             quality = {"metric": "accuracy", "fidelity": round(accuracy, 6)}
         quality["holdout_rows"] = int(holdout.sum())
         quality["explains"] = "surrogate"
+        from .treeshap import TreeEnsemble
+
         ensemble = TreeEnsemble.from_sklearn(model, n_features=len(spec.features))
         quality["artifact_bytes"] = ensemble.nbytes
         artifact = ExplainabilityArtifact(encoder, ensemble, classes, params, quality)
@@ -241,6 +247,8 @@ class Explainability:
         if encoder.names != spec.feature_names:
             raise ValueError(f"artifact was trained on features {encoder.names}, "
                              f"the model now has {spec.feature_names}: retrain it")
+        from .treeshap import TreeEnsemble
+
         ensemble = TreeEnsemble.from_bytes(blobs["ensemble.npz"])
         if ensemble.n_features != len(encoder.names):
             raise ValueError(f"surrogate has {ensemble.n_features} features, the encoder {len(encoder.names)}")
@@ -264,25 +272,11 @@ def sampled(inference_id: pa.Array, rate: float) -> np.ndarray:
     _, offsets, data = inference_id.buffers()
     offsets = np.frombuffer(offsets, np.int32, n + 1, inference_id.offset * 4)
     data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    from ._compiled import fnv1a  # numba: imported by a model that uses explanations only
+
     hashes = np.empty(n, np.uint64)
-    _fnv1a(offsets, data, hashes)
+    fnv1a(offsets, data, hashes)
     return hashes < np.uint64(min(rate, 1.0) * 18446744073709549568.0)  # the largest float64 below 2^64
-
-
-@numba.njit(cache=True, nogil=True)
-def _fnv1a(offsets, data, out):
-    for i in range(len(out)):
-        h = np.uint64(14695981039346656037)
-        for b in data[offsets[i]:offsets[i + 1]]:
-            h = (h ^ np.uint64(b)) * np.uint64(1099511628211)
-        # MurmurHash3's finaliser: FNV-1a's high bits barely move between ids that
-        # differ in their last characters (inf-0001, inf-0002, ...), and the high bits decide
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xFF51AFD7ED558CCD)
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xC4CEB9FE1A85EC53)
-        h ^= h >> np.uint64(33)
-        out[i] = h
 
 
 def _parameters(config: dict) -> dict:

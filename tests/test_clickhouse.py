@@ -251,13 +251,21 @@ def test_dropping_a_model_deletes_its_rows_and_view_only(tables):
 
 def test_storage_columns_line_up_with_the_arrow_rows():
     table = enrich(rows_for(SPEC, 5), {}, 0)
-    # the table's own columns, the model's slots, then what each enrichment declares for it
-    assert table.column_names == list(FIXED_COLUMNS) + [f"n{i}" for i in range(10)] + ["c0", "c1"] + \
-        ["anomaly_score", "anomaly_detection_version"] + \
-        [f"explanation_n{i}" for i in range(10)] + ["explanation_c0"] + \
-        ["explanation_base_value", "explanation_output", "explainability_version"]
+    # the table's own columns and the model's slots; no enrichment is serving, so none of
+    # their columns is written (the insert leaves them NULL: the view shows NULL)
+    assert table.column_names == list(FIXED_COLUMNS) + [f"n{i}" for i in range(10)] + ["c0", "c1"]
     assert table.schema.field("n0").type == pa.float64()
-    assert table.schema.field("anomaly_detection_version").type == pa.uint32()
+    # with anomaly detection serving: its columns, and still none of the explanations'
+    from enricher.serving import Active
+    from models import ENRICHMENTS
+    from models.reference import normalise
+
+    fitted = ENRICHMENTS["anomaly_detection"].fit(SPEC, normalise(SPEC, sample.reference_table(500)),
+                                                  {"n_estimators": 5})
+    table = enrich(rows_for(SPEC, 5), {"anomaly_detection": Active("anomaly_detection", 3, fitted)}, 0)
+    assert table.column_names[-2:] == ["anomaly_score", "anomaly_detection_version"]
+    assert table.column("anomaly_detection_version").to_pylist() == [3] * 5
+    assert not any(c.startswith("explanation") for c in table.column_names)
 
 
 @pytest.mark.parametrize("bad", ["a`b", "x; DROP TABLE y", "", "1; --", "a b"])
