@@ -73,10 +73,7 @@ class AnomalyDetection:
         return AnomalyArtifact(encoder, CompactForest.from_sklearn(forest), params)
 
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> AnomalyArtifact:
-        encoder = FeatureEncoder.from_json(json.loads(blobs["encoder.json"]))
-        if encoder.names != spec.feature_names:
-            raise ValueError(f"artifact was trained on features {encoder.names}, "
-                             f"the model now has {spec.feature_names}: retrain it")
+        encoder = FeatureEncoder.for_spec(json.loads(blobs["encoder.json"]), spec)
         forest = CompactForest.from_bytes(blobs["forest.npz"])
         if forest.n_features != len(encoder.names):
             raise ValueError(f"forest has {forest.n_features} features, the encoder {len(encoder.names)}")

@@ -86,6 +86,15 @@ class FeatureEncoder:
                 "categories": self.categories, "frequencies": self.frequencies, "categorical": self.categorical}
 
     @classmethod
+    def for_spec(cls, doc: dict, spec: ModelSpec) -> "FeatureEncoder":
+        """An artifact's encoder, refused if the model's features have changed since it was fitted."""
+        encoder = cls.from_json(doc)
+        if encoder.names != spec.feature_names:
+            raise ValueError(f"artifact was trained on features {encoder.names}, "
+                             f"the model now has {spec.feature_names}: retrain it")
+        return encoder
+
+    @classmethod
     def from_json(cls, doc: dict) -> "FeatureEncoder":
         return cls(doc["names"], doc["kinds"], doc["medians"], doc["categories"], doc["frequencies"],
                    doc.get("categorical", "frequency"))

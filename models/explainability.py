@@ -243,10 +243,7 @@ class Explainability:
 
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> ExplainabilityArtifact:
         doc = json.loads(blobs["surrogate.json"])
-        encoder = FeatureEncoder.from_json(doc["encoder"])
-        if encoder.names != spec.feature_names:
-            raise ValueError(f"artifact was trained on features {encoder.names}, "
-                             f"the model now has {spec.feature_names}: retrain it")
+        encoder = FeatureEncoder.for_spec(doc["encoder"], spec)
         from .treeshap import TreeEnsemble
 
         ensemble = TreeEnsemble.from_bytes(blobs["ensemble.npz"])

@@ -18,32 +18,23 @@ class ReferenceError(ValueError):
     """Reference data that does not fit the model's schema; says which column and why."""
 
 
+# A reference file is read whole (Arrow reads Parquet and CSV from memory); past this, ask for a sample.
+MAX_REFERENCE_BYTES = 8 << 30
+
+
 def read_table(path: str | Path) -> pa.Table:
     """A .parquet or .csv file: a local path, or a URL pyarrow.fs reads (s3://bucket/key?endpoint_override=...)."""
     text = str(path)
     suffix = Path(text.split("?", 1)[0]).suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv"):
         raise ReferenceError(f"reference file {text!r}: use a .parquet or .csv file")
-    if "://" in text:
-        import pyarrow.fs as pafs
-
+    data = pa.BufferReader(read_bytes(text, "reference file", MAX_REFERENCE_BYTES))
+    try:
+        return pq.read_table(data) if suffix != ".csv" else pacsv.read_csv(data)
+    except pa.ArrowException as exc:
         from .artifact import redact
 
-        try:
-            fs, inner = pafs.FileSystem.from_uri(text)
-            with fs.open_input_file(inner) as fh:
-                return pq.read_table(fh) if suffix != ".csv" else pacsv.read_csv(fh)
-        except FileNotFoundError:
-            raise ReferenceError(f"reference file {redact(text)!r} does not exist") from None
-        except (pa.ArrowException, OSError) as exc:
-            raise ReferenceError(f"reference file {redact(text)!r} could not be read: {exc}") from exc
-    local = Path(text)
-    if not local.is_file():
-        raise ReferenceError(f"reference file {text!r} does not exist")
-    try:
-        return pq.read_table(local) if suffix != ".csv" else pacsv.read_csv(local)
-    except pa.ArrowException as exc:
-        raise ReferenceError(f"reference file {text!r} could not be read: {exc}") from exc
+        raise ReferenceError(f"reference file {redact(text)!r} could not be read: {exc}") from exc
 
 
 def read_bytes(location: str | Path, what: str, limit: int) -> bytes:

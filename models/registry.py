@@ -256,6 +256,7 @@ def _write_json(path: Path, doc: dict) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
+    """Whole or not at all: a temporary file of this call's own, then a rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -268,13 +269,4 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Whole or not at all: a temporary file of this call's own, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    _write_bytes(path, text.encode())
