@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -183,8 +184,9 @@ def run_pipe(kind: str, n: int, tmp: Path, extra: list[str], messages: list[byte
 def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrichment: bool,
                model_ids: list[str], fitted, extra_env: dict | None = None,
                hostile: list[tuple[bytes, str | None]] | None = None, code: Path | None = None,
-               explained=None) -> dict:
-    """`code`: a checkout of another release, whose worker runs instead of this one."""
+               explained=None, analysts: int = 0) -> dict:
+    """`code`: a checkout of another release, whose worker runs instead of this one.
+    `analysts`: that many callers send heavy queries to /query, one after another, while the stream runs."""
     data_dir = tmp / f"worker-{time.time_ns()}"
     data_dir.mkdir()
     prepare_models(data_dir, model_ids, enrichment, fitted, explained)
@@ -194,15 +196,49 @@ def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrich
                                      inference_topic="bench", dlq_topic="bench-dlq", session_timeout=6.0,
                                      topic_partitions=4)
         worker = WorkerProcess(settings, log_path=data_dir / "worker.log", extra_env=extra_env, cwd=code).start()
+        done = threading.Event()
+        answers: list[int] = []
+        callers = [threading.Thread(target=_analyst, args=(worker, done, answers), daemon=True)
+                   for _ in range(analysts)]
+        [c.start() for c in callers]
         try:
             # Timed by the worker itself: from taking its first batch to acknowledging its last.
             status = worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= n_rows, timeout=900)
             rss = peak_rss_mb(worker.process.pid)
         finally:
+            done.set()
             worker.stop()
+            [c.join() for c in callers]
     seconds = status["last_batch_at"] - status["first_batch_at"]
-    return {"rows": n_rows, "messages": sent, "rows_per_second": n_rows / seconds, "peak_rss_mb": round(rss, 1),
-            "seconds": seconds}
+    out = {"rows": n_rows, "messages": sent, "rows_per_second": n_rows / seconds, "peak_rss_mb": round(rss, 1),
+           "seconds": seconds}
+    if analysts:
+        out["queries"] = {str(code): answers.count(code) for code in sorted(set(answers))}
+    return out
+
+
+# A query an analyst may well send: the model's rows joined with themselves (quadratic in the rows).
+HEAVY_QUERY = (f"SELECT count() FROM enricher.{sample.MODEL_ID} AS a, enricher.{sample.MODEL_ID} AS b "
+               "WHERE a.f0 > b.f0 + a.f1")
+
+
+def _analyst(worker, done: threading.Event, answers: list) -> None:
+    """Sends HEAVY_QUERY to /query again as soon as each answer comes (200, 400 at the time limit, or 429)."""
+    import urllib.error
+    import urllib.request
+
+    while not done.is_set():
+        req = urllib.request.Request(worker.url + "/query", data=json.dumps({"sql": HEAVY_QUERY}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                answers.append(resp.status)
+        except urllib.error.HTTPError as exc:
+            answers.append(exc.code)
+            if exc.code == 429:
+                done.wait(0.2)
+        except OSError:
+            done.wait(0.2)
 
 
 def run_latency(tmp: Path, rate: float, seconds: float, fitted) -> dict:
@@ -273,7 +309,7 @@ def run_toggle_to_first_row(tmp: Path, rate: float = 1000.0) -> dict:
     with EmbeddedBroker(port=free_port()) as broker:
         settings = Settings.from_env(env={}, data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
                                      inference_topic="bench", dlq_topic="bench-dlq", session_timeout=6.0,
-                                     topic_partitions=4)
+                                     topic_partitions=4, reference_roots=str(data_dir))
         ensure_topics(settings)
         worker = WorkerProcess(settings, log_path=data_dir / "worker.log").start()
         trigger = TriggerProcess(settings, log_path=data_dir / "trigger.log").start()
@@ -545,6 +581,9 @@ def targets(results: dict) -> list[dict]:
     d = results.get("hot_swap", {}).get("lowest_vs_steady")
     target("hot swap under full load: no 2-s window below 90% of steady throughput", d, f"{d or 0:.0%}",
            (d or 0) >= 0.9)
+    r = ratio("worker_json_batches_anomaly_under_queries", "worker_json_batches_anomaly")
+    target("four analysts' heavy queries on /query meanwhile: >= 80% of the stream's rate alone", r,
+           f"{r or 0:.0%}", (r or 0) >= 0.8)
     r = ratio("worker_json_batches_anomaly_hostile", "worker_json_batches_anomaly")
     target("hostile messages mid-stream (1 per 2 batches): >= 90% of the clean stream's throughput", r,
            f"{r or 0:.0%}", (r or 0) >= 0.9)
@@ -625,6 +664,9 @@ def main() -> int:
             # anomaly detection and exact explanations on every row (a surrogate of 100 trees, depth 4)
             ("worker_json_batches_anomaly_explain",
              lambda: run_worker(n, tmp, messages, "json", True, single, fitted, explained=explained())),
+            # the same while four analysts send heavy queries to /query, one after another
+            ("worker_json_batches_anomaly_under_queries",
+             lambda: run_worker(n, tmp, messages, "json", True, single, fitted, analysts=4)),
             # the same JSON batches with one hostile message (tests/hostile.py) after every two of them
             ("worker_json_batches_anomaly_hostile",
              lambda: run_worker(n + poison_rows, tmp, messages, "json", True, single, fitted, hostile=poison)),

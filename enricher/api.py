@@ -6,8 +6,10 @@ Who may call what is decided here, in one place:
   token is configured (compared in constant time); a worker whose server
   binds anything but loopback refuses to start without a token, unless
   `ENRICHER_HTTP_INSECURE=1` says so (check_exposure);
-- `POST /query` runs only what sqlguard.check lets through, with the time and
-  result-size limits of ENRICHER_QUERY_MAX_SECONDS and ENRICHER_QUERY_MAX_ROWS.
+- `POST /query` runs only what the guard plans on the engine's own tree
+  (sqlguard.py), in its own bounded pool, under limits the engine enforces
+  (queries.py); on a ClickHouse server it is off unless ENRICHER_QUERY_ENDPOINT=on,
+  and then runs as the read-only ENRICHER_QUERY_USER.
 Faust's own web pages (graph, router, tables, stats) are switched off: the
 server serves these endpoints and nothing else. With ENRICHER_HTTP_TLS_CERT
 and ENRICHER_HTTP_TLS_KEY it speaks HTTPS.
@@ -19,23 +21,22 @@ import asyncio
 import logging
 import hmac
 import ipaddress
-import json
 import ssl
-from datetime import date, datetime
-from decimal import Decimal
 
 import faust
+from aiohttp import web as aioweb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.registry import UnknownModel
 from models.spec import SpecError, check_model_id
 
-from .clickhouse import EnrichedTables, connect, run_query
+from .clickhouse import EnrichedTables, connect
 from .config import ConfigError, Settings
 from .control import ControlPlane, RequestError
 from .drift import DriftService
 from .explain import OnDemand
-from .sqlguard import QueryRefused, check, limits
+from .queries import QueryBusy, QueryPool, QueryRunner
+from .sqlguard import QueryRefused
 
 log = logging.getLogger(__name__)
 UNAUTHORISED = {"error": "missing or wrong bearer token (Authorization: Bearer $ENRICHER_API_TOKEN)"}
@@ -87,43 +88,20 @@ def authorised(settings: Settings, request) -> bool:
     return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
-def jsonable(value):
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
+def body_error(exc: Exception, example: str = "") -> dict:
+    """What to fix in a request body aiohttp could not read as JSON (too large, or not JSON)."""
+    if isinstance(exc, aioweb.HTTPRequestEntityTooLarge):
+        return {"error": f"the body is larger than the {MAX_BODY_BYTES:,}-byte (1 MiB) cap: send less", "field": ""}
+    return {"error": f"body must be JSON{example}", "field": ""}
 
 
-class QueryRunner:
-    """Checked, limited, read-only queries over the enriched tables (one client per thread)."""
-
-    def __init__(self, settings: Settings):
-        import threading
-
-        self.settings = settings
-        self.server = not settings.clickhouse_url.startswith("chdb:")
-        self._local = threading.local()
-
-    def run(self, sql: str) -> tuple[list[str], list]:
-        check(sql, self.settings.clickhouse_database)
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = connect(self.settings)
-        return run_query(client, sql, settings=limits(self.settings, self.server))
-
-    def close(self) -> None:
-        client = getattr(self._local, "client", None)
-        if client is not None:
-            client.close()
-            self._local.client = None
+# aiohttp's own cap on a request body (client_max_size), which Faust leaves at its default.
+MAX_BODY_BYTES = 1024 ** 2
 
 
 def install(app: faust.App, settings: Settings, control: ControlPlane, serving, progress) -> None:
     """The endpoints, on the worker's Faust app."""
-    queries = QueryRunner(settings)
+    queries = QueryPool(QueryRunner(settings), settings.query_concurrency, settings.query_queue)
 
     def refuse(view, request):
         return None if authorised(settings, request) else view.json(UNAUTHORISED, status=401)
@@ -137,8 +115,9 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
         if write:
             try:
                 body = await request.json()
-            except Exception:  # noqa: BLE001 - aiohttp raises JSONDecodeError, ContentTypeError, ...
-                return view.json({"error": "body must be JSON", "field": ""}, status=400)
+            except Exception as exc:  # noqa: BLE001 - aiohttp raises JSONDecodeError, ContentTypeError, ...
+                return view.json(body_error(exc), status=413 if isinstance(
+                    exc, aioweb.HTTPRequestEntityTooLarge) else 400)
         try:
             result = await asyncio.to_thread(work, body)
         except RequestError as exc:
@@ -267,18 +246,33 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
             denied = refuse(self, request)
             if denied is not None:
                 return denied
+            if not settings.query_endpoint_on:
+                return self.json({"error": "the query endpoint is off with a ClickHouse server: query it with your "
+                                           "own ClickHouse user (e.g. Grafana's ClickHouse data source), or set "
+                                           "ENRICHER_QUERY_ENDPOINT=on with ENRICHER_QUERY_USER"}, status=404)
+            example = " {\"sql\": \"SELECT ...\"}"
             try:
                 body = await request.json()
-                sql = body["sql"]
-                if not isinstance(sql, str):
-                    raise TypeError
-            except Exception:  # noqa: BLE001 - any malformed body gets the same answer
-                return self.json({"error": "body must be JSON {\"sql\": \"SELECT ...\"}"}, status=400)
+            except Exception as exc:  # noqa: BLE001 - any malformed body gets the same answer
+                return self.json(body_error(exc, example), status=413 if isinstance(
+                    exc, aioweb.HTTPRequestEntityTooLarge) else 400)
+            sql = body.get("sql") if isinstance(body, dict) else None
+            if not isinstance(sql, str) or set(body) != {"sql"}:
+                return self.json({"error": f"body must be JSON{example} (one key, sql, a string)"}, status=400)
             try:
-                columns, rows = await asyncio.to_thread(queries.run, sql)
+                chunks = await queries.run(sql)
+            except QueryBusy as busy:
+                return self.json({"error": f"{settings.query_concurrency} queries are running and "
+                                           f"{settings.query_queue} waiting: try again in {busy.retry_after} s"},
+                                 status=429, headers={"Retry-After": str(busy.retry_after)})
             except QueryRefused as exc:
                 return self.json({"error": f"query refused: {exc}"}, status=400)
             except Exception as exc:  # noqa: BLE001 - the engine's own message, for the caller to fix
                 return self.json({"error": str(exc)[:2000]}, status=400)
-            return self.bytes(json.dumps({"columns": columns, "rows": rows}, default=jsonable).encode(),
-                              content_type="application/json")
+            # Encoded in the pool's thread; written here piece by piece.
+            response = aioweb.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for chunk in chunks:
+                await response.write(chunk)
+            await response.write_eof()
+            return response

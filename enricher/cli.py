@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import ConfigError, Settings
 from .errors import UserError
-from .query import format_table, query
+from .query import ask, format_table
 
 EXIT_USAGE = 2
 
@@ -387,16 +387,28 @@ def cmd_produce(args) -> int:
     return 0
 
 
+def cmd_schema(args) -> int:
+    from .queries import query_user_ddl
+
+    for statement in query_user_ddl(_settings(args)):
+        print(statement + ";")
+    return 0
+
+
 def cmd_query(args) -> int:
     settings = _settings(args)
-    columns, rows = query(settings, args.sql)
+    answer = ask(settings, args.sql)
+    columns, rows = answer.columns, answer.rows
     if args.format == "json":
-        from .api import jsonable
+        from .queries import jsonable
 
         for row in rows:
             print(json.dumps(dict(zip(columns, row)), default=jsonable))
     else:
         print(format_table(columns, rows))
+    if answer.truncated:
+        print(f"(cut at {answer.row_limit:,} rows: ENRICHER_QUERY_MAX_ROWS; add a LIMIT or aggregate)",
+              file=sys.stderr)
     return 0
 
 
@@ -523,6 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("sql")
     q.add_argument("--format", choices=["table", "json"], default="table")
     q.set_defaults(func=cmd_query)
+
+    sc = sub.add_parser("schema", help="SQL for a DBA to review and run on a ClickHouse server")
+    sc.add_argument("--query-user", action="store_true", required=True,
+                    help="the read-only user /query runs as on a server (ENRICHER_QUERY_USER, its password from "
+                         "ENRICHER_QUERY_PASSWORD[_FILE]): settings profile with fixed limits, role, grants, user")
+    sc.set_defaults(func=cmd_schema)
 
     d = sub.add_parser("demo", help="the whole flow on the embedded default, then a summary")
     d.add_argument("--inferences", type=int, default=100_000)

@@ -155,21 +155,32 @@ def literal(model_id: str) -> str:
     return f"'{check_model_id(model_id)}'"
 
 
-def connect(settings: Settings):
-    """A clickhouse-connect client for the configured URL (reads go through api.QueryRunner,
-    which checks them and sets their limits)."""
+def connect(settings: Settings, database: str = "default", username: str | None = None,
+            password: str | None = None, session_settings: dict | None = None):
+    """A clickhouse-connect client for the configured URL. Analyst reads go
+    through queries.QueryRunner, which opens one per query with `database`
+    current and `session_settings` in its session (on the embedded engine,
+    SET on the connection; on a server, sent with every request), or as the
+    query user (`username`, `password`) whose settings profile holds them."""
     url = settings.clickhouse_url
     parts = urlsplit(url)
     if parts.scheme == "chdb":
         path = unquote(parts.netloc + parts.path)
-        return clickhouse_connect.get_client(interface="chdb", path=path)
-    password = unquote(parts.password or "") or settings.clickhouse_password or ""
+        extra = {"database": database} if database != "default" else {}
+        return clickhouse_connect.get_client(interface="chdb", path=path, settings=session_settings, **extra)
+    # An analyst query may take its own time limit; an insert may not take longer than the store timeout.
+    analyst = username is not None or session_settings is not None
+    timeout = max(settings.clickhouse_timeout, settings.query_max_seconds + 5) if analyst else settings.clickhouse_timeout
+    if username is None:
+        username = unquote(parts.username or "default")
+        password = unquote(parts.password or "") or settings.clickhouse_password or ""
     # A store that accepts and never answers must fail the insert, not hold it forever.
     return clickhouse_connect.get_client(
         interface=parts.scheme, host=parts.hostname, port=parts.port,
-        username=unquote(parts.username or "default"), password=password,
-        database="default", connect_timeout=min(10.0, settings.clickhouse_timeout),
-        send_receive_timeout=settings.clickhouse_timeout)
+        username=username, password=password or "", database=database,
+        connect_timeout=min(10.0, settings.clickhouse_timeout),
+        send_receive_timeout=timeout,
+        settings=session_settings)
 
 
 def view_columns(spec: ModelSpec) -> list[tuple[str, str]]:
@@ -364,8 +375,3 @@ class EnrichedTables:
         for table in (self.table, self.labels):
             self.client.command(f"ALTER TABLE {table} DELETE {where} SETTINGS mutations_sync = 2")
         self.schema.views.pop(model_id, None)
-
-
-def run_query(client, sql: str, settings: dict | None = None) -> tuple[list[str], list[tuple]]:
-    result = client.query(sql, settings=settings)
-    return list(result.column_names), [tuple(r) for r in result.result_rows]

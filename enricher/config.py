@@ -103,6 +103,19 @@ class Settings:
     shutdown_grace: float = 30.0
     query_max_seconds: float = 30.0
     query_max_rows: int = 100_000
+    query_max_memory: int = 512 * 1024 * 1024   # bytes one analyst query may hold in the engine
+    query_max_threads: int = 1                  # engine threads per analyst query
+    query_max_rows_read: int = 1_000_000_000    # rows one analyst query may read from the tables
+    query_max_result_bytes: int = 256 * 1024 * 1024
+    query_concurrency: int = 2                  # analyst queries running at once (their own pool)
+    query_queue: int = 8                        # more waiting; past that HTTP 429
+    query_endpoint: str = "auto"                # /query: on, off, or auto (on for the embedded store only)
+    query_user: str | None = None               # on a server: the read-only user /query runs as
+    query_password: str | None = field(default=None, repr=False)
+    reference_roots: str = ""                   # directories the API may read references and model files from
+    object_store_endpoint: str = ""             # host:port of the object store s3:// locations name (default: AWS)
+    object_store_scheme: str = ""               # http or https (default https)
+    object_store_region: str = ""
     refresh_interval: float = 2.0
     artifact_key: bytes | None = field(default=None, repr=False)
     runner: str = "local"                # where training runs: local processes or an Argo Server
@@ -228,7 +241,22 @@ class Settings:
             return False
         return self.argo_ca_file or True
 
+    @property
+    def query_endpoint_on(self) -> bool:
+        """Whether the worker serves /query: on the embedded store by default, on a server only when asked."""
+        if self.query_endpoint == "auto":
+            return self.clickhouse_url.startswith("chdb:")
+        return self.query_endpoint == "on"
+
     def validate(self) -> None:
+        if self.query_endpoint not in ("auto", "on", "off"):
+            raise ConfigError(f"ENRICHER_QUERY_ENDPOINT={self.query_endpoint!r}: use on, off or auto")
+        if self.query_user and not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", self.query_user):
+            raise ConfigError(f"ENRICHER_QUERY_USER={self.query_user!r}: use letters, digits and _ only")
+        if self.query_endpoint == "on" and not self.clickhouse_url.startswith("chdb:") and not self.query_user:
+            raise ConfigError("ENRICHER_QUERY_ENDPOINT=on with a ClickHouse server needs ENRICHER_QUERY_USER (and "
+                              "ENRICHER_QUERY_PASSWORD or ENRICHER_QUERY_PASSWORD_FILE): a read-only user whose "
+                              "grants and settings profile confine the queries (enricher schema --query-user)")
         if self.runner not in ("local", "argo"):
             raise ConfigError(f"ENRICHER_RUNNER={self.runner!r}: use local or argo")
         if self.runner == "argo" and not self.argo_url.startswith(("http://", "https://")):
@@ -304,6 +332,19 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "shutdown_grace": ("ENRICHER_SHUTDOWN_GRACE", "float", 1),
     "query_max_seconds": ("ENRICHER_QUERY_MAX_SECONDS", "float", 0.1),
     "query_max_rows": ("ENRICHER_QUERY_MAX_ROWS", "int", 1),
+    "query_max_memory": ("ENRICHER_QUERY_MAX_MEMORY", "int", 16 * 1024 * 1024),
+    "query_max_threads": ("ENRICHER_QUERY_MAX_THREADS", "int", 1),
+    "query_max_rows_read": ("ENRICHER_QUERY_MAX_ROWS_READ", "int", 1),
+    "query_max_result_bytes": ("ENRICHER_QUERY_MAX_RESULT_BYTES", "int", 1024 * 1024),
+    "query_concurrency": ("ENRICHER_QUERY_CONCURRENCY", "int", 1),
+    "query_queue": ("ENRICHER_QUERY_QUEUE", "int", 0),
+    "query_endpoint": ("ENRICHER_QUERY_ENDPOINT", "lower", None),
+    "query_user": ("ENRICHER_QUERY_USER", "str", None),
+    "query_password": ("ENRICHER_QUERY_PASSWORD", "secret", None),
+    "reference_roots": ("ENRICHER_REFERENCE_ROOTS", "str", None),
+    "object_store_endpoint": ("ENRICHER_OBJECT_STORE_ENDPOINT", "str", None),
+    "object_store_scheme": ("ENRICHER_OBJECT_STORE_SCHEME", "lower", None),
+    "object_store_region": ("ENRICHER_OBJECT_STORE_REGION", "str", None),
     "refresh_interval": ("ENRICHER_REFRESH_INTERVAL", "float", 0.1),
     "artifact_key": ("ENRICHER_ARTIFACT_KEY", "secret", None),
     "artifact_store_url": ("ENRICHER_ARTIFACT_STORE", "str", None),

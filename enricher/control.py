@@ -24,6 +24,7 @@ from models.registry import ModelRegistry, UnknownModel
 from models.spec import ModelSpec, SpecError, check_model_id
 
 from .config import Settings
+from .locations import LocationRefused, Locations
 
 log = logging.getLogger("enricher.control")
 
@@ -77,10 +78,14 @@ class ControlEvents:
 
 
 class ControlPlane:
-    def __init__(self, registry: ModelRegistry, store: ArtifactStore, events: ControlEvents | None = None):
+    def __init__(self, registry: ModelRegistry, store: ArtifactStore, events: ControlEvents | None = None,
+                 locations: Locations | None = None):
+        """`locations`: where a remote caller may point reference data and model
+        files (locations.py); None for the operator's own in-process calls."""
         self.registry = registry
         self.store = store
         self.events = events
+        self.locations = locations
 
     @classmethod
     def from_settings(cls, settings: Settings, announce: bool = True) -> "ControlPlane":
@@ -166,13 +171,21 @@ class ControlPlane:
         if not isinstance(reference, str) or not reference:
             raise RequestError("reference: the location of the reference data (.parquet or .csv), a string",
                                "reference")
+        model_file = body.get("model_file")
+        if self.locations is not None:
+            try:
+                reference = self.locations.resolve(reference, "reference")
+                if model_file is not None:
+                    model_file = self.locations.resolve(model_file, "model_file")
+            except LocationRefused as exc:
+                raise RequestError(str(exc), str(exc).split(":", 1)[0]) from None
         with self.registry.locked():
-            return self._put_model(model_id, body, reference)
+            return self._put_model(model_id, body, reference, model_file)
 
-    def _put_model(self, model_id: str, body: dict, reference: str) -> tuple[bool, dict]:
+    def _put_model(self, model_id: str, body: dict, reference: str, model_file: str | None) -> tuple[bool, dict]:
         created = model_id not in self.registry.ids()
         try:
-            self.registry.register(model_id, body["schema"], reference, body.get("model_file"))
+            self.registry.register(model_id, body["schema"], reference, model_file)
         except (SpecError, ReferenceError, FileNotFoundError, OSError) as exc:
             text = str(exc)
             if text.startswith("model_file:") or text.startswith("model file"):

@@ -90,7 +90,9 @@ def run_demo(args) -> int:
     try:
         settings = Settings.from_env(data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
                                      session_timeout=6.0, max_message_bytes=max_bytes, refresh_interval=0.5,
-                                     clickhouse_url=f"chdb://{data_dir / 'clickhouse'}")
+                                     clickhouse_url=f"chdb://{data_dir / 'clickhouse'}",
+                                     # the reference is registered through the worker's API: from here only
+                                     reference_roots=str(data_dir))
         say(f"   broker at {broker.url}")
 
         say("== 2/7 start a worker (enricher worker) and the trigger (enricher trigger, local runner)")

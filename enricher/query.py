@@ -17,10 +17,19 @@ from .errors import UserError
 
 
 def query(settings: Settings, sql: str) -> tuple[list[str], list]:
+    """Columns and rows of a read-only query (see `ask`)."""
+    answer = ask(settings, sql)
+    return answer.columns, answer.rows
+
+
+def ask(settings: Settings, sql: str):
     """Run a read-only query: directly, or through the running worker that
     holds the embedded store (chDB allows one process per data directory).
-    Either way the same rules apply (enricher/sqlguard.py): reads of the
-    enriched tables only, within the query limits."""
+    Either way the same rules apply (sqlguard.py, queries.py): reads of the
+    enriched tables only, within the query limits; the answer says whether
+    rows were cut at ENRICHER_QUERY_MAX_ROWS."""
+    from .queries import Answer
+
     worker = running_worker(settings)
     if worker:
         req = urllib.request.Request(worker + "/query", data=json.dumps({"sql": sql}).encode(),
@@ -28,7 +37,7 @@ def query(settings: Settings, sql: str) -> tuple[list[str], list]:
         if settings.api_token:
             req.add_header("Authorization", f"Bearer {settings.api_token}")
         try:
-            with urllib.request.urlopen(req, timeout=300) as resp:
+            with urllib.request.urlopen(req, timeout=settings.query_max_seconds + 300) as resp:
                 doc = json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             body = exc.read()
@@ -37,21 +46,18 @@ def query(settings: Settings, sql: str) -> tuple[list[str], list]:
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {exc.code}: {body[:200].decode('utf-8', 'replace')}"
             raise UserError(f"query through the running worker at {worker} failed: {message}") from None
-        return doc["columns"], doc["rows"]
+        return Answer(doc["columns"], doc["rows"], bool(doc.get("truncated")), doc.get("row_limit"))
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    from .api import QueryRunner
+    from .queries import QueryRunner
     from .sqlguard import QueryRefused
 
-    runner = QueryRunner(settings)
     try:
-        return runner.run(sql)
+        return QueryRunner(settings).run(sql)
     except QueryRefused as exc:
         raise UserError(f"query refused: {exc}") from None
     except ClickHouseError as exc:
         raise UserError(f"ClickHouse refused the query: {exc}") from None
-    finally:
-        runner.close()
 
 
 def store_tables(settings: Settings):

@@ -1,41 +1,42 @@
 """What a query through `/query` or `enricher query` may do: read the enriched tables, nothing else.
 
-ClickHouse's own `readonly` is no confinement in the embedded engine (in
-chDB 4.4 a query under `readonly=2` still reads `file('/etc/passwd')`,
-reaches `url(...)` and runs `INSERT INTO FUNCTION file(...)`), and a server
-honours it only as far as its users and grants are set up. So every query is
-checked here first, the same way for both, with sqlglot's ClickHouse parser:
+Decided on what the engine itself will run, never on a second reading of the
+caller's text (a guard with its own SQL parser was escaped by the quotes and
+dashes ClickHouse's lexer reads differently; see docs/reliability.md):
 
-- one statement: a SELECT (with WITH, UNION, subqueries, joins), or
-  DESCRIBE of a table;
-- every table it reads is a model's view in the enriched database, the
-  storage tables in `<database>_store` (`enriched`, `labels`), or a name the query itself
-  defines (WITH); no table functions (`file`, `url`, `s3`, `remote`,
-  `executable`, `Python`, `input`, `merge`, `numbers`...), no other database
-  (`system`, `default`, ...);
-- every function it calls is on an allow-list of functions that compute on
-  values (arithmetic, comparisons, dates, strings, arrays, aggregates and
-  their combinators); a function that reaches files, dictionaries, URLs,
-  other servers, settings or the process is not on it;
-- no SETTINGS, FORMAT or INTO OUTFILE clause.
+1. The engine's own parser makes the caller's text canonical:
+   `formatQuerySingleLine` with the text as a query *parameter* parses it
+   without running it, refuses several statements, and prints the one
+   statement in canonical ASCII form (comments gone, every quote and
+   heredoc rewritten). The caller's text is never run.
+2. The canonical SELECT is wrapped as `SELECT * FROM (<canonical>) LIMIT
+   <row limit + 1>`: the engine stops at the limit, however many rows one
+   block holds, and the extra row tells us the answer was cut. A DESCRIBE is
+   run as it is.
+3. The engine's parser shows us its tree of exactly that wrapped text
+   (`EXPLAIN AST`, after `formatQuerySingleLine` has said the EXPLAIN is one
+   statement), and the tree is allow-listed: node kinds of a read only
+   (no SETTINGS, FORMAT, INTO OUTFILE, query parameters, APPLY); table
+   references only to the models' views (`<database>.<model_id>`) and the
+   storage tables they, labels and drift reports read; no table function; a
+   name without a database only as a name the engine looks up in the views'
+   database (the session's current database, see queries.py); `IN` only over
+   values or a subquery, not a table's name; every function on an
+   allow-list of functions that compute on values.
+4. That same wrapped text is what runs, on a fresh connection whose session
+   carries the limits (queries.py): nothing is normalised in between.
 
-Then it runs with a time limit and a result-size limit (and, on a server,
-`readonly=2`, so the server refuses writes too).
+The allow-list reads the engine's tree dump, whose names are printed raw. A
+name that prints like an allowed one but is not (a quoted name holding a dot,
+a space or a newline) is a name the engine will not find when it runs the
+query, so it fails there, before anything is read; a line the dump grammar
+below does not explain refuses the query.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-
-import sqlglot
-from sqlglot import exp
-from sqlglot.errors import ParseError, TokenError
-from sqlglot.tokens import TokenType
-
-
-# sqlglot warns when it falls back to a raw Command (SHOW, SYSTEM, ...): those are refused anyway.
-logging.getLogger("sqlglot").setLevel(logging.ERROR)
+from dataclasses import dataclass, field
 
 
 class QueryRefused(ValueError):
@@ -43,13 +44,15 @@ class QueryRefused(ValueError):
 
 
 # ClickHouse functions a query may call, lower-cased. Aggregates also take
-# the combinators below (countIf, uniqExactIf, quantilesState, ...).
+# the combinators below (countIf, uniqExactIf, quantilesState, ...). Nothing
+# here reads files, URLs, dictionaries, other servers, settings or the process.
 ALLOWED_FUNCTIONS = frozenset(f.lower() for f in """
     abs acos asin atan atan2 cbrt ceil ceiling cos cosh degrees e erf exp exp10 exp2 floor intdiv
     intdivorzero ln log log10 log1p log2 modulo moduloorzero negate pi pow power radians round
     roundbankers roundtoexp2 sign sin sinh sqrt tan tanh trunc truncate plus minus multiply divide
-    greatest least if multiif coalesce ifnull isnull isnotnull nullif assumenotnull tonullable isfinite
-    isinfinite isnan equals notequals less greater lessorequals greaterorequals and or not xor in notin
+    greatest least if multiif casewithexpression coalesce ifnull isnull isnotnull nullif assumenotnull
+    tonullable isfinite isinfinite isnan equals notequals less greater lessorequals greaterorequals and or
+    not xor in notin exists lambda
     cast tostring tofixedstring tofloat32 tofloat64 toint8 toint16 toint32 toint64 touint8 touint16
     touint32 touint64 todecimal32 todecimal64 tofloat64ornull tofloat64orzero toint64ornull touint32ornull
     todate todate32 todatetime todatetime64 todateornull todatetimeornull totypename tobool
@@ -63,7 +66,7 @@ ALLOWED_FUNCTIONS = frozenset(f.lower() for f in """
     toyyyymmdd toyyyymmddhhmmss addseconds addminutes addhours adddays addweeks addmonths addyears
     subtractseconds subtractminutes subtracthours subtractdays subtractweeks subtractmonths
     subtractyears tointervalsecond tointervalminute tointervalhour tointervalday tointervalweek
-    tointervalmonth tointervalyear timeslot timeslots
+    tointervalmonth tointervalquarter tointervalyear timeslot timeslots
     length lengthutf8 empty notempty lower upper lowerutf8 upperutf8 reverse concat concatws substring
     substr substringutf8 left right trim trimleft trimright ltrim rtrim startswith endswith position
     positioncaseinsensitive locate like notlike ilike notilike match extract extractall replaceone
@@ -72,7 +75,7 @@ ALLOWED_FUNCTIONS = frozenset(f.lower() for f in """
     tovalidutf8 countsubstrings
     array arrayjoin arrayconcat arrayelement has hasall hasany indexof countequal arraycount arraysum
     arrayavg arraymin arraymax arraymap arrayfilter arraysort arrayreversesort arraydistinct arrayuniq
-    arrayslice arrayreverse arrayenumerate arrayzip arrayflatten arrayreduce arraycumsum arraypushback
+    arrayslice arrayreverse arrayenumerate arrayzip arrayflatten arraycumsum arraypushback
     arraypushfront arrayresize arrayfirst arraylast arrayexists arrayall range emptyarrayfloat64
     emptyarraystring tuple tupleelement untuple mapkeys mapvalues mapcontains map
     count sum avg min max any anylast anyheavy argmin argmax uniq uniqexact uniqcombined uniqhll12
@@ -91,16 +94,30 @@ ALLOWED_FUNCTIONS = frozenset(f.lower() for f in """
 """.split())
 COMBINATORS = ("If", "Array", "Map", "Distinct", "OrNull", "OrDefault", "Merge", "MergeState", "State",
                "SimpleState", "ForEach", "Resample", "ArgMin", "ArgMax")
-# Keywords that may stand before "(" without being a function call.
-_NOT_CALLS = {TokenType.IN, TokenType.ALIAS, TokenType.USING, TokenType.OVER, TokenType.FROM, TokenType.JOIN,
-              TokenType.ON, TokenType.EXISTS, TokenType.AND, TokenType.OR, TokenType.NOT, TokenType.SELECT,
-              TokenType.WHERE, TokenType.WHEN, TokenType.THEN, TokenType.ELSE, TokenType.WITH,
-              TokenType.VALUES, TokenType.ALL, TokenType.DISTINCT, TokenType.COMMA, TokenType.L_PAREN,
-              TokenType.GROUP_BY, TokenType.ORDER_BY, TokenType.PARTITION_BY, TokenType.HAVING,
-              TokenType.UNION, TokenType.EXCEPT, TokenType.INTERSECT, TokenType.LIMIT, TokenType.CASE,
-              TokenType.IS, TokenType.LIKE, TokenType.ILIKE, TokenType.BETWEEN}
-_ALLOWED_ROOTS = (exp.Select, exp.Union, exp.Intersect, exp.Except, exp.Subquery, exp.Describe)
+# Functions whose right-hand side the engine reads as a table when it is a bare name.
+_MEMBERSHIP = frozenset({"in", "notin", "globalin", "globalnotin", "nullin", "notnullin", "globalnullin",
+                         "globalnotnullin"})
+# The storage tables a query may name in <database>_store: the one the views
+# read, the labels, and the reference profiles drift queries compare against.
+STORE_TABLES = ("enriched", "labels", "reference_bins", "reference_values")
+# The node kinds of the engine's tree (EXPLAIN AST) a read is made of. Not
+# here, hence refused: Set (SETTINGS), QueryParameter, ColumnsApplyTransformer
+# (applies a function named by a string), Explain, and every statement kind
+# but SELECT and DESCRIBE.
+_READ_NODES = frozenset("""
+    SelectWithUnionQuery SelectIntersectExceptQuery SelectQuery ExpressionList TablesInSelectQuery
+    TablesInSelectQueryElement TableExpression TableIdentifier TableJoin ArrayJoin Subquery WithElement
+    Identifier Function Literal Asterisk QualifiedAsterisk ColumnsRegexpMatcher ColumnsListMatcher
+    QualifiedColumnsRegexpMatcher QualifiedColumnsListMatcher ColumnsTransformerList
+    ColumnsExceptTransformer ColumnsReplaceTransformer ColumnsReplaceTransformer::Replacement
+    OrderByElement WindowDefinition WindowListElement SampleRatio
+""".split())
 _SQL_STRING_LIMIT = 100_000
+_DEPTH_LIMIT = 200
+_LINE = re.compile(r"^( *)([A-Za-z][A-Za-z:]*)(?: (.*))?$")
+_NAME = re.compile(r"^([^ ]+)")
+_PLAIN = re.compile(r"^[A-Za-z0-9_]+$")
+_ERROR_TEXT = re.compile(r"DB::Exception: (.*?)(?: \(version [^)]*\))?(?:\. \([A-Z_]+\))?$", re.S)
 
 
 def _base(name: str) -> str:
@@ -115,73 +132,220 @@ def _base(name: str) -> str:
     return name
 
 
-def _function_allowed(name: str) -> bool:
+def function_allowed(name: str) -> bool:
     return name.lower() in ALLOWED_FUNCTIONS or _base(name).lower() in ALLOWED_FUNCTIONS
 
 
-def check(sql: str, database: str) -> str:
-    """The query, if it only reads the enriched tables; QueryRefused (saying why) if not."""
-    if not isinstance(sql, str) or not sql.strip():
-        raise QueryRefused("give one SELECT statement")
-    if len(sql) > _SQL_STRING_LIMIT:
-        raise QueryRefused(f"the query is {len(sql):,} characters; the limit is {_SQL_STRING_LIMIT:,}")
-    try:
-        statements = [s for s in sqlglot.parse(sql, read="clickhouse") if s is not None]
-        tokens = sqlglot.tokenize(sql, read="clickhouse")
-    except (ParseError, TokenError) as exc:
-        raise QueryRefused(f"cannot read the query ({str(exc).splitlines()[0]}); only SELECT statements "
-                           "over the enriched tables are allowed") from None
-    except RecursionError:
-        raise QueryRefused("the query is nested too deeply") from None
-    if len(statements) != 1:
-        raise QueryRefused(f"give exactly one statement, not {len(statements)}")
-    tree = statements[0]
-    if not isinstance(tree, _ALLOWED_ROOTS):
-        kind = tree.key.upper() if isinstance(tree, exp.Expression) else type(tree).__name__
-        raise QueryRefused(f"only SELECT (and DESCRIBE) statements are allowed, not {kind}")
-    allowed_dbs = {database, f"{database}_store"}
-    defined = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
-    for node in tree.walk():
-        if isinstance(node, (exp.Insert, exp.Create, exp.Drop, exp.Alter, exp.Delete, exp.Update,
-                             exp.Command, exp.Set, exp.Use)):
-            raise QueryRefused(f"{node.key.upper()} is not allowed: the query endpoint only reads")
-        if isinstance(node, exp.Select):
-            for clause in ("settings", "format"):
-                if node.args.get(clause):
-                    raise QueryRefused(f"a {clause.upper()} clause is not allowed (the limits are the "
-                                       "endpoint's: ENRICHER_QUERY_MAX_SECONDS, ENRICHER_QUERY_MAX_ROWS)")
-        if isinstance(node, exp.Table):
-            _check_table(node, allowed_dbs, defined, database)
-    for before, token in zip(tokens, tokens[1:]):
-        if token.token_type == TokenType.L_PAREN and before.token_type not in _NOT_CALLS \
-                and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", before.text) and not _function_allowed(before.text):
-            raise QueryRefused(f"function {before.text}() is not allowed here: the query endpoint computes on "
-                               "the enriched tables' values only (no files, URLs, dictionaries, other "
-                               "servers, settings or process functions)")
-    return sql
+@dataclass
+class Node:
+    kind: str
+    text: str
+    depth: int
+    children: list["Node"] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The name the dump prints first (a function's, an identifier's, a table's)."""
+        m = _NAME.match(self.text)
+        return m.group(1) if m else ""
 
 
-def _check_table(node: exp.Table, allowed_dbs: set[str], defined: set[str], database: str) -> None:
-    if not isinstance(node.this, exp.Identifier):
-        name = node.this.name if isinstance(node.this, exp.Func) and node.this.name else node.this.sql()
-        raise QueryRefused(f"table function {name}() is not allowed: read {database}.<model_id> or "
-                           f"{database}_store.enriched")
-    if node.catalog:
-        raise QueryRefused(f"{node.sql(dialect='clickhouse')}: only {database}.<model_id> can be read")
-    if not node.db:
-        if node.name in defined:
+@dataclass(frozen=True)
+class Plan:
+    """What the engine will run for a caller's query, decided on the engine's own tree."""
+
+    sql: str                 # the exact text to run
+    row_limit: int | None    # rows beyond this were cut (the text asks for one more to tell)
+
+
+def parse_dump(lines: list[str]) -> Node:
+    """The engine's EXPLAIN AST lines as a tree (one space of indent per level)."""
+    root: Node | None = None
+    stack: list[Node] = []
+    for line in lines:
+        m = _LINE.match(line)
+        if m is None:
+            raise QueryRefused("the query holds a name the endpoint cannot check (a quoted name with a "
+                               "line break or another unusual character): use plain names")
+        depth = len(m.group(1))
+        node = Node(m.group(2), m.group(3) or "", depth)
+        if depth > _DEPTH_LIMIT:
+            raise QueryRefused("the query is nested too deeply")
+        if root is None:
+            if depth != 0:
+                raise QueryRefused("the engine's tree of the query could not be read")
+            root = node
+            stack = [node]
+            continue
+        while stack and stack[-1].depth >= depth:
+            stack.pop()
+        if not stack or depth != stack[-1].depth + 1:
+            raise QueryRefused("the query holds a name the endpoint cannot check (a quoted name with a "
+                               "line break or another unusual character): use plain names")
+        stack[-1].children.append(node)
+        stack.append(node)
+    if root is None:
+        raise QueryRefused("the engine's tree of the query could not be read")
+    return root
+
+
+class Guard:
+    """Plans a caller's query on a ClickHouse connection (embedded or server): see the module's text."""
+
+    def __init__(self, database: str, row_limit: int):
+        self.database = database
+        self.store = f"{database}_store"
+        self.row_limit = row_limit
+
+    def plan(self, client, sql) -> Plan:
+        if not isinstance(sql, str) or not sql.strip():
+            raise QueryRefused("give one SELECT statement")
+        if len(sql) > _SQL_STRING_LIMIT:
+            raise QueryRefused(f"the query is {len(sql):,} characters; the limit is {_SQL_STRING_LIMIT:,}")
+        canonical = self._canonical(client, sql)
+        first = canonical.split(" ", 1)[0].upper()
+        if first == "DESCRIBE":
+            final, limit = canonical, None
+        elif first in ("SELECT", "WITH") or canonical.startswith("("):
+            limit = self.row_limit
+            final = f"SELECT * FROM ({canonical}) LIMIT {limit + 1}"
+        else:
+            raise QueryRefused(f"only SELECT (and DESCRIBE) statements are allowed, not {first}: the query "
+                               "endpoint only reads")
+        try:
+            self._format(client, f"EXPLAIN AST {final}")
+        except QueryRefused:
+            # The canonical statement read on its own; it fails only inside our
+            # wrapper, which takes no output clause.
+            raise QueryRefused("a FORMAT or INTO OUTFILE clause is not allowed (answers are JSON)") from None
+        tree = parse_dump([row[0] for row in client.query(f"EXPLAIN AST {final}").result_rows])
+        if limit is None:
+            self._check_describe(tree)
+        else:
+            self._check(self._wrapped(tree, limit), scope=0)
+        return Plan(final, limit)
+
+    # -- the engine's parser -------------------------------------------------
+
+    def _format(self, client, sql: str) -> str:
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+
+        try:
+            return client.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": sql}).result_rows[0][0]
+        except ClickHouseError as exc:
+            text = str(exc)
+            if "Multi-statements are not allowed" in text:
+                raise QueryRefused("give exactly one statement (no ';' between statements)") from None
+            if "Max query size exceeded" in text or "TOO_DEEP" in text or "too deep" in text.lower():
+                raise QueryRefused("the query is nested too deeply or too long") from None
+            m = _ERROR_TEXT.search(text)
+            detail = (m.group(1) if m else text).split(": In scope SELECT formatQuerySingleLine")[0]
+            raise QueryRefused(f"cannot read the query ({detail[:300]})") from None
+
+    def _canonical(self, client, sql: str) -> str:
+        canonical = self._format(client, sql)
+        if not canonical:
+            raise QueryRefused("give one SELECT statement")
+        return canonical
+
+    # -- the allow-list, on the engine's tree --------------------------------
+
+    def _wrapped(self, root: Node, limit: int) -> Node:
+        """The caller's statement inside our `SELECT * FROM (...) LIMIT n`, checked to be just that."""
+        def shape_error():
+            return QueryRefused("the query does not read as one SELECT: the query endpoint only reads")
+
+        if root.kind != "SelectWithUnionQuery" or not root.children:
+            raise shape_error()
+        # After the statement, only the output format the client library itself appends.
+        if any(c.kind != "Identifier" or c.text != "Native" for c in root.children[1:]):
+            raise shape_error()
+        union = root.children[0]
+        if union.kind != "ExpressionList" or len(union.children) != 1:
+            raise shape_error()
+        select = union.children[0]
+        if select.kind != "SelectQuery" or len(select.children) != 3:
+            raise shape_error()
+        columns, tables, limit_node = select.children
+        if (columns.kind, [c.kind for c in columns.children]) != ("ExpressionList", ["Asterisk"]) \
+                or columns.children[0].children:
+            raise shape_error()
+        if (limit_node.kind, limit_node.text, limit_node.children) != ("Literal", f"UInt64_{limit + 1}", []):
+            raise shape_error()
+        path = [tables]
+        for kind in ("TablesInSelectQuery", "TablesInSelectQueryElement", "TableExpression", "Subquery"):
+            node = path[-1]
+            if node.kind != kind or len(node.children) != 1:
+                raise shape_error()
+            path.append(node.children[0])
+        inner = path[-1]
+        if inner.kind != "SelectWithUnionQuery":
+            raise shape_error()
+        return inner
+
+    def _check_describe(self, root: Node) -> None:
+        if root.kind != "DescribeQuery" or not root.children:
+            raise QueryRefused("only SELECT (and DESCRIBE) statements are allowed")
+        table_expr, rest = root.children[0], root.children[1:]
+        if any(c.kind != "Identifier" or c.text != "Native" for c in rest):
+            raise QueryRefused("DESCRIBE takes one table: DESCRIBE <database>.<model_id>")
+        if table_expr.kind != "TableExpression" or len(table_expr.children) != 1 \
+                or table_expr.children[0].kind != "TableIdentifier":
+            raise QueryRefused(f"DESCRIBE takes one table: DESCRIBE {self.database}.<model_id>")
+        self._check_table(table_expr.children[0])
+
+    def _check(self, node: Node, scope: int) -> None:
+        stack = [node]
+        while stack:
+            node = stack.pop()
+            kind = node.kind
+            if kind == "Set":
+                raise QueryRefused("a SETTINGS clause is not allowed (the limits are the endpoint's: "
+                                   "ENRICHER_QUERY_MAX_SECONDS, ENRICHER_QUERY_MAX_ROWS, "
+                                   "ENRICHER_QUERY_MAX_MEMORY)")
+            if kind == "QueryParameter":
+                raise QueryRefused("query parameters ({name:Type}) are not supported: write the value")
+            if kind == "ColumnsApplyTransformer":
+                raise QueryRefused("APPLY is not allowed: call the function on the columns you want")
+            if kind not in _READ_NODES:
+                raise QueryRefused(f"{kind} is not allowed: the query endpoint only reads")
+            if kind == "SelectWithUnionQuery" and (len(node.children) != 1
+                                                  or node.children[0].kind != "ExpressionList"):
+                raise QueryRefused("a FORMAT or INTO OUTFILE clause is not allowed (answers are JSON)")
+            if kind == "TableExpression":
+                for child in node.children:
+                    if child.kind == "Function":
+                        raise QueryRefused(f"table function {child.name}() is not allowed: read "
+                                           f"{self.database}.<model_id> or {self.store}.enriched")
+            if kind == "Function":
+                name = node.name
+                if not function_allowed(name):
+                    raise QueryRefused(f"function {name}() is not allowed here: the query endpoint computes on "
+                                       "the enriched tables' values only (no files, URLs, dictionaries, other "
+                                       "servers, settings or process functions)")
+                if name.lower() in _MEMBERSHIP:
+                    args = node.children[0].children if node.children else []
+                    if len(args) == 2 and args[1].kind == "Identifier":
+                        raise QueryRefused(f"IN {args[1].name}: IN takes values or a subquery here, "
+                                           f"e.g. IN (SELECT ... FROM {self.database}.<model_id>)")
+            if kind == "TableIdentifier":
+                self._check_table(node)
+            stack.extend(node.children)
+
+    def _check_table(self, node: Node) -> None:
+        name = node.name
+        db, dot, table = name.partition(".")
+        if not dot:
+            # The engine looks a bare name up among the query's own WITH names,
+            # then in the session's database: the views' (queries.py sets it).
+            if not _PLAIN.match(name):
+                raise QueryRefused(f"table {name!r}: use a plain name")
             return
-        raise QueryRefused(f"table {node.name!r}: name it with its database, e.g. {database}.{node.name} "
-                           f"(only {database} and {database}_store can be read)")
-    if node.db not in allowed_dbs:
-        raise QueryRefused(f"database {node.db!r} is not readable here: only {database} (one view per model) "
-                           f"and {database}_store")
-
-
-def limits(settings, server: bool) -> dict:
-    """ClickHouse settings every checked query runs with."""
-    out = {"max_execution_time": settings.query_max_seconds, "max_result_rows": settings.query_max_rows,
-           "result_overflow_mode": "throw"}
-    if server:
-        out["readonly"] = 2  # a server refuses writes too; chDB does not honour it (see above)
-    return out
+        if db == self.database and _PLAIN.match(table):
+            return
+        if db == self.store and table in STORE_TABLES:
+            return
+        if db == self.store:
+            raise QueryRefused(f"table {name}: in {self.store} only {', '.join(STORE_TABLES)} can be read")
+        raise QueryRefused(f"database {db!r} is not readable here: only {self.database} (one view per model) "
+                           f"and {self.store} ({', '.join(STORE_TABLES)})")

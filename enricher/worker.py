@@ -39,6 +39,7 @@ from .batch import BatchProcessor, Messages, Outcome
 from .config import Settings
 from .contract import DeadLetter
 from .control import ControlEvents, ControlPlane
+from .locations import Locations
 from .faust_patches import eager_hand_over, shorten_fetch_wait
 from .labels import LabelSweep
 from .serving import Serving
@@ -195,7 +196,8 @@ def build_app(settings: Settings) -> faust.App:
             log.exception("refreshing models from the registry failed; trying again in %ss",
                           settings.refresh_interval)
 
-    install(app, settings, ControlPlane(registry, store, ControlEvents(settings)), serving, progress)
+    install(app, settings, ControlPlane(registry, store, ControlEvents(settings), Locations.from_settings(settings)),
+            serving, progress)
 
     sweeper = LabelSweeper(processor.sink)
 

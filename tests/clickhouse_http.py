@@ -40,10 +40,14 @@ def _decompress(body: bytes, encoding: str | None) -> bytes:
 
 
 class ClickHouseHTTP:
-    def __init__(self, path: str | Path, user: str = "default", password: str = "", port: int = 0):
+    def __init__(self, path: str | Path, user: str = "default", password: str = "", port: int = 0,
+                 users: dict | None = None):
         self.conn = chdb.connect(str(path))
         self.lock = threading.Lock()
         self.user, self.password = user, password
+        # more users it lets in (name -> password), and what each asked: (user, sql)
+        self.users = {user: password, **(users or {})}
+        self.seen: list[tuple[str, str]] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="ch-http-"))
         self.requests = 0
         self.stopped = False
@@ -93,7 +97,8 @@ class ClickHouseHTTP:
                     self.close_connection = True
                     return
                 front.requests += 1
-                if not self._authorised():
+                user = self._authorised()
+                if user is None:
                     return self._reply(516, b"Code: 516. DB::Exception: default: Authentication failed. "
                                             b"(AUTHENTICATION_FAILED)", {"X-ClickHouse-Exception-Code": "516"})
                 parts = urlsplit(self.path)
@@ -108,6 +113,7 @@ class ClickHouseHTTP:
                     sql = body.decode()
                 elif body:
                     data = body
+                front.seen.append((user, sql))
                 try:
                     result, fmt, written = self._execute(sql, data, bindings)
                 except Exception as exc:  # the engine's own message, as a server would send it
@@ -140,14 +146,15 @@ class ClickHouseHTTP:
                     res = front.conn.query(sql, fmt, params=bindings or None)
                 return res.bytes(), fmt, 0
 
-            def _authorised(self) -> bool:
+            def _authorised(self) -> str | None:
+                """The user, if its password is right."""
                 auth = self.headers.get("Authorization", "")
                 if auth.startswith("Basic "):
                     user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
                 else:
                     user = self.headers.get("X-ClickHouse-User", "default")
                     password = self.headers.get("X-ClickHouse-Key", "")
-                return (user, password) == (front.user, front.password)
+                return user if user in front.users and front.users[user] == password else None
 
             def _reply(self, status: int, payload: bytes, headers: dict | None = None):
                 self.send_response(status)

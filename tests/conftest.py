@@ -35,7 +35,8 @@ def make_settings(tmp_path, broker):
         values = dict(data_dir=str(tmp_path / "data"), broker=broker.url, http_port=free_port(),
                       inference_topic=f"inferences-{tag}", dlq_topic=f"dlq-{tag}",
                       consumer_group=f"enricher-{tag}", session_timeout=6.0, topic_partitions=2,
-                      batch_size=2000, batch_timeout=0.2, max_message_bytes=16_384, refresh_interval=0.5)
+                      batch_size=2000, batch_timeout=0.2, max_message_bytes=16_384, refresh_interval=0.5,
+                      reference_roots=str(tmp_path))  # references are written under tmp_path; the API reads there
         values.update(overrides)
         return Settings.from_env(env={}, **values)
     return make

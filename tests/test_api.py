@@ -24,7 +24,7 @@ def api(tmp_path_factory, broker):
     settings = Settings.from_env(env={}, data_dir=str(tmp / "data"), broker=broker.url, http_port=free_port(),
                                  inference_topic="api-inferences", dlq_topic="api-dlq",
                                  control_topic="api-control", session_timeout=6.0, topic_partitions=1,
-                                 api_token=TOKEN)
+                                 api_token=TOKEN, reference_roots=str(tmp))
     ensure_topics(settings)
     reference = tmp / "reference.parquet"
     pq.write_table(sample.reference_table(500), reference)

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from enricher import sample
-from enricher.sqlguard import QueryRefused, check
+from enricher.sqlguard import Guard, QueryRefused
 from enricher.supervise import WorkerProcess
 
 from .conftest import register_sample
@@ -72,11 +72,10 @@ FORBIDDEN = [
     ("SELECT * FROM system.users", "database 'system'"),
     ("SELECT * FROM enricher.m WHERE f0 > (SELECT count() FROM system.tables)", "database 'system'"),
     ("SELECT * FROM default.t", "database 'default'"),
-    ("SELECT * FROM t", "name it with its database"),
     ("SELECT 1 SETTINGS max_execution_time=1000", "SETTINGS"),
     ("SELECT * FROM enricher.m SETTINGS readonly=0", "SETTINGS"),
     ("SELECT 1 FORMAT JSON", "FORMAT"),
-    ("SELECT * FROM enricher.m INTO OUTFILE 'x'", "cannot read"),
+    ("SELECT * FROM enricher.m INTO OUTFILE 'x'", "INTO OUTFILE"),
     ("SELECT 1; SELECT 2", "exactly one"),
     ("SELECT * FROM enricher.m; DROP TABLE enricher.m", "exactly one"),
     ("CREATE TABLE enricher.x (a Int8) ENGINE=Memory", "only SELECT"),
@@ -91,15 +90,28 @@ FORBIDDEN = [
 ]
 
 
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """The guard asks the engine's own parser: a real chDB store (nothing in it is read)."""
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(interface="chdb", path=str(tmp_path_factory.mktemp("guard-store")))
+    yield client
+    client.close()
+
+
 @pytest.mark.parametrize("sql", ALLOWED)
-def test_reads_of_the_enriched_tables_pass_the_guard(sql):
-    assert check(sql, "enricher") == sql
+def test_reads_of_the_enriched_tables_pass_the_guard(engine, sql):
+    plan = Guard("enricher", 100).plan(engine, sql)
+    # what runs is the engine's canonical form of the statement, under an outer limit (DESCRIBE as it is)
+    canonical = engine.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": sql}).result_rows[0][0]
+    assert plan.sql in (canonical, f"SELECT * FROM ({canonical}) LIMIT 101")
 
 
 @pytest.mark.parametrize("sql, why", FORBIDDEN, ids=[s[:40] for s, _ in FORBIDDEN])
-def test_every_forbidden_kind_is_refused_saying_why(sql, why):
+def test_every_forbidden_kind_is_refused_saying_why(engine, sql, why):
     with pytest.raises(QueryRefused, match=None) as refused:
-        check(sql, "enricher")
+        Guard("enricher", 100).plan(engine, sql)
     assert why in str(refused.value)
 
 
@@ -182,7 +194,8 @@ def test_the_running_worker_serves_only_its_endpoints_behind_the_token_over_http
         assert (status, doc["rows"]) == (200, [[300]])
         status, doc = call(url, "/query", "POST", {"sql": f"SELECT inference_id FROM enricher.{sample.MODEL_ID}"},
                            token=TOKEN, context=context)
-        assert status == 400 and "50" in doc["error"], "more rows than ENRICHER_QUERY_MAX_ROWS: an error"
+        # more rows than ENRICHER_QUERY_MAX_ROWS: cut there, and the answer says so
+        assert (status, len(doc["rows"]), doc["truncated"], doc["row_limit"]) == (200, 50, True, 50)
         heavy = (f"SELECT count() FROM enricher.{sample.MODEL_ID} AS a, enricher.{sample.MODEL_ID} AS b, "
                  f"enricher.{sample.MODEL_ID} AS c, enricher.{sample.MODEL_ID} AS d WHERE a.f0 + b.f1 > c.f2 + d.f3")
         status, doc = call(url, "/query", "POST", {"sql": heavy}, token=TOKEN, context=context)

@@ -212,3 +212,31 @@ def test_reference_data_can_come_from_the_object_store(s3, tmp_path):
     ModelRegistry(tmp_path / "registry").register("credit", sample.SCHEMA, url)
     with pytest.raises(ReferenceError, match="does not exist"):
         read_table(url.replace("credit.parquet", "nosuch.parquet"))
+
+
+def test_an_api_location_in_the_object_store_is_read_from_the_configured_endpoint(s3, tmp_path):
+    """Through the API a reference is s3://BUCKET/KEY only; the endpoint is the operator's
+    (here, the artifact store's), never one the caller names (enricher/locations.py)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from enricher.config import Settings
+    from enricher.locations import LocationRefused, Locations
+    from models.artifact import Files
+    from models.reference import read_table
+
+    buf = io.BytesIO()
+    pq.write_table(sample.reference_table(300), buf)
+    files = Files(s3.replace("/enricher?", "/references?"))
+    files.write(files.path("api.parquet"), buf.getvalue())
+    locations = Locations.from_settings(Settings.from_env(env={}, data_dir=str(tmp_path), artifact_store_url=s3))
+    resolved = locations.resolve("s3://artifacts/references/api.parquet", "reference")
+    assert resolved.startswith("s3://artifacts/references/api.parquet?") and "endpoint_override=127.0.0.1" in resolved
+    assert read_table(resolved).num_rows == 300
+    with pytest.raises(LocationRefused, match="not allowed"):
+        locations.resolve(s3.replace("/enricher?", "/references/api.parquet?"), "reference")
+    # the operator's explicit setting wins over the artifact store's options
+    named = Locations.from_settings(Settings.from_env(env={}, data_dir=str(tmp_path), artifact_store_url=s3,
+                                                      object_store_endpoint="store.internal:9000"))
+    assert "endpoint_override=store.internal%3A9000" in named.resolve("s3://bucket/k.csv", "reference")

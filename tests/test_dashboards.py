@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from enricher import sample
-from enricher.api import QueryRunner
+from enricher.queries import QueryRunner
 from enricher.batch import BatchProcessor, Messages
 from enricher.config import Settings
 from enricher.drift import Drift
@@ -72,7 +72,8 @@ def test_each_dashboard_query_answers_what_its_panel_shows(populated):
     # (the worker's drift export writes the reference histograms; here the first measure does)
     expected = drift.measure(sample.MODEL_ID, end - start, feature="f0", end=end).features[0].psi
     try:
-        rate, top, psi, coverage = [runner.run(expand(q, start, end)) for q in dashboard_queries()]
+        rate, top, psi, coverage = [(a.columns, a.rows) for a in (runner.run(expand(q, start, end))
+                                                                  for q in dashboard_queries())]
     finally:
         runner.close()
     columns, rows = rate

@@ -73,7 +73,7 @@ def test_damaged_reference_data_fails_the_run_and_the_previous_artifact_keeps_se
 
 
 def test_a_training_step_past_its_deadline_fails_with_the_step_and_the_reason(make_settings, tmp_path):
-    settings = make_settings(step_retries=0, step_deadline=3)
+    settings = make_settings(step_retries=0, step_deadline=8)  # prepare alone takes ~3 s (imports)
     register_sample(settings, tmp_path)
     worker = WorkerProcess(settings, log_path=tmp_path / "worker.log").start()
     trigger = TriggerProcess(settings, log_path=tmp_path / "trigger.log").start()
@@ -83,7 +83,7 @@ def test_a_training_step_past_its_deadline_fails_with_the_step_and_the_reason(ma
             {"anomaly_detection": {"config": {"n_estimators": 5_000_000}}})
         produce(settings, sample.inferences(1000)[0], batch="json")
         doc = wait_state(worker, "failed", timeout=120)
-        assert doc["step"] == "train-anomaly-detection" and "deadline of 3s" in doc["message"]
+        assert doc["step"] == "train-anomaly-detection" and "deadline of 8s" in doc["message"]
         assert doc["version"] == 1
         worker.wait_for(lambda s: s["enriched"] >= 1000, timeout=120)
     finally:
