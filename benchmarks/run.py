@@ -217,9 +217,10 @@ def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrich
     return out
 
 
-# A query an analyst may well send: the model's rows joined with themselves (quadratic in the rows).
-HEAVY_QUERY = (f"SELECT count() FROM enricher.{sample.MODEL_ID} AS a, enricher.{sample.MODEL_ID} AS b "
-               "WHERE a.f0 > b.f0 + a.f1")
+# A heavy analyst query from the first second: a cross join of 100k x 100k numbers keeps one
+# engine thread busy for ~15 s on our machines, whatever the tables hold yet.
+HEAVY_QUERY = ("SELECT sum((x * y) % 7) AS s FROM (SELECT arrayJoin(range(100000)) AS x) AS a, "
+               "(SELECT arrayJoin(range(100000)) AS y) AS b")
 
 
 def _analyst(worker, done: threading.Event, answers: list) -> None:
