@@ -7,7 +7,8 @@ object-store URL carrying `endpoint_override=HOST:PORT&scheme=http` turned
 the worker into a port scanner). So, for locations from the API:
 
 - an object-store URL is `s3://BUCKET/KEY` and nothing more: no query, no
-  port, no credentials; the endpoint, scheme and region are the configured
+  port, no credentials, no `..` or %-escapes in the key; the endpoint,
+  scheme and region are the configured
   ones (ENRICHER_OBJECT_STORE_ENDPOINT, _SCHEME, _REGION, else the options of
   an s3:// ENRICHER_ARTIFACT_STORE), added here, never the caller's;
 - any other URL scheme (file://, hdfs://, gs://, http://...) is refused;
@@ -71,7 +72,9 @@ class Locations:
             raise LocationRefused(allowed)
         key = parts.path
         if not key.startswith("/") or len(key) < 2 or any(seg in ("", ".", "..") for seg in key[1:].split("/")) \
-                or any(ord(c) < 32 for c in key):
+                or any(ord(c) < 32 or c in "%\\" for c in key):
+            # pyarrow decodes %-escapes in the URL it is given: no escapes, so the key it
+            # reads is the key checked here
             raise LocationRefused(allowed)
         return f"s3://{parts.netloc}{key}" + (f"?{self.store_options}" if self.store_options else "")
 

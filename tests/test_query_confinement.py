@@ -258,6 +258,7 @@ def test_references_and_model_files_only_from_where_they_may_come(live):
     refusals = {}
     for ref in [f"s3://bucket/k.parquet?endpoint_override=127.0.0.1:{listener.port}&scheme=http",
                 "s3://user:pw@bucket/k.parquet", f"s3://bucket:{listener.port}/k.parquet", "s3://bucket/../k.parquet",
+                "s3://bucket/a%2F..%2F..%2Fother/k.parquet",
                 f"http://127.0.0.1:{listener.port}/k.parquet", "file:///etc/passwd", f"file://{outside}",
                 "hdfs://127.0.0.1:1/k.parquet", str(outside), "/etc/passwd", "/nonexistent/x.parquet",
                 str(roots / "link.parquet"), str(roots / ".." / "outside.parquet"), "ok.parquet"]:
