@@ -52,10 +52,6 @@ class Answer:
     truncated: bool
     row_limit: int | None
 
-    def as_dict(self) -> dict:
-        return {"columns": self.columns, "rows": self.rows, "truncated": self.truncated,
-                "row_limit": self.row_limit}
-
     def json_chunks(self, rows_per_chunk: int = 2000):
         """The answer as JSON, in pieces (encoded in the caller's thread, never on the event loop)."""
         head = {"columns": self.columns, "truncated": self.truncated, "row_limit": self.row_limit}
@@ -185,20 +181,16 @@ class QueryPool:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="enricher-query", initializer=_lower_priority)
 
-    async def run(self, sql: str, encode: bool = True):
-        """The answer (as JSON pieces when `encode`), computed in the pool's threads."""
+    async def run(self, sql: str) -> list[bytes]:
+        """The answer as JSON pieces, computed and encoded in the pool's threads."""
         if self.outstanding >= self.limit:
             raise QueryBusy(self.retry_after)
         self.outstanding += 1
         try:
             loop = asyncio.get_running_loop()
-            work = (lambda: list(self.runner.run(sql).json_chunks())) if encode else (lambda: self.runner.run(sql))
-            return await loop.run_in_executor(self.executor, work)
+            return await loop.run_in_executor(self.executor, lambda: list(self.runner.run(sql).json_chunks()))
         finally:
             self.outstanding -= 1
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def query_user_ddl(settings: Settings, salt: str | None = None) -> list[str]:
