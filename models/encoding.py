@@ -68,7 +68,9 @@ class FeatureEncoder:
                    categorical)
 
     def transform(self, columns: Columns, num_rows: int) -> np.ndarray:
-        out = np.empty((num_rows, len(self.names)), dtype=np.float32)
+        # float64: a value on a split threshold must reach the walk as the library reads it
+        # (LightGBM compares doubles; the ensemble rounds to float32 where its library does)
+        out = np.empty((num_rows, len(self.names)), dtype=np.float64)
         for j, (name, kind) in enumerate(zip(self.names, self.kinds)):
             values = columns[name]
             if kind == "numeric":

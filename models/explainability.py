@@ -50,7 +50,13 @@ NAME = "explainability"
 PREFIX = "explanation_"
 BASE, OUTPUT = f"{PREFIX}base_value", f"{PREFIX}output"
 DEFAULTS = {"n_estimators": 100, "max_depth": 4, "learning_rate": 0.1, "min_fidelity": 0.8,
-            "sample_rate": 1.0, "holdout": 0.2, "random_state": 0}
+            "sample_rate": 1.0, "holdout": 0.2, "random_state": 0,
+            # with a model file only: a value it reads as missing besides NaN (XGBoost's `missing`,
+            # which the file does not carry), and which early-stopped rounds to use ("best" or "all")
+            "missing_value": None, "iterations": "best"}
+# How far our margins may be from the library's own on the reference rows (relative to
+# the margins' size): XGBoost adds its trees in float32, LightGBM and scikit-learn in float64.
+LIBRARY_TOLERANCE = {"xgboost": 1e-5, "lightgbm": 1e-9, "scikit-learn": 1e-9}
 MAX_DEPTH = 10
 
 
@@ -208,7 +214,8 @@ class Explainability:
         reproduces the reference predictions: whether it is the model that made them."""
         from . import usermodels
 
-        model = usermodels.load(model_file.name, model_file.data, len(spec.features))
+        model = usermodels.load(model_file.name, model_file.data, len(spec.features), params["missing_value"],
+                                params["iterations"])
         generic = [f"f{i}" for i in range(len(spec.features))], [f"Column_{i}" for i in range(len(spec.features))]
         if model.feature_names and model.feature_names not in generic and model.feature_names != spec.feature_names:
             raise ValueError(f"{NAME}: the model file's features are {model.feature_names}, the schema's "
@@ -217,7 +224,9 @@ class Explainability:
         X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
         target = reference.column("prediction").combine_chunks()
         known = ~target.is_null().to_numpy(zero_copy_only=False)
-        predicted = usermodels.to_prediction(model.ensemble.predict_raw(X[known]), model.link)
+        margins = model.ensemble.predict_raw(X)
+        library = self._check_reading(model, model_file, X, margins)
+        predicted = usermodels.to_prediction(margins[known], model.link)
         outputs = model.ensemble.n_outputs
         if outputs == 1:
             if spec.prediction_type != "numeric":
@@ -238,8 +247,37 @@ class Explainability:
             fidelity = float(np.mean(np.asarray(classes, dtype=object)[predicted.argmax(axis=1)] == told))
             quality = {"metric": "accuracy", "fidelity": round(fidelity, 6)}
         quality.update({"holdout_rows": int(known.sum()), "explains": "model_file", "model_file": model_file.name,
-                        "format": model.format, "objective": model.objective, "artifact_bytes": model.ensemble.nbytes})
+                        "format": model.format, "objective": model.objective, "artifact_bytes": model.ensemble.nbytes,
+                        "trees": model.ensemble.n_trees, "trees_by_recursion": model.ensemble.n_path_trees})
+        if library is not None:
+            quality["checked_against"] = library
+        if model.note:
+            quality["note"] = model.note
         return ExplainabilityArtifact(encoder, model.ensemble, classes, params, quality)
+
+    @staticmethod
+    def _check_reading(model, model_file: ModelFile, X: np.ndarray, margins: np.ndarray) -> dict | None:
+        """Our reading of the file against its library's own outputs on the reference rows,
+        where the library is installed: a file we read differently is refused, not explained."""
+        from . import usermodels
+
+        theirs = usermodels.library_margins(model, model_file.data, X)
+        if theirs is None:
+            return None
+        library, raw = theirs
+        if raw.shape != margins.shape:
+            raise ValueError(f"{NAME}: {library} gives {raw.shape[1]} outputs per row for the model file, our reading "
+                             f"{margins.shape[1]}; refused rather than explained wrong")
+        gap = np.abs(raw - margins)
+        scale = 1.0 + np.abs(raw)
+        tolerance = LIBRARY_TOLERANCE[library.split()[0]]
+        off = gap > tolerance * scale
+        if off.any():
+            rows = np.flatnonzero(off.any(axis=1))
+            raise ValueError(f"{NAME}: our reading of {model_file.name!r} differs from {library}'s own outputs on "
+                             f"{len(rows)} of {len(X)} reference rows (by up to {gap.max():.3g}, first at row "
+                             f"{rows[0]}); refused rather than explained wrong: please report it with the file")
+        return {"library": library, "rows": len(X), "max_difference": float(gap.max()) if gap.size else 0.0}
 
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> ExplainabilityArtifact:
         doc = json.loads(blobs["surrogate.json"])
@@ -281,6 +319,15 @@ def _parameters(config: dict) -> dict:
     if unknown:
         raise ValueError(f"{NAME}: unknown setting(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     params = {**DEFAULTS, **config}
+    missing = params["missing_value"]
+    if missing is not None and (isinstance(missing, bool) or not isinstance(missing, (int, float))
+                                or not np.isfinite(missing)):
+        raise ValueError(f"{NAME}.missing_value: a finite number (the value the model reads as missing, as "
+                         f"XGBoost's missing=...) or null, got {missing!r}")
+    if params["iterations"] not in ("best", "all"):
+        raise ValueError(f"{NAME}.iterations: 'best' (an early-stopped XGBoost model's best_iteration, as its "
+                         f"estimator's predict) or 'all' (every round, as Booster.predict), got "
+                         f"{params['iterations']!r}")
     for key in ("n_estimators", "max_depth", "random_state"):
         value = params[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "random_state" else 1):

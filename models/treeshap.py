@@ -24,8 +24,20 @@ integer operations per tree, compiled with numba (`nogil`: the stream's other
 threads run meanwhile), for a whole batch per call.
 
 The tables cost `m * 2^m` floats per leaf: nothing for the surrogates we fit
-(depth <= 6), a limit for deep user models (`MAX_PATH_FEATURES`; such a
-model is refused with the reason).
+(depth <= 6), too much for deep user models (XGBoost `max_depth=12`,
+LightGBM `num_leaves=255`). A tree whose tables would be too large (a path on
+more than `TABLE_PATH_FEATURES` distinct features, or past the ensemble's
+`MAX_TABLE_ENTRIES`) is explained instead by the classic path-dependent
+recursion (Lundberg et al. 2018, Algorithm 2: O(leaves x depth^2) per row),
+compiled the same way: the same numbers, per tree, whatever the depth.
+
+How a row goes down a split is the model library's own rule (`decision`, per
+node, and the ensemble's `strict` and `precision`): XGBoost rounds the row to
+float32 and goes left when `x < threshold`; LightGBM compares doubles with
+`x <= threshold`; scikit-learn rounds to float32 and compares with `<=`. A
+missing value (NaN) goes the node's default way; LightGBM's `missing_type`
+Zero also sends zero (|x| <= 1e-35) the default way, and its `missing_type`
+None reads NaN as 0.
 
 Serving never unpickles: the ensemble and its tables are flat numpy arrays
 (`np.savez`, read back with `allow_pickle=False`).
@@ -39,8 +51,15 @@ import math
 import numba
 import numpy as np
 
-MAX_PATH_FEATURES = 16      # distinct features on one root-leaf path
-MAX_TABLE_ENTRIES = 50_000_000  # 400 MB of float64 tables per ensemble
+MAX_PATH_FEATURES = 16      # distinct features on one root-leaf path a table may index (masks fit)
+TABLE_PATH_FEATURES = 12    # a tree with a longer path is explained by the recursion instead
+MAX_TABLE_ENTRIES = 50_000_000  # 400 MB of float64 tables per ensemble; trees past it: the recursion
+
+# `decision` bits, per split: the library's rule for a missing value.
+DEFAULT_LEFT = 1  # a missing value goes left (else right)
+ZERO_MISSING = 2  # LightGBM missing_type=Zero: zero is missing too
+NAN_AS_ZERO = 4   # LightGBM missing_type=None or Zero: NaN is read as 0.0 before the comparison
+ZERO_EPSILON = float(np.float32(1e-35))  # LightGBM's kZeroThreshold (a float: 1.0000000180025095e-35)
 
 
 class TreeEnsemble:
@@ -50,13 +69,19 @@ class TreeEnsemble:
     (global node indices, -1 at a leaf), `feature`, `threshold` (float64; a row
     goes left when `x <= threshold`, or `x < threshold` if `strict`), `value`
     (a leaf's contribution to the output, scaled), `cover` (training weight
-    through the node). Per tree: `node_start`, `tree_output` (which output it
-    adds to). `init[k]`: output k's constant term. Outputs are raw: the
-    regression value, or the margin (log-odds) of a classifier.
+    through the node), `decision` (bits: where a missing value goes). Per tree:
+    `node_start`, `tree_output` (which output it adds to). `init[k]`: output
+    k's constant term. Outputs are raw: the regression value, or the margin
+    (log-odds) of a classifier. `precision`: 32 when the library rounds a row
+    to float32 before comparing it (XGBoost, scikit-learn), 64 when it
+    compares doubles (LightGBM). `missing`: a value the library reads as
+    missing besides NaN (XGBoost's `missing` parameter), NaN for none.
+    `flush_zero`: |x| <= 1e-35 is read as 0.0 (LightGBM's dense rows).
     """
 
     def __init__(self, left, right, feature, threshold, value, cover, node_start, tree_output, init,
-                 n_features: int, strict: bool = False, tables: dict | None = None):
+                 n_features: int, strict: bool = False, tables: dict | None = None, decision=None,
+                 precision: int = 32, missing: float = float("nan"), flush_zero: bool = False):
         self.left = np.ascontiguousarray(left, np.int32)
         self.right = np.ascontiguousarray(right, np.int32)
         self.feature = np.ascontiguousarray(feature, np.int32)
@@ -68,16 +93,28 @@ class TreeEnsemble:
         self.init = np.ascontiguousarray(init, np.float64)
         self.n_features = int(n_features)
         self.strict = bool(strict)
+        self.decision = (np.zeros(len(self.left), np.uint8) if decision is None
+                         else np.ascontiguousarray(decision, np.uint8))
+        if precision not in (32, 64):
+            raise ValueError(f"precision: 32 or 64, got {precision!r}")
+        self.precision = int(precision)
+        self.missing = float(missing)
+        self.flush_zero = bool(flush_zero)
         self.tables = tables if tables is not None else _precompute(self)
         if self.tables:
             self._work()
 
     def _work(self) -> None:
-        """The nodes a row visits per tree, in preorder: every split, and the leaves no
-        twig holds (a twig's leaves are done at the twig). Derived, never stored."""
-        keep = (self.left >= 0) | (self.tables["node_unit"] >= 0)
+        """The nodes a row visits per table tree, in order: every split, and the leaves no
+        twig holds (a twig's leaves are done at the twig); the trees the recursion
+        explains, and how deep they go. Derived, never stored."""
+        by_tables = self.tables["tree_mode"] == 0
+        in_table_tree = np.repeat(by_tables, np.diff(self.node_start))
+        keep = ((self.left >= 0) | (self.tables["node_unit"] >= 0)) & in_table_tree
         self.work = np.flatnonzero(keep).astype(np.int32)
         self.work_start = np.searchsorted(self.work, self.node_start).astype(np.int64)
+        self.path_trees = np.flatnonzero(~by_tables).astype(np.int64)
+        self.path_depth = int(_depth(self.left, self.right, self.node_start)) if len(self.path_trees) else 0
 
     # -- shape -----------------------------------------------------------------
     @property
@@ -94,6 +131,11 @@ class TreeEnsemble:
         return self.tables["base"]
 
     @property
+    def n_path_trees(self) -> int:
+        """Trees explained by the recursion (too deep for tables)."""
+        return int(np.sum(self.tables["tree_mode"] != 0))
+
+    @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._arrays().values())
 
@@ -108,7 +150,7 @@ class TreeEnsemble:
         n_features = n_features or model.n_features_in_
         estimators = model.estimators_  # (n_estimators, K)
         K = estimators.shape[1]
-        parts = {k: [] for k in ("left", "right", "feature", "threshold", "value", "cover")}
+        parts = {k: [] for k in ("left", "right", "feature", "threshold", "value", "cover", "decision")}
         node_start, tree_output, offset = [0], [], 0
         for i in range(estimators.shape[0]):
             for k in range(K):
@@ -120,6 +162,7 @@ class TreeEnsemble:
                 parts["threshold"].append(np.where(leaf, 0.0, tree.threshold))
                 parts["value"].append(np.where(leaf, tree.value[:, 0, 0] * model.learning_rate, 0.0))
                 parts["cover"].append(tree.weighted_n_node_samples)
+                parts["decision"].append(np.where(tree.missing_go_to_left.astype(bool), DEFAULT_LEFT, 0))
                 offset += tree.node_count
                 node_start.append(offset)
                 tree_output.append(k)
@@ -135,17 +178,35 @@ class TreeEnsemble:
     # -- use -----------------------------------------------------------------------
     def predict_raw(self, X: np.ndarray) -> np.ndarray:
         """Raw outputs, (rows, outputs)."""
-        X = _matrix(X, self.n_features)
+        X = self.rows(X)
         out = np.zeros((X.shape[0], self.n_outputs))
-        _predict(X, self.left, self.right, self.feature, self.threshold, self.value, self.node_start,
-                 self.tree_output, self.strict, out)
+        _predict(X, self.left, self.right, self.feature, self.threshold, self.decision, self.value,
+                 self.node_start, self.tree_output, self.strict, out)
         return out + self.init
+
+    def rows(self, X) -> np.ndarray:
+        """The rows as the model's library reads them: float64, rounded to float32 first
+        where the library does that, its `missing` value made NaN."""
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"expected a (rows, {self.n_features}) matrix, got {X.shape}")
+        if self.precision == 32:
+            narrow = X.astype(np.float32)
+            if not math.isnan(self.missing):  # XGBoost compares with its missing value in float32
+                narrow[narrow == np.float32(self.missing)] = np.nan
+            return np.ascontiguousarray(narrow, np.float64)
+        X = np.array(X, np.float64, order="C", copy=True)
+        if self.flush_zero:  # LightGBM reads a dense row's |x| <= 1e-35 as an absent value: 0.0
+            X[np.abs(X) <= ZERO_EPSILON] = 0.0
+        if not math.isnan(self.missing):
+            X[X == self.missing] = np.nan
+        return X
 
     def explain(self, X: np.ndarray, output: np.ndarray | int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(attributions (rows, features), base value (rows,), explained output (rows,)) for the
         output chosen per row (`output`: an int for all rows, or one per row). Attributions plus
         base value equal the output (additivity), which is computed by walking the trees."""
-        X = _matrix(X, self.n_features)
+        X = self.rows(X)
         n = X.shape[0]
         rows_output = np.full(n, output, np.int32) if np.isscalar(output) else np.ascontiguousarray(output, np.int32)
         if rows_output.shape != (n,) or (n and (rows_output.min() < 0 or rows_output.max() >= self.n_outputs)):
@@ -153,17 +214,23 @@ class TreeEnsemble:
         phi = np.zeros((n, self.n_features))
         value = np.zeros(n)
         t = self.tables
-        _explain(X, self.left, self.right, self.feature, self.threshold, self.value, self.node_start,
-                 self.tree_output, self.strict, self.work, self.work_start, t["node_pos"], t["node_unit"],
-                 t["unit_m"], t["unit_fs"], t["unit_feat"], t["unit_tab"], t["table"], rows_output, phi, value)
+        _explain(X, self.left, self.right, self.feature, self.threshold, self.decision, self.value,
+                 self.node_start, self.tree_output, self.strict, self.work, self.work_start, t["node_pos"],
+                 t["node_unit"], t["unit_m"], t["unit_fs"], t["unit_feat"], t["unit_tab"], t["table"], rows_output,
+                 phi, value)
+        if len(self.path_trees):
+            _explain_paths(X, self.left, self.right, self.feature, self.threshold, self.decision, self.value,
+                           self.cover, self.node_start, self.tree_output, self.strict, self.path_trees,
+                           self.path_depth, rows_output, phi, value)
         return phi, t["base"][rows_output], value + self.init[rows_output]
 
     # -- bytes -------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
         own = {k: getattr(self, k) for k in ("left", "right", "feature", "threshold", "value", "cover",
-                                             "node_start", "tree_output", "init")}
+                                             "decision", "node_start", "tree_output", "init")}
         return {**own, **{f"t_{k}": v for k, v in self.tables.items()},
-                "meta": np.array([self.n_features, int(self.strict)], np.int64)}
+                "meta": np.array([self.n_features, int(self.strict), self.precision, int(self.flush_zero)], np.int64),
+                "missing": np.array([self.missing], np.float64)}
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -174,9 +241,13 @@ class TreeEnsemble:
     def from_bytes(cls, data: bytes) -> "TreeEnsemble":
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        n_features, strict = (int(v) for v in arrays.pop("meta"))
+        # an artifact from before precision, decision and tree_mode: float32 rows, NaN right, all tables
+        n_features, strict, precision, flush_zero = (list(int(v) for v in arrays.pop("meta")) + [32, 0])[:4]
+        missing = float(arrays.pop("missing", np.array([np.nan]))[0])
         tables = {k[2:]: arrays.pop(k) for k in list(arrays) if k.startswith("t_")}
-        ensemble = cls(**arrays, n_features=n_features, strict=bool(strict), tables={})
+        tables.setdefault("tree_mode", np.zeros(len(arrays["node_start"]) - 1, np.int8))
+        ensemble = cls(**arrays, n_features=n_features, strict=bool(strict), tables={}, precision=precision,
+                       missing=missing, flush_zero=bool(flush_zero))
         ensemble.tables = tables
         ensemble.check()  # before anything indexes with them
         ensemble._work()
@@ -189,7 +260,7 @@ class TreeEnsemble:
         idx = np.arange(nodes)
         inner = self.left >= 0
         ok = (len(self.right) == len(self.feature) == len(self.threshold) == len(self.value) == len(self.cover)
-              == nodes and len(self.node_start) >= 1 and self.node_start[0] == 0
+              == len(self.decision) == nodes and len(self.node_start) >= 1 and self.node_start[0] == 0
               and self.node_start[-1] == nodes and bool(np.all(np.diff(self.node_start) > 0))
               and len(self.tree_output) == self.n_trees
               and bool(np.all((self.tree_output >= 0) & (self.tree_output < self.n_outputs)))
@@ -221,7 +292,11 @@ class TreeEnsemble:
               and t["unit_fs"][0] == 0 and bool(np.all(np.diff(t["unit_fs"]) == m))
               and len(t["unit_feat"]) == t["unit_fs"][-1] and len(t["table"]) == t["unit_tab"][-1]
               and bool(np.all((t["unit_feat"] >= 0) & (t["unit_feat"] < self.n_features)))
-              and len(t["base"]) == self.n_outputs and t["unit_tab"][0] == 0)
+              and len(t["base"]) == self.n_outputs and t["unit_tab"][0] == 0
+              and len(t["tree_mode"]) == self.n_trees and bool(np.all((t["tree_mode"] == 0) | (t["tree_mode"] == 1))))
+        if ok:  # a tree the recursion explains carries no table
+            in_path_tree = np.repeat(t["tree_mode"] != 0, np.diff(self.node_start))
+            ok = bool(np.all(t["node_unit"][in_path_tree] == -1))
         if ok:  # each unit's table as long as its node's kind says (a twig: both sides)
             carriers = np.flatnonzero(t["node_unit"] >= 0)
             unit = t["node_unit"][carriers]
@@ -231,14 +306,6 @@ class TreeEnsemble:
             ok = len(np.unique(unit)) == units and bool(np.all(np.diff(t["unit_tab"]) == size))
         if not ok:
             raise ValueError("tree ensemble arrays are inconsistent")
-
-
-def _matrix(X, n_features: int) -> np.ndarray:
-    X = np.ascontiguousarray(X, dtype=np.float32) if not (isinstance(X, np.ndarray) and X.dtype == np.float32
-                                                        and X.flags.c_contiguous) else X
-    if X.ndim != 2 or X.shape[1] != n_features:
-        raise ValueError(f"expected a (rows, {n_features}) matrix, got {X.shape}")
-    return X
 
 
 # -- precomputation ------------------------------------------------------------
@@ -256,13 +323,28 @@ def _precompute(ens: TreeEnsemble) -> dict[str, np.ndarray]:
     """
     nodes = len(ens.left)
     left, right, feature, cover, value = ens.left, ens.right, ens.feature, ens.cover, ens.value
+    # Per tree: tables where they fit, else the recursion (decided before any table is built).
+    path_m, weight = _paths(left, right, feature, cover, ens.node_start)
+    leaf = left < 0
+    tree_of = np.repeat(np.arange(ens.n_trees), np.diff(ens.node_start))
+    base = ens.init.astype(np.float64).copy()
+    np.add.at(base, ens.tree_output[tree_of[leaf]], value[leaf] * weight[leaf])
+    entries_per_tree = np.zeros(ens.n_trees, np.int64)
+    widest = np.zeros(ens.n_trees, np.int64)
+    np.add.at(entries_per_tree, tree_of[leaf], path_m[leaf].astype(np.int64) << np.minimum(path_m[leaf], 40))
+    np.maximum.at(widest, tree_of[leaf], path_m[leaf])
+    tree_mode = np.zeros(ens.n_trees, np.int8)
+    entries = 0
+    for t in range(ens.n_trees):
+        if widest[t] > TABLE_PATH_FEATURES or entries + entries_per_tree[t] > MAX_TABLE_ENTRIES:
+            tree_mode[t] = 1
+        else:
+            entries += entries_per_tree[t]
     node_pos = np.zeros(nodes, np.int32)
     path_features: dict[int, tuple] = {}
     path_z: dict[int, tuple] = {}
     leaves = []
-    base = ens.init.astype(np.float64).copy()
-    entries = 0
-    for t in range(ens.n_trees):
+    for t in np.flatnonzero(tree_mode == 0):
         stack = [(int(ens.node_start[t]), (), ())]  # (node, distinct features above, their cover ratios)
         while stack:
             node, features, z = stack.pop()
@@ -281,15 +363,6 @@ def _precompute(ens: TreeEnsemble) -> dict[str, np.ndarray]:
                     zc[k] *= ratio
                     stack.append((child, below, tuple(zc)))
                 continue
-            m = len(features)
-            if m > MAX_PATH_FEATURES:
-                raise ValueError(f"a tree path splits on {m} distinct features; exact TreeSHAP tables are "
-                                 f"kept for at most {MAX_PATH_FEATURES}")
-            entries += m << m
-            if entries > MAX_TABLE_ENTRIES:
-                raise ValueError(f"the ensemble's TreeSHAP tables would exceed {MAX_TABLE_ENTRIES:,} entries "
-                                 "(trees too deep or too many); use shallower trees")
-            base[ens.tree_output[t]] += value[node] * math.prod(z)
             path_features[node], path_z[node] = features, z
             leaves.append(node)
     # every leaf's own table
@@ -313,7 +386,7 @@ def _precompute(ens: TreeEnsemble) -> dict[str, np.ndarray]:
     unit_m, unit_feat, tables = [], [], []
     held = set()
     for node in range(nodes):
-        if left[node] >= 0 and left[left[node]] < 0 and left[right[node]] < 0:
+        if left[node] >= 0 and left[left[node]] < 0 and left[right[node]] < 0 and int(left[node]) in leaf_index:
             a, b = int(left[node]), int(right[node])
             m = len(path_features[a])
             masks = np.arange(1 << m)
@@ -338,7 +411,48 @@ def _precompute(ens: TreeEnsemble) -> dict[str, np.ndarray]:
     np.cumsum([len(x) for x in tables], out=unit_tab[1:])
     return {"node_pos": node_pos, "node_unit": node_unit, "unit_m": unit_m_a, "unit_fs": unit_fs,
             "unit_feat": np.array(unit_feat, np.int32), "unit_tab": unit_tab,
-            "table": np.concatenate(tables) if tables else np.zeros(0), "base": base}
+            "table": np.concatenate(tables) if tables else np.zeros(0), "base": base, "tree_mode": tree_mode}
+
+
+@numba.njit(cache=True, nogil=True)
+def _paths(left, right, feature, cover, node_start):
+    """Per node: the number of distinct features split on above it, and the product
+    of the cover shares down to it (a leaf's weight in the tree's expected value).
+    Children come after their parent, so one pass in index order does it."""
+    nodes = len(left)
+    parent = np.full(nodes, -1, np.int64)
+    m = np.zeros(nodes, np.int64)
+    weight = np.ones(nodes)
+    for node in range(nodes):
+        if left[node] < 0:
+            continue
+        new = 1
+        up = parent[node]
+        while up >= 0:  # is this split's feature already on the path above?
+            if feature[up] == feature[node]:
+                new = 0
+                break
+            up = parent[up]
+        both = cover[left[node]] + cover[right[node]]
+        for child in (left[node], right[node]):
+            parent[child] = node
+            m[child] = m[node] + new
+            weight[child] = weight[node] * (cover[child] / both if both > 0 else 0.5)
+    return m, weight
+
+
+@numba.njit(cache=True, nogil=True)
+def _depth(left, right, node_start):
+    """The deepest leaf's depth, over all trees (the recursion's stack size)."""
+    depth = np.zeros(len(left), np.int64)
+    deepest = 0
+    for node in range(len(left)):
+        if left[node] >= 0:
+            depth[left[node]] = depth[node] + 1
+            depth[right[node]] = depth[node] + 1
+        elif depth[node] > deepest:
+            deepest = depth[node]
+    return deepest
 
 
 @numba.njit(cache=True, nogil=True)
@@ -380,23 +494,31 @@ _BLOCK = 64
 
 
 @numba.njit(cache=True, nogil=True)
-def _goes_left(x, threshold, strict):
+def _goes_left(x, threshold, decision, strict):
+    if x != x:  # NaN: missing, or 0.0 where LightGBM reads it so
+        if decision & NAN_AS_ZERO:
+            x = 0.0
+        else:
+            return (decision & DEFAULT_LEFT) != 0
+    if (decision & ZERO_MISSING) and -ZERO_EPSILON <= x <= ZERO_EPSILON:
+        return (decision & DEFAULT_LEFT) != 0
     return x < threshold if strict else x <= threshold
 
 
 @numba.njit(cache=True, nogil=True)
-def _predict(X, left, right, feature, threshold, value, node_start, tree_output, strict, out):
+def _predict(X, left, right, feature, threshold, decision, value, node_start, tree_output, strict, out):
     for i in range(X.shape[0]):
         for t in range(len(node_start) - 1):
             node = node_start[t]
             while left[node] >= 0:
-                node = left[node] if _goes_left(X[i, feature[node]], threshold[node], strict) else right[node]
+                goes_left = _goes_left(X[i, feature[node]], threshold[node], decision[node], strict)
+                node = left[node] if goes_left else right[node]
             out[i, tree_output[t]] += value[node]
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _explain(X, left, right, feature, threshold, value, node_start, tree_output, strict, work, work_start,
-             node_pos, node_unit, unit_m, unit_fs, unit_feat, unit_tab, table, rows_output, phi, out):
+def _explain(X, left, right, feature, threshold, decision, value, node_start, tree_output, strict, work,
+             work_start, node_pos, node_unit, unit_m, unit_fs, unit_feat, unit_tab, table, rows_output, phi, out):
     # Trees outermost within a block of rows: a tree's tables stay in cache for the block.
     # Nodes are in preorder (children after their parent), so one pass per row and tree
     # pushes each leaf's mask down: a split clears its feature's bit on the side the row
@@ -429,7 +551,7 @@ def _explain(X, left, right, feature, threshold, value, node_start, tree_output,
                         if at == node:
                             out[i] += value[node]
                         continue
-                    goes_left = _goes_left(X[i, feature[node]], threshold[node], strict)
+                    goes_left = _goes_left(X[i, feature[node]], threshold[node], decision[node], strict)
                     if unit >= 0:  # a twig: both its leaves at once
                         m = unit_m[unit]
                         row = unit_tab[unit] + (0 if goes_left else (m << m)) + (here & ((np.int64(1) << m) - 1)) * m
@@ -444,3 +566,114 @@ def _explain(X, left, right, feature, threshold, value, node_start, tree_output,
                     masks[right[node] - first] = here & ~bit if goes_left else here
                     if at == node:
                         at = left[node] if goes_left else right[node]
+
+
+# -- the recursion, for trees too deep for tables ------------------------------------
+# Lundberg et al. 2018, Algorithm 2 (as in shap's tree_shap.h and XGBoost's and
+# LightGBM's own pred_contrib), with the recursion unrolled onto an explicit stack: a
+# node at depth d keeps its path in segment d of the path arrays, copied from its
+# parent's segment d - 1, which stays untouched while the node's subtree is walked.
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _extend(pf, pz, po, pw, at, depth, zero, one, feat):
+    pf[at + depth] = feat
+    pz[at + depth] = zero
+    po[at + depth] = one
+    pw[at + depth] = 1.0 if depth == 0 else 0.0
+    for i in range(depth - 1, -1, -1):
+        pw[at + i + 1] += one * pw[at + i] * (i + 1) / (depth + 1)
+        pw[at + i] = zero * pw[at + i] * (depth - i) / (depth + 1)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _unwind(pf, pz, po, pw, at, depth, k):
+    one, zero = po[at + k], pz[at + k]
+    next_one = pw[at + depth]
+    for i in range(depth - 1, -1, -1):
+        if one != 0:
+            tmp = pw[at + i]
+            pw[at + i] = next_one * (depth + 1) / ((i + 1) * one)
+            next_one = tmp - pw[at + i] * zero * (depth - i) / (depth + 1)
+        else:
+            pw[at + i] = pw[at + i] * (depth + 1) / (zero * (depth - i))
+    for i in range(k, depth):
+        pf[at + i] = pf[at + i + 1]
+        pz[at + i] = pz[at + i + 1]
+        po[at + i] = po[at + i + 1]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _unwound_sum(pz, po, pw, at, depth, k):
+    one, zero = po[at + k], pz[at + k]
+    next_one = pw[at + depth]
+    total = 0.0
+    if one != 0:
+        for i in range(depth - 1, -1, -1):
+            tmp = next_one / ((i + 1) * one)
+            total += tmp
+            next_one = pw[at + i] - tmp * zero * (depth - i)
+    elif zero != 0:
+        for i in range(depth - 1, -1, -1):
+            total += pw[at + i] / ((depth - i) * zero)
+    return total * (depth + 1)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _explain_paths(X, left, right, feature, threshold, decision, value, cover, node_start, tree_output, strict,
+                   trees, max_depth, rows_output, phi, out):
+    seg = max_depth + 2
+    pf = np.zeros(seg * (seg + 1), np.int64)
+    pz = np.zeros(seg * (seg + 1))
+    po = np.zeros(seg * (seg + 1))
+    pw = np.zeros(seg * (seg + 1))
+    size = 2 * seg + 2
+    s_node = np.zeros(size, np.int64)
+    s_level = np.zeros(size, np.int64)
+    s_depth = np.zeros(size, np.int64)
+    s_zero = np.zeros(size)
+    s_one = np.zeros(size)
+    s_feat = np.zeros(size, np.int64)
+    for i in range(X.shape[0]):
+        for t in trees:
+            if tree_output[t] != rows_output[i]:
+                continue
+            top = 0
+            s_node[0], s_level[0], s_depth[0], s_zero[0], s_one[0], s_feat[0] = node_start[t], 1, 0, 1.0, 1.0, -1
+            top = 1
+            while top > 0:
+                top -= 1
+                node, level, depth = s_node[top], s_level[top], s_depth[top]
+                at, above = level * seg, (level - 1) * seg
+                for k in range(depth):
+                    pf[at + k], pz[at + k], po[at + k], pw[at + k] = pf[above + k], pz[above + k], po[above + k], \
+                        pw[above + k]
+                _extend(pf, pz, po, pw, at, depth, s_zero[top], s_one[top], s_feat[top])
+                if left[node] < 0:
+                    for k in range(1, depth + 1):
+                        w = _unwound_sum(pz, po, pw, at, depth, k)
+                        phi[i, pf[at + k]] += w * (po[at + k] - pz[at + k]) * value[node]
+                    continue
+                goes_left = _goes_left(X[i, feature[node]], threshold[node], decision[node], strict)
+                hot, cold = (left[node], right[node]) if goes_left else (right[node], left[node])
+                both = cover[left[node]] + cover[right[node]]
+                hot_share = cover[hot] / both if both > 0 else 0.5
+                cold_share = cover[cold] / both if both > 0 else 0.5
+                zero, one = 1.0, 1.0
+                f = feature[node]
+                for k in range(depth + 1):  # already split on this feature above: undo, to redo here
+                    if pf[at + k] == f:
+                        zero, one = pz[at + k], po[at + k]
+                        _unwind(pf, pz, po, pw, at, depth, k)
+                        depth -= 1
+                        break
+                s_node[top], s_level[top], s_depth[top] = cold, level + 1, depth + 1
+                s_zero[top], s_one[top], s_feat[top] = cold_share * zero, 0.0, f
+                top += 1
+                s_node[top], s_level[top], s_depth[top] = hot, level + 1, depth + 1
+                s_zero[top], s_one[top], s_feat[top] = hot_share * zero, one, f
+                top += 1
+            node = node_start[t]  # the row's own leaf: the explained output
+            while left[node] >= 0:
+                goes_left = _goes_left(X[i, feature[node]], threshold[node], decision[node], strict)
+                node = left[node] if goes_left else right[node]
+            out[i] += value[node]

@@ -23,12 +23,13 @@ the model that made the reference predictions.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .treeshap import TreeEnsemble
+from .treeshap import DEFAULT_LEFT, NAN_AS_ZERO, ZERO_MISSING, TreeEnsemble
 
 MAX_BYTES = 512 << 20
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav", ".dill", ".cloudpickle")
@@ -62,6 +63,10 @@ class UserModel:
     link: str
     feature_names: list[str] = field(default_factory=list)
     classes: list[str] | None = None  # a classifier's class labels, where the file names them
+    note: str = ""  # how the file was read where a choice was made (early stopping's best iteration)
+    rounds: int = 0  # boosting rounds used (XGBoost: where early stopping cut the trees)
+    scale: float = 1.0  # our margin per library raw score (LightGBM rf: its raw score is the trees' sum)
+    library_model: object = None  # a skops file's estimator, as loaded (to check our reading against)
 
 
 def check_name(name: str) -> str:
@@ -78,7 +83,12 @@ def check_name(name: str) -> str:
                          "text model (.txt), or a scikit-learn gradient-boosting model saved with skops (.skops)")
 
 
-def load(name: str, data: bytes, n_features: int) -> UserModel:
+def load(name: str, data: bytes, n_features: int, missing: float | None = None,
+         iterations: str = "best") -> UserModel:
+    """`missing`: a value the model was trained to read as missing besides NaN (XGBoost's
+    `missing` parameter: the file does not carry it). `iterations`: an XGBoost model trained
+    with early stopping is cut at its `best_iteration`, as the library's scikit-learn
+    `predict` does (`best`), or used whole, as `Booster.predict` does (`all`)."""
     fmt = check_name(name)
     if len(data) > MAX_BYTES:
         raise ModelFileError(f"model file {name!r}: {len(data):,} bytes, more than {MAX_BYTES:,}")
@@ -87,11 +97,11 @@ def load(name: str, data: bytes, n_features: int) -> UserModel:
                              "refused (loading it would run the code it holds)")
     try:
         if fmt == "lightgbm-text":
-            model = _lightgbm(data)
+            model = _lightgbm(data, missing)
         elif fmt == "sklearn-skops":
-            model = _skops(data)
+            model = _skops(data, missing)
         else:
-            model = _xgboost(json.loads(data) if fmt == "xgboost-json" else ubjson(data), fmt)
+            model = _xgboost(json.loads(data) if fmt == "xgboost-json" else ubjson(data), fmt, missing, iterations)
     except ModelFileError:
         raise
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
@@ -104,9 +114,10 @@ def load(name: str, data: bytes, n_features: int) -> UserModel:
 
 
 def _build(trees: list[dict], n_features: int, init, strict: bool, fmt: str, objective: str, link: str,
-           names: list[str]) -> UserModel:
+           names: list[str], precision: int, missing: float | None, note: str = "",
+           flush_zero: bool = False) -> UserModel:
     """`trees`: per tree, node arrays (parents before children), and its output."""
-    parts = {k: [] for k in ("left", "right", "feature", "threshold", "value", "cover")}
+    parts = {k: [] for k in ("left", "right", "feature", "threshold", "value", "cover", "decision")}
     node_start, tree_output, offset = [0], [], 0
     for t in trees:
         left = np.asarray(t["left"], np.int64)
@@ -117,30 +128,38 @@ def _build(trees: list[dict], n_features: int, init, strict: bool, fmt: str, obj
         parts["threshold"].append(np.where(leaf, 0.0, t["threshold"]))
         parts["value"].append(np.where(leaf, t["value"], 0.0))
         parts["cover"].append(np.asarray(t["cover"], np.float64))
+        parts["decision"].append(np.where(leaf, 0, np.asarray(t["decision"], np.int64)))
         offset += len(left)
         node_start.append(offset)
         tree_output.append(t["output"])
     arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    ensemble = TreeEnsemble(**arrays, node_start=node_start, tree_output=tree_output, init=init,
-                            n_features=n_features, strict=strict, tables={})
-    ensemble.check_structure()
-    return UserModel(TreeEnsemble(**arrays, node_start=node_start, tree_output=tree_output, init=init,
-                                  n_features=n_features, strict=strict), fmt, objective, link, names)
+    how = dict(node_start=node_start, tree_output=tree_output, init=init, n_features=n_features, strict=strict,
+               precision=precision, missing=float("nan") if missing is None else float(missing),
+               flush_zero=flush_zero)
+    TreeEnsemble(**arrays, **how, tables={}).check_structure()
+    return UserModel(TreeEnsemble(**arrays, **how), fmt, objective, link, names, note=note)
 
 
-def _xgboost(doc: dict, fmt: str) -> UserModel:
+def _xgboost(doc: dict, fmt: str, missing: float | None, iterations: str) -> UserModel:
     learner = doc["learner"]
     objective = learner["objective"]["name"]
     if objective not in _XGB_LINKS:
         raise ModelFileError(f"XGBoost objective {objective!r} is not one we explain; known: {sorted(_XGB_LINKS)}")
     link = _XGB_LINKS[objective]
     booster = learner["gradient_booster"]
+    if booster.get("name") == "dart":
+        raise ModelFileError("XGBoost booster 'dart': its trees are weighted at prediction by drop-out scale "
+                             "factors we do not apply; train with booster='gbtree' to have it explained")
     if booster.get("name") != "gbtree":
         raise ModelFileError(f"XGBoost booster {booster.get('name')!r}: only gbtree models are trees to explain")
     model = booster["model"]
     params = learner["learner_model_param"]
     n_features = int(params["num_feature"])
     n_class = int(params.get("num_class", 0) or 0)
+    targets = int(params.get("num_target", 1) or 1)
+    if targets > 1:
+        raise ModelFileError(f"the XGBoost model predicts {targets} targets (multi-output); an inference here has "
+                             "one prediction: register one model per target")
     outputs = max(1, n_class)
     base = np.atleast_1d(np.asarray(json.loads(params["base_score"]) if params["base_score"].startswith("[")
                                     else float(params["base_score"]), np.float64))
@@ -149,23 +168,47 @@ def _xgboost(doc: dict, fmt: str) -> UserModel:
         base = np.log(base / (1 - base))
     elif link == "exp":
         base = np.log(base)
-    trees = []
     if len(model["trees"]) != len(model["tree_info"]):
         raise ValueError("the model's tree_info does not match its trees")
-    for tree, output in zip(model["trees"], model["tree_info"]):
+    # Trees per boosting round: classes x num_parallel_tree (a forest per round); the file
+    # says where each round starts (iteration_indptr), else rounds are equal.
+    per_round = outputs * int(model.get("gbtree_model_param", {}).get("num_parallel_tree", 1) or 1)
+    indptr = model.get("iteration_indptr")
+    indptr = (list(indptr) if indptr is not None and len(indptr) else list(range(0, len(model["trees"]) + 1,
+                                                                                   per_round)))
+    if indptr[-1] != len(model["trees"]) or any(b < a for a, b in zip(indptr, indptr[1:])):
+        raise ValueError("the model's iteration_indptr does not match its trees")
+    rounds = len(indptr) - 1
+    used, note = len(model["trees"]), ""
+    best = learner.get("attributes", {}).get("best_iteration")
+    if best is not None and iterations == "best" and 0 <= int(best) < rounds - 1:
+        used = indptr[int(best) + 1]
+        note = (f"early stopping: rounds 0..{int(best)} of {rounds} (best_iteration), as the XGBoost estimator's "
+                "predict uses them; set explainability.iterations='all' for every round, as Booster.predict")
+    trees = []
+    for tree, output in zip(model["trees"][:used], model["tree_info"][:used]):
+        if int(tree.get("tree_param", {}).get("size_leaf_vector", 1) or 1) > 1:
+            raise ModelFileError("the XGBoost model has vector leaves (multi_strategy='multi_output_tree'); we "
+                                 "explain one output per tree")
         if any(int(s) != 0 for s in tree.get("split_type", [])):
             raise ModelFileError("the XGBoost model has categorical splits; we explain numerical splits only")
         left, right = tree["left_children"], tree["right_children"]
         n = len(left)
-        if not all(len(tree[k]) == n for k in ("right_children", "split_indices", "split_conditions", "sum_hessian")):
+        if not all(len(tree[k]) == n for k in ("right_children", "split_indices", "split_conditions", "sum_hessian",
+                                                "default_left")):
             raise ValueError("a tree's node arrays differ in length")
         trees.append({"left": left, "right": right, "feature": tree["split_indices"],
                       "threshold": np.asarray(tree["split_conditions"], np.float32).astype(np.float64),
-                      "value": tree["split_conditions"], "cover": tree["sum_hessian"], "output": int(output)})
-    return _build(trees, n_features, base, True, fmt, objective, link, [str(n) for n in learner.get("feature_names", [])])
+                      "value": tree["split_conditions"], "cover": tree["sum_hessian"],
+                      "decision": np.where(np.asarray(tree["default_left"], np.int64) != 0, DEFAULT_LEFT, 0),
+                      "output": int(output)})
+    model = _build(trees, n_features, base, True, fmt, objective, link,
+                   [str(n) for n in learner.get("feature_names", [])], 32, missing, note)
+    model.rounds = next(r for r in range(rounds + 1) if indptr[r] == used)
+    return model
 
 
-def _lightgbm(data: bytes) -> UserModel:
+def _lightgbm(data: bytes, missing: float | None) -> UserModel:
     text = data.decode("utf-8")
     if not text.startswith("tree\n"):
         raise ModelFileError("not a LightGBM text model (it starts with 'tree')")
@@ -180,6 +223,10 @@ def _lightgbm(data: bytes) -> UserModel:
     trees = []
     for k, block in enumerate(re.split(r"\nTree=", "\n" + body)[1:]):
         f = dict(line.split("=", 1) for line in block.splitlines()[1:] if "=" in line)
+        if f.get("is_linear", "0").strip() not in ("", "0"):
+            raise ModelFileError("the LightGBM model has linear leaves (linear_tree=True): a leaf's output depends "
+                                 "on the row through its own linear model, which path-dependent TreeSHAP does not "
+                                 "attribute; train with linear_tree=False to have it explained")
         leaves = int(f["num_leaves"])
         leaf_value = np.array(f["leaf_value"].split(), np.float64)
         if leaves < 1 or len(leaf_value) != leaves:
@@ -187,7 +234,7 @@ def _lightgbm(data: bytes) -> UserModel:
         leaf_count = np.array(f["leaf_count"].split(), np.float64) if leaves > 1 else np.ones(1)
         if leaves == 1:  # a tree of one leaf
             trees.append({"left": [-1], "right": [-1], "feature": [0], "threshold": [0.0], "value": leaf_value,
-                          "cover": leaf_count, "output": k % outputs})
+                          "cover": leaf_count, "decision": [0], "output": k % outputs})
             continue
         if int(f.get("num_cat", "0")) > 0:
             raise ModelFileError("the LightGBM model has categorical splits; we explain numerical splits only")
@@ -206,17 +253,31 @@ def _lightgbm(data: bytes) -> UserModel:
                  len(cover) - leaves, len(decision)}
         if sizes != {inner} or len(leaf_count) != leaves:
             raise ValueError(f"tree {k}: its arrays do not match num_leaves={leaves}")
+        # decision_type: bit 1 default_left, bits 2-3 missing_type (0 None, 1 Zero, 2 NaN)
+        missing_type = (decision >> 2) & 3
+        if np.any(missing_type == 3):
+            raise ValueError(f"tree {k}: unknown missing_type in decision_type")
+        rule = (np.where(decision & 2, DEFAULT_LEFT, 0) | np.where(missing_type == 1, ZERO_MISSING, 0)
+                | np.where(missing_type != 2, NAN_AS_ZERO, 0))
         trees.append({"left": left + [-1] * leaves, "right": right + [-1] * leaves,
                       "feature": [int(v) for v in f["split_feature"].split()] + [0] * leaves,
                       "threshold": [float(v) for v in f["threshold"].split()] + [0.0] * leaves,
                       "value": np.concatenate([np.zeros(inner), leaf_value]), "cover": cover,
-                      "output": k % outputs})
+                      "decision": np.concatenate([rule, np.zeros(leaves, np.int64)]), "output": k % outputs})
+    rounds = max(1, len(trees) // outputs)
+    average = "average_output" in header.splitlines()
+    if average:  # boosting='rf': predict is the trees' mean per class (raw_score and pred_contrib: their sum)
+        for t in trees:
+            t["value"] = np.asarray(t["value"], np.float64) / rounds
     names = head.get("feature_names", "").split()
-    return _build(trees, n_features, np.zeros(outputs), False, "lightgbm-text", objective, _LGB_LINKS[objective],
-                  names)
+    model = _build(trees, n_features, np.zeros(outputs), False, "lightgbm-text", objective, _LGB_LINKS[objective],
+                   names, 64, missing, "boosting=rf: the trees' mean, as predict gives it" if average else "",
+                   flush_zero=True)
+    model.rounds, model.scale = rounds, (1.0 / rounds if average else 1.0)
+    return model
 
 
-def _skops(data: bytes) -> UserModel:
+def _skops(data: bytes, missing: float | None) -> UserModel:
     import skops.io as sio
     from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 
@@ -238,10 +299,44 @@ def _skops(data: bytes) -> UserModel:
     ensemble = TreeEnsemble.from_sklearn(model)
     names = [str(n) for n in getattr(model, "feature_names_in_", [])]
     if isinstance(model, GradientBoostingRegressor):
-        return UserModel(ensemble, "sklearn-skops", "regression", "identity", names)
+        return UserModel(ensemble, "sklearn-skops", "regression", "identity", names, library_model=model)
     classes = [str(c) for c in model.classes_]
     link = "logistic" if ensemble.n_outputs == 1 else "softmax"
-    return UserModel(ensemble, "sklearn-skops", "classification", link, names, classes)
+    return UserModel(ensemble, "sklearn-skops", "classification", link, names, classes, library_model=model)
+
+
+def library_margins(model: UserModel, data: bytes, X: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """The model's library's own raw outputs on rows X, (rows, outputs), in our margin's units,
+    with the library's name and version; None when the library is not installed here. What
+    training checks our reading of the file against (the library reads the file as data:
+    XGBoost JSON/UBJSON and LightGBM text hold no code)."""
+    try:
+        if model.format.startswith("xgboost"):
+            import xgboost
+
+            booster = xgboost.Booster()
+            booster.load_model(bytearray(data))
+            missing = model.ensemble.missing
+            raw = booster.predict(xgboost.DMatrix(X, missing=missing), output_margin=True,
+                                  iteration_range=(0, model.rounds))
+            return f"xgboost {xgboost.__version__}", np.asarray(raw, np.float64).reshape(len(X), -1)
+        if model.format == "lightgbm-text":
+            import lightgbm
+
+            booster = lightgbm.Booster(model_str=data.decode("utf-8"))
+            X = X if math.isnan(model.ensemble.missing) else np.where(X == model.ensemble.missing, np.nan, X)
+            raw = booster.predict(X, raw_score=True)
+            return f"lightgbm {lightgbm.__version__}", np.asarray(raw, np.float64).reshape(len(X), -1) * model.scale
+    except ImportError:
+        return None
+    estimator = model.library_model
+    if estimator is None:
+        return None
+    import sklearn
+
+    raw = estimator.decision_function(X) if hasattr(estimator, "decision_function") else (
+        estimator.predict_proba(X) if hasattr(estimator, "predict_proba") else estimator.predict(X))
+    return f"scikit-learn {sklearn.__version__}", np.asarray(raw, np.float64).reshape(len(X), -1)
 
 
 def to_prediction(margins: np.ndarray, link: str) -> np.ndarray:

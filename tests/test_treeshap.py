@@ -125,17 +125,46 @@ def test_arrays_that_would_read_outside_themselves_are_refused(regressor, corrup
         TreeEnsemble.from_bytes(buf.getvalue())
 
 
-def test_a_path_on_too_many_distinct_features_is_refused_with_the_reason():
-    depth = MAX_PATH_FEATURES + 1  # a chain: every split on a new feature, left child a leaf
+def test_a_tree_too_deep_for_tables_is_explained_by_the_recursion_with_the_same_numbers():
+    """Depth 14 on 14 features: 2^14-entry tables per leaf would pass the budget; the
+    recursion explains the deep trees, the tables the shallow ones, and both equal shap."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(6000, 14)).astype(np.float32)
+    y = np.sin(X[:, :7] * 2).sum(axis=1) + X[:, 7] * X[:, 8] - X[:, 9:].sum(axis=1)
+    deep = GradientBoostingRegressor(n_estimators=12, max_depth=14, random_state=0).fit(X, y)
+    ens = TreeEnsemble.from_sklearn(deep)
+    assert ens.n_path_trees > 0
+    phi, base, output = ens.explain(X[:200])
+    np.testing.assert_allclose(phi, shap.TreeExplainer(deep).shap_values(X[:200]), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(output, deep.predict(X[:200]), rtol=0, atol=1e-9)
+    assert np.abs(phi.sum(axis=1) + base - output).max() < 1e-9
+    again = TreeEnsemble.from_bytes(ens.to_bytes())
+    assert again.n_path_trees == ens.n_path_trees
+    np.testing.assert_array_equal(again.explain(X[:50])[0], phi[:50])
+
+
+def test_a_chain_of_more_distinct_features_than_a_mask_holds_is_explained_exactly():
+    depth = MAX_PATH_FEATURES + 4  # a chain: every split on a new feature, left child a leaf
     nodes = 2 * depth + 1
     left, right = np.full(nodes, -1), np.full(nodes, -1)
     feature = np.zeros(nodes, int)
+    cover = np.ones(nodes)
+    value = np.zeros(nodes)
     for d in range(depth):
         node = 2 * d
         left[node], right[node], feature[node] = node + 1, node + 2, d
-    with pytest.raises(ValueError, match="distinct features"):
-        TreeEnsemble(left, right, feature, np.zeros(nodes), np.ones(nodes), np.ones(nodes), [0, nodes], [0],
-                     [0.0], n_features=depth)
+        cover[node] = 2.0 ** (depth - d + 1)
+        cover[node + 1] = 2.0 ** (depth - d)
+        cover[node + 2] = 2.0 ** (depth - d)
+        value[node + 1] = d + 1.0
+    value[nodes - 1] = -3.0
+    ens = TreeEnsemble(left, right, feature, np.zeros(nodes), value, cover, [0, nodes], [0], [0.0],
+                       n_features=depth)
+    assert ens.n_path_trees == 1
+    x = np.full((1, depth), 1.0)  # right at every split: the last leaf
+    x[0, depth - 1] = -1.0         # ... except the last: its left leaf
+    phi, base, output = ens.explain(x)
+    assert output[0] == depth and abs(phi.sum() + base[0] - output[0]) < 1e-9
 
 
 def test_a_wrong_matrix_is_refused(regressor):
