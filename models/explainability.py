@@ -62,7 +62,8 @@ MAX_DEPTH = 10
 
 class ExplainabilityArtifact:
     def __init__(self, encoder: FeatureEncoder, ensemble: TreeEnsemble, classes: list[str] | None,
-                 parameters: dict, quality: dict):
+                 parameters: dict, quality: dict, score_output: int = 0):
+        self.score_output = score_output  # a numeric prediction: which output it is (a forest's P(class 1))
         self.encoder = encoder
         self.ensemble = ensemble
         self.classes = classes  # None: a numeric prediction (regression surrogate)
@@ -108,7 +109,7 @@ class ExplainabilityArtifact:
 
     def _explain(self, X: np.ndarray, prediction: pa.Array, rows: np.ndarray):
         if self.classes is None:
-            return self.ensemble.explain(X)
+            return self.ensemble.explain(X, self.score_output)
         margins = self.ensemble.predict_raw(X)
         single = self.ensemble.n_outputs == 1  # two classes, one output: the margin of classes[1]
         if single:
@@ -126,7 +127,7 @@ class ExplainabilityArtifact:
         return self.ensemble.explain(X, cls)
 
     def to_blobs(self) -> dict[str, bytes]:
-        doc = {"encoder": self.encoder.to_json(), "classes": self.classes}
+        doc = {"encoder": self.encoder.to_json(), "classes": self.classes, "score_output": self.score_output}
         return {"surrogate.json": json.dumps(doc).encode(), "ensemble.npz": self.ensemble.to_bytes()}
 
 
@@ -228,13 +229,15 @@ class Explainability:
         library = self._check_reading(model, model_file, X, margins)
         predicted = usermodels.to_prediction(margins[known], model.link)
         outputs = model.ensemble.n_outputs
-        if outputs == 1:
+        # a binary forest's two class probabilities, with a score sent as the prediction: P(class 1)
+        score_output = 1 if outputs == 2 and model.link == "identity" and spec.prediction_type == "numeric" else 0
+        if outputs == 1 or score_output:
             if spec.prediction_type != "numeric":
                 raise ValueError(f"{NAME}: the model file has one output (a score or a value); the schema's "
                                  "predictions are class labels: send the score as the prediction")
             y = target.to_numpy(zero_copy_only=False)[known]
             spread = np.sum((y - y.mean()) ** 2)
-            residual = np.sum((y - predicted[:, 0]) ** 2)
+            residual = np.sum((y - predicted[:, score_output]) ** 2)
             fidelity = 1.0 - residual / spread if spread > 0 else float(residual == 0)
             quality = {"metric": "r2", "fidelity": round(float(fidelity), 6)}
             classes = None
@@ -253,7 +256,7 @@ class Explainability:
             quality["checked_against"] = library
         if model.note:
             quality["note"] = model.note
-        return ExplainabilityArtifact(encoder, model.ensemble, classes, params, quality)
+        return ExplainabilityArtifact(encoder, model.ensemble, classes, params, quality, score_output)
 
     @staticmethod
     def _check_reading(model, model_file: ModelFile, X: np.ndarray, margins: np.ndarray) -> dict | None:
@@ -288,12 +291,13 @@ class Explainability:
         if ensemble.n_features != len(encoder.names):
             raise ValueError(f"surrogate has {ensemble.n_features} features, the encoder {len(encoder.names)}")
         classes = doc.get("classes")
-        if ensemble.n_outputs not in ((1,) if classes is None else (1, len(classes)) if len(classes) == 2
-                                      else (len(classes),)):
+        score_output = int(doc.get("score_output", 0))
+        if ensemble.n_outputs not in (((1,) if score_output == 0 else (2,)) if classes is None
+                                      else (1, len(classes)) if len(classes) == 2 else (len(classes),)):
             raise ValueError(f"surrogate has {ensemble.n_outputs} outputs for classes {classes}")
         parameters = {k: v for k, v in manifest.parameters.items() if k != "quality"}
         return ExplainabilityArtifact(encoder, ensemble, classes, _parameters(parameters),
-                                      manifest.parameters.get("quality", {}))
+                                      manifest.parameters.get("quality", {}), score_output)
 
 
 def sampled(inference_id: pa.Array, rate: float) -> np.ndarray:

@@ -142,38 +142,10 @@ class TreeEnsemble:
     # -- builders ----------------------------------------------------------------
     @classmethod
     def from_sklearn(cls, model, n_features: int | None = None) -> "TreeEnsemble":
-        """A fitted scikit-learn GradientBoostingRegressor or GradientBoostingClassifier."""
-        from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+        """A fitted scikit-learn tree model (models/sklearntrees.py says which and how)."""
+        from .sklearntrees import ensemble
 
-        if not isinstance(model, (GradientBoostingRegressor, GradientBoostingClassifier)):
-            raise TypeError(f"cannot read {type(model).__name__}: a gradient-boosting ensemble is expected")
-        n_features = n_features or model.n_features_in_
-        estimators = model.estimators_  # (n_estimators, K)
-        K = estimators.shape[1]
-        parts = {k: [] for k in ("left", "right", "feature", "threshold", "value", "cover", "decision")}
-        node_start, tree_output, offset = [0], [], 0
-        for i in range(estimators.shape[0]):
-            for k in range(K):
-                tree = estimators[i, k].tree_
-                leaf = tree.children_left < 0
-                parts["left"].append(np.where(leaf, -1, tree.children_left + offset))
-                parts["right"].append(np.where(leaf, -1, tree.children_right + offset))
-                parts["feature"].append(np.where(leaf, 0, tree.feature))
-                parts["threshold"].append(np.where(leaf, 0.0, tree.threshold))
-                parts["value"].append(np.where(leaf, tree.value[:, 0, 0] * model.learning_rate, 0.0))
-                parts["cover"].append(tree.weighted_n_node_samples)
-                parts["decision"].append(np.where(tree.missing_go_to_left.astype(bool), DEFAULT_LEFT, 0))
-                offset += tree.node_count
-                node_start.append(offset)
-                tree_output.append(k)
-        arrays = {k: np.concatenate(v) for k, v in parts.items()}
-        probe = np.zeros((1, n_features), np.float32)
-        raw = (model.decision_function(probe) if isinstance(model, GradientBoostingClassifier)
-               else model.predict(probe)).reshape(1, -1)[0]
-        partial = cls(**arrays, node_start=node_start, tree_output=tree_output, init=np.zeros(K),
-                      n_features=n_features, tables={})
-        init = raw - partial.predict_raw(probe)[0]
-        return cls(**arrays, node_start=node_start, tree_output=tree_output, init=init, n_features=n_features)
+        return ensemble(model, n_features)
 
     # -- use -----------------------------------------------------------------------
     def predict_raw(self, X: np.ndarray) -> np.ndarray:

@@ -4,10 +4,11 @@ Formats (chosen by the file's name):
 - `.json`: XGBoost's JSON model (`Booster.save_model("model.json")`);
 - `.ubj`: the same as UBJSON, XGBoost's binary form (`Booster.save_model("model.ubj")`);
 - `.txt`: LightGBM's text model (`Booster.save_model("model.txt")`);
-- `.skops`: a scikit-learn GradientBoostingRegressor or GradientBoostingClassifier
-  saved with skops (`skops.io.dump(model, "model.skops")`), loaded with skops'
-  type checks: a type skops does not trust, other than a tree, is refused by
-  name before anything is loaded, and what loads must be one of those two.
+- `.skops`: a scikit-learn tree model (gradient boosting, HistGradientBoosting,
+  random forest, extra trees, a decision tree: models/sklearntrees.py) saved
+  with skops (`skops.io.dump(model, "model.skops")`), loaded with skops' type
+  checks: a type skops does not trust, other than a fitted tree, is refused by
+  name before anything is loaded.
 
 Both are parsed here into the flat arrays of models/treeshap.py, so serving
 needs neither library. A pickle (`.pkl`, `.pickle`, `.joblib`, or any file that
@@ -34,8 +35,10 @@ from .treeshap import DEFAULT_LEFT, NAN_AS_ZERO, ZERO_MISSING, TreeEnsemble
 MAX_BYTES = 512 << 20
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav", ".dill", ".cloudpickle")
 FORMATS = {".json": "xgboost-json", ".ubj": "xgboost-ubjson", ".txt": "lightgbm-text", ".skops": "sklearn-skops"}
-# What a skops file may hold beyond what skops itself trusts: the trees of a gradient-boosting model.
-SKOPS_TRUSTED = frozenset({"sklearn.tree._tree.Tree"})
+# What a skops file may hold beyond what skops itself trusts: the fitted trees of scikit-learn's
+# tree models (arrays, no code).
+SKOPS_TRUSTED = frozenset({"sklearn.tree._tree.Tree",
+                           "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"})
 
 # XGBoost objectives by how their margin becomes the prediction.
 _XGB_LINKS = {
@@ -80,7 +83,7 @@ def check_name(name: str) -> str:
         if lower.endswith(suffix):
             return fmt
     raise ModelFileError(f"model file {name!r}: use an XGBoost JSON (.json) or UBJSON (.ubj) model, a LightGBM "
-                         "text model (.txt), or a scikit-learn gradient-boosting model saved with skops (.skops)")
+                         "text model (.txt), or a scikit-learn tree model saved with skops (.skops)")
 
 
 def load(name: str, data: bytes, n_features: int, missing: float | None = None,
@@ -279,7 +282,8 @@ def _lightgbm(data: bytes, missing: float | None) -> UserModel:
 
 def _skops(data: bytes, missing: float | None) -> UserModel:
     import skops.io as sio
-    from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+
+    from . import sklearntrees
 
     try:
         untrusted = sio.get_untrusted_types(data=data)
@@ -287,21 +291,25 @@ def _skops(data: bytes, missing: float | None) -> UserModel:
         raise ModelFileError(f"not a skops file we can read: {type(exc).__name__}: {str(exc)[:200]}") from None
     unexpected = sorted(set(untrusted) - SKOPS_TRUSTED)
     if unexpected:
-        raise ModelFileError(f"the skops file holds types we do not load: {', '.join(unexpected)}; a "
-                             "GradientBoostingRegressor or GradientBoostingClassifier is expected")
+        raise ModelFileError(f"the skops file holds types we do not load: {', '.join(unexpected)}; a scikit-learn "
+                             f"tree model is expected ({', '.join(sklearntrees.SUPPORTED)})")
     try:
         model = sio.loads(data, trusted=list(untrusted))
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"the skops file could not be loaded: {type(exc).__name__}: {str(exc)[:200]}") from None
-    if not isinstance(model, (GradientBoostingRegressor, GradientBoostingClassifier)):
-        raise ModelFileError(f"the skops file holds a {type(model).__name__}; we explain GradientBoostingRegressor "
-                             "and GradientBoostingClassifier (or XGBoost and LightGBM files)")
-    ensemble = TreeEnsemble.from_sklearn(model)
+    try:
+        ensemble = sklearntrees.ensemble(model)
+    except sklearntrees.UnsupportedModel as exc:
+        raise ModelFileError(f"the skops file holds {exc}") from None
+    if missing is not None:
+        ensemble.missing = float(missing)
     names = [str(n) for n in getattr(model, "feature_names_in_", [])]
-    if isinstance(model, GradientBoostingRegressor):
+    if not sklearntrees.is_classifier(model):
         return UserModel(ensemble, "sklearn-skops", "regression", "identity", names, library_model=model)
     classes = [str(c) for c in model.classes_]
-    link = "logistic" if ensemble.n_outputs == 1 else "softmax"
+    boosted = type(model).__name__ in sklearntrees.GRADIENT_BOOSTING + sklearntrees.HIST_GRADIENT_BOOSTING
+    # boosting explains margins (one for two classes); a forest or tree its class probabilities
+    link = ("logistic" if ensemble.n_outputs == 1 else "softmax") if boosted else "identity"
     return UserModel(ensemble, "sklearn-skops", "classification", link, names, classes, library_model=model)
 
 
@@ -334,9 +342,10 @@ def library_margins(model: UserModel, data: bytes, X: np.ndarray) -> tuple[str, 
         return None
     import sklearn
 
-    raw = estimator.decision_function(X) if hasattr(estimator, "decision_function") else (
-        estimator.predict_proba(X) if hasattr(estimator, "predict_proba") else estimator.predict(X))
-    return f"scikit-learn {sklearn.__version__}", np.asarray(raw, np.float64).reshape(len(X), -1)
+    from .sklearntrees import raw_output
+
+    X = X if math.isnan(model.ensemble.missing) else np.where(X == model.ensemble.missing, np.nan, X)
+    return f"scikit-learn {sklearn.__version__}", raw_output(estimator, X)
 
 
 def to_prediction(margins: np.ndarray, link: str) -> np.ndarray:

@@ -163,7 +163,7 @@ def test_a_skops_file_holding_anything_else_is_refused_naming_it(tmp_path):
     reference = _reference(tmp_path, X, models["skops"].predict(X))
     path = tmp_path / "model.skops"
     skops.io.dump(make_pipeline(FunctionTransformer(np.log1p), models["skops"]), path)
-    with pytest.raises(SpecError, match="types we do not load: numpy.log1p|holds a Pipeline"):
+    with pytest.raises(SpecError, match="types we do not load: numpy.log1p|holds a scikit-learn Pipeline"):
         ModelRegistry(tmp_path / "registry").register("own", schema("regression"), reference, path)
 
 
