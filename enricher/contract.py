@@ -474,7 +474,7 @@ def _validate(spec: ModelSpec, src: "_JsonSource | _ArrowSource",
     values: dict[str, pa.Array] = {}
     for col in spec.features:
         arr = src.nested("features", col, f"feature {col.name!r}", "wrong_feature_type")
-        values[col.name] = _check(arr, f"feature {col.name!r}", bad, "missing_feature")
+        values[col.name] = _check(arr, f"feature {col.name!r}", bad, None if col.nullable else "missing_feature")
     if spec.attributes:
         src.group("attributes", required=False)
         for col in spec.attributes:

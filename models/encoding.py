@@ -1,6 +1,10 @@
 """Turns a model's features into the float matrix tree models are fitted on.
 
-Numeric features pass through (reference gaps filled with the median).
+Numeric features pass through. A missing value (a reference gap, or a null
+in a nullable feature) becomes, by `nulls`: the feature's reference median
+(`median`, anomaly detection: a gap is not evidence of an anomaly), or NaN
+(`nan`, explanations: tree models route a missing value their own way, and
+the explanation follows the model).
 Categorical features become one column each, whatever the number of
 categories, in one of two ways:
 - `frequency` (anomaly detection): the frequency of the value in the
@@ -31,10 +35,13 @@ Columns = Mapping[str, "pa.Array | pa.ChunkedArray"]
 class FeatureEncoder:
     def __init__(self, names: list[str], kinds: list[str], medians: dict[str, float],
                  categories: dict[str, list[str]], frequencies: dict[str, list[float]],
-                 categorical: str = "frequency"):
+                 categorical: str = "frequency", nulls: str = "median"):
         if categorical not in ("frequency", "code"):
             raise ValueError(f"categorical encoding {categorical!r}: frequency or code")
+        if nulls not in ("median", "nan"):
+            raise ValueError(f"nulls {nulls!r}: median or nan")
         self.categorical = categorical
+        self.nulls = nulls
         self.names = names
         self.kinds = kinds
         self.medians = medians
@@ -50,7 +57,7 @@ class FeatureEncoder:
 
     @classmethod
     def fit(cls, spec: ModelSpec, reference: pa.Table, max_categories: int = 10_000,
-            categorical: str = "frequency") -> "FeatureEncoder":
+            categorical: str = "frequency", nulls: str = "median") -> "FeatureEncoder":
         medians, categories, frequencies = {}, {}, {}
         n = reference.num_rows
         for col in spec.features:
@@ -65,7 +72,7 @@ class FeatureEncoder:
                 categories[col.name] = [vc["values"] for vc in counts]
                 frequencies[col.name] = [vc["counts"] / n for vc in counts]
         return cls(spec.feature_names, [c.type for c in spec.features], medians, categories, frequencies,
-                   categorical)
+                   categorical, nulls)
 
     def transform(self, columns: Columns, num_rows: int) -> np.ndarray:
         # float64: a value on a split threshold must reach the walk as the library reads it
@@ -74,8 +81,8 @@ class FeatureEncoder:
         for j, (name, kind) in enumerate(zip(self.names, self.kinds)):
             values = columns[name]
             if kind == "numeric":
-                if values.null_count:  # only reference data has gaps; inferences are validated
-                    values = pc.fill_null(values, self.medians[name])
+                if values.null_count:  # reference gaps, and nulls in a nullable feature
+                    values = pc.fill_null(values, self.medians[name] if self.nulls == "median" else float("nan"))
                 out[:, j] = _to_numpy(values)
             else:
                 codes = pc.index_in(values, value_set=self._value_sets[name])
@@ -85,7 +92,8 @@ class FeatureEncoder:
 
     def to_json(self) -> dict:
         return {"names": self.names, "kinds": self.kinds, "medians": self.medians,
-                "categories": self.categories, "frequencies": self.frequencies, "categorical": self.categorical}
+                "categories": self.categories, "frequencies": self.frequencies, "categorical": self.categorical,
+                "nulls": self.nulls}
 
     @classmethod
     def for_spec(cls, doc: dict, spec: ModelSpec) -> "FeatureEncoder":
@@ -99,7 +107,7 @@ class FeatureEncoder:
     @classmethod
     def from_json(cls, doc: dict) -> "FeatureEncoder":
         return cls(doc["names"], doc["kinds"], doc["medians"], doc["categories"], doc["frequencies"],
-                   doc.get("categorical", "frequency"))
+                   doc.get("categorical", "frequency"), doc.get("nulls", "median"))
 
 
 def _to_numpy(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:

@@ -1,7 +1,8 @@
 """Explainability: exact per-row attributions of the model's output to its features.
 
 For any model, a *surrogate* is fitted: a gradient-boosted tree ensemble
-(scikit-learn) trained on the reference data to reproduce the model's own
+(scikit-learn's HistGradientBoosting: it learns where a missing value goes,
+as the user's model did) trained on the reference data to reproduce the model's own
 predictions. Its attributions are exact path-dependent TreeSHAP values
 (models/treeshap.py), so what is approximate is only how well the surrogate
 follows the model, and that is measured (fidelity on held-out reference
@@ -20,7 +21,9 @@ What is explained, per row (`explanation_output`, which the attributions plus
 
 Categorical features enter the trees as their rank by frequency in the
 reference (`FeatureEncoder(categorical="code")`): one column, one attribution
-per feature.
+per feature. A missing numeric value (a reference gap, a null in a nullable
+feature) enters as NaN, and goes down each split the way the trees learnt
+(or, for a user's model file, the way its library routes it).
 
 A sample rate explains a fraction of rows, chosen by a hash of the inference
 id (the same rows on a replay); the rest get NULL.
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
 from .artifact import Manifest
 from .encoding import FeatureEncoder
@@ -169,7 +172,7 @@ class Explainability:
         params = _parameters(config)
         if model_file is not None:
             return self._fit_model_file(spec, reference, params, model_file)
-        encoder = FeatureEncoder.fit(spec, reference, categorical="code")
+        encoder = FeatureEncoder.fit(spec, reference, categorical="code", nulls="nan")
         X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
         target = reference.column("prediction").combine_chunks()
         known = ~target.is_null().to_numpy(zero_copy_only=False)
@@ -179,11 +182,13 @@ class Explainability:
         if holdout.sum() < 10 or (~holdout).sum() < 10:
             raise ValueError(f"{NAME}: {len(X)} reference rows with a prediction; at least 10 to fit on and "
                              "10 to measure fidelity on are needed (more reference rows, or another holdout)")
-        common = dict(n_estimators=params["n_estimators"], max_depth=params["max_depth"],
-                      learning_rate=params["learning_rate"], random_state=params["random_state"])
+        # no early stopping: the rounds asked for, the same trees on every run
+        common = dict(max_iter=params["n_estimators"], max_depth=params["max_depth"],
+                      max_leaf_nodes=2 ** params["max_depth"], learning_rate=params["learning_rate"],
+                      random_state=params["random_state"], early_stopping=False)
         if spec.prediction_type == "numeric":
             y = target.to_numpy(zero_copy_only=False)[known]
-            model = GradientBoostingRegressor(**common).fit(X[~holdout], y[~holdout])
+            model = HistGradientBoostingRegressor(**common).fit(X[~holdout], y[~holdout])
             fitted_y = model.predict(X[holdout])
             residual = np.sum((y[holdout] - fitted_y) ** 2)
             spread = np.sum((y[holdout] - y[holdout].mean()) ** 2)
@@ -195,7 +200,7 @@ class Explainability:
             classes = sorted(set(y[~holdout]))
             if len(classes) < 2:
                 raise ValueError(f"{NAME}: the reference predictions hold one class ({classes}): nothing to explain")
-            model = GradientBoostingClassifier(**common).fit(X[~holdout], y[~holdout])
+            model = HistGradientBoostingClassifier(**common).fit(X[~holdout], y[~holdout])
             classes = [str(c) for c in model.classes_]
             accuracy = float(np.mean(model.predict(X[holdout]) == y[holdout]))
             quality = {"metric": "accuracy", "fidelity": round(accuracy, 6)}
@@ -221,7 +226,7 @@ class Explainability:
         if model.feature_names and model.feature_names not in generic and model.feature_names != spec.feature_names:
             raise ValueError(f"{NAME}: the model file's features are {model.feature_names}, the schema's "
                              f"{spec.feature_names}: they must be the same, in the same order")
-        encoder = FeatureEncoder.fit(spec, reference, categorical="code")
+        encoder = FeatureEncoder.fit(spec, reference, categorical="code", nulls="nan")
         X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
         target = reference.column("prediction").combine_chunks()
         known = ~target.is_null().to_numpy(zero_copy_only=False)

@@ -71,7 +71,7 @@ def normalise(spec: ModelSpec, table: pa.Table) -> pa.Table:
     for col in spec.features:
         if col.name not in table.column_names:
             raise ReferenceError(f"reference column {col.name!r}: missing (it is a feature in the schema)")
-        out[col.name] = _convert(table.column(col.name), col)
+        out[col.name] = _convert(table.column(col.name), col, nan_is_missing=col.nullable)
     for col in spec.attributes:
         if col.name in table.column_names:
             out[col.name] = _convert(table.column(col.name), col, allow_all_null=True)
@@ -84,7 +84,8 @@ def normalise(spec: ModelSpec, table: pa.Table) -> pa.Table:
     return pa.table(out)
 
 
-def _convert(column: pa.ChunkedArray, col: Column, allow_all_null: bool = False) -> pa.ChunkedArray:
+def _convert(column: pa.ChunkedArray, col: Column, allow_all_null: bool = False,
+             nan_is_missing: bool = False) -> pa.ChunkedArray:
     if not allow_all_null and column.null_count == len(column):
         raise ReferenceError(f"reference column {col.name!r}: every value is empty")
     if col.numeric:
@@ -95,9 +96,13 @@ def _convert(column: pa.ChunkedArray, col: Column, allow_all_null: bool = False)
                 f"reference column {col.name!r}: expected numeric values, found {column.type} (e.g. {sample!r})"
             )
         converted = pc.cast(column, pa.float64())
+        if nan_is_missing:  # a nullable feature: pandas writes its gaps as NaN
+            converted = pc.if_else(pc.fill_null(pc.is_nan(converted), False), pa.scalar(None, pa.float64()),
+                                   converted)
         finite = pc.is_finite(converted)
         if pc.any(pc.invert(pc.fill_null(finite, True))).as_py():
-            raise ReferenceError(f"reference column {col.name!r}: contains NaN or infinite values")
+            raise ReferenceError(f"reference column {col.name!r}: contains NaN or infinite values (a feature "
+                                 "with gaps: mark it \"nullable\": true in the schema, and NaN is read as missing)")
         return converted
     if pa.types.is_dictionary(column.type):
         column = pc.cast(column, column.type.value_type)

@@ -60,6 +60,8 @@ class Column:
     name: str
     type: str  # "numeric" or "categorical"
     sensitive: bool = False
+    # A feature the model takes missing (null in a message): enriched, not dead-lettered.
+    nullable: bool = False
 
     @property
     def numeric(self) -> bool:
@@ -101,7 +103,7 @@ class ModelSpec:
     def layout(self) -> tuple:
         """What an inference of this model looks like: models with the same
         layout are validated and stored together (sensitivity plays no part)."""
-        return (self.prediction_type, tuple((c.name, c.type) for c in self.features),
+        return (self.prediction_type, tuple((c.name, c.type, c.nullable) for c in self.features),
                 tuple((c.name, c.type) for c in self.attributes))
 
     def to_json(self) -> dict:
@@ -109,6 +111,8 @@ class ModelSpec:
             d = {"name": c.name, "type": c.type}
             if c.sensitive:
                 d["sensitive"] = True
+            if c.nullable:
+                d["nullable"] = True
             return d
 
         return {
@@ -177,6 +181,11 @@ def _columns(value: Any, key: str, required: bool) -> list[Column]:
         sensitive = item.get("sensitive", False)
         if not isinstance(sensitive, bool):
             raise SpecError(f"{where}.sensitive: must be true or false")
-        out.append(Column(name, ctype, sensitive))
+        nullable = item.get("nullable", False)
+        if not isinstance(nullable, bool):
+            raise SpecError(f"{where}.nullable: must be true or false")
+        if nullable and key != "features":
+            raise SpecError(f"{where}.nullable: attributes may always be null; 'nullable' is for features")
+        out.append(Column(name, ctype, sensitive, nullable))
     return out
 
