@@ -14,7 +14,10 @@ categories, in one of two ways:
   commonest), -1 for a value never seen there: distinct categories stay
   distinct, so a tree can split them apart (two categories of equal frequency
   would be one under `frequency`), and each feature's attribution is that one
-  column's.
+  column's;
+- `model` (explaining the user's own model file): the code the model itself
+  was trained on (its position in the categories the file names), NaN for a
+  value the model never saw or a null, as the libraries read such a value.
 
 Everything is columnar: a batch is a mapping of feature name -> Arrow array.
 """
@@ -36,8 +39,8 @@ class FeatureEncoder:
     def __init__(self, names: list[str], kinds: list[str], medians: dict[str, float],
                  categories: dict[str, list[str]], frequencies: dict[str, list[float]],
                  categorical: str = "frequency", nulls: str = "median"):
-        if categorical not in ("frequency", "code"):
-            raise ValueError(f"categorical encoding {categorical!r}: frequency or code")
+        if categorical not in ("frequency", "code", "model"):
+            raise ValueError(f"categorical encoding {categorical!r}: frequency, code or model")
         if nulls not in ("median", "nan"):
             raise ValueError(f"nulls {nulls!r}: median or nan")
         self.categorical = categorical
@@ -54,10 +57,16 @@ class FeatureEncoder:
         if categorical == "code":  # last slot: a category the reference never showed
             self._freq_lookup = {n: np.append(np.arange(len(f), dtype=np.float32), np.float32(-1.0))
                                  for n, f in frequencies.items()}
+        if categorical == "model":  # last slot: a category the model never saw
+            self._freq_lookup = {n: np.append(np.arange(len(c), dtype=np.float64), np.nan)
+                                 for n, c in categories.items()}
 
     @classmethod
     def fit(cls, spec: ModelSpec, reference: pa.Table, max_categories: int = 10_000,
-            categorical: str = "frequency", nulls: str = "median") -> "FeatureEncoder":
+            categorical: str = "frequency", nulls: str = "median",
+            model_categories: dict[str, list[str]] | None = None) -> "FeatureEncoder":
+        """`model_categories` (with `categorical="model"`): each categorical feature's
+        categories as the user's model file names them, by code."""
         medians, categories, frequencies = {}, {}, {}
         n = reference.num_rows
         for col in spec.features:
@@ -65,6 +74,9 @@ class FeatureEncoder:
             if col.numeric:
                 median = pc.approximate_median(values).as_py()
                 medians[col.name] = 0.0 if median is None else float(median)
+            elif categorical == "model":
+                categories[col.name] = list(model_categories[col.name])
+                frequencies[col.name] = []
             else:
                 counts = pc.value_counts(pc.drop_null(values)).to_pylist()
                 counts.sort(key=lambda vc: -vc["counts"])

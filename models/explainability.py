@@ -226,7 +226,8 @@ class Explainability:
         if model.feature_names and model.feature_names not in generic and model.feature_names != spec.feature_names:
             raise ValueError(f"{NAME}: the model file's features are {model.feature_names}, the schema's "
                              f"{spec.feature_names}: they must be the same, in the same order")
-        encoder = FeatureEncoder.fit(spec, reference, categorical="code", nulls="nan")
+        categories = usermodels.schema_categories(model, [(c.name, c.numeric) for c in spec.features])
+        encoder = FeatureEncoder.fit(spec, reference, categorical="model", nulls="nan", model_categories=categories)
         X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
         target = reference.column("prediction").combine_chunks()
         known = ~target.is_null().to_numpy(zero_copy_only=False)

@@ -96,13 +96,10 @@ class ModelRegistry:
             try:
                 usermodels.check_name(name)  # a pickle is refused before a byte of it is read
                 data = read_bytes(model_file, "model file", usermodels.MAX_BYTES)
-                usermodels.load(name, data, len(spec.features))  # refused now, not at training
+                read = usermodels.load(name, data, len(spec.features))  # refused now, not at training
+                usermodels.schema_categories(read, [(c.name, c.numeric) for c in spec.features])
             except (usermodels.ModelFileError, ReferenceError) as exc:
                 raise SpecError(f"model_file: {exc}") from None
-            categorical = [c.name for c in spec.features if not c.numeric]
-            if categorical:
-                raise SpecError(f"model_file: with a model file every feature must be numeric (how the model "
-                                f"encodes categories is its own); {', '.join(categorical)} are categorical")
             model = (name, data)
         folder = self.root / model_id
         if (folder / "spec.json").is_file():  # what is on must still be usable with the new schema

@@ -37,7 +37,11 @@ float32 and goes left when `x < threshold`; LightGBM compares doubles with
 `x <= threshold`; scikit-learn rounds to float32 and compares with `<=`. A
 missing value (NaN) goes the node's default way; LightGBM's `missing_type`
 Zero also sends zero (|x| <= 1e-35) the default way, and its `missing_type`
-None reads NaN as 0.
+None reads NaN as 0. A categorical split (LightGBM `categorical_feature`,
+XGBoost `enable_categorical`) tests the row's category code against the
+node's bitset (`cat_offset`, `cat_words` into `cat_bits`): LightGBM sends the
+set left and NaN or a negative code right; XGBoost sends the set right, NaN
+its default way, and a negative code left.
 
 Serving never unpickles: the ensemble and its tables are flat numpy arrays
 (`np.savez`, read back with `allow_pickle=False`).
@@ -59,6 +63,8 @@ MAX_TABLE_ENTRIES = 50_000_000  # 400 MB of float64 tables per ensemble; trees p
 DEFAULT_LEFT = 1  # a missing value goes left (else right)
 ZERO_MISSING = 2  # LightGBM missing_type=Zero: zero is missing too
 NAN_AS_ZERO = 4   # LightGBM missing_type=None or Zero: NaN is read as 0.0 before the comparison
+CATEGORICAL = 8   # a set-membership split: the row's category code in the node's bitset goes left...
+CAT_SET_RIGHT = 16  # ...or right (XGBoost); a code outside the set (or invalid) goes the other way
 ZERO_EPSILON = float(np.float32(1e-35))  # LightGBM's kZeroThreshold (a float: 1.0000000180025095e-35)
 
 
@@ -81,7 +87,8 @@ class TreeEnsemble:
 
     def __init__(self, left, right, feature, threshold, value, cover, node_start, tree_output, init,
                  n_features: int, strict: bool = False, tables: dict | None = None, decision=None,
-                 precision: int = 32, missing: float = float("nan"), flush_zero: bool = False):
+                 precision: int = 32, missing: float = float("nan"), flush_zero: bool = False,
+                 cat_offset=None, cat_words=None, cat_bits=None):
         self.left = np.ascontiguousarray(left, np.int32)
         self.right = np.ascontiguousarray(right, np.int32)
         self.feature = np.ascontiguousarray(feature, np.int32)
@@ -95,6 +102,10 @@ class TreeEnsemble:
         self.strict = bool(strict)
         self.decision = (np.zeros(len(self.left), np.uint8) if decision is None
                          else np.ascontiguousarray(decision, np.uint8))
+        nodes = len(self.left)
+        self.cat_offset = np.ascontiguousarray(np.zeros(nodes) if cat_offset is None else cat_offset, np.int64)
+        self.cat_words = np.ascontiguousarray(np.zeros(nodes) if cat_words is None else cat_words, np.int64)
+        self.cat_bits = np.ascontiguousarray(np.zeros(0) if cat_bits is None else cat_bits, np.uint32)
         if precision not in (32, 64):
             raise ValueError(f"precision: 32 or 64, got {precision!r}")
         self.precision = int(precision)
@@ -152,9 +163,13 @@ class TreeEnsemble:
         """Raw outputs, (rows, outputs)."""
         X = self.rows(X)
         out = np.zeros((X.shape[0], self.n_outputs))
-        _predict(X, self.left, self.right, self.feature, self.threshold, self.decision, self.value,
-                 self.node_start, self.tree_output, self.strict, out)
+        _predict(X, self.left, self.right, self.feature, self.threshold, self._rule(), self.value,
+                 self.node_start, self.tree_output, out)
         return out + self.init
+
+    def _rule(self) -> tuple:
+        """How a row goes down a split, as the compiled loops take it."""
+        return self.decision, self.cat_offset, self.cat_words, self.cat_bits, self.strict
 
     def rows(self, X) -> np.ndarray:
         """The rows as the model's library reads them: float64, rounded to float32 first
@@ -186,20 +201,22 @@ class TreeEnsemble:
         phi = np.zeros((n, self.n_features))
         value = np.zeros(n)
         t = self.tables
-        _explain(X, self.left, self.right, self.feature, self.threshold, self.decision, self.value,
-                 self.node_start, self.tree_output, self.strict, self.work, self.work_start, t["node_pos"],
+        rule = self._rule()
+        _explain(X, self.left, self.right, self.feature, self.threshold, rule, self.value,
+                 self.node_start, self.tree_output, self.work, self.work_start, t["node_pos"],
                  t["node_unit"], t["unit_m"], t["unit_fs"], t["unit_feat"], t["unit_tab"], t["table"], rows_output,
                  phi, value)
         if len(self.path_trees):
-            _explain_paths(X, self.left, self.right, self.feature, self.threshold, self.decision, self.value,
-                           self.cover, self.node_start, self.tree_output, self.strict, self.path_trees,
+            _explain_paths(X, self.left, self.right, self.feature, self.threshold, rule, self.value,
+                           self.cover, self.node_start, self.tree_output, self.path_trees,
                            self.path_depth, rows_output, phi, value)
         return phi, t["base"][rows_output], value + self.init[rows_output]
 
     # -- bytes -------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
         own = {k: getattr(self, k) for k in ("left", "right", "feature", "threshold", "value", "cover",
-                                             "decision", "node_start", "tree_output", "init")}
+                                             "decision", "cat_offset", "cat_words", "cat_bits", "node_start",
+                                             "tree_output", "init")}
         return {**own, **{f"t_{k}": v for k, v in self.tables.items()},
                 "meta": np.array([self.n_features, int(self.strict), self.precision, int(self.flush_zero)], np.int64),
                 "missing": np.array([self.missing], np.float64)}
@@ -232,7 +249,7 @@ class TreeEnsemble:
         idx = np.arange(nodes)
         inner = self.left >= 0
         ok = (len(self.right) == len(self.feature) == len(self.threshold) == len(self.value) == len(self.cover)
-              == len(self.decision) == nodes and len(self.node_start) >= 1 and self.node_start[0] == 0
+              == len(self.decision) == len(self.cat_offset) == len(self.cat_words) == nodes and len(self.node_start) >= 1 and self.node_start[0] == 0
               and self.node_start[-1] == nodes and bool(np.all(np.diff(self.node_start) > 0))
               and len(self.tree_output) == self.n_trees
               and bool(np.all((self.tree_output >= 0) & (self.tree_output < self.n_outputs)))
@@ -243,7 +260,10 @@ class TreeEnsemble:
                               & (self.right[inner] > idx[inner]) & (self.right[inner] < ends[inner])))
                   and bool(np.all((self.feature[inner] >= 0) & (self.feature[inner] < self.n_features)))
                   and bool(np.all(np.isfinite(self.value)) and np.all(np.isfinite(self.cover))
-                           and np.all(self.cover >= 0)))
+                           and np.all(self.cover >= 0))
+                  # a categorical split's bitset inside cat_bits
+                  and bool(np.all((self.cat_offset >= 0) & (self.cat_words >= 0)
+                                  & (self.cat_offset + self.cat_words <= len(self.cat_bits)))))
         if not ok:
             raise ValueError("tree ensemble arrays are inconsistent")
 
@@ -466,30 +486,42 @@ _BLOCK = 64
 
 
 @numba.njit(cache=True, nogil=True)
-def _goes_left(x, threshold, decision, strict):
+def _goes_left(x, node, threshold, rule):
+    decision_, cat_offset, cat_words, cat_bits, strict = rule
+    decision = decision_[node]
     if x != x:  # NaN: missing, or 0.0 where LightGBM reads it so
         if decision & NAN_AS_ZERO:
             x = 0.0
         else:
             return (decision & DEFAULT_LEFT) != 0
+    if decision & CATEGORICAL:
+        set_right = (decision & CAT_SET_RIGHT) != 0
+        # an invalid code: XGBoost sends it left, LightGBM (which truncates first) right
+        if x >= 2147483647.0 or (x < 0 if set_right else x <= -1.0):
+            return set_right
+        code = np.int64(x)
+        word = code >> 5
+        inside = False
+        if word < cat_words[node]:
+            inside = ((cat_bits[cat_offset[node] + word] >> np.uint32(code & 31)) & np.uint32(1)) != 0
+        return (not inside) if set_right else inside
     if (decision & ZERO_MISSING) and -ZERO_EPSILON <= x <= ZERO_EPSILON:
         return (decision & DEFAULT_LEFT) != 0
-    return x < threshold if strict else x <= threshold
+    return x < threshold[node] if strict else x <= threshold[node]
 
 
 @numba.njit(cache=True, nogil=True)
-def _predict(X, left, right, feature, threshold, decision, value, node_start, tree_output, strict, out):
+def _predict(X, left, right, feature, threshold, rule, value, node_start, tree_output, out):
     for i in range(X.shape[0]):
         for t in range(len(node_start) - 1):
             node = node_start[t]
             while left[node] >= 0:
-                goes_left = _goes_left(X[i, feature[node]], threshold[node], decision[node], strict)
-                node = left[node] if goes_left else right[node]
+                node = left[node] if _goes_left(X[i, feature[node]], node, threshold, rule) else right[node]
             out[i, tree_output[t]] += value[node]
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _explain(X, left, right, feature, threshold, decision, value, node_start, tree_output, strict, work,
+def _explain(X, left, right, feature, threshold, rule, value, node_start, tree_output, work,
              work_start, node_pos, node_unit, unit_m, unit_fs, unit_feat, unit_tab, table, rows_output, phi, out):
     # Trees outermost within a block of rows: a tree's tables stay in cache for the block.
     # Nodes are in preorder (children after their parent), so one pass per row and tree
@@ -523,7 +555,7 @@ def _explain(X, left, right, feature, threshold, decision, value, node_start, tr
                         if at == node:
                             out[i] += value[node]
                         continue
-                    goes_left = _goes_left(X[i, feature[node]], threshold[node], decision[node], strict)
+                    goes_left = _goes_left(X[i, feature[node]], node, threshold, rule)
                     if unit >= 0:  # a twig: both its leaves at once
                         m = unit_m[unit]
                         row = unit_tab[unit] + (0 if goes_left else (m << m)) + (here & ((np.int64(1) << m) - 1)) * m
@@ -591,7 +623,7 @@ def _unwound_sum(pz, po, pw, at, depth, k):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _explain_paths(X, left, right, feature, threshold, decision, value, cover, node_start, tree_output, strict,
+def _explain_paths(X, left, right, feature, threshold, rule, value, cover, node_start, tree_output,
                    trees, max_depth, rows_output, phi, out):
     seg = max_depth + 2
     pf = np.zeros(seg * (seg + 1), np.int64)
@@ -625,7 +657,7 @@ def _explain_paths(X, left, right, feature, threshold, decision, value, cover, n
                         w = _unwound_sum(pz, po, pw, at, depth, k)
                         phi[i, pf[at + k]] += w * (po[at + k] - pz[at + k]) * value[node]
                     continue
-                goes_left = _goes_left(X[i, feature[node]], threshold[node], decision[node], strict)
+                goes_left = _goes_left(X[i, feature[node]], node, threshold, rule)
                 hot, cold = (left[node], right[node]) if goes_left else (right[node], left[node])
                 both = cover[left[node]] + cover[right[node]]
                 hot_share = cover[hot] / both if both > 0 else 0.5
@@ -646,6 +678,5 @@ def _explain_paths(X, left, right, feature, threshold, decision, value, cover, n
                 top += 1
             node = node_start[t]  # the row's own leaf: the explained output
             while left[node] >= 0:
-                goes_left = _goes_left(X[i, feature[node]], threshold[node], decision[node], strict)
-                node = left[node] if goes_left else right[node]
+                node = left[node] if _goes_left(X[i, feature[node]], node, threshold, rule) else right[node]
             out[i] += value[node]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .treeshap import DEFAULT_LEFT, NAN_AS_ZERO, ZERO_MISSING, TreeEnsemble
+from .treeshap import CAT_SET_RIGHT, CATEGORICAL, DEFAULT_LEFT, NAN_AS_ZERO, ZERO_MISSING, TreeEnsemble
 
 MAX_BYTES = 512 << 20
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav", ".dill", ".cloudpickle")
@@ -70,6 +70,11 @@ class UserModel:
     rounds: int = 0  # boosting rounds used (XGBoost: where early stopping cut the trees)
     scale: float = 1.0  # our margin per library raw score (LightGBM rf: its raw score is the trees' sum)
     library_model: object = None  # a skops file's estimator, as loaded (to check our reading against)
+    # A categorical feature's categories by the model's code (index: code), by feature position,
+    # where the file names them (LightGBM's pandas_categorical, XGBoost's cats); a feature the
+    # model splits by category without naming them takes its codes as numbers.
+    categories: dict[int, list[str]] = field(default_factory=dict)
+    categorical_features: frozenset[int] = frozenset()
 
 
 def check_name(name: str) -> str:
@@ -122,7 +127,14 @@ def _build(trees: list[dict], n_features: int, init, strict: bool, fmt: str, obj
     """`trees`: per tree, node arrays (parents before children), and its output."""
     parts = {k: [] for k in ("left", "right", "feature", "threshold", "value", "cover", "decision")}
     node_start, tree_output, offset = [0], [], 0
+    cat_offset, cat_words, cat_bits, bits_at = [], [], [], 0
     for t in trees:
+        for words in t.get("cat_words") or [None] * len(t["left"]):  # per node: its bitset, or None
+            cat_offset.append(bits_at if words is not None else 0)
+            cat_words.append(len(words) if words is not None else 0)
+            if words is not None:
+                cat_bits.append(np.asarray(words, np.uint32))
+                bits_at += len(words)
         left = np.asarray(t["left"], np.int64)
         leaf = left < 0
         parts["left"].append(np.where(leaf, -1, left + offset))
@@ -136,6 +148,8 @@ def _build(trees: list[dict], n_features: int, init, strict: bool, fmt: str, obj
         node_start.append(offset)
         tree_output.append(t["output"])
     arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    arrays.update(cat_offset=np.asarray(cat_offset, np.int64), cat_words=np.asarray(cat_words, np.int64),
+                  cat_bits=np.concatenate(cat_bits) if cat_bits else np.zeros(0, np.uint32))
     how = dict(node_start=node_start, tree_output=tree_output, init=init, n_features=n_features, strict=strict,
                precision=precision, missing=float("nan") if missing is None else float(missing),
                flush_zero=flush_zero)
@@ -155,7 +169,7 @@ def _xgboost(doc: dict, fmt: str, missing: float | None, iterations: str) -> Use
                              "factors we do not apply; train with booster='gbtree' to have it explained")
     if booster.get("name") != "gbtree":
         raise ModelFileError(f"XGBoost booster {booster.get('name')!r}: only gbtree models are trees to explain")
-    model = booster["model"]
+    model = model_doc = booster["model"]
     params = learner["learner_model_param"]
     n_features = int(params["num_feature"])
     n_class = int(params.get("num_class", 0) or 0)
@@ -188,27 +202,79 @@ def _xgboost(doc: dict, fmt: str, missing: float | None, iterations: str) -> Use
         used = indptr[int(best) + 1]
         note = (f"early stopping: rounds 0..{int(best)} of {rounds} (best_iteration), as the XGBoost estimator's "
                 "predict uses them; set explainability.iterations='all' for every round, as Booster.predict")
-    trees = []
+    trees, categorical = [], set()
     for tree, output in zip(model["trees"][:used], model["tree_info"][:used]):
         if int(tree.get("tree_param", {}).get("size_leaf_vector", 1) or 1) > 1:
             raise ModelFileError("the XGBoost model has vector leaves (multi_strategy='multi_output_tree'); we "
                                  "explain one output per tree")
-        if any(int(s) != 0 for s in tree.get("split_type", [])):
-            raise ModelFileError("the XGBoost model has categorical splits; we explain numerical splits only")
         left, right = tree["left_children"], tree["right_children"]
         n = len(left)
         if not all(len(tree[k]) == n for k in ("right_children", "split_indices", "split_conditions", "sum_hessian",
                                                 "default_left")):
             raise ValueError("a tree's node arrays differ in length")
-        trees.append({"left": left, "right": right, "feature": tree["split_indices"],
-                      "threshold": np.asarray(tree["split_conditions"], np.float32).astype(np.float64),
-                      "value": tree["split_conditions"], "cover": tree["sum_hessian"],
-                      "decision": np.where(np.asarray(tree["default_left"], np.int64) != 0, DEFAULT_LEFT, 0),
-                      "output": int(output)})
+        decision = np.where(np.asarray(tree["default_left"], np.int64) != 0, DEFAULT_LEFT, 0)
+        threshold = np.asarray(tree["split_conditions"], np.float32).astype(np.float64)
+        cat_words = None
+        split_type = np.asarray(tree.get("split_type", np.zeros(n)), np.int64)
+        if len(split_type) != n or np.any((split_type != 0) & (split_type != 1)):
+            raise ValueError("a tree's split_type is not one per node, 0 or 1")
+        if split_type.any():  # categorical splits: the categories listed per node go right
+            cat_words = [None] * n
+            codes = np.asarray(tree["categories"], np.int64)
+            for node, start, size in zip(tree["categories_nodes"], tree["categories_segments"],
+                                         tree["categories_sizes"]):
+                node, start, size = int(node), int(start), int(size)
+                chosen = codes[start:start + size]
+                if not 0 <= node < n or split_type[node] != 1 or start < 0 or start + size > len(codes) \
+                        or (size and (chosen.min() < 0 or chosen.max() >= 1 << 24)):
+                    raise ValueError("a tree's categorical split lists are inconsistent")
+                cat_words[node] = _bitset(chosen)
+                decision[node] |= CATEGORICAL | CAT_SET_RIGHT
+                threshold[node] = 0.0
+            if any(split_type[k] == 1 and cat_words[k] is None for k in range(n)):
+                raise ValueError("a categorical split without its categories")
+            categorical.update(int(f) for f, kind in zip(tree["split_indices"], split_type) if kind == 1)
+        trees.append({"left": left, "right": right, "feature": tree["split_indices"], "threshold": threshold,
+                      "value": tree["split_conditions"], "cover": tree["sum_hessian"], "decision": decision,
+                      "cat_words": cat_words, "output": int(output)})
     model = _build(trees, n_features, base, True, fmt, objective, link,
                    [str(n) for n in learner.get("feature_names", [])], 32, missing, note)
     model.rounds = next(r for r in range(rounds + 1) if indptr[r] == used)
+    model.categorical_features = frozenset(categorical)
+    model.categories = _xgboost_categories(model_doc.get("cats"), n_features)
     return model
+
+
+def _bitset(codes: np.ndarray) -> np.ndarray:
+    """Category codes as 32-bit words, bit c of word c // 32 set for each code c."""
+    words = np.zeros(int(codes.max()) // 32 + 1 if len(codes) else 1, np.uint32)
+    np.bitwise_or.at(words, codes // 32, (np.uint32(1) << (codes % 32).astype(np.uint32)))
+    return words
+
+
+def _xgboost_categories(cats, n_features: int) -> dict[int, list[str]]:
+    """XGBoost 3's record of each categorical feature's categories (the model's code is the
+    position in the list): strings as UTF-8 bytes with offsets, numbers as values."""
+    if not cats or not cats.get("enc"):
+        return {}
+    out = {}
+    for j, enc in enumerate(cats["enc"][:n_features]):
+        values = enc.get("values", [])
+        if "offsets" in enc:
+            offsets = [int(v) for v in enc["offsets"]]
+            data = bytes(int(v) & 0xFF for v in values)
+            names = [data[a:b].decode("utf-8") for a, b in zip(offsets, offsets[1:])]
+        else:
+            names = [_category_name(v) for v in values]
+        if names:
+            out[j] = names
+    return out
+
+
+def _category_name(value) -> str:
+    """A category as the schema's string: 3 for 3.0, as pandas would print an integer category."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else str(value)
 
 
 def _lightgbm(data: bytes, missing: float | None) -> UserModel:
@@ -222,8 +288,9 @@ def _lightgbm(data: bytes, missing: float | None) -> UserModel:
         raise ModelFileError(f"LightGBM objective {objective!r} is not one we explain; known: {sorted(_LGB_LINKS)}")
     outputs = int(head.get("num_tree_per_iteration", 1))
     n_features = int(head["max_feature_idx"]) + 1
-    body = "Tree=" + rest.split("\nend of trees", 1)[0]
-    trees = []
+    body, _, tail = rest.partition("\nend of trees")
+    body = "Tree=" + body
+    trees, categorical = [], set()
     for k, block in enumerate(re.split(r"\nTree=", "\n" + body)[1:]):
         f = dict(line.split("=", 1) for line in block.splitlines()[1:] if "=" in line)
         if f.get("is_linear", "0").strip() not in ("", "0"):
@@ -239,12 +306,8 @@ def _lightgbm(data: bytes, missing: float | None) -> UserModel:
             trees.append({"left": [-1], "right": [-1], "feature": [0], "threshold": [0.0], "value": leaf_value,
                           "cover": leaf_count, "decision": [0], "output": k % outputs})
             continue
-        if int(f.get("num_cat", "0")) > 0:
-            raise ModelFileError("the LightGBM model has categorical splits; we explain numerical splits only")
         inner = leaves - 1
         decision = np.array(f["decision_type"].split(), np.int64)
-        if np.any(decision & 1):
-            raise ModelFileError("the LightGBM model has categorical splits; we explain numerical splits only")
 
         def node(child: int) -> int:  # a leaf is ~index in LightGBM; ours follow the splits
             return child if child >= 0 else inner + (~child)
@@ -262,11 +325,30 @@ def _lightgbm(data: bytes, missing: float | None) -> UserModel:
             raise ValueError(f"tree {k}: unknown missing_type in decision_type")
         rule = (np.where(decision & 2, DEFAULT_LEFT, 0) | np.where(missing_type == 1, ZERO_MISSING, 0)
                 | np.where(missing_type != 2, NAN_AS_ZERO, 0))
+        threshold = np.array(f["threshold"].split(), np.float64)
+        feature = [int(v) for v in f["split_feature"].split()]
+        cat_words = None
+        if np.any(decision & 1):  # categorical splits: threshold indexes the tree's bitsets; the set goes left
+            bounds = np.array(f["cat_boundaries"].split(), np.int64)
+            words = np.array(f["cat_threshold"].split(), np.uint64)
+            if len(bounds) != int(f.get("num_cat", "0")) + 1 or bounds[0] != 0 or bounds[-1] != len(words) \
+                    or np.any(np.diff(bounds) < 0) or np.any(words >> np.uint64(32)):
+                raise ValueError(f"tree {k}: its categorical bitsets are inconsistent")
+            cat_words = [None] * (inner + leaves)
+            for j in np.flatnonzero(decision & 1):
+                index = int(threshold[j])
+                if not 0 <= index < len(bounds) - 1 or index != threshold[j]:
+                    raise ValueError(f"tree {k}: a categorical split names bitset {threshold[j]}")
+                cat_words[j] = words[bounds[index]:bounds[index + 1]].astype(np.uint32)
+                rule[j] = CATEGORICAL  # NaN goes right, whatever the missing type
+
+                threshold[j] = 0.0
+                categorical.add(feature[j])
         trees.append({"left": left + [-1] * leaves, "right": right + [-1] * leaves,
-                      "feature": [int(v) for v in f["split_feature"].split()] + [0] * leaves,
-                      "threshold": [float(v) for v in f["threshold"].split()] + [0.0] * leaves,
+                      "feature": feature + [0] * leaves, "threshold": list(threshold) + [0.0] * leaves,
                       "value": np.concatenate([np.zeros(inner), leaf_value]), "cover": cover,
-                      "decision": np.concatenate([rule, np.zeros(leaves, np.int64)]), "output": k % outputs})
+                      "decision": np.concatenate([rule, np.zeros(leaves, np.int64)]), "cat_words": cat_words,
+                      "output": k % outputs})
     rounds = max(1, len(trees) // outputs)
     average = "average_output" in header.splitlines()
     if average:  # boosting='rf': predict is the trees' mean per class (raw_score and pred_contrib: their sum)
@@ -277,7 +359,26 @@ def _lightgbm(data: bytes, missing: float | None) -> UserModel:
                    names, 64, missing, "boosting=rf: the trees' mean, as predict gives it" if average else "",
                    flush_zero=True)
     model.rounds, model.scale = rounds, (1.0 / rounds if average else 1.0)
+    model.categorical_features = frozenset(categorical)
+    model.categories = _lightgbm_categories(tail, head.get("feature_infos", "").split(), n_features)
     return model
+
+
+def _lightgbm_categories(tail: str, infos: list[str], n_features: int) -> dict[int, list[str]]:
+    """The categories LightGBM's pandas interface recorded (`pandas_categorical`, one list per
+    categorical column, in column order; the model's code is the position in the list).
+    Which features are categorical: their `feature_infos` list codes (`0:2:1`), not a range."""
+    line = next((ln for ln in tail.splitlines() if ln.startswith("pandas_categorical:")), None)
+    if line is None:
+        return {}
+    lists = json.loads(line.split(":", 1)[1])
+    if not lists:
+        return {}
+    positions = [j for j, info in enumerate(infos[:n_features]) if info != "none" and not info.startswith("[")]
+    if len(positions) != len(lists) or not all(isinstance(c, list) for c in lists):
+        raise ValueError("pandas_categorical does not match the model's categorical features")
+    return {j: [_category_name(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+                for v in values] for j, values in zip(positions, lists)}
 
 
 def _skops(data: bytes, missing: float | None) -> UserModel:
@@ -313,6 +414,24 @@ def _skops(data: bytes, missing: float | None) -> UserModel:
     return UserModel(ensemble, "sklearn-skops", "classification", link, names, classes, library_model=model)
 
 
+def schema_categories(model: UserModel, features: list[tuple[str, bool]]) -> dict[str, list[str]]:
+    """For each categorical schema feature (`(name, numeric)` in schema order), the model's own
+    categories, by code: the strings a message sends become the codes the model was trained on
+    (a string the model never saw: a missing value, as pandas and the libraries make it)."""
+    out = {}
+    for j, (name, numeric) in enumerate(features):
+        if numeric:
+            continue
+        if j not in model.categories:
+            how = ("it splits on its codes, but the file does not name its categories (train on a pandas "
+                   "'category' column: LightGBM records them as pandas_categorical, XGBoost 3 as cats); or "
+                   "send the codes as a numeric feature" if j in model.categorical_features else
+                   "the model treats it as a number: make it numeric in the schema")
+            raise ModelFileError(f"feature {name!r} is categorical in the schema, but not in the model file: {how}")
+        out[name] = model.categories[j]
+    return out
+
+
 def library_margins(model: UserModel, data: bytes, X: np.ndarray) -> tuple[str, np.ndarray] | None:
     """The model's library's own raw outputs on rows X, (rows, outputs), in our margin's units,
     with the library's name and version; None when the library is not installed here. What
@@ -325,8 +444,10 @@ def library_margins(model: UserModel, data: bytes, X: np.ndarray) -> tuple[str, 
             booster = xgboost.Booster()
             booster.load_model(bytearray(data))
             missing = model.ensemble.missing
-            raw = booster.predict(xgboost.DMatrix(X, missing=missing), output_margin=True,
-                                  iteration_range=(0, model.rounds))
+            # the model's own feature names and types (a categorical feature's codes read as codes)
+            rows = xgboost.DMatrix(X, missing=missing, feature_names=booster.feature_names,
+                                   feature_types=booster.feature_types, enable_categorical=True)
+            raw = booster.predict(rows, output_margin=True, iteration_range=(0, model.rounds))
             return f"xgboost {xgboost.__version__}", np.asarray(raw, np.float64).reshape(len(X), -1)
         if model.format == "lightgbm-text":
             import lightgbm

@@ -33,7 +33,8 @@ def theirs(model, X, missing=np.nan, iteration_range=(0, 0)):
         c = np.asarray(model.predict(X, pred_contrib=True))
         m = np.asarray(model.predict(X, raw_score=True))
     else:
-        d = xgboost.DMatrix(X, missing=missing)
+        d = xgboost.DMatrix(X, missing=missing, feature_names=model.feature_names, feature_types=model.feature_types,
+                            enable_categorical=True)
         c = model.predict(d, pred_contribs=True, iteration_range=iteration_range)
         m = model.predict(d, output_margin=True, iteration_range=iteration_range)
     outputs = m.size // len(X)
@@ -53,15 +54,16 @@ def assert_same(model, X, atol=None, options=None, **library):
     assert np.abs(phi.sum(axis=2) + base - out).max() < 1e-9 * scale  # additivity, exactly
 
 
-def lgb(X, y, **params):
+def lgb(X, y, categorical=(), **params):
     params = {"verbose": -1, "min_data_in_leaf": 5, **params}
     rounds = params.pop("rounds", 30)
-    return lightgbm.train(params, lightgbm.Dataset(X, y), rounds)
+    return lightgbm.train(params, lightgbm.Dataset(X, y, categorical_feature=list(categorical) or "auto"), rounds)
 
 
-def xgb(X, y, missing=np.nan, **params):
+def xgb(X, y, missing=np.nan, feature_types=None, **params):
     rounds = params.pop("rounds", 30)
-    return xgboost.train({"max_depth": 4, **params}, xgboost.DMatrix(X, y, missing=missing), rounds)
+    data = xgboost.DMatrix(X, y, missing=missing, feature_types=feature_types, enable_categorical=True)
+    return xgboost.train({"max_depth": 4, **params}, data, rounds)
 
 
 # -- 1. values on a threshold ---------------------------------------------------------------
@@ -238,12 +240,15 @@ def test_xgboost_routes_nan_its_default_way_and_its_own_missing_value_when_told(
 
 # -- the property: random ensembles, depths 1-16, rows on and next to thresholds, missing values ---
 
-def _rows_around_thresholds(rng, X, thresholds, n):
+def _rows_around_thresholds(rng, X, thresholds, n, categorical=()):
     rows = X[rng.integers(0, len(X), n)].copy()
     for r in range(n):
         for j in range(X.shape[1]):
             pick = rng.random()
-            if pick < 0.3 and thresholds[j]:
+            if j in categorical:  # a code seen, unseen, negative, or missing
+                if pick < 0.3:
+                    rows[r, j] = (np.nan, -1.0, 40.0, float(rng.integers(0, 12)))[rng.integers(4)]
+            elif pick < 0.3 and thresholds[j]:
                 t = thresholds[j][rng.integers(len(thresholds[j]))]
                 rows[r, j] = (t, np.nextafter(t, np.inf), np.nextafter(t, -np.inf),
                               float(np.float32(t)))[rng.integers(4)]
@@ -258,12 +263,16 @@ def _rows_around_thresholds(rng, X, thresholds, n):
 @given(library=st.sampled_from(["lightgbm", "xgboost"]), depth=st.integers(1, 16), trees=st.integers(1, 12),
        features=st.integers(1, 12), classes=st.sampled_from([1, 3]), seed=st.integers(0, 2**31 - 1),
        missing_rate=st.sampled_from([0.0, 0.1]), decimals=st.sampled_from([1, 2, 6]),
-       table_limit=st.sampled_from([0, 2, 4, treeshap.TABLE_PATH_FEATURES]))
+       table_limit=st.sampled_from([0, 2, 4, treeshap.TABLE_PATH_FEATURES]), with_category=st.booleans())
 def test_attributions_equal_the_librarys_for_random_ensembles(library, depth, trees, features, classes, seed,
-                                                               missing_rate, decimals, table_limit):
-    """`table_limit`: trees with longer paths go to the recursion, so both ways are checked."""
+                                                               missing_rate, decimals, table_limit, with_category):
+    """`table_limit`: trees with longer paths go to the recursion, so both ways are checked;
+    `with_category`: the first feature is categorical (codes 0-11), split by set membership."""
     rng = np.random.default_rng(seed)
     X = np.round(rng.normal(size=(1500, features)) * rng.uniform(0.1, 1000), decimals)
+    categorical = (0,) if with_category else ()
+    if with_category:
+        X[:, 0] = rng.integers(0, 12, len(X))
     X[rng.random(X.shape) < missing_rate] = np.nan
     signal = np.nan_to_num(X, nan=1.0) @ rng.normal(size=features) + np.sin(np.nan_to_num(X[:, 0]))
     if classes > 1:
@@ -274,18 +283,21 @@ def test_attributions_equal_the_librarys_for_random_ensembles(library, depth, tr
         y = signal
         params = {}
     if library == "lightgbm":
-        model = lgb(X, y, num_leaves=min(2 ** depth, 255), max_depth=depth, rounds=trees, min_data_in_leaf=2,
-                    zero_as_missing=bool(seed % 2), **params)
+        model = lgb(X, y, categorical, num_leaves=min(2 ** depth, 255), max_depth=depth, rounds=trees,
+                    min_data_in_leaf=2, zero_as_missing=bool(seed % 2), min_data_per_group=5, cat_smooth=1, **params)
         thresholds = {}
         for f, t in _lgb_split_pairs(model):
-            thresholds.setdefault(f, []).append(float(t))
+            if f not in categorical:
+                thresholds.setdefault(f, []).append(float(t))
     else:
-        model = xgb(X, y, max_depth=depth, rounds=trees, min_child_weight=0, **params)
+        types = ["c" if j in categorical else "q" for j in range(features)]
+        model = xgb(X, y, max_depth=depth, rounds=trees, min_child_weight=0, feature_types=types,
+                    max_cat_to_onehot=1, tree_method="hist", **params)
         thresholds = {}
         for tree in model.trees_to_dataframe().itertuples():
-            if tree.Feature != "Leaf":
+            if tree.Feature != "Leaf" and int(tree.Feature[1:]) not in categorical:
                 thresholds.setdefault(int(tree.Feature[1:]), []).append(float(tree.Split))
-    rows = _rows_around_thresholds(rng, X, [thresholds.get(j, []) for j in range(features)], 120)
+    rows = _rows_around_thresholds(rng, X, [thresholds.get(j, []) for j in range(features)], 120, categorical)
     default = treeshap.TABLE_PATH_FEATURES
     treeshap.TABLE_PATH_FEATURES = table_limit
     try:
@@ -357,3 +369,119 @@ def test_an_early_stopped_xgboost_classifier_is_trained_and_explained_at_its_bes
     c = c[np.arange(len(X)), chosen]
     np.testing.assert_allclose(phi, c[:, :-1], rtol=0, atol=1e-4)
     np.testing.assert_allclose(output, margins[np.arange(len(X)), chosen], rtol=0, atol=1e-4)
+
+
+# -- 6. categorical splits ------------------------------------------------------------------------
+
+def _categorical_frame(n=3000, seed=15):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"x": np.round(rng.normal(size=n), 2),
+                       "color": pd.Categorical(rng.choice(["red", "green", "blue", "teal", "pink", "gray"], n)),
+                       "size": pd.Categorical(rng.choice([3, 1, 2], n))})
+    y = df.x + df.color.isin(["red", "pink"]) * 2.0 + (df["size"] == 2) + (df.color == "teal") * df.x
+    return df, y.to_numpy()
+
+
+@pytest.mark.parametrize("library", ["lightgbm", "xgboost"])
+def test_categorical_splits_are_walked_as_the_library_walks_them(library):
+    df, y = _categorical_frame()
+    codes = np.column_stack([df.x, df.color.cat.codes, df["size"].cat.codes]).astype(np.float64)
+    probe = codes[:400].copy()
+    probe[::7, 1] = np.nan   # missing
+    probe[::11, 2] = np.nan
+    probe[::13, 1] = 9       # a code past every bitset
+    if library == "lightgbm":
+        model = lightgbm.LGBMRegressor(n_estimators=25, min_data_per_group=5, cat_smooth=1, verbose=-1).fit(df, y)
+        read = usermodels.load("m.txt", model.booster_.model_to_string().encode(), 3)
+        assert_same(model.booster_, probe)
+    else:
+        model = xgboost.XGBRegressor(n_estimators=25, enable_categorical=True, tree_method="hist", max_depth=4,
+                                     max_cat_to_onehot=1).fit(df, y)
+        read = usermodels.load("m.json", bytes(model.get_booster().save_raw("json")), 3)
+        booster = model.get_booster()
+        d = xgboost.DMatrix(probe, feature_names=booster.feature_names, feature_types=booster.feature_types,
+                            enable_categorical=True)
+        phi, base, out = ours(booster, probe)
+        np.testing.assert_allclose(out[:, 0], booster.predict(d, output_margin=True), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(phi[:, 0], booster.predict(d, pred_contribs=True)[:, :-1], rtol=0, atol=1e-5)
+    assert read.categories == {1: ["blue", "gray", "green", "pink", "red", "teal"], 2: ["1", "2", "3"]}
+
+
+@pytest.mark.parametrize("library", ["lightgbm", "xgboost"])
+def test_a_categorical_schema_feature_reaches_the_models_own_codes_end_to_end(tmp_path, library):
+    """The message sends 'teal'; the model was trained on pandas' code for teal. A category the
+    model never saw reads as missing, as the library reads it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df, y = _categorical_frame()
+    if library == "lightgbm":
+        model = lightgbm.LGBMRegressor(n_estimators=25, min_data_per_group=5, cat_smooth=1, verbose=-1).fit(df, y)
+        path = tmp_path / "model.txt"
+        model.booster_.save_model(str(path))
+    else:
+        model = xgboost.XGBRegressor(n_estimators=25, enable_categorical=True, tree_method="hist", max_depth=4,
+                                     max_cat_to_onehot=1).fit(df, y)
+        path = tmp_path / "model.json"
+        model.save_model(str(path))
+    doc = {"task": "regression", "features": [{"name": "x", "type": "numeric"},
+                                              {"name": "color", "type": "categorical"},
+                                              {"name": "size", "type": "categorical"}]}
+    sent = df.copy()
+    sent["color"] = sent.color.astype(str)
+    sent["size"] = sent["size"].astype(str)
+    sent.loc[::9, "color"] = "mauve"  # a colour the model never saw
+    reference = tmp_path / "reference.parquet"
+    pq.write_table(pa.table({"x": df.x, "color": sent.color, "size": sent["size"], "prediction": model.predict(df)}),
+                   reference)
+    from enricher.config import Settings
+    from models import ENRICHMENTS
+    from models.enrichment import InferenceBatch
+    from models.registry import ModelRegistry
+    from pipelines.train import train
+
+    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
+    registry = ModelRegistry(settings.registry_dir)
+    registry.register("cats", doc, reference, path)
+    registry.set_enrichment("cats", "explainability", True)
+    train(registry, settings.artifacts(), "cats", log=lambda m: None)
+    artifact = settings.artifacts().load("cats", "explainability")
+    spec = registry.get("cats")
+    fitted = ENRICHMENTS["explainability"].load(spec, artifact.manifest, artifact.blobs)
+    out = fitted.transform(InferenceBatch.from_reference(spec, pq.read_table(reference)))
+    phi = np.column_stack([out[f"explanation_{n}"].to_numpy() for n in ("x", "color", "size")])
+    codes = np.column_stack([df.x, df.color.cat.codes, df["size"].cat.codes]).astype(np.float64)
+    codes[::9, 1] = np.nan  # what the library makes of a category it never saw
+    if library == "lightgbm":
+        c = model.booster_.predict(codes, pred_contrib=True)
+        atol = 1e-9
+    else:
+        booster = model.get_booster()
+        c = booster.predict(xgboost.DMatrix(codes, feature_names=booster.feature_names,
+                                            feature_types=booster.feature_types, enable_categorical=True),
+                            pred_contribs=True)
+        atol = 1e-5
+    np.testing.assert_allclose(phi, c[:, :-1], rtol=0, atol=atol)
+    quality = artifact.manifest.parameters["quality"]
+    assert quality["checked_against"]["library"].startswith(library)
+
+
+def test_a_categorical_schema_feature_the_model_treats_as_a_number_is_refused_at_registration(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from models.registry import ModelRegistry
+    from models.spec import SpecError
+
+    rng = np.random.default_rng(16)
+    X = rng.normal(size=(500, 2))
+    model = lgb(X, X[:, 0])
+    path = tmp_path / "model.txt"
+    model.save_model(str(path))
+    reference = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"a": X[:, 0], "b": [str(v) for v in X[:, 1]], "prediction": X[:, 0]}), reference)
+    doc = {"task": "regression", "features": [{"name": "a", "type": "numeric"}, {"name": "b", "type": "categorical"}]}
+    with pytest.raises(SpecError, match="'b' is categorical in the schema, but not in the model file"):
+        ModelRegistry(tmp_path / "registry").register("m", doc, reference, path)
