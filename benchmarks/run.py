@@ -684,7 +684,7 @@ def main() -> int:
             import explain
 
             log("-- explanations: our TreeSHAP against shap, LightGBM and XGBoost (benchmarks/explain.py)")
-            results["explanations"] = explain.measure(5000, 1000, 3, 2) if args.smoke else explain.measure()
+            results["explanations"] = explain.run(args.smoke)
             a, b = (pipes.get(k, {}).get("rows_per_second") for k in
                     ("worker_json_batches_anomaly", "worker_json_batches_anomaly_explain"))
             if a and b:

@@ -56,7 +56,7 @@ import numba
 import numpy as np
 
 MAX_PATH_FEATURES = 16      # distinct features on one root-leaf path a table may index (masks fit)
-TABLE_PATH_FEATURES = 12    # a tree with a longer path is explained by the recursion instead
+TABLE_PATH_FEATURES = 10    # a tree with a longer path is explained by the recursion (tables: 80 KB per leaf at 10)
 MAX_TABLE_ENTRIES = 50_000_000  # 400 MB of float64 tables per ensemble; trees past it: the recursion
 
 # `decision` bits, per split: the library's rule for a missing value.
