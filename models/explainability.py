@@ -301,6 +301,8 @@ class Explainability:
         if ensemble.n_outputs not in (((1,) if score_output == 0 else (2,)) if classes is None
                                       else (1, len(classes)) if len(classes) == 2 else (len(classes),)):
             raise ValueError(f"surrogate has {ensemble.n_outputs} outputs for classes {classes}")
+        if ensemble.n_path_trees:  # compile the recursion here (the worker loads off the stream's
+            ensemble.explain(np.zeros((1, ensemble.n_features)))  # path), not in the first batch
         parameters = {k: v for k, v in manifest.parameters.items() if k != "quality"}
         return ExplainabilityArtifact(encoder, ensemble, classes, _parameters(parameters),
                                       manifest.parameters.get("quality", {}), score_output)

@@ -51,12 +51,14 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 
 import numba
 import numpy as np
 
 MAX_PATH_FEATURES = 16      # distinct features on one root-leaf path a table may index (masks fit)
 TABLE_PATH_FEATURES = 10    # a tree with a longer path is explained by the recursion (tables: 80 KB per leaf at 10)
+_PARALLEL = threading.Lock()
 MAX_TABLE_ENTRIES = 50_000_000  # 400 MB of float64 tables per ensemble; trees past it: the recursion
 
 # `decision` bits, per split: the library's rule for a missing value.
@@ -163,9 +165,13 @@ class TreeEnsemble:
         """Raw outputs, (rows, outputs)."""
         X = self.rows(X)
         out = np.zeros((X.shape[0], self.n_outputs))
-        _predict(X, self.left, self.right, self.feature, self.threshold, self._rule(), self.value,
+        _predict(X, self._split(), self.left, self.right, self.feature, self.threshold, self._rule(), self.value,
                  self.node_start, self.tree_output, out)
         return out + self.init
+
+    def _split(self):
+        """The compiled split test: without the set test where no split is categorical."""
+        return _any_split if len(self.cat_bits) else _numeric_split
 
     def _rule(self) -> tuple:
         """How a row goes down a split, as the compiled loops take it."""
@@ -201,15 +207,16 @@ class TreeEnsemble:
         phi = np.zeros((n, self.n_features))
         value = np.zeros(n)
         t = self.tables
-        rule = self._rule()
-        _explain(X, self.left, self.right, self.feature, self.threshold, rule, self.value,
+        rule, split = self._rule(), self._split()
+        _explain(X, split, self.left, self.right, self.feature, self.threshold, rule, self.value,
                  self.node_start, self.tree_output, self.work, self.work_start, t["node_pos"],
                  t["node_unit"], t["unit_m"], t["unit_fs"], t["unit_feat"], t["unit_tab"], t["table"], rows_output,
                  phi, value)
         if len(self.path_trees):
-            _explain_paths(X, self.left, self.right, self.feature, self.threshold, rule, self.value,
-                           self.cover, self.node_start, self.tree_output, self.path_trees,
-                           self.path_depth, rows_output, phi, value)
+            with _PARALLEL:
+                _explain_paths(X, split, self.left, self.right, self.feature, self.threshold, rule, self.value,
+                               self.cover, self.node_start, self.tree_output, self.path_trees,
+                               self.path_depth, rows_output, phi, value)
         return phi, t["base"][rows_output], value + self.init[rows_output]
 
     # -- bytes -------------------------------------------------------------------
@@ -485,8 +492,12 @@ def _fill_tables(leaf_m, feat_start, z_flat, values, tab_start, table):
 _BLOCK = 64
 
 
-@numba.njit(cache=True, nogil=True)
-def _goes_left(x, node, threshold, rule):
+# How a row goes down a split, compiled into the loops: the loops take the test as an
+# argument, so an ensemble without categorical splits runs a kernel compiled without
+# them (the set test's code in the loop, even never taken, halved the kernel's speed).
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _numeric_split(x, node, threshold, rule):
     decision_, cat_offset, cat_words, cat_bits, strict = rule
     decision = decision_[node]
     if x != x:  # NaN: missing, or 0.0 where LightGBM reads it so
@@ -494,34 +505,43 @@ def _goes_left(x, node, threshold, rule):
             x = 0.0
         else:
             return (decision & DEFAULT_LEFT) != 0
-    if decision & CATEGORICAL:
-        set_right = (decision & CAT_SET_RIGHT) != 0
-        # an invalid code: XGBoost sends it left, LightGBM (which truncates first) right
-        if x >= 2147483647.0 or (x < 0 if set_right else x <= -1.0):
-            return set_right
-        code = np.int64(x)
-        word = code >> 5
-        inside = False
-        if word < cat_words[node]:
-            inside = ((cat_bits[cat_offset[node] + word] >> np.uint32(code & 31)) & np.uint32(1)) != 0
-        return (not inside) if set_right else inside
     if (decision & ZERO_MISSING) and -ZERO_EPSILON <= x <= ZERO_EPSILON:
         return (decision & DEFAULT_LEFT) != 0
     return x < threshold[node] if strict else x <= threshold[node]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _any_split(x, node, threshold, rule):
+    decision_, cat_offset, cat_words, cat_bits, strict = rule
+    decision = decision_[node]
+    if (decision & CATEGORICAL) == 0:
+        return _numeric_split(x, node, threshold, rule)
+    if x != x:  # missing: LightGBM's right, XGBoost's default
+        return (decision & DEFAULT_LEFT) != 0
+    set_right = (decision & CAT_SET_RIGHT) != 0
+    # an invalid code: XGBoost sends it left, LightGBM (which truncates first) right
+    if x >= 2147483647.0 or (x < 0 if set_right else x <= -1.0):
+        return set_right
+    code = np.int64(x)
+    word = code >> 5
+    inside = False
+    if word < cat_words[node]:
+        inside = ((cat_bits[cat_offset[node] + word] >> np.uint32(code & 31)) & np.uint32(1)) != 0
+    return (not inside) if set_right else inside
+
+
 @numba.njit(cache=True, nogil=True)
-def _predict(X, left, right, feature, threshold, rule, value, node_start, tree_output, out):
+def _predict(X, goes_left, left, right, feature, threshold, rule, value, node_start, tree_output, out):
     for i in range(X.shape[0]):
         for t in range(len(node_start) - 1):
             node = node_start[t]
             while left[node] >= 0:
-                node = left[node] if _goes_left(X[i, feature[node]], node, threshold, rule) else right[node]
+                node = left[node] if goes_left(X[i, feature[node]], node, threshold, rule) else right[node]
             out[i, tree_output[t]] += value[node]
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _explain(X, left, right, feature, threshold, rule, value, node_start, tree_output, work,
+def _explain(X, goes, left, right, feature, threshold, rule, value, node_start, tree_output, work,
              work_start, node_pos, node_unit, unit_m, unit_fs, unit_feat, unit_tab, table, rows_output, phi, out):
     # Trees outermost within a block of rows: a tree's tables stay in cache for the block.
     # Nodes are in preorder (children after their parent), so one pass per row and tree
@@ -555,7 +575,7 @@ def _explain(X, left, right, feature, threshold, rule, value, node_start, tree_o
                         if at == node:
                             out[i] += value[node]
                         continue
-                    goes_left = _goes_left(X[i, feature[node]], node, threshold, rule)
+                    goes_left = goes(X[i, feature[node]], node, threshold, rule)
                     if unit >= 0:  # a twig: both its leaves at once
                         m = unit_m[unit]
                         row = unit_tab[unit] + (0 if goes_left else (m << m)) + (here & ((np.int64(1) << m) - 1)) * m
@@ -573,12 +593,13 @@ def _explain(X, left, right, feature, threshold, rule, value, node_start, tree_o
 
 
 # -- the recursion, for trees too deep for tables ------------------------------------
+# (its helpers are inlined: a call passing arrays costs reference counting per node)
 # Lundberg et al. 2018, Algorithm 2 (as in shap's tree_shap.h and XGBoost's and
 # LightGBM's own pred_contrib), with the recursion unrolled onto an explicit stack: a
 # node at depth d keeps its path in segment d of the path arrays, copied from its
 # parent's segment d - 1, which stays untouched while the node's subtree is walked.
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _extend(pf, pz, po, pw, at, depth, zero, one, feat):
     pf[at + depth] = feat
     pz[at + depth] = zero
@@ -589,7 +610,7 @@ def _extend(pf, pz, po, pw, at, depth, zero, one, feat):
         pw[at + i] = zero * pw[at + i] * (depth - i) / (depth + 1)
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _unwind(pf, pz, po, pw, at, depth, k):
     one, zero = po[at + k], pz[at + k]
     next_one = pw[at + depth]
@@ -606,7 +627,7 @@ def _unwind(pf, pz, po, pw, at, depth, k):
         po[at + i] = po[at + i + 1]
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _unwound_sum(pz, po, pw, at, depth, k):
     one, zero = po[at + k], pz[at + k]
     next_one = pw[at + depth]
@@ -622,9 +643,24 @@ def _unwound_sum(pz, po, pw, at, depth, k):
     return total * (depth + 1)
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def _explain_paths(X, left, right, feature, threshold, rule, value, cover, node_start, tree_output,
+# Rows in chunks over the cores (each chunk its own path arrays; rows are independent):
+# the recursion costs leaves x depth^2 per row and tree, and the libraries use every core
+# too. Not cached (numba will not cache a parallel function that passes a function on):
+# compiled once per process, at the first deep tree (~10 s). Launched under _PARALLEL:
+# numba's default threading layer (workqueue) aborts the process on two launches at once.
+@numba.njit(cache=False, nogil=True, parallel=True)
+def _explain_paths(X, goes, left, right, feature, threshold, rule, value, cover, node_start, tree_output,
                    trees, max_depth, rows_output, phi, out):
+    n = X.shape[0]
+    chunks = min(n, 4 * numba.get_num_threads())
+    for c in numba.prange(chunks):
+        _explain_paths_rows(X, goes, left, right, feature, threshold, rule, value, cover, node_start, tree_output,
+                            trees, max_depth, rows_output, phi, out, c * n // chunks, (c + 1) * n // chunks)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _explain_paths_rows(X, goes, left, right, feature, threshold, rule, value, cover, node_start, tree_output,
+                        trees, max_depth, rows_output, phi, out, first, last):
     seg = max_depth + 2
     pf = np.zeros(seg * (seg + 1), np.int64)
     pz = np.zeros(seg * (seg + 1))
@@ -637,7 +673,7 @@ def _explain_paths(X, left, right, feature, threshold, rule, value, cover, node_
     s_zero = np.zeros(size)
     s_one = np.zeros(size)
     s_feat = np.zeros(size, np.int64)
-    for i in range(X.shape[0]):
+    for i in range(first, last):
         for t in trees:
             if tree_output[t] != rows_output[i]:
                 continue
@@ -657,7 +693,7 @@ def _explain_paths(X, left, right, feature, threshold, rule, value, cover, node_
                         w = _unwound_sum(pz, po, pw, at, depth, k)
                         phi[i, pf[at + k]] += w * (po[at + k] - pz[at + k]) * value[node]
                     continue
-                goes_left = _goes_left(X[i, feature[node]], node, threshold, rule)
+                goes_left = goes(X[i, feature[node]], node, threshold, rule)
                 hot, cold = (left[node], right[node]) if goes_left else (right[node], left[node])
                 both = cover[left[node]] + cover[right[node]]
                 hot_share = cover[hot] / both if both > 0 else 0.5
@@ -678,5 +714,5 @@ def _explain_paths(X, left, right, feature, threshold, rule, value, cover, node_
                 top += 1
             node = node_start[t]  # the row's own leaf: the explained output
             while left[node] >= 0:
-                node = left[node] if _goes_left(X[i, feature[node]], node, threshold, rule) else right[node]
+                node = left[node] if goes(X[i, feature[node]], node, threshold, rule) else right[node]
             out[i] += value[node]

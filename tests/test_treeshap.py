@@ -171,3 +171,34 @@ def test_a_wrong_matrix_is_refused(regressor):
     _, model = regressor
     with pytest.raises(ValueError, match=r"\(rows, 8\)"):
         TreeEnsemble.from_sklearn(model).explain(np.zeros((3, 5), np.float32))
+
+
+def test_deep_trees_explained_from_several_threads_at_once_give_the_same_numbers():
+    """The recursion runs on every core; the stream, the on-demand endpoint and what-if may
+    call it from their own threads at the same moment (numba's default threading layer would
+    abort the process on two launches at once: they are serialised)."""
+    import threading
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(1500, 14)).astype(np.float32)
+    y = np.sin(X[:, :7] * 2).sum(axis=1) + X[:, 7] * X[:, 8]
+    ens = TreeEnsemble.from_sklearn(GradientBoostingRegressor(n_estimators=3, max_depth=13, random_state=0).fit(X, y))
+    assert ens.n_path_trees > 0
+    expected = ens.explain(X[:300])[0]
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                results.append(ens.explain(X[:300])[0])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 15
+    for phi in results:
+        np.testing.assert_array_equal(phi, expected)
