@@ -308,19 +308,13 @@ def test_attributions_equal_the_librarys_for_random_ensembles(library, depth, tr
 
 # -- end to end: registered, trained, explained in a batch -------------------------------------
 
-def _train_and_explain(tmp_path, X, prediction, doc, model_path, config=None):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _trained(tmp_path, doc, reference, model_path, config=None):
+    """Registered with its model file, trained as a user's would be: (quality, fitted artifact, spec)."""
     from enricher.config import Settings
     from models import ENRICHMENTS
-    from models.enrichment import InferenceBatch
     from models.registry import ModelRegistry
     from pipelines.train import train
 
-    names = [f["name"] for f in doc["features"]]
-    reference = tmp_path / "reference.parquet"
-    pq.write_table(pa.table({**{n: X[:, i] for i, n in enumerate(names)}, "prediction": prediction}), reference)
     settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
     registry = ModelRegistry(settings.registry_dir)
     registry.register("own", doc, reference, model_path)
@@ -329,9 +323,22 @@ def _train_and_explain(tmp_path, X, prediction, doc, model_path, config=None):
     artifact = settings.artifacts().load("own", "explainability")
     spec = registry.get("own")
     fitted = ENRICHMENTS["explainability"].load(spec, artifact.manifest, artifact.blobs)
+    return artifact.manifest.parameters["quality"], fitted, spec
+
+
+def _train_and_explain(tmp_path, X, prediction, doc, model_path, config=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from models.enrichment import InferenceBatch
+
+    names = [f["name"] for f in doc["features"]]
+    reference = tmp_path / "reference.parquet"
+    pq.write_table(pa.table({**{n: X[:, i] for i, n in enumerate(names)}, "prediction": prediction}), reference)
+    quality, fitted, spec = _trained(tmp_path, doc, reference, model_path, config)
     out = fitted.transform(InferenceBatch.from_reference(spec, pq.read_table(reference)))
     phi = np.column_stack([out[f"explanation_{n}"].to_numpy() for n in names])
-    return artifact.manifest.parameters["quality"], phi, out["explanation_output"].to_numpy()
+    return quality, phi, out["explanation_output"].to_numpy()
 
 
 def test_a_users_lightgbm_model_on_wine_is_explained_exactly_after_training(tmp_path):
@@ -436,20 +443,9 @@ def test_a_categorical_schema_feature_reaches_the_models_own_codes_end_to_end(tm
     reference = tmp_path / "reference.parquet"
     pq.write_table(pa.table({"x": df.x, "color": sent.color, "size": sent["size"], "prediction": model.predict(df)}),
                    reference)
-    from enricher.config import Settings
-    from models import ENRICHMENTS
     from models.enrichment import InferenceBatch
-    from models.registry import ModelRegistry
-    from pipelines.train import train
 
-    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
-    registry = ModelRegistry(settings.registry_dir)
-    registry.register("cats", doc, reference, path)
-    registry.set_enrichment("cats", "explainability", True)
-    train(registry, settings.artifacts(), "cats", log=lambda m: None)
-    artifact = settings.artifacts().load("cats", "explainability")
-    spec = registry.get("cats")
-    fitted = ENRICHMENTS["explainability"].load(spec, artifact.manifest, artifact.blobs)
+    quality, fitted, spec = _trained(tmp_path, doc, reference, path)
     out = fitted.transform(InferenceBatch.from_reference(spec, pq.read_table(reference)))
     phi = np.column_stack([out[f"explanation_{n}"].to_numpy() for n in ("x", "color", "size")])
     codes = np.column_stack([df.x, df.color.cat.codes, df["size"].cat.codes]).astype(np.float64)
@@ -464,7 +460,6 @@ def test_a_categorical_schema_feature_reaches_the_models_own_codes_end_to_end(tm
                             pred_contribs=True)
         atol = 1e-5
     np.testing.assert_allclose(phi, c[:, :-1], rtol=0, atol=atol)
-    quality = artifact.manifest.parameters["quality"]
     assert quality["checked_against"]["library"].startswith(library)
 
 
