@@ -202,3 +202,22 @@ def test_deep_trees_explained_from_several_threads_at_once_give_the_same_numbers
     assert not errors and len(results) == 15
     for phi in results:
         np.testing.assert_array_equal(phi, expected)
+
+
+def test_an_artifact_from_before_missing_values_and_categories_still_loads_and_explains_the_same(regressor):
+    """Artifacts published by the previous release hold no decision, category or tree-mode
+    arrays and a two-field meta: they load as numerical splits, NaN right, float32 rows."""
+    import io
+
+    X, model = regressor
+    ens = TreeEnsemble.from_sklearn(model)
+    with np.load(io.BytesIO(ens.to_bytes()), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for key in ("decision", "cat_offset", "cat_words", "cat_bits", "missing", "t_tree_mode"):
+        del arrays[key]
+    arrays["meta"] = arrays["meta"][:2]
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    old = TreeEnsemble.from_bytes(buf.getvalue())
+    assert old.precision == 32 and old.n_path_trees == 0
+    np.testing.assert_array_equal(old.explain(X[:200])[0], ens.explain(X[:200])[0])
