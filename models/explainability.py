@@ -222,11 +222,7 @@ class Explainability:
 
         model = usermodels.load(model_file.name, model_file.data, len(spec.features), params["missing_value"],
                                 params["iterations"])
-        generic = [f"f{i}" for i in range(len(spec.features))], [f"Column_{i}" for i in range(len(spec.features))]
-        if model.feature_names and model.feature_names not in generic and model.feature_names != spec.feature_names:
-            raise ValueError(f"{NAME}: the model file's features are {model.feature_names}, the schema's "
-                             f"{spec.feature_names}: they must be the same, in the same order")
-        categories = usermodels.schema_categories(model, [(c.name, c.numeric) for c in spec.features])
+        categories = usermodels.check_schema(model, spec)  # checked at registration; the schema may have changed
         encoder = FeatureEncoder.fit(spec, reference, categorical="model", nulls="nan", model_categories=categories)
         X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)
         target = reference.column("prediction").combine_chunks()
@@ -237,20 +233,14 @@ class Explainability:
         outputs = model.ensemble.n_outputs
         # a binary forest's two class probabilities, with a score sent as the prediction: P(class 1)
         score_output = 1 if outputs == 2 and model.link == "identity" and spec.prediction_type == "numeric" else 0
-        if outputs == 1 or score_output:
-            if spec.prediction_type != "numeric":
-                raise ValueError(f"{NAME}: the model file has one output (a score or a value); the schema's "
-                                 "predictions are class labels: send the score as the prediction")
+        if outputs == 1 or score_output:  # check_schema: the predictions are numbers here
             y = target.to_numpy(zero_copy_only=False)[known]
             spread = np.sum((y - y.mean()) ** 2)
             residual = np.sum((y - predicted[:, score_output]) ** 2)
             fidelity = 1.0 - residual / spread if spread > 0 else float(residual == 0)
             quality = {"metric": "r2", "fidelity": round(float(fidelity), 6)}
             classes = None
-        else:
-            if spec.prediction_type == "numeric":
-                raise ValueError(f"{NAME}: the model file has {outputs} class outputs; the schema's predictions are "
-                                 "numbers: send the class (0 to {outputs - 1}) as a categorical prediction")
+        else:  # check_schema: class labels here
             classes = model.classes or [str(k) for k in range(outputs)]  # a booster's classes are 0..K-1
             told = np.asarray(target.to_pylist(), dtype=object)[known]
             fidelity = float(np.mean(np.asarray(classes, dtype=object)[predicted.argmax(axis=1)] == told))

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import ENRICHMENTS, slots
@@ -97,7 +98,9 @@ class ModelRegistry:
                 usermodels.check_name(name)  # a pickle is refused before a byte of it is read
                 data = read_bytes(model_file, "model file", usermodels.MAX_BYTES)
                 read = usermodels.load(name, data, len(spec.features))  # refused now, not at training
-                usermodels.schema_categories(read, [(c.name, c.numeric) for c in spec.features])
+                predicted = (pc.unique(reference.column("prediction").drop_null()).to_pylist()
+                             if spec.prediction_type == "categorical" else None)
+                usermodels.check_schema(read, spec, predicted)
             except (usermodels.ModelFileError, ReferenceError) as exc:
                 raise SpecError(f"model_file: {exc}") from None
             model = (name, data)

@@ -414,6 +414,46 @@ def _skops(data: bytes, missing: float | None) -> UserModel:
     return UserModel(ensemble, "sklearn-skops", "classification", link, names, classes, library_model=model)
 
 
+def check_schema(model: UserModel, spec, predicted_classes: list[str] | None = None) -> dict[str, list[str]]:
+    """The file against the schema, at registration (and again at training): feature names
+    and order, the task and prediction type its outputs can serve, and for class labels the
+    reference's classes among the model's. Returns each categorical feature's categories.
+    ModelFileError names both sides."""
+    names = [c.name for c in spec.features]
+    generic = ([f"f{i}" for i in range(len(names))], [f"Column_{i}" for i in range(len(names))])
+    if model.feature_names and model.feature_names not in generic and model.feature_names != names:
+        raise ModelFileError(f"the model file's features are {model.feature_names}, the schema's {names}: they "
+                             "must be the same, in the same order")
+    outputs = model.ensemble.n_outputs
+    classifier = model.link in ("logistic", "softmax") or model.classes is not None
+    kind = ("a regression model" if not classifier else
+            f"a classifier of {len(model.classes)} classes" if model.classes else
+            "a binary classifier" if outputs == 1 else f"a classifier of {outputs} classes")
+    what = f"the model file is {kind} (objective {model.objective!r})"
+    if spec.task == "regression" and classifier:
+        raise ModelFileError(f"{what}; the schema's task is regression")
+    if spec.task != "regression" and not classifier:
+        raise ModelFileError(f"{what}; the schema's task is {spec.task}")
+    classes = model.classes or ([str(k) for k in range(outputs)] if outputs > 1 else None)
+    if spec.task == "multiclass_classification" and (classes is None or len(classes) < 3):
+        raise ModelFileError(f"{what}; the schema's task is multiclass_classification (3 classes or more)")
+    if spec.task == "binary_classification" and classes is not None and len(classes) != 2:
+        raise ModelFileError(f"{what}; the schema's task is binary_classification")
+    forest_score = outputs == 2 and model.link == "identity"  # P(class 1) sent as a score
+    if spec.prediction_type == "numeric" and outputs > 1 and not forest_score:
+        raise ModelFileError(f"{what}, one output per class; the schema's predictions are numbers: send the "
+                             "class as a categorical prediction (prediction_type: categorical)")
+    if spec.prediction_type == "categorical" and outputs == 1:
+        raise ModelFileError(f"{what} with one output (a score or a value); the schema's predictions are class "
+                             "labels: send the score as the prediction (prediction_type: numeric)")
+    if spec.prediction_type == "categorical" and predicted_classes is not None:
+        unknown = sorted(set(predicted_classes) - set(classes or []))
+        if unknown:
+            raise ModelFileError(f"the reference predicts classes {unknown[:10]} the model file does not have; its "
+                                 f"classes are {classes} (a booster's are 0..K-1: send those)")
+    return schema_categories(model, [(c.name, c.numeric) for c in spec.features])
+
+
 def schema_categories(model: UserModel, features: list[tuple[str, bool]]) -> dict[str, list[str]]:
     """For each categorical schema feature (`(name, numeric)` in schema order), the model's own
     categories, by code: the strings a message sends become the codes the model was trained on

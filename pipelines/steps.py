@@ -97,7 +97,10 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str
         ENRICHMENTS[enrichment].check_model(spec, reference.schema)
     except Unusable as exc:
         raise StepError(f"model {model_id}: {enrichment} cannot be used: {exc}") from None
-    fitted = ENRICHMENTS[enrichment].fit(spec, reference, config, _model_file(store, run))
+    try:
+        fitted = ENRICHMENTS[enrichment].fit(spec, reference, config, _model_file(store, run))
+    except ValueError as exc:  # the inputs refused (a model file, a setting): the same on every retry
+        raise StepError(f"model {model_id}: {enrichment}: {exc}") from None
     blobs = fitted.to_blobs()
     for name, data in blobs.items():
         store.files.write(_staged(store, run, enrichment, name), data)

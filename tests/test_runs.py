@@ -132,3 +132,20 @@ def test_an_explanation_surrogate_below_the_fidelity_bar_fails_validation_and_th
     assert status.phase == "Failed" and status.failed_step == "validate"
     assert "below min_fidelity 0.99" in status.message and "held-out reference rows" in status.message
     assert store.current_version("credit", "explainability") == manifest.version  # the previous one serves
+
+
+def test_a_fit_refused_for_its_inputs_is_not_retried(tmp_path):
+    """Too few reference rows for the surrogate: no retry can change that (exit 3, one
+    attempt, the reason in the status), where it used to be retried as a crash."""
+    import pyarrow.parquet as pq
+
+    settings, registry, _ = offline_registry(tmp_path, 3000)
+    few = tmp_path / "few.parquet"
+    pq.write_table(sample.reference_table(15), few)
+    registry.register("tiny", sample.SCHEMA, few)
+    runner = LocalRunner(env=settings.to_env())
+    doc = workflow_dict("tiny", {"explainability": {"n_estimators": 5}}, WorkflowOptions(retries=2))
+    status = runner.wait(runner.submit(doc), timeout=120)
+    assert status.phase == "Failed" and status.failed_step == "train-explainability", status.message
+    assert status.message.startswith("exit 3 after 1 attempt(s)") and "at least 10 to fit on" in status.message
+    assert status.attempts == {"prepare": 1, "train-explainability": 1}

@@ -290,3 +290,38 @@ def test_a_model_file_may_come_from_an_object_store(tmp_path, s3):  # noqa: F811
     assert registry.model_file("own") == ("own.txt", path.read_bytes())
     with pytest.raises(SpecError, match="does not exist"):
         registry.register("own", schema("regression"), reference, f"s3://artifacts/models/nothing.txt?{query}")
+
+
+def test_a_model_file_that_does_not_serve_the_schema_is_refused_at_registration_naming_both_sides(tmp_path):
+    """Caught when registered, not three retries into training: renamed features, a
+    classifier for a regression, a binary model for three classes, classes it does not have."""
+    import pandas as pd
+
+    X, y = data(800)
+    registry = ModelRegistry(tmp_path / "registry")
+    named = lightgbm.LGBMRegressor(n_estimators=5, verbose=-1).fit(pd.DataFrame(X, columns=NAMES), y)
+    path = tmp_path / "named.txt"
+    named.booster_.save_model(str(path))
+    renamed = {**schema("regression"), "features": [{"name": f"z{i}", "type": "numeric"} for i in range(6)]}
+    reference = tmp_path / "renamed.parquet"
+    pq.write_table(pa.table({**{f"z{i}": X[:, i] for i in range(6)}, "prediction": named.predict(X)}), reference)
+    with pytest.raises(SpecError, match=r"features are \['x0'.*the schema's \['z0'"):
+        registry.register("own", renamed, reference, path)
+
+    binary = xgboost.XGBClassifier(n_estimators=5).fit(X, y > 0)
+    path = tmp_path / "binary.json"
+    binary.save_model(str(path))
+    reference = _reference(tmp_path, X, binary.predict_proba(X)[:, 1])
+    with pytest.raises(SpecError, match="binary classifier.*the schema's task is regression"):
+        registry.register("own", schema("regression"), reference, path)
+    labels = _reference(tmp_path, X, binary.predict(X).astype(str))
+    with pytest.raises(SpecError, match="the schema's task is multiclass_classification"):
+        registry.register("own", schema("multiclass_classification", "categorical"), labels, path)
+
+    three = xgboost.XGBClassifier(n_estimators=5).fit(X, np.digitize(y, [-1.0, 1.0]))
+    path = tmp_path / "three.json"
+    three.save_model(str(path))
+    wrong = _reference(tmp_path, X, np.where(three.predict(X) == 2, "high", three.predict(X).astype(str)))
+    with pytest.raises(SpecError, match=r"classes \['high'\] the model file does not have; its classes are "
+                                        r"\['0', '1', '2'\]"):
+        registry.register("own", schema("multiclass_classification", "categorical"), wrong, path)
