@@ -46,3 +46,17 @@ def test_k8s_manifests_validate_against_the_kubernetes_schemas():
     for path in files:
         for doc in yaml.safe_load_all(path.read_text()):
             kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_the_readme_opening_calls_available_what_a_user_can_switch_on():
+    """Its first paragraph: "(<available> today; <planned ones> are planned)". An enrichment
+    that exists is named among the available, not the planned."""
+    from models import ENRICHMENTS
+
+    opening = " ".join((ROOT / "README.md").read_text().split("\n\n")[1].split())
+    listing = opening[opening.index("(") + 1:opening.index(")")]
+    available, _, planned = listing.partition(" today;")
+    words = {"anomaly_detection": "anomaly detection", "explainability": "explanations"}
+    for name in ENRICHMENTS:
+        said = words.get(name, name.replace("_", " "))
+        assert said in available and said not in planned, (name, listing)
