@@ -135,7 +135,7 @@ class BatchProcessor:
 
     def parse(self, messages: Messages) -> ParsedBatch:
         return parse_batch(messages.values, messages.partitions, messages.offsets, self.serving.spec,
-                           self.settings.max_message_bytes, messages.content_types)
+                           self.settings.max_message_bytes, messages.content_types, self.settings.max_future_skew)
 
     def enrich(self, parsed: ParsedBatch, ingested_at_us: int | None = None) -> tuple[pa.Table, np.ndarray]:
         """Every model's rows in the storage layout, and each row's origin in the batch."""

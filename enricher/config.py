@@ -98,6 +98,7 @@ class Settings:
     fetch_max_wait_ms: int = 100
     eager_handover: bool = True
     max_message_bytes: int = 1_048_576
+    max_future_skew: float = 300.0        # seconds a timestamp may be ahead of the worker's clock (0: any)
     dlq_max_bytes: int = 900_000          # under the usual 1 MB broker limit, with room for headers
     max_request_bytes: int = 1_048_576    # the worker's producer: keep at or below the broker's message.max.bytes
     shutdown_grace: float = 30.0
@@ -327,6 +328,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "fetch_max_wait_ms": ("ENRICHER_FETCH_MAX_WAIT_MS", "int", 1),
     "eager_handover": ("ENRICHER_EAGER_HANDOVER", "flag", None),
     "max_message_bytes": ("ENRICHER_MAX_MESSAGE_BYTES", "int", 64),
+    "max_future_skew": ("ENRICHER_MAX_FUTURE_SKEW", "float", 0),
     "dlq_max_bytes": ("ENRICHER_DLQ_MAX_BYTES", "int", 1024),
     "max_request_bytes": ("ENRICHER_MAX_REQUEST_BYTES", "int", 4096),
     "shutdown_grace": ("ENRICHER_SHUTDOWN_GRACE", "float", 1),

@@ -34,10 +34,12 @@ of the batch goes on.
 from __future__ import annotations
 
 import bisect
+import contextvars
 import json
 import logging
 import math
 import reprlib
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -76,6 +78,7 @@ REASONS = {
     "non_finite": "a number is NaN or infinite",
     "out_of_range": "a value its column cannot hold (a number beyond float64, a timestamp outside "
                     "1973-2299, an inference id over 1,024 characters)",
+    "future_timestamp": "the timestamp is later than now by more than ENRICHER_MAX_FUTURE_SKEW",
     "invalid_text": "a string that is not valid Unicode (a lone surrogate)",
     "invalid_arrow": "an Arrow IPC message that cannot be read",
     "store_rejected": "ClickHouse refused the row for a reason a retry will not change",
@@ -162,17 +165,31 @@ class ParsedBatch:
 
 def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
                 specs: Callable[[str], ModelSpec | None], max_bytes: int,
-                content_types: list[str | None] | None = None) -> ParsedBatch:
+                content_types: list[str | None] | None = None, max_future_skew: float = 0.0) -> ParsedBatch:
     """Decode and validate one batch of raw messages.
 
     `specs(model_id)` returns the model's spec, or None if it is unknown.
     `content_types`, where given, holds each message's content-type header.
+    `max_future_skew` (seconds, 0: no limit): a timestamp later than now by more
+    is dead-lettered (`future_timestamp`): a producer's clock, or a unit, gone wrong.
 
     Nothing a producer sends makes this raise: every message ends up as rows
     or as dead letters. The checks below are written not to fail; should one
     fail all the same (a bug), the rows it was looking at are validated again
     one by one, and those that still fail leave as `internal_error`.
     """
+    token = _FUTURE.set((int(time.time() * 1000), max_future_skew) if max_future_skew > 0 else None)
+    try:
+        return _parse_batch(values, partitions, offsets, specs, max_bytes, content_types)
+    finally:
+        _FUTURE.reset(token)
+
+
+# For the batch being parsed (parse_batch sets it): (now in ms, the skew allowed in s), or None.
+_FUTURE: contextvars.ContextVar[tuple[int, float] | None] = contextvars.ContextVar("future", default=None)
+
+
+def _parse_batch(values, partitions, offsets, specs, max_bytes, content_types) -> ParsedBatch:
     out = ParsedBatch()
     items = _Items(out, specs, partitions, offsets)
     out.origins = _Origins(items, partitions, offsets)
@@ -533,12 +550,23 @@ def _check_time_range(ts: pa.Array, bad: Bad) -> pa.Array:
         return ts
     as_ms = ts.cast(pa.int64())
     low, high = pc.min_max(as_ms).values()
-    if low.as_py() >= _MIN_EPOCH_MS and high.as_py() < _MAX_EPOCH_MS:
+    future = _FUTURE.get()
+    latest = _MAX_EPOCH_MS if future is None else min(_MAX_EPOCH_MS, future[0] + int(future[1] * 1000))
+    if low.as_py() >= _MIN_EPOCH_MS and high.as_py() <= latest:
         return ts
     outside = pc.fill_null(pc.or_(pc.less(as_ms, _MIN_EPOCH_MS), pc.greater_equal(as_ms, _MAX_EPOCH_MS)), False)
     for j in np.flatnonzero(outside.to_numpy(zero_copy_only=False)):
         ms = as_ms[int(j)].as_py()
         _mark(bad, int(j), "out_of_range", f"timestamp: {ms} ms since the epoch is outside 1973-2299")
+    if future is not None:
+        ahead = pc.fill_null(pc.and_(pc.greater(as_ms, latest), pc.invert(outside)), False)
+        for j in np.flatnonzero(ahead.to_numpy(zero_copy_only=False)):
+            ms = as_ms[int(j)].as_py()
+            _mark(bad, int(j), "future_timestamp",
+                  f"timestamp: {datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat()} is "
+                  f"{(ms - future[0]) / 1000:.0f} s ahead of this worker's clock, more than "
+                  f"ENRICHER_MAX_FUTURE_SKEW allows ({future[1]:g} s): a producer's clock, or its units?")
+        outside = pc.or_(outside, ahead)
     return pc.if_else(outside, pa.scalar(None, ts.type), ts)
 
 

@@ -163,3 +163,28 @@ def test_models_sharing_a_layout_are_validated_together_and_each_keeps_its_own_r
         assert rows.inference_id.to_pylist() == [f"{model}-{i}" for i in wanted]
         assert rows.values["f0"].to_pylist() == [float(i) for i in wanted]  # values follow their own rows
         assert rows.offset.tolist() == wanted and rows.prediction.to_pylist() == [i / 100 for i in wanted]
+
+
+def test_a_timestamp_ahead_of_the_clock_by_more_than_the_skew_is_dead_lettered_in_json_and_arrow():
+    import time
+
+    from enricher.contract import ARROW_STREAM, to_ipc
+
+    now = int(time.time() * 1000)
+    msgs = [orjson.dumps(good(inference_id="now", timestamp=now)),
+            orjson.dumps(good(inference_id="soon", timestamp=now + 60_000)),       # within 300 s
+            orjson.dumps(good(inference_id="tomorrow", timestamp=now + 86_400_000)),
+            orjson.dumps(good(inference_id="decades", timestamp=now + 10**12))]  # 31 years on, under 2299
+    arrow = to_ipc(pa.Table.from_pylist([{**good(inference_id="arrow-late"), "timestamp": now + 3_600_000},
+                                         {**good(inference_id="arrow-ok"), "timestamp": now}]))
+    values = msgs + [arrow]
+    batch = parse_batch(values, [0] * 5, list(range(5)), SPECS, 65_536, [None] * 4 + [ARROW_STREAM],
+                        max_future_skew=300)
+    kept = batch.models[sample.MODEL_ID].inference_id.to_pylist()
+    assert sorted(kept) == ["arrow-ok", "now", "soon"]
+    dead = sorted((d.reason, d.detail.split(" is ")[0]) for d in batch.dead)
+    assert [r for r, _ in dead] == ["future_timestamp"] * 3
+    assert all("ENRICHER_MAX_FUTURE_SKEW allows (300 s)" in d.detail for d in batch.dead)
+    assert "future_timestamp" in REASONS
+    # without a skew (what-if, tests, ENRICHER_MAX_FUTURE_SKEW=0), any timestamp up to 2299 is taken
+    assert len(parse(msgs).models[sample.MODEL_ID].inference_id) == 4

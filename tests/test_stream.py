@@ -325,3 +325,20 @@ def test_a_rebalance_mid_stream_loses_nothing_shows_each_once_and_commits_to_the
         second.stop()
     finally:
         server.stop()
+
+
+def test_a_row_from_the_future_is_dead_lettered_by_the_worker_with_its_reason(make_settings, tmp_path, worker_for):
+    settings = make_settings(max_future_skew=120)
+    register_sample(settings, tmp_path)
+    now = int(time.time() * 1000)
+    messages, _ = sample.inferences(50, start_ms=now - 60_000)
+    ahead = json.loads(messages[0])
+    ahead.update(inference_id="from-2031", timestamp=now + 5 * 365 * 86_400_000)
+    produce(settings, messages + [json.dumps(ahead).encode()])
+    worker = worker_for(settings)
+    worker.wait_for(lambda s: s["consumed"] >= 51, timeout=120)
+    worker.stop()
+    assert count_rows(settings) == (50, 50)
+    [dead] = deadletters.read(settings, expected=1)
+    assert dead.reason == "future_timestamp" and dead.value == json.dumps(ahead).encode()
+    assert "ENRICHER_MAX_FUTURE_SKEW allows (120 s)" in dead.detail
