@@ -399,11 +399,15 @@ def cmd_query(args) -> int:
     settings = _settings(args)
     answer = ask(settings, args.sql)
     columns, rows = answer.columns, answer.rows
-    if args.format == "json":
+    if args.format in ("json", "jsonl"):
         from .queries import jsonable
 
-        for row in rows:
-            print(json.dumps(dict(zip(columns, row)), default=jsonable))
+        objects = [dict(zip(columns, row)) for row in rows]
+        if args.format == "json":  # one document: a list of row objects
+            print(json.dumps(objects, default=jsonable))
+        else:  # JSON Lines: an object per row, for streaming into other tools
+            for obj in objects:
+                print(json.dumps(obj, default=jsonable))
     else:
         print(format_table(columns, rows))
     if answer.truncated:
@@ -533,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="run a read-only SQL query against the enriched tables")
     q.add_argument("sql")
-    q.add_argument("--format", choices=["table", "json"], default="table")
+    q.add_argument("--format", choices=["table", "json", "jsonl"], default="table",
+                   help="table; json: one document, a list of row objects; jsonl: an object per line")
     q.set_defaults(func=cmd_query)
 
     sc = sub.add_parser("schema", help="SQL for a DBA to review and run on a ClickHouse server")

@@ -100,8 +100,11 @@ def test_produce_sends_each_line_and_query_prints_json(files, capsys, tmp_path, 
     got = [m.value() for m in read_topic(Settings.from_env(), "cli-in", expected=25)]
     assert sorted(got) == sorted(msgs)
 
-    code, out, _ = run(capsys, "query", "--format", "json", "SELECT 1 AS one, 'x' AS s")
-    assert code == 0 and [orjson.loads(l) for l in out.splitlines()] == [{"one": 1, "s": "x"}]
+    two_rows = "SELECT arrayJoin([0, 1]) AS one, 'x' AS s"
+    code, out, _ = run(capsys, "query", "--format", "json", two_rows)
+    assert code == 0 and orjson.loads(out) == [{"one": 0, "s": "x"}, {"one": 1, "s": "x"}]  # one document
+    code, out, _ = run(capsys, "query", "--format", "jsonl", two_rows)
+    assert code == 0 and [orjson.loads(l) for l in out.splitlines()] == [{"one": 0, "s": "x"}, {"one": 1, "s": "x"}]
     code, out, _ = run(capsys, "query", "SELECT 1 AS one, 'x' AS s")
     assert out.splitlines()[0].split() == ["one", "s"] and out.splitlines()[2].split() == ["1", "x"]
 

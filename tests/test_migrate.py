@@ -92,7 +92,7 @@ def test_enricher_migrate_says_what_it_did(v1_store, capsys):
     assert "nothing to migrate" in capsys.readouterr().out
     assert main(["--data-dir", str(settings.data_dir), "query", "--format", "json",
                  f"SELECT count() AS n FROM enricher.{sample.MODEL_ID}"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"n": 3000}
+    assert json.loads(capsys.readouterr().out) == [{"n": 3000}]
 
 
 def test_drop_rows_deletes_one_models_rows_and_asks_first(v1_store, capsys):

@@ -62,7 +62,7 @@ def test_valid_rows_land_once_and_malformed_ones_in_the_dead_letter_topic(settin
                           f"SELECT count() AS n, countIf(anomaly_score IS NULL) AS nulls FROM enricher.{sample.MODEL_ID}"],
                          env={**__import__("os").environ, **settings.to_env()}, capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
-    assert json.loads(cli.stdout) == {"n": 6000, "nulls": 0}
+    assert json.loads(cli.stdout) == [{"n": 6000, "nulls": 0}]
 
     metrics = worker.metrics()
     assert 'enricher_inferences_enriched_total{model="credit_default"} 6000.0' in metrics
