@@ -127,8 +127,13 @@ def cmd_drift(args) -> int:
         return 0
     print(f"{report['model_id']}: {report['start']} to {report['end']} against the reference "
           f"({report['bins']} bins per numeric feature)")
-    columns = ["feature", "kind", "rows", "reference_rows", "psi", "kl", "js", "hellinger", "ks"]
+    columns = ["feature", "kind", "rows", "reference_rows", "psi", "kl", "js", "hellinger", "ks", "ks_pvalue",
+               "significant"]
     print(format_table(columns, [[f[c] for c in columns] for f in report["features"]]))
+    few = [f["feature"] for f in report["features"] if not f["significant"]]
+    if few:
+        print(f"not significant (fewer than {report['min_rows']:,} rows in the window, ENRICHER_DRIFT_MIN_ROWS): "
+              f"{', '.join(few)}")
     return 0
 
 

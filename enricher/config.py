@@ -87,6 +87,7 @@ class Settings:
     drift_window: str = "1h"              # the window the exported drift gauges cover
     drift_interval: float = 60.0          # seconds between drift exports to Prometheus; 0: none
     drift_max_features: int = 20          # features per model exported as gauges (bounded cardinality)
+    drift_min_rows: int = 500             # fewer window rows than this: figures marked not significant
     http_host: str = "127.0.0.1"
     http_port: int = 6066
     http_tls_cert: str | None = None
@@ -317,6 +318,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "drift_window": ("ENRICHER_DRIFT_WINDOW", "str", None),
     "drift_interval": ("ENRICHER_DRIFT_INTERVAL", "float", 0),
     "drift_max_features": ("ENRICHER_DRIFT_MAX_FEATURES", "int", 1),
+    "drift_min_rows": ("ENRICHER_DRIFT_MIN_ROWS", "int", 1),
     "http_host": ("ENRICHER_HTTP_HOST", "str", None),
     "http_port": ("ENRICHER_HTTP_PORT", "int", 0),
     "http_tls_cert": ("ENRICHER_HTTP_TLS_CERT", "str", None),

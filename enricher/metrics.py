@@ -46,8 +46,11 @@ LABEL_SWEEP_SECONDS = Histogram("enricher_label_sweep_seconds", "Duration of one
 LABEL_SWEEP_FAILURES = Counter("enricher_label_sweep_failures", "Label sweeps that failed (the next one "
                                "covers their window again)")
 DRIFT = Gauge("enricher_drift", "Drift of the last ENRICHER_DRIFT_WINDOW of a model's inferences against its "
-              "reference data, per feature: metric is psi, kl, js, hellinger or ks (README: Drift)",
+              "reference data, per feature: metric is psi, kl, js, hellinger, ks or ks_pvalue (README: Drift)",
               ["model", "feature", "metric"])
+DRIFT_SIGNIFICANT = Gauge("enricher_drift_significant", "1 when the drift window held at least "
+                          "ENRICHER_DRIFT_MIN_ROWS values of the feature, else 0 (its figures are noise-prone)",
+                          ["model", "feature"])
 DRIFT_ROWS = Gauge("enricher_drift_rows", "Rows of the feature in the drift window (0: the metrics are absent)",
                    ["model", "feature"])
 ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused", ["enrichment", "result"])

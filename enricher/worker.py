@@ -269,6 +269,9 @@ class LabelSweeper:
                      result.applied, result.pending, result.seconds)
 
 
+DRIFT_GAUGES = ("psi", "kl", "js", "hellinger", "ks", "ks_pvalue")  # the FeatureDrift fields exported
+
+
 class DriftExporter:
     """Per-model, per-feature drift of the last ENRICHER_DRIFT_WINDOW as gauges
     (enricher_drift{model, feature, metric}); at most ENRICHER_DRIFT_MAX_FEATURES
@@ -297,7 +300,8 @@ class DriftExporter:
             for f in report.features:
                 seen.add((model_id, f.feature))
                 metrics.DRIFT_ROWS.labels(model_id, f.feature).set(f.rows)
-                for metric in ("psi", "kl", "js", "hellinger", "ks"):
+                metrics.DRIFT_SIGNIFICANT.labels(model_id, f.feature).set(int(f.significant))
+                for metric in DRIFT_GAUGES:
                     value = getattr(f, metric)
                     if value is None:
                         _remove(metrics.DRIFT, model_id, f.feature, metric)
@@ -315,7 +319,8 @@ class DriftExporter:
     @staticmethod
     def _drop(model_id: str, feature: str) -> None:
         _remove(metrics.DRIFT_ROWS, model_id, feature)
-        for metric in ("psi", "kl", "js", "hellinger", "ks"):
+        _remove(metrics.DRIFT_SIGNIFICANT, model_id, feature)
+        for metric in DRIFT_GAUGES:
             _remove(metrics.DRIFT, model_id, feature, metric)
 
 

@@ -153,6 +153,8 @@ def test_drift_through_the_worker_api_the_cli_and_its_gauges(make_settings, tmp_
         status, doc = get(f"/models/{sample.MODEL_ID}/drift?window=1h&feature=f0")
         assert status == 200 and [f["feature"] for f in doc["features"]] == ["f0"]
         assert doc["features"][0]["rows"] == 2000 and doc["features"][0]["psi"] > 1.0
+        assert doc["features"][0]["significant"] is True and doc["features"][0]["ks_pvalue"] < 1e-12
+        assert doc["min_rows"] == 500
         assert get(f"/models/{sample.MODEL_ID}/drift?window=1y")[1]["field"] == "window"
         assert get(f"/models/{sample.MODEL_ID}/drift?feature=nope")[1]["field"] == "feature"
         assert get(f"/models/{sample.MODEL_ID}/drift?windw=1h")[0] == 400
@@ -164,8 +166,34 @@ def test_drift_through_the_worker_api_the_cli_and_its_gauges(make_settings, tmp_
         while 'enricher_drift{feature="f0",metric="psi",model="credit_default"}' not in worker.metrics():
             assert time.monotonic() < deadline, "no drift gauge exported"
             time.sleep(0.5)
-        line = next(x for x in worker.metrics().splitlines()
-                    if x.startswith('enricher_drift{feature="f0",metric="psi",model="credit_default"}'))
+        lines = worker.metrics().splitlines()
+        line = next(x for x in lines if x.startswith('enricher_drift{feature="f0",metric="psi",model="credit_default"}'))
         assert float(line.split()[-1]) > 1.0
+        assert 'enricher_drift_significant{feature="f0",model="credit_default"} 1.0' in lines
+        assert any(x.startswith('enricher_drift{feature="f0",metric="ks_pvalue",model="credit_default"}')
+                   for x in lines)
     finally:
         worker.stop(signal.SIGTERM, timeout=30)
+
+
+def test_every_figure_comes_with_its_row_count_a_ks_p_value_and_whether_it_is_significant(store):
+    """111 rows drawn like the reference: PSI can read 0.1-0.2 on 10 bins from noise alone, so
+    those figures are marked not significant; the KS p-value says the same on its own."""
+    send, drift, *_ = store
+    send(shifted(111, seed=31))
+    small = {f.feature: f for f in drift.measure(sample.MODEL_ID, 3600).features}
+    assert small["f0"].rows == 111 and not small["f0"].significant
+    assert all(not f.significant for f in small.values())
+    assert small["f0"].ks_pvalue > 0.01 and small["region"].ks_pvalue is None
+    reference = drift.registry.reference(sample.MODEL_ID).column("f0").to_numpy()
+    assert abs(small["f0"].ks_pvalue - ks_2samp(reference, [v for v in shifted_values(drift, "f0")],
+                                                  method="asymp").pvalue) < 1e-6
+    send(shifted(4000, seed=32, shift=2.0, start_ms=int(time.time() * 1000) - 150 * 60_000))
+    [moved] = drift.measure(sample.MODEL_ID, 3600, feature="f0", end=time.time() - 2 * 3600).features
+    assert moved.significant and moved.rows == 4000 and moved.ks_pvalue < 1e-12
+    assert drift.measure(sample.MODEL_ID, 3600).as_dict()["min_rows"] == 500
+
+
+def shifted_values(drift, feature):
+    return [r[0] for r in drift.tables.client.query(f"SELECT `{feature}` FROM {VIEW} WHERE `{feature}` IS NOT NULL "
+                                                     "AND timestamp >= now() - INTERVAL 1 HOUR").result_rows]
