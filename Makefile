@@ -6,15 +6,22 @@ BIN := $(VENV)/bin
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup services demo test bench bench-smoke clean
+.PHONY: setup setup-test services demo test bench bench-smoke clean
 
+# The package and what it needs to run: all the demo installs.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# The tests' extras too (shap, LightGBM, XGBoost, moto...): the tests' reference libraries.
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 setup: $(BIN)/.installed
+setup-test: $(BIN)/.installed-test
 
 ## Services the tests start themselves but cannot pip-install: Debian's Prometheus.
 services:
@@ -27,7 +34,7 @@ demo: setup
 	$(BIN)/enricher demo
 
 ## The tests, against a real Tansu broker and the real chDB engine.
-test: setup services
+test: setup-test services
 	$(BIN)/python -m pytest
 
 ## Our worker against the pipelines a user would write, side by side (~10 minutes):
