@@ -114,7 +114,6 @@ def run_demo(args) -> int:
         bad = sample.malformed(max_bytes=max_bytes)
         say(f"== 4/7 stream {before:,} inferences with every enrichment off")
         first, _ = sample.inferences(before, id_prefix="before")
-        started = time.monotonic()
         producer.send_many(first)
         producer.flush()
         worker.wait_for(lambda s: s["enriched"] >= before, timeout=max(120, before / 500))
@@ -153,6 +152,7 @@ def run_demo(args) -> int:
         say(f"== 6/7 stream {after:,} more inferences ({anomalies} planted anomalies, "
             f"{len(bad)} malformed messages)")
         messages, planted = sample.inferences(after, anomalies=anomalies, seed=12, id_prefix="after")
+        started = time.monotonic()  # this step's clock: its rates count its own rows and seconds
         chunk = 10_000
         for k, i in enumerate(range(0, len(messages), chunk)):
             producer.send_many(messages[i:i + chunk])
@@ -167,7 +167,7 @@ def run_demo(args) -> int:
         _progress_end()
 
         def show(status):
-            _progress("processed", status["enriched"] + status["dead_lettered"], total + len(bad), started)
+            _progress("processed", status["enriched"] + status["dead_lettered"], total + len(bad), started, before)
 
         final = worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= total + len(bad),
                                 timeout=max(120, total / 500), on_status=show)
@@ -240,10 +240,11 @@ def run_demo(args) -> int:
 _last_shown = {"line": None}
 
 
-def _progress(what: str, done: int, total: int, started: float) -> None:
+def _progress(what: str, done: int, total: int, started: float, since: int = 0) -> None:
+    """A progress bar; the rate counts what was done since `started` (`done - since` rows)."""
     width = 30
     filled = int(width * done / max(total, 1))
-    rate = done / max(time.monotonic() - started, 1e-6)
+    rate = (done - since) / max(time.monotonic() - started, 1e-6)
     line = f"   {what:<9} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} ({rate:,.0f}/s)"
     if sys.stdout.isatty():
         sys.stdout.write("\r" + line + "   ")

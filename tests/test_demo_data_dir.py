@@ -45,3 +45,17 @@ def test_a_marked_directory_that_gained_other_files_is_refused(tmp_path):
     with pytest.raises(UserError, match="notes.txt"):
         prepare_data_dir(demo)
     assert (demo / "notes.txt").read_text() == "mine"
+
+
+def test_the_demos_rates_count_a_steps_own_rows_over_its_own_seconds(capsys, monkeypatch):
+    """The processed rate of step 6 counts the rows since it began (not the 20,000 streamed
+    before training) over the seconds since it began (not since step 4)."""
+    import time
+
+    from enricher import demo
+
+    now = time.monotonic()
+    monkeypatch.setattr(demo.time, "monotonic", lambda: now + 10.0)
+    demo._last_shown["line"] = None
+    demo._progress("processed", 30_000, 100_000, started=now, since=20_000)
+    assert "30,000/100,000 (1,000/s)" in capsys.readouterr().out
