@@ -87,7 +87,9 @@ def inferences(n: int, anomalies: int = 0, seed: int = 11, model_id: str | list[
     rng = np.random.default_rng(seed)
     cols = _features(rng, n)
     planted_rows = set(np.linspace(0, n - 1, anomalies, dtype=int).tolist()) if anomalies else set()
-    start = int(time.time() * 1000) if start_ms is None else start_ms
+    # one millisecond apart, the last one now: a generated backlog never lies in the future
+    # (a worker dead-letters timestamps ahead of its clock by more than ENRICHER_MAX_FUTURE_SKEW)
+    start = int(time.time() * 1000) - n if start_ms is None else start_ms
     if decimals is not None:
         for name in NUMERIC:
             cols[name] = np.round(cols[name], decimals)
