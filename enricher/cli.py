@@ -72,10 +72,25 @@ def cmd_models_register(args) -> int:
         raise UserError(f"schema file {args.schema!r} does not exist") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"schema file {args.schema!r} is not valid JSON: {exc}") from None
-    spec = _registry(settings).register(args.model_id, schema, args.reference, args.model_file)
-    print(f"registered {spec.model_id}: {spec.task}, {len(spec.features)} features, "
-          f"{len(spec.attributes)} attributes" + (f", model file {Path(args.model_file).name}" if args.model_file
-                                                  else ""))
+    from .control import RequestError
+
+    # The same change as `PUT /models/{id}`, through the same control plane: on a model
+    # already registered, every enabled enrichment goes back to pending (its old failure
+    # forgotten), the change is announced and the trigger trains on the new data.
+    control = _control(settings)
+    body = {"schema": schema, "reference": args.reference}
+    if args.model_file:
+        body["model_file"] = args.model_file
+    try:
+        created, _ = control.put_model(args.model_id, body)
+    except RequestError as exc:
+        raise UserError(str(exc)) from None
+    spec = control.registry.get(args.model_id)
+    pending = [n for n, t in control.registry.enrichments(args.model_id).items() if t["enabled"]]
+    print(f"{'registered' if created else 're-registered'} {spec.model_id}: {spec.task}, {len(spec.features)} "
+          f"features, {len(spec.attributes)} attributes"
+          + (f", model file {Path(args.model_file).name}" if args.model_file else "")
+          + (f"; to train again: {', '.join(pending)} (pending)" if pending else ""))
     return 0
 
 
@@ -288,22 +303,23 @@ def cmd_pipeline(args) -> int:
 
     settings = _settings(args)
     registry, store = _registry(settings), settings.artifacts()
-    names = [n for n in (args.enrichments or "").split(",") if n]
+    if args.step in ("train", "validate", "publish") and not args.enrichment:
+        raise UserError(f"{args.step} needs --enrichment NAME")
     try:
         if args.step == "prepare":
             steps.prepare(registry, store, args.model, args.run)
         elif args.step == "train":
-            if not args.enrichment:
-                raise UserError("train needs --enrichment NAME")
             try:
                 config = json.loads(args.config or "{}")
             except json.JSONDecodeError as exc:
                 raise UserError(f"--config is not JSON: {exc}") from None
             steps.train(registry, store, args.model, args.run, args.enrichment, config)
         elif args.step == "validate":
-            steps.validate(registry, store, args.model, args.run, names)
+            steps.validate(registry, store, args.model, args.run, args.enrichment)
+        elif args.step == "publish":
+            steps.publish(registry, store, args.model, args.run, args.enrichment, ControlEvents(settings).send)
         else:
-            steps.publish(registry, store, args.model, args.run, names, ControlEvents(settings).send)
+            steps.cleanup(store, args.run)
     except (steps.StepError, UnknownModel, SpecError, ReferenceError) as exc:
         print(f"enricher pipeline {args.step}: failed: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
@@ -362,33 +378,89 @@ def cmd_worker(args) -> int:
 
 
 def cmd_produce(args) -> int:
-    from .producer import InferenceProducer
-    from .topics import ensure_topics
+    """Send JSON lines to the inference topic, and say beforehand what the worker will
+    refuse, by the worker's own validation (contract.parse_batch) against the models
+    registered here. Refused lines are still sent (the worker dead-letters them with
+    their reason and position, nothing is lost) unless --check: then nothing is sent."""
+    from collections import Counter
 
-    import orjson
+    from .contract import parse_batch
 
+    if args.batch_rows < 1:
+        raise UserError(f"--batch-rows: a positive number, got {args.batch_rows}")
     settings = _settings(args)
-    ensure_topics(settings)
-    producer = InferenceProducer(settings, topic=args.topic, batch=args.batch, batch_rows=args.batch_rows)
+    registry = _registry(settings)
+    known = {m: registry.get(m) for m in registry.ids()}
+    producer = None
+    if not args.check:
+        from .producer import InferenceProducer
+        from .topics import ensure_topics
+
+        ensure_topics(settings)
+        producer = InferenceProducer(settings, topic=args.topic, batch=args.batch, batch_rows=args.batch_rows)
     try:
         source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     except OSError as exc:
         raise UserError(f"cannot read {args.file!r}: {exc.strerror}") from None
-    n = 0
+    counts = Counter()
+    refused: Counter = Counter()
+    examples: dict[str, str] = {}
+
+    def check_and_send(lines: list[bytes], first: int) -> None:
+        parsed = parse_batch(lines, [0] * len(lines), list(range(first, first + len(lines))), known.get,
+                             settings.max_message_bytes, max_future_skew=settings.max_future_skew)
+        counts["inferences"] += sum(r.num_rows for r in parsed.models.values())
+        counts["labels"] += sum(r.num_rows for r in parsed.labels.values())
+        bad = set()
+        for d in parsed.dead:
+            if known or d.reason != "unknown_model":
+                refused[d.reason] += 1
+                examples.setdefault(d.reason, f"line {d.offset}: {d.detail}")
+                bad.add(d.offset)
+            else:  # no registry here: a well-formed row of a model we cannot see goes on as usual
+                counts["unchecked"] += 1
+        if producer is None:
+            return
+        for k, line in enumerate(lines):
+            # A line that will be refused goes alone, so that it alone is dead-lettered.
+            producer.send_alone(line) if first + k in bad else producer.send(line)
+
+    chunk: list[bytes] = []
+    number, first = 0, 1
     with source:
         for line in source:
+            number += 1
             line = line.rstrip(b"\r\n")
             if not line.strip():
                 continue
-            n += 1
-            try:
-                ok = type(orjson.loads(line)) is dict
-            except orjson.JSONDecodeError:
-                ok = False
-            # A line that is not a JSON object goes alone, so that it alone is dead-lettered.
-            producer.send(line) if ok else producer.send_alone(line)
-    producer.flush()
-    print(f"produced {n} inferences in {producer.messages} messages to {producer.topic}")
+            if not chunk:
+                first = number
+            chunk.append(line)
+            if len(chunk) >= 10_000:
+                check_and_send(chunk, first)
+                chunk = []
+        if chunk:
+            check_and_send(chunk, first)
+    if producer is not None:
+        producer.flush()
+    total = counts["inferences"] + counts["labels"] + counts["unchecked"] + sum(refused.values())
+    what = f"{counts['inferences']} inferences, {counts['labels']} label updates"
+    if counts["unchecked"]:
+        what += (f", {counts['unchecked']} for models not registered in {settings.registry_dir} "
+                 "(not checked here: the worker checks them)")
+    if producer is not None:
+        print(f"produced {total} lines ({what}) in {producer.messages} messages to {producer.topic}")
+    else:
+        print(f"checked {total} lines ({what}); nothing sent (--check)")
+    if refused:
+        verb = "will refuse" if producer is not None else "would refuse"
+        print(f"the worker {verb} {sum(refused.values())} (they go to the dead-letter topic "
+              f"{settings.dlq_topic}; see `enricher deadletters`):", file=sys.stderr)
+        for reason, n in refused.most_common():
+            print(f"  {reason}\t{n}\te.g. {examples[reason]}", file=sys.stderr)
+    if not known:
+        print(f"note: no model is registered in {settings.registry_dir}: model ids and features were not "
+              "checked here", file=sys.stderr)
     return 0
 
 
@@ -397,6 +469,56 @@ def cmd_schema(args) -> int:
 
     for statement in query_user_ddl(_settings(args)):
         print(statement + ";")
+    return 0
+
+
+def cmd_deadletters(args) -> int:
+    """Read the dead-letter topic: each rejected message with why, where from, and its bytes."""
+    import signal
+    import threading
+    from datetime import datetime, timezone
+
+    from .contract import REASONS
+    from .deadletters import browse
+    from .drift import parse_window
+
+    if args.bytes < 1:
+        raise UserError(f"--bytes: a positive number of bytes, got {args.bytes}")
+    if args.reason and args.reason not in REASONS:
+        raise UserError(f"--reason {args.reason!r}: unknown; one of {', '.join(REASONS)}")
+    since = parse_window(args.since) if args.since else None
+    settings = _settings(args)
+    stop = threading.Event()
+    if args.follow:  # Ctrl-C or SIGTERM ends a follow cleanly (the reader closes, no trace)
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    letters = browse(settings, model=args.model, reason=args.reason, since=since, follow=args.follow, stop=stop)
+    shown = 0
+    collected = []
+    for letter in letters:
+        shown += 1
+        if args.format == "json":
+            collected.append(letter.as_dict())
+            continue
+        if args.format == "jsonl":
+            print(json.dumps(letter.as_dict(), ensure_ascii=False), flush=True)
+            continue
+        when = (datetime.fromtimestamp(letter.timestamp, timezone.utc).isoformat(timespec="milliseconds")
+                if letter.timestamp is not None else "-")
+        value = letter.value[:args.bytes].decode("utf-8", "replace")
+        cut = f" ... ({letter.original_bytes or len(letter.value)} bytes)" if \
+            (letter.original_bytes or len(letter.value)) > args.bytes else ""
+        where = f"{letter.source}" + (f" row {letter.batch_index}" if letter.batch_index is not None else "")
+        print(f"{when}\t{letter.reason}\t{letter.model_id or '-'}\t{where}\t{letter.detail}\t"
+              f"{json.dumps(value, ensure_ascii=False)}{cut}", flush=True)
+    if args.format == "json":
+        print(json.dumps(collected, ensure_ascii=False, indent=1))
+    elif args.format == "table":
+        what = " ".join(f for f in (f"model {args.model}" if args.model else "",
+                                    f"reason {args.reason}" if args.reason else "",
+                                    f"in the last {args.since}" if args.since else "") if f)
+        print(f"{shown} dead letter(s){' (' + what + ')' if what else ''} on {settings.dlq_topic}",
+              file=sys.stderr)
     return 0
 
 
@@ -505,12 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_trigger)
 
     pl = sub.add_parser("pipeline", help="one step of a training run (what each workflow step runs)")
-    pl.add_argument("step", choices=["prepare", "train", "validate", "publish"])
+    pl.add_argument("step", choices=["prepare", "train", "validate", "publish", "cleanup"])
     pl.add_argument("--model", required=True)
     pl.add_argument("--run", required=True, help="the run's name (the workflow's)")
-    pl.add_argument("--enrichment", help="train: the enrichment to fit")
+    pl.add_argument("--enrichment", help="train, validate, publish: the enrichment of this branch")
     pl.add_argument("--config", help="train: its settings, JSON")
-    pl.add_argument("--enrichments", help="validate, publish: comma-separated")
     pl.set_defaults(func=cmd_pipeline)
 
     a = sub.add_parser("artifacts", help="list a model's artifact versions, roll back to one").add_subparsers(
@@ -538,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="many inferences per message as a JSON array (default) or an Arrow IPC stream, "
                          "or none: one per message")
     pr.add_argument("--batch-rows", type=int, default=1000, help="inferences per message at most")
+    pr.add_argument("--check", action="store_true",
+                    help="only say what the worker would refuse (by its own checks); send nothing")
     pr.set_defaults(func=cmd_produce)
 
     q = sub.add_parser("query", help="run a read-only SQL query against the enriched tables")
@@ -545,6 +668,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["table", "json", "jsonl"], default="table",
                    help="table; json: one document, a list of row objects; jsonl: an object per line")
     q.set_defaults(func=cmd_query)
+
+    dl = sub.add_parser("deadletters", help="read the dead-letter topic: what was refused, why, from where")
+    dl.add_argument("--model", help="only this model's")
+    dl.add_argument("--reason", help="only this reason (e.g. missing_feature, unknown_model, invalid_json)")
+    dl.add_argument("--since", help="only the last 30m, 1h, 7d, ...")
+    dl.add_argument("--follow", "-f", action="store_true", help="keep reading new ones until Ctrl-C")
+    dl.add_argument("--format", choices=["table", "json", "jsonl"], default="table",
+                    help="table (tab-separated: time, reason, model, source, detail, value); json; jsonl")
+    dl.add_argument("--bytes", type=int, default=200, help="table: show this much of each value (default 200)")
+    dl.set_defaults(func=cmd_deadletters)
 
     sc = sub.add_parser("schema", help="SQL for a DBA to review and run on a ClickHouse server")
     sc.add_argument("--query-user", action="store_true", required=True,

@@ -18,7 +18,10 @@ the source topic (`enricher.source`) and checked against the original.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 from .config import Settings
 from .contract import DeadLetter
@@ -59,18 +62,93 @@ class DeadLetterRecord:
     batch_index: int | None = None
     original_bytes: int | None = None  # set when the value was truncated
     original_sha256: str | None = None
+    timestamp: float | None = None  # when it was dead-lettered (the record's Kafka timestamp), epoch s
+    offset: str = ""  # where it sits in the dead-letter topic: partition/offset
+
+    def as_dict(self) -> dict:
+        doc = asdict(self)
+        doc["value"] = self.value.decode("utf-8", "replace")
+        return doc
+
+
+def _record(msg) -> DeadLetterRecord:
+    h = {k: (v or b"").decode("utf-8", "replace") for k, v in (msg.headers() or [])}
+
+    def number(key):
+        try:
+            return int(h[key])
+        except (KeyError, ValueError):
+            return None
+
+    kind, ms = msg.timestamp()
+    return DeadLetterRecord(msg.value() or b"", h.get("enricher.reason", ""), h.get("enricher.detail", ""),
+                            h.get("enricher.source", ""), h.get("enricher.model_id"),
+                            number("enricher.batch_index"), number("enricher.original_bytes"),
+                            h.get("enricher.original_sha256"), ms / 1000 if kind and ms >= 0 else None,
+                            f"{msg.partition()}/{msg.offset()}")
 
 
 def read(settings: Settings, expected: int, timeout: float = 30.0) -> list[DeadLetterRecord]:
     """Read the dead-letter topic from the start until `expected` records (or timeout)."""
-    records = []
-    for msg in read_topic(settings, settings.dlq_topic, expected, timeout):
-        h = {k: v.decode("utf-8", "replace") for k, v in (msg.headers() or [])}
-        index = h.get("enricher.batch_index")
-        original = h.get("enricher.original_bytes")
-        records.append(DeadLetterRecord(msg.value(), h.get("enricher.reason", ""), h.get("enricher.detail", ""),
-                                        h.get("enricher.source", ""), h.get("enricher.model_id"),
-                                        int(index) if index is not None else None,
-                                        int(original) if original is not None else None,
-                                        h.get("enricher.original_sha256")))
-    return records
+    return [_record(msg) for msg in read_topic(settings, settings.dlq_topic, expected, timeout)]
+
+
+def browse(settings: Settings, model: str | None = None, reason: str | None = None,
+           since: float | None = None, follow: bool = False, stop: threading.Event | None = None,
+           timeout: float = 15.0) -> Iterator[DeadLetterRecord]:
+    """The dead letters, oldest first per partition, filtered by model, reason and age
+    (`since`: seconds back from now). Without `follow` it ends where the topic ended
+    when it started (each partition's high watermark); with it, it waits for new ones
+    until `stop` is set.
+
+    Partitions are assigned, not subscribed: a reader joins no group, so it
+    starts at once (a group's join takes seconds) and moves no committed offset.
+    `since` seeks by the records' timestamps (Kafka's ListOffsets) where the broker
+    answers that, and otherwise reads from the beginning and skips the older ones.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+    from .topics import BrokerUnavailable
+
+    stop = stop or threading.Event()
+    topic = settings.dlq_topic
+    consumer = Consumer({**settings.kafka_config(), "group.id": "enricher-deadletters",
+                         "enable.auto.commit": False, "enable.partition.eof": False})
+    try:
+        try:
+            meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"no Kafka broker answers at {settings.broker}: {exc}") from None
+        if meta is None or meta.error is not None or not meta.partitions:
+            return  # nothing was ever dead-lettered here
+        partitions = sorted(meta.partitions)
+        cutoff_ms = int((time.time() - since) * 1000) if since is not None else None
+        starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
+        if cutoff_ms is not None:
+            try:
+                found = consumer.offsets_for_times([TopicPartition(topic, p, cutoff_ms) for p in partitions],
+                                                   timeout=timeout)
+                # -1: no record that recent in that partition: start at its end
+                starts = [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else
+                                         consumer.get_watermark_offsets(tp, timeout=timeout)[1]) for tp in found]
+            except KafkaException:  # a broker without timestamp lookups: read all, skip the old
+                pass
+        marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout) for p in partitions}
+        ends = {p: high for p, (_, high) in marks.items()}
+        consumer.assign(starts)
+        # where each partition's reading starts: its oldest record still kept, or the seek
+        position = {tp.partition: marks[tp.partition][0] if tp.offset < 0 else tp.offset for tp in starts}
+        while not stop.is_set():
+            if not follow and all(position[p] >= ends[p] for p in partitions):
+                return
+            for msg in consumer.consume(500, timeout=0.2):
+                if msg.error():
+                    continue
+                position[msg.partition()] = msg.offset() + 1
+                letter = _record(msg)
+                if cutoff_ms is not None and letter.timestamp is not None and letter.timestamp * 1000 < cutoff_ms:
+                    continue
+                if (model is None or letter.model_id == model) and (reason is None or letter.reason == reason):
+                    yield letter
+    finally:
+        consumer.close()

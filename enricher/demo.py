@@ -127,7 +127,7 @@ def run_demo(args) -> int:
                   {"anomaly_detection": {"enabled": True, "config": {"n_estimators": 100}},
                    "explainability": {"enabled": True}})
         say(f"   status {doc['anomaly_detection']['status']}; the trigger builds the workflow "
-            "(prepare -> train-anomaly-detection | train-explainability -> validate -> publish) and runs it")
+            "(prepare -> per enrichment: train -> validate -> publish) and runs it")
         seen = None
         while True:
             states = api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments")

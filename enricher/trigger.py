@@ -16,7 +16,8 @@ toggles of one model coalesce into one run, then reconciles the model:
 
 The workflow is built by pipelines/workflow.py for exactly that plan and
 handed to the runner (local processes, or an Argo Server). Runs are followed;
-a failed one marks its enrichments failed with the step and the reason. The
+each enrichment has its own branch in the run, so a failed run marks failed
+only the enrichments that did not publish, each with its own step and reason. The
 registry is also rescanned now and then, so a lost event delays a run but
 never loses it.
 """
@@ -31,7 +32,7 @@ import time
 
 from models.registry import ModelRegistry
 from pipelines.runners import RunnerError
-from pipelines.workflow import WorkflowOptions, workflow_dict
+from pipelines.workflow import WorkflowOptions, branch_steps, workflow_dict
 
 from .config import Settings
 
@@ -168,9 +169,12 @@ class Trigger:
                       status.failed_step, status.message)
             for enrichment in enrichments:
                 st = self._state(model_id, enrichment)
-                if st.get("workflow") == name and st.get("state") != "ready":
-                    self.registry.set_status(model_id, enrichment, "failed", workflow=name,
-                                             step=status.failed_step, message=status.message)
+                if st.get("workflow") != name or st.get("state") == "ready":
+                    continue  # published by its own branch, or taken over by a newer run
+                # Its own branch's failure if it had one; else what stopped the run before it.
+                step, message = status.failure(branch_steps(enrichment)) or (status.failed_step, status.message)
+                self.registry.set_status(model_id, enrichment, "failed", workflow=name, step=step,
+                                         message=message)
 
 
 def make_runner(settings: Settings):

@@ -140,7 +140,7 @@ class ModelRegistry:
         except FileNotFoundError:
             pass
         try:  # registered before slots existed: its columns took them in order
-            old = ModelSpec.from_json(model_id, json.loads((folder / "spec.json").read_text()))
+            old = ModelSpec.from_json(model_id, json.loads((folder / "spec.json").read_text()), stored=True)
         except FileNotFoundError:
             return {}
         return slots.assign(old.columns)
@@ -156,7 +156,7 @@ class ModelRegistry:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise UnknownModel(model_id) from None
-        spec = ModelSpec.from_json(model_id, doc)
+        spec = ModelSpec.from_json(model_id, doc, stored=True)
         assigned = slots.assign(spec.columns, self._slots(model_id))
         return dataclasses.replace(spec, slots=slots.column_names(spec.columns, assigned))
 

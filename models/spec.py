@@ -8,7 +8,7 @@ shared by training (which fits artifacts on reference data) and serving
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MODEL_ID_RULE = r"^[a-z][a-z0-9_]{0,62}$"
@@ -76,7 +76,6 @@ class ModelSpec:
     attributes: tuple[Column, ...] = ()
     positive_threshold: float = 0.5
     prediction_type: str = "numeric"
-    extra: dict = field(default_factory=dict, compare=False)
     # Each column's storage column, ("age", "n3"): assigned by the registry and
     # stable across registrations (models/slots.py). Empty for a spec that did
     # not come from a registry: its columns then take the first slots in order.
@@ -116,7 +115,6 @@ class ModelSpec:
             return d
 
         return {
-            **self.extra,
             "task": self.task,
             "features": [col(c) for c in self.features],
             "attributes": [col(c) for c in self.attributes],
@@ -125,16 +123,23 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_json(cls, model_id: str, doc: Any) -> "ModelSpec":
-        """Validate a schema document; every problem names the key at fault."""
+    def from_json(cls, model_id: str, doc: Any, stored: bool = False) -> "ModelSpec":
+        """Validate a schema document; every problem names the key at fault.
+
+        A key the schema does not know is refused, with the nearest known one
+        (a misspelt `positive_treshold` would otherwise silently leave the
+        default threshold in place). `stored`: a schema this package wrote
+        earlier (the registry's copy), whose keys of older releases are let go."""
         check_model_id(model_id)
         if not isinstance(doc, dict):
             raise SpecError("schema: the schema must be a JSON object")
+        if not stored:
+            _refuse_unknown(doc, SCHEMA_KEYS, "schema", "a schema")
         task = doc.get("task")
         if task not in TASKS:
             raise SpecError(f"schema.task: must be one of {', '.join(TASKS)}, got {task!r}")
-        features = _columns(doc.get("features"), "features", required=True)
-        attributes = _columns(doc.get("attributes", []), "attributes", required=False)
+        features = _columns(doc.get("features"), "features", required=True, stored=stored)
+        attributes = _columns(doc.get("attributes", []), "attributes", required=False, stored=stored)
         seen: set[str] = set()
         for c in features + attributes:
             if c.name in seen:
@@ -149,7 +154,6 @@ class ModelSpec:
             raise SpecError(
                 f"schema.prediction_type: must be one of {', '.join(VALUE_TYPES)}, got {prediction_type!r}"
             )
-        known = {"task", "features", "attributes", "positive_threshold", "prediction_type"}
         return cls(
             model_id=model_id,
             task=task,
@@ -157,11 +161,24 @@ class ModelSpec:
             attributes=tuple(attributes),
             positive_threshold=float(threshold),
             prediction_type=prediction_type,
-            extra={k: v for k, v in doc.items() if k not in known},
         )
 
 
-def _columns(value: Any, key: str, required: bool) -> list[Column]:
+SCHEMA_KEYS = ("task", "features", "attributes", "positive_threshold", "prediction_type")
+COLUMN_KEYS = ("name", "type", "sensitive", "nullable")
+
+
+def _refuse_unknown(doc: dict, known: tuple[str, ...], where: str, what: str) -> None:
+    import difflib
+
+    for key in doc:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise SpecError(f"{where}.{key}: unknown key; {hint}{what} takes {', '.join(known)}")
+
+
+def _columns(value: Any, key: str, required: bool, stored: bool = False) -> list[Column]:
     if not isinstance(value, list) or (required and not value):
         raise SpecError(f"schema.{key}: must be a {'non-empty ' if required else ''}list of columns")
     out = []
@@ -169,6 +186,8 @@ def _columns(value: Any, key: str, required: bool) -> list[Column]:
         where = f"schema.{key}[{i}]"
         if not isinstance(item, dict):
             raise SpecError(f"{where}: must be an object with 'name' and 'type'")
+        if not stored:
+            _refuse_unknown(item, COLUMN_KEYS, where, "a column")
         name = item.get("name")
         if not isinstance(name, str) or not _COLUMN_NAME.match(name):
             raise SpecError(f"{where}.name: {name!r} must match {COLUMN_NAME_RULE}")

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 DONE = ("Succeeded", "Failed", "Error")
+ON_EXIT = "onExit"  # the exit handler's entry in RunStatus.steps (Argo shows it as <workflow>.onExit)
 
 
 DEADLINE_EXCEEDED = -1000  # not an exit code: the attempt was killed at its deadline
@@ -60,6 +61,14 @@ class RunStatus:
     finished_at: float | None = None
     steps: dict[str, str] = field(default_factory=dict)  # task -> phase
     attempts: dict[str, int] = field(default_factory=dict)  # task -> attempts made (local runner)
+    messages: dict[str, str] = field(default_factory=dict)  # task -> why it failed
+
+    def failure(self, tasks: list[str]) -> tuple[str, str | None] | None:
+        """(task, message) of the first of `tasks` that failed, if any did."""
+        for task in tasks:
+            if self.steps.get(task) in ("Failed", "Error"):
+                return task, self.messages.get(task, self.message)
+        return None
 
     @property
     def done(self) -> bool:
@@ -140,54 +149,85 @@ class LocalRunner:
         return name
 
     def _run(self, workflow: dict, plan) -> None:
+        """The DAG as Argo runs it, one task at a time: a task runs when every task it
+        depends on succeeded, else it is Omitted; after a failure, a DAG that fails
+        fast (Argo's default) starts nothing more, one with failFast: false runs
+        every branch the failure does not reach. The exit handler (spec.onExit)
+        runs last, however the DAG ended."""
         name = workflow["metadata"]["name"]
         status, stop = self._runs[name], self._stop[name]
+        spec = workflow["spec"]
         params = {f"workflow.parameters.{p['name']}": str(p.get("value", ""))
-                  for p in workflow["spec"].get("arguments", {}).get("parameters", [])}
+                  for p in spec.get("arguments", {}).get("parameters", [])}
         params["workflow.name"] = name
+        dag = next(t for t in spec["templates"] if t["name"] == spec["entrypoint"])["dag"]
+        fail_fast = dag.get("failFast", True)
+        failure: tuple[str, str, str] | None = None  # (phase, task, message) of the first failure
         for task, template in plan:
-            values = dict(params)
-            for p in task.get("arguments", {}).get("parameters", []):
-                values[f"inputs.parameters.{p['name']}"] = str(p.get("value", ""))
-            container = template.get("container")
-            if container is None:
-                return self._finish(status, "Error", task["name"], "the local runner runs container templates only")
-            try:
-                argv = [_substitute(a, values) for a in self.command(container)]
-            except RunnerError as exc:
-                return self._finish(status, "Error", task["name"], str(exc))
-            env = {**os.environ, **self.env, **{e["name"]: e.get("value", "") for e in container.get("env", [])}}
-            strategy = template.get("retryStrategy") or {}
-            attempts = int(strategy.get("limit", 0)) + 1
-            try:
-                retry_if = _retry_condition(strategy.get("expression"))
-            except RunnerError as exc:
-                return self._finish(status, "Error", task["name"], str(exc))
-            deadline = template.get("activeDeadlineSeconds")
-            status.steps[task["name"]] = "Running"
-            for attempt in range(1, attempts + 1):
-                if stop.is_set():
-                    return self._finish(status, "Failed", task["name"], "stopped (superseded)")
-                status.attempts[task["name"]] = attempt
-                code, tail = self._exec(name, argv, env, deadline)
-                if code == 0:
-                    break
-                if stop.is_set():
-                    return self._finish(status, "Failed", task["name"], "stopped (superseded)")
-                if code == DEADLINE_EXCEEDED:
-                    tail = f"exceeded its deadline of {deadline}s (activeDeadlineSeconds) and was killed"
-                if not retry_if(code):
-                    attempts = attempt  # a failure a retry will not change: as Argo's expression says
-                    break
-                if attempt < attempts:
-                    time.sleep(min(2 ** (attempt - 1), 10))  # Argo's retries back off too
-            if code != 0:
-                status.steps[task["name"]] = "Failed"
-                what = f"exit {code}" if code != DEADLINE_EXCEEDED else "deadline"
-                return self._finish(status, "Failed", task["name"],
-                                    f"{what} after {attempts} attempt(s): {tail}")
-            status.steps[task["name"]] = "Succeeded"
+            task_name = task["name"]
+            needs = [d.strip() for d in (task.get("depends") or "").split("&&") if d.strip()]
+            if stop.is_set() or (failure and fail_fast) or \
+                    any(status.steps.get(d) != "Succeeded" for d in needs):
+                status.steps[task_name] = "Omitted"
+                continue
+            phase, message = self._task(name, task, template, params, status, stop)
+            status.steps[task_name] = phase
+            if phase != "Succeeded":
+                status.messages[task_name] = message
+                failure = failure or (phase, task_name, message)
+        if stop.is_set():
+            failure = ("Failed", failure[1] if failure else None, "stopped (superseded)")
+        handler = spec.get("onExit")
+        if handler:
+            template = next((t for t in spec["templates"] if t["name"] == handler), None)
+            if template is None:
+                phase, message = "Error", f"onExit names no template {handler!r}"
+            else:
+                phase, message = self._task(name, {"name": ON_EXIT}, template, params, status, threading.Event())
+            status.steps[ON_EXIT] = phase
+            if phase != "Succeeded":
+                status.messages[ON_EXIT] = message
+                failure = failure or (phase, ON_EXIT, message)
+        if failure:
+            return self._finish(status, *failure)
         self._finish(status, "Succeeded", None, None)
+
+    def _task(self, name: str, task: dict, template: dict, params: dict, status: RunStatus,
+              stop: threading.Event) -> tuple[str, str | None]:
+        """Run one task's container with its template's retries: (phase, message)."""
+        values = dict(params)
+        for p in task.get("arguments", {}).get("parameters", []):
+            values[f"inputs.parameters.{p['name']}"] = str(p.get("value", ""))
+        container = template.get("container")
+        if container is None:
+            return "Error", "the local runner runs container templates only"
+        try:
+            argv = [_substitute(a, values) for a in self.command(container)]
+            retry_if = _retry_condition((template.get("retryStrategy") or {}).get("expression"))
+        except RunnerError as exc:
+            return "Error", str(exc)
+        env = {**os.environ, **self.env, **{e["name"]: e.get("value", "") for e in container.get("env", [])}}
+        attempts = int((template.get("retryStrategy") or {}).get("limit", 0)) + 1
+        deadline = template.get("activeDeadlineSeconds")
+        status.steps[task["name"]] = "Running"
+        for attempt in range(1, attempts + 1):
+            if stop.is_set():
+                return "Failed", "stopped (superseded)"
+            status.attempts[task["name"]] = attempt
+            code, tail = self._exec(name, argv, env, deadline)
+            if code == 0:
+                return "Succeeded", None
+            if stop.is_set():
+                return "Failed", "stopped (superseded)"
+            if code == DEADLINE_EXCEEDED:
+                tail = f"exceeded its deadline of {deadline}s (activeDeadlineSeconds) and was killed"
+            if not retry_if(code):
+                attempts = attempt  # a failure a retry will not change: as Argo's expression says
+                break
+            if attempt < attempts:
+                time.sleep(min(2 ** (attempt - 1), 10))  # Argo's retries back off too
+        what = f"exit {code}" if code != DEADLINE_EXCEEDED else "deadline"
+        return "Failed", f"{what} after {attempts} attempt(s): {tail}"
 
     def _exec(self, name: str, argv: list[str], env: dict, deadline: float | None = None) -> tuple[int, str]:
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -234,6 +274,14 @@ class LocalRunner:
                 raise TimeoutError(f"workflow {name} still {self.status(name).phase} after {timeout}s")
             time.sleep(0.1)
         return self.status(name)
+
+
+def _task_of(display_name: str) -> str:
+    """The DAG task an Argo node belongs to: `train-x(1)` (an attempt) is train-x,
+    `<workflow>.onExit` is the exit handler."""
+    if display_name.endswith(".onExit"):
+        return ON_EXIT
+    return re.sub(r"\(\d+\)$", "", display_name)
 
 
 class ArgoRunner:
@@ -309,24 +357,28 @@ class ArgoRunner:
         out = RunStatus(name, phase, message=st.message if st else None)
         nodes = (st.nodes or {}) if st else {}
         for node in nodes.values():
-            if node.type in ("Pod", "Retry") and node.display_name:
-                task = re.sub(r"\(\d+\)$", "", node.display_name)
+            if node.type in ("Pod", "Retry", "Skipped") and node.display_name:
+                task = _task_of(node.display_name)
                 if node.type == "Retry" or task not in out.steps:
                     out.steps[task] = node.phase or "Pending"
+                    if node.phase in ("Failed", "Error") and node.message:
+                        out.messages[task] = node.message
         failed = [n for n in nodes.values() if n.phase in ("Failed", "Error") and n.type in ("Retry", "Pod")]
         if phase in ("Failed", "Error") and failed:
             node = next((n for n in failed if n.type == "Retry"), failed[0])
-            out.failed_step = re.sub(r"\(\d+\)$", "", node.display_name or node.name or "")
+            out.failed_step = _task_of(node.display_name or node.name or "")
             out.message = node.message or out.message
         return out
 
     def stop(self, name: str) -> None:
-        from hera.workflows.models import WorkflowTerminateRequest
+        """Stop, not terminate: Argo then still runs the exit handler, which removes
+        the run's staging (terminate skips exit handlers)."""
+        from hera.workflows.models import WorkflowStopRequest
 
-        request = WorkflowTerminateRequest(name=name, namespace=self.namespace)
+        request = WorkflowStopRequest(name=name, namespace=self.namespace, message="superseded by a newer run")
         try:
-            self._call(f"terminating workflow {name}",
-                       lambda: self.service.terminate_workflow(name, request, namespace=self.namespace))
+            self._call(f"stopping workflow {name}",
+                       lambda: self.service.stop_workflow(name, request, namespace=self.namespace))
         except RunnerError as exc:
             if "not found" not in str(exc):
                 raise

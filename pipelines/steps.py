@@ -2,13 +2,15 @@
 
     prepare   stage the model's spec and reference data for the run
     train     fit one enrichment on the staged data, stage its files
-    validate  load every staged result as a worker would and check its output
-    publish   make each a new artifact version, mark it ready, announce it
+    validate  load one staged result as a worker would and check its output
+    publish   make it a new artifact version, mark it ready, announce it
+    cleanup   remove the run's staging (the workflow's exit handler)
 
 Steps hand over through the run's staging folder in the artifact store
 (`<store>/_runs/<run>/`), never through local disk, so each may run in its
 own container on its own machine, as Argo runs them. A failing step raises
-StepError; nothing is published unless every step before `publish` passed.
+StepError; an enrichment is published only if its own train and validate
+passed, whatever became of the others.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _read(store: ArtifactStore, run: str, *parts: str) -> bytes:
 
 
 def _spec(store: ArtifactStore, run: str, model_id: str) -> ModelSpec:
-    return ModelSpec.from_json(model_id, json.loads(_read(store, run, "spec.json")))
+    return ModelSpec.from_json(model_id, json.loads(_read(store, run, "spec.json")), stored=True)
 
 
 def _reference(store: ArtifactStore, run: str) -> pa.Table:
@@ -87,10 +89,14 @@ def prepare(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: s
     return reference.num_rows
 
 
-def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str, enrichment: str,
-          config: dict) -> dict:
+def _known(enrichment: str) -> None:
     if enrichment not in ENRICHMENTS:
         raise StepError(f"unknown enrichment {enrichment!r}; known: {', '.join(sorted(ENRICHMENTS))}")
+
+
+def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str, enrichment: str,
+          config: dict) -> dict:
+    _known(enrichment)
     registry.set_status(model_id, enrichment, "training", workflow=run)
     spec, reference = _spec(store, run, model_id), _reference(store, run)
     try:  # checked when it was switched on; the schema or reference may have changed since
@@ -123,66 +129,67 @@ def _staged_result(store: ArtifactStore, run: str, model_id: str, enrichment: st
 
 
 def validate(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str,
-             enrichments: list[str]) -> dict[str, int]:
-    """Load each staged result the way a worker will and score reference rows with it."""
+             enrichment: str) -> int:
+    """Load the staged result the way a worker will and score reference rows with it;
+    returns how many rows it was checked on."""
+    _known(enrichment)
     spec, reference = _spec(store, run, model_id), _reference(store, run)
     sample = reference.slice(0, VALIDATION_ROWS)
     batch = InferenceBatch.from_reference(spec, sample)
-    checked = {}
-    for enrichment in enrichments:
-        meta, blobs = _staged_result(store, run, model_id, enrichment)
-        manifest = Manifest(FORMAT_VERSION, model_id, enrichment, 0, meta["files"], meta["training_rows"],
-                            meta["parameters"], "", run)
-        try:
-            fitted = ENRICHMENTS[enrichment].load(spec, manifest, blobs)
-            out = fitted.transform(batch)
-        except Exception as exc:
-            raise StepError(f"run {run}: {enrichment} does not load or score: {exc}") from exc
-        try:  # the same check serving applies to every batch
-            out = checked_output(enrichment, spec, out, sample.num_rows)
-        except (ValueError, TypeError, pa.ArrowException) as exc:
-            raise StepError(f"run {run}: {exc}") from None
-        try:  # what training measured, against the bar the config sets (e.g. a surrogate's fidelity)
-            settings = {k: v for k, v in meta["parameters"].items() if k != "quality"}
-            ENRICHMENTS[enrichment].check_quality(meta["parameters"].get("quality", {}), settings)
-        except ValueError as exc:
-            raise StepError(f"run {run}: {exc}") from None
-        declared = {o.name: o for o in ENRICHMENTS[enrichment].outputs(spec)}
-        for column, array in out.items():
-            if pa.types.is_floating(array.type):  # NULL is a value not computed (e.g. not sampled), fine
-                values = array.drop_null().to_numpy(zero_copy_only=False)
-                if not np.isfinite(values).all():
-                    raise StepError(f"run {run}: {enrichment}.{column} is not finite on reference rows")
-                bounds = declared[column].bounds
-                if bounds and not ((values >= bounds[0]) & (values <= bounds[1])).all():
-                    raise StepError(f"run {run}: {enrichment}.{column} leaves [{bounds[0]}, {bounds[1]}] "
-                                    f"on reference rows")
-        checked[enrichment] = sample.num_rows
-        log.info("run %s: %s validated on %d reference rows", run, enrichment, sample.num_rows)
-    return checked
+    meta, blobs = _staged_result(store, run, model_id, enrichment)
+    manifest = Manifest(FORMAT_VERSION, model_id, enrichment, 0, meta["files"], meta["training_rows"],
+                        meta["parameters"], "", run)
+    try:
+        fitted = ENRICHMENTS[enrichment].load(spec, manifest, blobs)
+        out = fitted.transform(batch)
+    except Exception as exc:
+        raise StepError(f"run {run}: {enrichment} does not load or score: {exc}") from exc
+    try:  # the same check serving applies to every batch
+        out = checked_output(enrichment, spec, out, sample.num_rows)
+    except (ValueError, TypeError, pa.ArrowException) as exc:
+        raise StepError(f"run {run}: {exc}") from None
+    try:  # what training measured, against the bar the config sets (e.g. a surrogate's fidelity)
+        settings = {k: v for k, v in meta["parameters"].items() if k != "quality"}
+        ENRICHMENTS[enrichment].check_quality(meta["parameters"].get("quality", {}), settings)
+    except ValueError as exc:
+        raise StepError(f"run {run}: {exc}") from None
+    declared = {o.name: o for o in ENRICHMENTS[enrichment].outputs(spec)}
+    for column, array in out.items():
+        if pa.types.is_floating(array.type):  # NULL is a value not computed (e.g. not sampled), fine
+            values = array.drop_null().to_numpy(zero_copy_only=False)
+            if not np.isfinite(values).all():
+                raise StepError(f"run {run}: {enrichment}.{column} is not finite on reference rows")
+            bounds = declared[column].bounds
+            if bounds and not ((values >= bounds[0]) & (values <= bounds[1])).all():
+                raise StepError(f"run {run}: {enrichment}.{column} leaves [{bounds[0]}, {bounds[1]}] "
+                                f"on reference rows")
+    log.info("run %s: %s validated on %d reference rows", run, enrichment, sample.num_rows)
+    return sample.num_rows
 
 
-def publish(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str, enrichments: list[str],
-            announce=None) -> dict[str, int]:
-    """Publish each validated result, unless a newer run or a toggle has overtaken it."""
-    published = {}
-    for enrichment in enrichments:
-        status = registry.status(model_id, enrichment)
-        if status.get("workflow") not in (None, run):
-            log.warning("run %s: %s is now %s's; not publishing", run, enrichment, status.get("workflow"))
-            continue
-        if not registry.enrichments(model_id)[enrichment]["enabled"]:
-            log.warning("run %s: %s was turned off meanwhile; not publishing", run, enrichment)
-            continue
-        meta, blobs = _staged_result(store, run, model_id, enrichment)
-        manifest = store.publish(model_id, enrichment, blobs, meta["training_rows"], meta["parameters"],
-                                 workflow=run)
-        registry.set_status(model_id, enrichment, "ready", workflow=run, version=manifest.version)
-        published[enrichment] = manifest.version
-        log.info("run %s: published %s v%d", run, enrichment, manifest.version)
+def publish(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str, enrichment: str,
+            announce=None) -> int | None:
+    """Publish the validated result, unless a newer run or a toggle has overtaken it;
+    returns the version published (None: not published, and why is logged)."""
+    _known(enrichment)
+    status = registry.status(model_id, enrichment)
+    if status.get("workflow") not in (None, run):
+        log.warning("run %s: %s is now %s's; not publishing", run, enrichment, status.get("workflow"))
+        return None
+    if not registry.enrichments(model_id)[enrichment]["enabled"]:
+        log.warning("run %s: %s was turned off meanwhile; not publishing", run, enrichment)
+        return None
+    meta, blobs = _staged_result(store, run, model_id, enrichment)
+    manifest = store.publish(model_id, enrichment, blobs, meta["training_rows"], meta["parameters"],
+                             workflow=run)
+    registry.set_status(model_id, enrichment, "ready", workflow=run, version=manifest.version)
+    log.info("run %s: published %s v%d", run, enrichment, manifest.version)
     registry.touch()  # workers reload on their next look; the announcement makes that now
-    for enrichment, version in published.items():
-        if announce:
-            announce("artifact_published", model_id, enrichment=enrichment, version=version, workflow=run)
+    if announce:
+        announce("artifact_published", model_id, enrichment=enrichment, version=manifest.version, workflow=run)
+    return manifest.version
+
+
+def cleanup(store: ArtifactStore, run: str) -> None:
+    """Remove the run's staging, whatever became of its steps (idempotent)."""
     store.files.delete_dir(store.files.path("_runs", run))
-    return published

@@ -1,15 +1,22 @@
 """One Argo Workflow per training run, built with hera for exactly the
 enrichments a model has switched on.
 
-    prepare ──> train-<enrichment> (one branch per enrichment) ──> validate ──> publish
+    prepare ─┬─> train-<a> ──> validate-<a> ──> publish-<a>
+             └─> train-<b> ──> validate-<b> ──> publish-<b>     (one branch per enrichment)
+    on exit: cleanup
 
 Every step is a command of this package (`enricher pipeline STEP ...`), run
 by the same container image as the worker, reading and writing the artifact
 store: `prepare` stages the model's reference data under the run's folder,
-each `train-*` fits one enrichment on it and stages the result, `validate`
-loads every staged result through the same code the workers use and checks
-what it produces on the reference data, and `publish` makes them current
-versions and announces them. A run that fails anywhere publishes nothing.
+each `train-*` fits one enrichment on it and stages the result, `validate-*`
+loads it through the same code the workers use and checks what it produces
+on the reference data, and `publish-*` makes it the current version and
+announces it. The branches are independent (the DAG does not fail fast): an
+enrichment whose training or validation fails publishes nothing, its current
+version keeps serving, and the other branches still train and publish. The
+run then ends Failed, naming the step. `cleanup`, the workflow's exit
+handler, removes the run's staging however the run ended (Argo runs exit
+handlers on failure and on `stop`).
 
 The same Workflow document goes to an Argo Server (runners.ArgoRunner) or is
 executed step by step on this machine (runners.LocalRunner).
@@ -123,24 +130,36 @@ def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOption
         annotations={ANNOTATION_MODEL: model_id, ANNOTATION_ENRICHMENTS: ",".join(enrichments)},
         arguments=[Parameter(name="model_id", value=model_id),
                    Parameter(name="enrichments", value=",".join(enrichments))],
+        on_exit="cleanup",
     ) as workflow:
         prepare = step("prepare", common, [], options.step_cpu, options.step_memory)
         train = step("train", [*common, "--enrichment", "{{inputs.parameters.enrichment}}",
                                "--config", "{{inputs.parameters.config}}"],
                      ["enrichment", "config"], options.train_cpu, options.train_memory)
-        validate = step("validate", [*common, "--enrichments", "{{workflow.parameters.enrichments}}"], [],
-                        options.step_cpu, options.step_memory)
-        publish = step("publish", [*common, "--enrichments", "{{workflow.parameters.enrichments}}"], [],
-                       options.step_cpu, options.step_memory)
-        with DAG(name="run"):
+        one = [*common, "--enrichment", "{{inputs.parameters.enrichment}}"]
+        validate = step("validate", one, ["enrichment"], options.step_cpu, options.step_memory)
+        publish = step("publish", one, ["enrichment"], options.step_cpu, options.step_memory)
+        step("cleanup", common, [], options.step_cpu, options.step_memory)
+        # fail_fast off: one enrichment's failure must not stop the others' branches.
+        with DAG(name="run", fail_fast=False):
             first = prepare(name="prepare")
-            branches = [train(name=f"train-{e.replace('_', '-')}",
-                              arguments={"enrichment": e, "config": json.dumps(plan[e], sort_keys=True)})
-                        for e in enrichments]
-            check = validate(name="validate")
-            last = publish(name="publish")
-            first >> branches >> check >> last
+            for e in enrichments:
+                trained = train(name=task_name("train", e),
+                                arguments={"enrichment": e, "config": json.dumps(plan[e], sort_keys=True)})
+                checked = validate(name=task_name("validate", e), arguments={"enrichment": e})
+                published = publish(name=task_name("publish", e), arguments={"enrichment": e})
+                first >> trained >> checked >> published
     return workflow
+
+
+def task_name(step: str, enrichment: str) -> str:
+    """The DAG task of `step` in `enrichment`'s branch (e.g. validate-anomaly-detection)."""
+    return f"{step}-{enrichment.replace('_', '-')}"
+
+
+def branch_steps(enrichment: str) -> list[str]:
+    """The tasks whose failure is `enrichment`'s own, in the order they run."""
+    return [task_name(s, enrichment) for s in ("train", "validate", "publish")]
 
 
 def workflow_dict(model_id: str, plan: dict[str, dict], options: WorkflowOptions | None = None,

@@ -70,6 +70,8 @@ def test_register_a_model_and_list_it(api):
 
 @pytest.mark.parametrize("path, body, field", [
     ("/models/api_bad", {"schema": {**sample.SCHEMA, "task": "astrology"}}, "schema.task"),
+    ("/models/api_bad", {"schema": {**sample.SCHEMA, "positive_treshold": 0.3}, "reference": "x"},
+     "schema.positive_treshold"),
     ("/models/api_bad", {"schema": sample.SCHEMA, "reference": "/nonexistent/ref.parquet"}, "reference"),
     ("/models/api_bad", {"schema": sample.SCHEMA}, "reference"),
     ("/models/api_bad", {"schema": sample.SCHEMA, "reference": "x", "colour": "red"}, "colour"),

@@ -156,19 +156,19 @@ def test_status_follows_the_phase_and_names_the_failing_step(argo):
     assert status.steps == {"prepare": "Succeeded", "train-anomaly-detection": "Failed"}
 
 
-def test_stop_terminates_the_workflow(argo):
+def test_stop_stops_the_workflow_so_its_exit_handler_still_cleans_up(argo):
     server, seen, record = argo
 
-    def terminate(request):
+    def stop(request):
         record(request)
         return Response(json.dumps({"metadata": {"name": "enrich-credit-0001"}, "spec": {"entrypoint": "run"}}),
                         content_type="application/json")
 
-    server.expect_request("/api/v1/workflows/ml/enrich-credit-0001/terminate", method="PUT") \
-        .respond_with_handler(terminate)
+    server.expect_request("/api/v1/workflows/ml/enrich-credit-0001/stop", method="PUT") \
+        .respond_with_handler(stop)
     runner_for(server).stop("enrich-credit-0001")
-    assert seen == [("PUT", "/api/v1/workflows/ml/enrich-credit-0001/terminate",
-                     {"name": "enrich-credit-0001", "namespace": "ml"})]
+    assert seen == [("PUT", "/api/v1/workflows/ml/enrich-credit-0001/stop",
+                     {"name": "enrich-credit-0001", "namespace": "ml", "message": "superseded by a newer run"})]
 
 
 def test_a_url_without_scheme_is_refused():

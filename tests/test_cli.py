@@ -54,6 +54,9 @@ def test_register_toggle_train_and_show(files, capsys):
     (["models", "show", "ghost"], "model 'ghost' is not registered"),
     (["enrichments", "set", "ghost", "anomaly_detection=on"], "model 'ghost' is not registered"),
     (["train", "ghost"], "not registered"),
+    (["deadletters", "--reason", "bad_vibes"], "--reason 'bad_vibes': unknown; one of too_large, invalid_json"),
+    (["deadletters", "--since", "yesterday"], "window 'yesterday': write a positive number and a unit"),
+    (["deadletters", "--bytes", "0"], "--bytes: a positive number of bytes"),
 ])
 def test_mistakes_get_a_message_that_says_what_to_fix(files, capsys, argv, message):
     schema, reference = files
@@ -90,15 +93,38 @@ def test_produce_sends_each_line_and_query_prints_json(files, capsys, tmp_path, 
     monkeypatch.setenv("ENRICHER_BROKER", broker.url)
     monkeypatch.setenv("ENRICHER_INFERENCE_TOPIC", "cli-in")
     monkeypatch.setenv("ENRICHER_DLQ_TOPIC", "cli-dlq")
+    schema, reference = files
     lines = tmp_path / "inferences.jsonl"
     msgs, _ = sample.inferences(25)
     lines.write_bytes(b"\n".join(msgs) + b"\n")
-    code, out, _ = run(capsys, "produce", "--batch", "none", str(lines))
-    assert code == 0 and "produced 25 inferences in 25 messages to cli-in" in out
+    # No model registered on this machine: sent, but the ids cannot be checked here; it says so.
+    code, out, err = run(capsys, "produce", "--batch", "none", str(lines))
+    assert code == 0 and "produced 25 lines (0 inferences, 0 label updates, 25 for models not registered in" in out
+    assert "in 25 messages to cli-in" in out and "model ids and features were not checked here" in err
     from enricher.config import Settings
     from enricher.topics import read_topic
     got = [m.value() for m in read_topic(Settings.from_env(), "cli-in", expected=25)]
     assert sorted(got) == sorted(msgs)
+
+    # Registered here: label updates count as such, and what the worker will refuse is said first.
+    run(capsys, "models", "register", sample.MODEL_ID, "--schema", str(schema), "--reference", str(reference))
+    no_f3 = json.loads(msgs[0])
+    del no_f3["features"]["f3"]
+    labels = [json.dumps({"model_id": sample.MODEL_ID, "inference_id": json.loads(m)["inference_id"], "label": 1})
+              for m in msgs[:5]]
+    mixed = [m.decode() for m in msgs] + labels + [json.dumps(no_f3), '{"model_id": "nobody", "features": {}}',
+                                                   "{not json"]
+    lines.write_text("\n".join(mixed) + "\n")
+    code, out, err = run(capsys, "produce", "--check", str(lines))
+    assert code == 0 and "checked 33 lines (25 inferences, 5 label updates); nothing sent (--check)" in out
+    assert "the worker would refuse 3" in err
+    assert "missing_feature\t1\te.g. line 31: feature 'f3': missing" in err
+    assert "unknown_model\t1\te.g. line 32:" in err and "invalid_json\t1\te.g. line 33:" in err
+    code, out, err = run(capsys, "produce", "--batch", "none", str(lines))
+    assert code == 0 and "produced 33 lines (25 inferences, 5 label updates) in 33 messages" in out
+    assert "the worker will refuse 3" in err
+    assert len(read_topic(Settings.from_env(), "cli-in", expected=100, timeout=5)) == 25 + 33, \
+        "refused lines are sent too (the worker dead-letters them with their reason); --check sent nothing"
 
     two_rows = "SELECT arrayJoin([0, 1]) AS one, 'x' AS s"
     code, out, _ = run(capsys, "query", "--format", "json", two_rows)
@@ -135,3 +161,33 @@ def test_artifacts_list_and_rollback(files, capsys, monkeypatch):
     assert code == 2 and "give a version number" in err
     code, _, err = run(capsys, "artifacts", "list", "nosuch")
     assert code == 2 and "not registered" in err
+
+
+def test_registering_again_is_a_put_enrichments_pending_announced_and_trained(settings, tmp_path, monkeypatch,
+                                                                             capsys):
+    """`models register` on a model already there does what `PUT /models/{id}` does: a
+    failed enrichment goes back to pending with its old failure gone, the change is
+    announced on the control topic, and the trigger plans a run for it."""
+    from enricher.topics import ensure_topics, read_topic
+    from enricher.trigger import Trigger
+    from models.registry import ModelRegistry
+
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    ensure_topics(settings)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(sample.SCHEMA))
+    reference = tmp_path / "reference.csv"
+    pacsv.write_csv(sample.reference_table(500), reference)
+    assert run(capsys, "models", "register", "credit", "--schema", str(schema), "--reference", str(reference))[0] == 0
+    registry = ModelRegistry(settings.registry_dir)
+    registry.set_enrichment("credit", "anomaly_detection", True)
+    registry.set_status("credit", "anomaly_detection", "failed", workflow="run-1", step="prepare",
+                        message="its reference data cannot be read")
+    code, out, _ = run(capsys, "models", "register", "credit", "--schema", str(schema), "--reference", str(reference))
+    assert code == 0 and "re-registered credit" in out and "anomaly_detection (pending)" in out
+    status = registry.status("credit", "anomaly_detection")
+    assert status["state"] == "pending" and "message" not in status and "workflow" not in status
+    events = [json.loads(m.value()) for m in read_topic(settings, settings.control_topic, expected=2, timeout=10)]
+    assert [e["event"] for e in events] == ["model_registered", "model_registered"]
+    assert list(Trigger(registry, runner=None).plan("credit")) == ["anomaly_detection"]

@@ -30,7 +30,8 @@ def test_the_local_runner_executes_the_dag_and_the_artifact_is_published(setup):
     status = runner.wait(name, timeout=240)
     assert status.phase == "Succeeded", (status.failed_step, status.message)
     assert status.steps == {"prepare": "Succeeded", "train-anomaly-detection": "Succeeded",
-                            "validate": "Succeeded", "publish": "Succeeded"}
+                            "validate-anomaly-detection": "Succeeded", "publish-anomaly-detection": "Succeeded",
+                            "onExit": "Succeeded"}
     store = settings.artifacts()
     manifest = store.load("credit", "anomaly_detection").manifest
     assert manifest.workflow == name and manifest.parameters["n_estimators"] == 20
@@ -46,8 +47,9 @@ def test_a_failure_a_retry_cannot_change_is_not_retried_and_is_reported_with_its
     status = runner.wait(runner.submit(doc), timeout=120)
     assert status.phase == "Failed" and status.failed_step == "prepare"
     assert status.message.startswith("exit 3 after 1 attempt(s)") and "not registered" in status.message
-    assert status.attempts == {"prepare": 1}
-    assert status.steps["publish"] == "Pending"
+    assert status.attempts == {"prepare": 1, "onExit": 1}
+    assert status.steps["publish-anomaly-detection"] == "Omitted"
+    assert status.steps["onExit"] == "Succeeded"
     assert settings.artifacts().versions("nosuch", "anomaly_detection") == []
 
 
@@ -60,7 +62,7 @@ def test_a_step_past_its_deadline_is_killed_and_retried_by_the_policy_then_repor
     status = runner.wait(runner.submit(doc), timeout=120)
     assert status.phase == "Failed" and status.failed_step == "train-anomaly-detection"
     assert status.message.startswith("deadline after 2 attempt(s)") and "deadline of 8s" in status.message
-    assert status.attempts == {"prepare": 1, "train-anomaly-detection": 2}
+    assert status.attempts == {"prepare": 1, "train-anomaly-detection": 2, "onExit": 1}
     assert time.monotonic() - started >= 2 * 8 + 1, "two attempts of 8 s and a back-off between them"
     assert settings.artifacts().versions("credit", "anomaly_detection") == []
 
@@ -77,12 +79,13 @@ def test_a_stopped_run_ends_at_once_and_runs_nothing_after(setup):
     runner.stop("slow")
     status = runner.wait("slow", timeout=10)
     assert time.monotonic() - started < 5
-    assert status.phase == "Failed" and "superseded" in status.message and status.steps["b"] == "Pending"
+    assert status.phase == "Failed" and "superseded" in status.message and status.steps["b"] == "Omitted"
 
 
 def test_dag_order_puts_dependencies_first_and_refuses_cycles():
     doc = workflow_dict("credit", {"anomaly_detection": {}})
-    assert [t["name"] for t, _ in dag_order(doc)] == ["prepare", "train-anomaly-detection", "validate", "publish"]
+    assert [t["name"] for t, _ in dag_order(doc)] == ["prepare", "train-anomaly-detection",
+                                                      "validate-anomaly-detection", "publish-anomaly-detection"]
     cyclic = {"spec": {"entrypoint": "run", "templates": [{"name": "run", "dag": {"tasks": [
         {"name": "a", "template": "t", "depends": "b"}, {"name": "b", "template": "t", "depends": "a"}]}}]}}
     with pytest.raises(RunnerError, match="cycle"):
@@ -96,12 +99,12 @@ def test_publish_leaves_alone_what_a_newer_run_or_a_toggle_has_taken_over(setup)
         steps.prepare(registry, store, "credit", run)
         steps.train(registry, store, "credit", run, "anomaly_detection", {"n_estimators": 10})
     # run-new's train ran last: the status names it; run-old must not publish over it.
-    assert steps.publish(registry, store, "credit", "run-old", ["anomaly_detection"]) == {}
-    assert steps.publish(registry, store, "credit", "run-new", ["anomaly_detection"]) == {"anomaly_detection": 1}
+    assert steps.publish(registry, store, "credit", "run-old", "anomaly_detection") is None
+    assert steps.publish(registry, store, "credit", "run-new", "anomaly_detection") == 1
     steps.prepare(registry, store, "credit", "run-off")
     steps.train(registry, store, "credit", "run-off", "anomaly_detection", {"n_estimators": 10})
     registry.set_enrichment("credit", "anomaly_detection", False)
-    assert steps.publish(registry, store, "credit", "run-off", ["anomaly_detection"]) == {}
+    assert steps.publish(registry, store, "credit", "run-off", "anomaly_detection") is None
     assert store.versions("credit", "anomaly_detection") == [1]
 
 
@@ -112,7 +115,7 @@ def test_validation_refuses_a_staged_result_changed_after_training(setup):
     steps.train(registry, store, "credit", "run-x", "anomaly_detection", {"n_estimators": 10})
     store.files.write(store.files.path("_runs", "run-x", "anomaly_detection", "forest.npz"), b"garbage")
     with pytest.raises(steps.StepError, match="changed after training"):
-        steps.validate(registry, store, "credit", "run-x", ["anomaly_detection"])
+        steps.validate(registry, store, "credit", "run-x", "anomaly_detection")
 
 
 def test_an_explanation_surrogate_below_the_fidelity_bar_fails_validation_and_the_previous_version_serves(setup):
@@ -129,7 +132,7 @@ def test_an_explanation_surrogate_below_the_fidelity_bar_fails_validation_and_th
     registry.set_enrichment("credit", "explainability", True, bar)
     name = runner.submit(workflow_dict("credit", {"explainability": bar}, WorkflowOptions(retries=2)))
     status = runner.wait(name, timeout=240)
-    assert status.phase == "Failed" and status.failed_step == "validate"
+    assert status.phase == "Failed" and status.failed_step == "validate-explainability"
     assert "below min_fidelity 0.99" in status.message and "held-out reference rows" in status.message
     assert store.current_version("credit", "explainability") == manifest.version  # the previous one serves
 
@@ -148,4 +151,39 @@ def test_a_fit_refused_for_its_inputs_is_not_retried(tmp_path):
     status = runner.wait(runner.submit(doc), timeout=120)
     assert status.phase == "Failed" and status.failed_step == "train-explainability", status.message
     assert status.message.startswith("exit 3 after 1 attempt(s)") and "at least 10 to fit on" in status.message
-    assert status.attempts == {"prepare": 1, "train-explainability": 1}
+    assert status.attempts == {"prepare": 1, "train-explainability": 1, "onExit": 1}
+
+
+def test_a_stopped_run_still_runs_its_exit_handler(setup, tmp_path):
+    _, _, runner = setup
+    marker = tmp_path / "cleaned"
+    doc = {"metadata": {"name": "slow-exit"}, "spec": {"entrypoint": "run", "onExit": "clean", "templates": [
+        {"name": "sleep", "container": {"image": "x", "command": ["python3", "-c", "import time; time.sleep(60)"]}},
+        {"name": "clean", "container": {"image": "x", "command": [
+            "python3", "-c", f"open({str(marker)!r}, 'w').write('done')"]}},
+        {"name": "run", "dag": {"tasks": [{"name": "a", "template": "sleep"}]}}]}}
+    runner.submit(doc)
+    time.sleep(0.5)
+    runner.stop("slow-exit")
+    status = runner.wait("slow-exit", timeout=20)
+    assert status.phase == "Failed" and "superseded" in status.message
+    assert status.steps["onExit"] == "Succeeded" and marker.read_text() == "done"
+
+
+def test_training_by_hand_publishes_what_passes_and_names_what_failed(setup, capsys):
+    from enricher.cli import main
+
+    settings, registry, _ = setup
+    registry.set_enrichment("credit", "explainability", True, {"n_estimators": 5, "min_fidelity": 0.99})
+    code = main(["--data-dir", str(settings.data_dir), "train", "credit"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "failed for explainability" in err and "published: anomaly_detection" in err
+    assert "below min_fidelity 0.99" in err
+    store = settings.artifacts()
+    assert store.current_version("credit", "anomaly_detection") == 1
+    assert store.current_version("credit", "explainability") is None
+    assert registry.status("credit", "anomaly_detection")["state"] == "ready"
+    failed = registry.status("credit", "explainability")
+    assert failed["state"] == "failed" and failed["step"] == "validate"
+    assert not any((settings.artifact_dir / "_runs").glob("*")), "staging removed"

@@ -45,3 +45,22 @@ def test_multiclass_predictions_default_to_class_labels():
 def test_schema_errors_name_the_key_at_fault(change, where):
     with pytest.raises(SpecError, match=where):
         ModelSpec.from_json("m", {**sample.SCHEMA, **change})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"positive_treshold": 0.3}, "schema.positive_treshold: unknown key; did you mean 'positive_threshold'?"),
+    ({"owner": "team-a"}, "schema.owner: unknown key; a schema takes task, features"),
+    ({"features": [{"name": "age", "type": "numeric", "nulable": True}]},
+     "schema.features[0].nulable: unknown key; did you mean 'nullable'?"),
+    ({"attributes": [{"name": "sex", "type": "categorical", "sensitve": True}]},
+     "schema.attributes[0].sensitve: unknown key; did you mean 'sensitive'?"),
+])
+def test_an_unknown_key_is_refused_by_name_with_the_nearest_known_one(change, message):
+    with pytest.raises(SpecError) as caught:
+        ModelSpec.from_json("m", {**sample.SCHEMA, **change})
+    assert str(caught.value).startswith(message)
+
+
+def test_a_stored_schema_with_keys_of_an_older_release_still_loads():
+    doc = {**sample.SCHEMA, "owner": "team-a"}
+    assert ModelSpec.from_json("m", doc, stored=True) == ModelSpec.from_json("m", sample.SCHEMA)

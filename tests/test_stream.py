@@ -92,6 +92,25 @@ def test_valid_rows_land_once_and_malformed_ones_in_the_dead_letter_topic(settin
     assert "f1" in by_reason["wrong_feature_type"].detail
     assert by_reason["invalid_json"].source.startswith(settings.inference_topic + "/")
 
+    # ... and as a user reads them: `enricher deadletters`, filtered
+    def cli_letters(*argv):
+        done = subprocess.run([sys.executable, "-m", "enricher.cli", "deadletters", *argv],
+                              env={**__import__("os").environ, **settings.to_env()}, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    every = json.loads(cli_letters("--format", "json").stdout)
+    assert sorted(d["reason"] for d in every) == sorted(reason for _, reason in bad)
+    assert all(d["source"].startswith(settings.inference_topic + "/") and d["timestamp"] for d in every)
+    [unknown] = [json.loads(line) for line in cli_letters("--reason", "unknown_model", "--format", "jsonl").stdout.splitlines()]
+    assert unknown["model_id"] == "no_such_model" and unknown["value"] == by_reason["unknown_model"].value.decode()
+    ours = cli_letters("--model", sample.MODEL_ID, "--since", "1h")
+    lines = ours.stdout.splitlines()
+    assert len(lines) == sum(1 for r in records if r.model_id == sample.MODEL_ID) == 6
+    assert all(line.split("\t")[2] == sample.MODEL_ID for line in lines)
+    assert "wrong_feature_type" in ours.stdout and f"6 dead letter(s) (model {sample.MODEL_ID} in the last 1h)" in ours.stderr
+
 
 def test_models_without_a_trained_artifact_get_null_never_a_made_up_score(settings, tmp_path, worker_for):
     register_sample(settings, tmp_path, model_id="not_trained", enable=True, trained=False)
@@ -334,11 +353,24 @@ def test_a_row_from_the_future_is_dead_lettered_by_the_worker_with_its_reason(ma
     messages, _ = sample.inferences(50, start_ms=now - 60_000)
     ahead = json.loads(messages[0])
     ahead.update(inference_id="from-2031", timestamp=now + 5 * 365 * 86_400_000)
-    produce(settings, messages + [json.dumps(ahead).encode()])
-    worker = worker_for(settings)
-    worker.wait_for(lambda s: s["consumed"] >= 51, timeout=120)
-    worker.stop()
-    assert count_rows(settings) == (50, 50)
-    [dead] = deadletters.read(settings, expected=1)
-    assert dead.reason == "future_timestamp" and dead.value == json.dumps(ahead).encode()
-    assert "ENRICHER_MAX_FUTURE_SKEW allows (120 s)" in dead.detail
+    ensure_topics(settings)
+    # A user watching the dead letters as they come: `enricher deadletters --follow`
+    follower = subprocess.Popen([sys.executable, "-m", "enricher.cli", "deadletters", "--follow", "--format", "jsonl"],
+                                env={**__import__("os").environ, **settings.to_env()}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        produce(settings, messages + [json.dumps(ahead).encode()])
+        worker = worker_for(settings)
+        worker.wait_for(lambda s: s["consumed"] >= 51, timeout=120)
+        worker.stop()
+        assert count_rows(settings) == (50, 50)
+        [dead] = deadletters.read(settings, expected=1)
+        assert dead.reason == "future_timestamp" and dead.value == json.dumps(ahead).encode()
+        assert "ENRICHER_MAX_FUTURE_SKEW allows (120 s)" in dead.detail
+        seen = json.loads(follower.stdout.readline())  # arrived while it was following
+        assert seen["reason"] == "future_timestamp" and seen["value"] == json.dumps(ahead)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=20)
+    assert follower.returncode == 0, err
+    assert "Traceback" not in err

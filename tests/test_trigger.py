@@ -109,3 +109,25 @@ def test_a_new_trigger_restarts_a_run_its_predecessor_left_unfinished(world):
     settle(successor)
     e = control.enrichments("credit")[AD]
     assert e["status"] == "ready" and e["workflow"] == successor.submitted[0] != lost
+
+
+def test_one_enrichment_failing_leaves_the_others_trained_and_serving(world):
+    """Explanations held to a fidelity no 5-tree surrogate reaches fail validation in their
+    own branch; anomaly detection, in the same run, still trains and publishes."""
+    settings, control, trigger, runner = world
+    control.patch_enrichments("credit", {AD: {"enabled": True, "config": {"n_estimators": 20}},
+                                         "explainability": {"enabled": True,
+                                                            "config": {"n_estimators": 5, "min_fidelity": 0.99}}})
+    trigger.notice("credit", 0.0)
+    settle(trigger, timeout=240)
+    run = trigger.submitted[0]
+    status = runner.status(run)
+    assert status.phase == "Failed" and status.steps["publish-anomaly-detection"] == "Succeeded"
+    assert status.steps["publish-explainability"] == "Omitted"
+    states = control.enrichments("credit")
+    assert states[AD]["status"] == "ready" and states[AD]["version"] == 1 and not states[AD]["message"]
+    failed = states["explainability"]
+    assert failed["status"] == "failed" and failed["step"] == "validate-explainability"
+    assert "below min_fidelity 0.99" in failed["message"]
+    assert settings.artifacts().current_version("credit", AD) == 1
+    assert not (settings.artifact_dir / "_runs" / run).exists(), "the exit handler removed the staging"

@@ -48,26 +48,31 @@ def test_every_combination_validates_against_argos_schema(validator, names):
 
 
 @pytest.mark.parametrize("names", COMBINATIONS, ids=lambda c: "+".join(sorted(c)))
-def test_the_dag_holds_exactly_the_enabled_branches_in_order(names):
+def test_the_dag_holds_one_independent_branch_per_enabled_enrichment(names):
     doc = workflow_dict("credit_default", plan_for(names))
     dag = next(t for t in doc["spec"]["templates"] if t["name"] == doc["spec"]["entrypoint"])["dag"]
     tasks = {t["name"]: t for t in dag["tasks"]}
-    trains = {f"train-{n.replace('_', '-')}" for n in names}
-    assert set(tasks) == {"prepare", "validate", "publish"} | trains
+    slugs = {n: n.replace("_", "-") for n in names}
+    assert set(tasks) == {"prepare"} | {f"{step}-{s}" for s in slugs.values()
+                                        for step in ("train", "validate", "publish")}
     assert "depends" not in tasks["prepare"]
-    for name in trains:
-        assert tasks[name]["depends"] == "prepare"
-        params = {p["name"]: p["value"] for p in tasks[name]["arguments"]["parameters"]}
-        assert params["enrichment"].replace("_", "-") == name.removeprefix("train-")
-        assert json.loads(params["config"]) == plan_for(names)[params["enrichment"]]
-    assert set(tasks["validate"]["depends"].split(" && ")) == trains
-    assert tasks["publish"]["depends"] == "validate"
+    assert dag["failFast"] is False, "one enrichment's failure must not stop the other branches"
+    for name, slug in slugs.items():
+        train, validate, publish = (tasks[f"{step}-{slug}"] for step in ("train", "validate", "publish"))
+        assert train["depends"] == "prepare"
+        assert validate["depends"] == f"train-{slug}" and publish["depends"] == f"validate-{slug}"
+        params = {p["name"]: p["value"] for p in train["arguments"]["parameters"]}
+        assert params["enrichment"] == name
+        assert json.loads(params["config"]) == plan_for(names)[name]
+        for task in (validate, publish):
+            assert task["arguments"]["parameters"] == [{"name": "enrichment", "value": name}]
+    assert doc["spec"]["onExit"] == "cleanup", "the run's staging goes however the run ends"
 
 
 def test_steps_are_commands_of_this_package_with_retries_and_resources():
     doc = workflow_dict("credit_default", plan_for(ENRICHMENTS), WorkflowOptions(image="reg/enricher:1.2", retries=3))
     containers = {t["name"]: t for t in doc["spec"]["templates"] if "container" in t}
-    assert set(containers) == {"prepare", "train", "validate", "publish"}
+    assert set(containers) == {"prepare", "train", "validate", "publish", "cleanup"}
     for name, t in containers.items():
         c = t["container"]
         assert c["image"] == "reg/enricher:1.2"
