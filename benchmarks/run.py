@@ -12,7 +12,8 @@ writes to its own fresh chDB store, one after the other on this machine:
 - exact explanations (benchmarks/explain.py) against shap, LightGBM and XGBoost,
   and the worker with explanations on every row;
 - worker peak memory and throughput with 1, 100 and 1,000 registered models,
-  the stream mixed over all of them.
+  the stream mixed over all of them;
+- the CLI's start-up for simple commands (benchmarks/cli.py).
 
 Writes benchmarks/results/latest.json, .md and .png. Speeds are reported as
 ratios to the reference lines measured in the same run; absolute numbers are
@@ -514,6 +515,9 @@ def write_report(results: dict, name: str) -> None:
         explain.write(results["explanations"], name == "smoke")
         lines += ["", "Explanations (benchmarks/explain.py; also explain.md):", ""]
         lines += (RESULTS / f"explain{'-smoke' if name == 'smoke' else ''}.md").read_text().splitlines()
+    if results.get("cli"):
+        lines += ["", "CLI start-up (benchmarks/cli.py; also cli.md):", ""]
+        lines += (RESULTS / f"cli{'-smoke' if name == 'smoke' else ''}.md").read_text().splitlines()
     if results.get("queries"):
         import queries
 
@@ -598,6 +602,10 @@ def targets(results: dict) -> list[dict]:
                f"worst {worst:.2f}x", worst <= 1.25)
         target(f"label updates, {h['days']:g}-day history: a million a day (12/s) is routine",
                h["labels_per_second"], f"{h['labels_per_second']:,}/s", h["labels_per_second"] >= 12)
+    c = results.get("cli")
+    if c:
+        target(f"CLI: a simple command (models list, enrichments show, query) under {c['target_s']} s",
+               c["simple_slowest_median_s"], f"{c['simple_slowest_median_s']:.2f} s", c["met"])
     e = results.get("explanations", {})
     if e:
         target("explanation transform: >= 5x shap.TreeExplainer on the same surrogate", e["ratios"]["vs_shap"],
@@ -691,6 +699,12 @@ def main() -> int:
                 results["explanations"]["worker"] = {"anomaly": round(a), "anomaly_and_explanations": round(b),
                                                      "ratio": round(b / a, 3)}
             explain.write(results["explanations"], args.smoke)
+        if want("cli"):
+            import cli
+
+            log("-- cli: start-up of simple commands (benchmarks/cli.py)")
+            results["cli"] = cli.run(3 if args.smoke else 5)
+            cli.write(results["cli"], args.smoke)
         for count in (1, 100, 1000):
             key = f"worker_{count}_model{'s' if count > 1 else ''}"
             if want(key) and not (args.smoke and count == 1000):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-from sklearn.ensemble import IsolationForest
 
 from .artifact import Manifest
 from .encoding import FeatureEncoder
@@ -61,6 +60,8 @@ class AnomalyDetection:
 
     def fit(self, spec: ModelSpec, reference: pa.Table, config: dict, model_file=None) -> AnomalyArtifact:
         """`model_file` plays no part: the forest learns the inputs, not the model."""
+        from sklearn.ensemble import IsolationForest  # here: training only, ~2 s of imports a worker never needs
+
         params = _parameters(config)
         encoder = FeatureEncoder.fit(spec, reference)
         X = encoder.transform({n: reference.column(n) for n in spec.feature_names}, reference.num_rows)

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
 from .artifact import Manifest
 from .encoding import FeatureEncoder
@@ -182,6 +181,9 @@ class Explainability:
         if holdout.sum() < 10 or (~holdout).sum() < 10:
             raise ValueError(f"{NAME}: {len(X)} reference rows with a prediction; at least 10 to fit on and "
                              "10 to measure fidelity on are needed (more reference rows, or another holdout)")
+        # here, not at the top: training only, ~2 s of imports a worker and the CLI never need
+        from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
         # no early stopping: the rounds asked for, the same trees on every run
         common = dict(max_iter=params["n_estimators"], max_depth=params["max_depth"],
                       max_leaf_nodes=2 ** params["max_depth"], learning_rate=params["learning_rate"],
