@@ -167,9 +167,15 @@ def cmd_explain(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{report['model_id']}: global importance, {report['rows']:,} explained rows from {report['start']} "
-          f"to {report['end']} (mean |attribution|; mean: its sign on average)")
+          f"to {report['end']} (mean |attribution|; mean: its sign on average; in {report['unit']})")
     print(format_table(["feature", "mean_abs", "mean"], [[f["feature"], f["mean_abs"], f["mean"]]
                                                           for f in report["features"]]))
+    for c in report.get("classes", []):  # a multiclass model: each row explains its predicted class
+        print(f"\npredicted class {c['class']}: {c['rows']:,} rows")
+        print(format_table(["feature", "mean_abs", "mean"], [[f["feature"], f["mean_abs"], f["mean"]]
+                                                              for f in c["features"]]))
+    if report.get("classes_not_shown"):
+        print(f"\n({report['classes_not_shown']} less frequent classes not shown)")
     if report["rows"] == 0:
         print("no explained rows in this window: is explainability on (enricher enrichments show "
               f"{args.model_id}), and did inferences arrive?")

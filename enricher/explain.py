@@ -154,21 +154,42 @@ def _answer(spec: ModelSpec, inference_id, source: str, version, base, output, a
     return doc
 
 
-def importance_sql(database: str, spec: ModelSpec, start: float, end: float) -> str:
-    """Mean absolute (and signed) attribution per feature over [start, end), explained rows only."""
+MAX_CLASSES = 12  # per-class panels: the classes with the most explained rows, at most this many
+
+
+def importance_sql(database: str, spec: ModelSpec, start: float, end: float, by_class: bool = False) -> str:
+    """Mean absolute (and signed) attribution per feature over [start, end), explained rows
+    only; `by_class`: per predicted class (the class each row's attributions explain),
+    most rows first."""
     parts = []
     for f in spec.feature_names:
         col = quote(f"{PREFIX}{f}")
         parts += [f"avg(abs({col}))", f"avg({col})"]
-    return (f"SELECT count(), {', '.join(parts)} FROM {quote(database)}.{quote(spec.model_id)} "
-            f"WHERE timestamp >= toDateTime64({float(start)!r}, 3, 'UTC') "
-            f"AND timestamp < toDateTime64({float(end)!r}, 3, 'UTC') AND {quote(OUTPUT)} IS NOT NULL")
+    where = (f"FROM {quote(database)}.{quote(spec.model_id)} "
+             f"WHERE timestamp >= toDateTime64({float(start)!r}, 3, 'UTC') "
+             f"AND timestamp < toDateTime64({float(end)!r}, 3, 'UTC') AND {quote(OUTPUT)} IS NOT NULL")
+    if by_class:
+        return (f"SELECT toString(prediction) AS class, count() AS n, {', '.join(parts)} {where} "
+                f"GROUP BY class ORDER BY n DESC, class LIMIT {MAX_CLASSES + 1}")
+    return f"SELECT count(), {', '.join(parts)} {where}"
+
+
+def _features(spec: ModelSpec, values) -> list[dict]:
+    features = [{"feature": f, "mean_abs": values[2 * i], "mean": values[2 * i + 1]}
+                for i, f in enumerate(spec.feature_names)]
+    features.sort(key=lambda r: -(r["mean_abs"] if r["mean_abs"] is not None and np.isfinite(r["mean_abs"]) else -1))
+    return features
 
 
 def importance(settings: Settings, model_id: str, window: str, end: str | None = None) -> dict:
     """Global importance over a window, most important first (through `query`: the running
-    worker that holds the embedded store, or the store directly)."""
+    worker that holds the embedded store, or the store directly). `unit`: what the
+    attributions are measured in (the serving artifact's). A model with a categorical
+    prediction (multiclass) also gets `classes`: the same per predicted class, since each
+    row's attributions explain the class predicted on it."""
     from datetime import datetime, timezone
+
+    from models.explainability import attribution_unit
 
     from .query import query
 
@@ -178,18 +199,27 @@ def importance(settings: Settings, model_id: str, window: str, end: str | None =
     start = stop - seconds
     _, rows = query(settings, importance_sql(settings.clickhouse_database, spec, start, stop))
     count, values = rows[0][0], rows[0][1:]
-    features = [{"feature": f, "mean_abs": values[2 * i], "mean": values[2 * i + 1]}
-                for i, f in enumerate(spec.feature_names)]
-    features.sort(key=lambda r: -(r["mean_abs"] if r["mean_abs"] is not None and np.isfinite(r["mean_abs"]) else -1))
 
     def iso(t):
         return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
-    return {"model_id": model_id, "start": iso(start), "end": iso(stop), "rows": count, "features": features}
+    store = settings.artifacts()
+    current = store.current_version(model_id, NAME)
+    quality = next((m.parameters.get("quality", {}) for m in store.manifests(model_id, NAME)
+                    if m.version == current), {})
+    report = {"model_id": model_id, "start": iso(start), "end": iso(stop), "rows": count,
+              "unit": attribution_unit(spec, quality), "features": _features(spec, values)}
+    if spec.prediction_type != "numeric":
+        _, per_class = query(settings, importance_sql(settings.clickhouse_database, spec, start, stop, True))
+        report["classes"] = [{"class": r[0], "rows": r[1], "features": _features(spec, r[2:])}
+                             for r in per_class[:MAX_CLASSES]]
+        report["classes_not_shown"] = max(0, len(per_class) - MAX_CLASSES)
+    return report
 
 
 def plot(report: dict, path: str) -> None:
-    """A horizontal bar chart of mean |attribution| per feature, as PNG."""
+    """Horizontal bars of mean |attribution| per feature, as PNG, the unit on the axis;
+    for a multiclass model one panel per predicted class (the most frequent first)."""
     try:
         import matplotlib
 
@@ -199,11 +229,22 @@ def plot(report: dict, path: str) -> None:
         from .errors import UserError
 
         raise UserError("--plot needs matplotlib: pip install 'inference-enricher[plot]' (or matplotlib)") from None
-    shown = [f for f in report["features"] if f["mean_abs"] is not None][::-1]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * max(3, len(shown)) + 1.2))
-    ax.barh([f["feature"] for f in shown], [f["mean_abs"] for f in shown], color="#3b75af")
-    ax.set_xlabel("mean |attribution| (explanation_<feature>)")
-    ax.set_title(f"{report['model_id']}: global importance, {report['rows']:,} rows\n"
+    panels = [(f"class {c['class']}: {c['rows']:,} rows", c["features"]) for c in report.get("classes", [])] \
+        or [(f"{report['rows']:,} rows", report["features"])]
+    columns = min(3, len(panels))
+    grid_rows = -(-len(panels) // columns)
+    height = 0.3 * max(3, len(report["features"])) + 1.0
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(6.5 * columns, height * grid_rows + 1.0),
+                             squeeze=False, sharex=len(panels) > 1)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, features) in zip(axes.flat, panels):
+        shown = [f for f in features if f["mean_abs"] is not None][::-1]
+        ax.barh([f["feature"] for f in shown], [f["mean_abs"] for f in shown], color="#3b75af")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"mean |attribution|, in {report['unit']}", fontsize=8)
+    more = f" ({report['classes_not_shown']} less frequent classes not shown)" if report.get("classes_not_shown") else ""
+    fig.suptitle(f"{report['model_id']}: global importance, {report['rows']:,} explained rows{more}\n"
                  f"{report['start']} to {report['end']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

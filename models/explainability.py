@@ -208,6 +208,7 @@ class Explainability:
             quality = {"metric": "accuracy", "fidelity": round(accuracy, 6)}
         quality["holdout_rows"] = int(holdout.sum())
         quality["explains"] = "surrogate"
+        quality["unit"] = attribution_unit(spec, quality)
         from .treeshap import TreeEnsemble
 
         ensemble = TreeEnsemble.from_sklearn(model, n_features=len(spec.features))
@@ -250,6 +251,7 @@ class Explainability:
         quality.update({"holdout_rows": int(known.sum()), "explains": "model_file", "model_file": model_file.name,
                         "format": model.format, "objective": model.objective, "artifact_bytes": model.ensemble.nbytes,
                         "trees": model.ensemble.n_trees, "trees_by_recursion": model.ensemble.n_path_trees})
+        quality["unit"] = attribution_unit(spec, quality, model.link, score_output)
         if library is not None:
             quality["checked_against"] = library
         if model.note:
@@ -316,6 +318,27 @@ def sampled(inference_id: pa.Array, rate: float) -> np.ndarray:
     hashes = np.empty(n, np.uint64)
     fnv1a(offsets, data, hashes)
     return hashes < np.uint64(min(rate, 1.0) * 18446744073709549568.0)  # the largest float64 below 2^64
+
+
+def attribution_unit(spec: ModelSpec, quality: dict, link: str | None = None, score_output: int = 0) -> str:
+    """What an attribution is measured in (what `explanation_output` is), in words for a
+    chart's axis: `quality["unit"]` of artifacts trained since it was recorded; for older
+    ones, from the spec and what the artifact explains."""
+    if quality.get("unit"):
+        return quality["unit"]
+    explains_class = "the log-odds (margin) of the class the model predicted on the row"
+    if quality.get("explains") != "model_file" or link is None:
+        if spec.prediction_type != "numeric":
+            return explains_class
+        return "the score's own units (probability)" if spec.task == "binary_classification" \
+            else "the prediction's own units"
+    if link == "identity":
+        return "probability of class 1" if score_output else "the prediction's own units"
+    if link == "logistic":
+        return "the model's margin: log-odds of class 1" if spec.prediction_type == "numeric" else explains_class
+    if link == "exp":
+        return "the model's margin: log of the prediction"
+    return explains_class
 
 
 def _parameters(config: dict) -> dict:

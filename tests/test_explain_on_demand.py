@@ -134,7 +134,7 @@ def test_stored_and_computed_explanations_match_the_rows_and_what_if(make_settin
         assert code == 0, out
         lines = [line.split()[0] for line in out.splitlines()[3:] if line.strip()]
         assert set(lines[:2]) == {"f0", "f3"}, out
-        assert f"{len(sampled):,} explained rows" in out
+        assert f"{len(sampled):,} explained rows" in out and "in the score's own units (probability)" in out
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         code = main(["--data-dir", str(settings.data_dir), "explain", sample.MODEL_ID, "--window", "soon"])
         assert code != 0 and "window 'soon'" in capsys.readouterr().err
@@ -151,3 +151,67 @@ def test_on_demand_says_what_to_do_when_explanations_are_off(tmp_path):
     with pytest.raises(RequestError, match="explainability is not serving") as err:
         on_demand.what_if(sample.MODEL_ID, {"features": valid})
     assert err.value.status == 409
+
+
+def test_importance_of_a_multiclass_model_has_one_panel_per_predicted_class_and_names_its_unit(tmp_path, capsys):
+    """Each row's attributions explain the class predicted on it, so a multiclass model's
+    importance is given per class (in the CLI, the JSON and the chart), in log-odds."""
+    import json
+
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from enricher.batch import BatchProcessor, Messages
+    from enricher.cli import main
+    from enricher.config import Settings
+    from enricher.sink import ClickHouseSink
+    from models.registry import ModelRegistry
+    from pipelines.train import train
+
+    settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
+    schema = {**sample.SCHEMA, "task": "multiclass_classification"}
+    reference = sample.reference_table(3000)
+    names = np.array(["low", "mid", "high"])
+
+    def classes_of(score):
+        return names[np.digitize(score, [0.4, 0.6])]
+
+    p = reference.column("prediction").to_numpy()
+    reference = reference.set_column(reference.column_names.index("prediction"), "prediction",
+                                     pa.array(classes_of(p))).drop_columns(["label"])
+    pq.write_table(reference, tmp_path / "ref.parquet")
+    registry = ModelRegistry(settings.registry_dir)
+    registry.register("tiers", schema, tmp_path / "ref.parquet")
+    registry.set_enrichment("tiers", "explainability", True, {"n_estimators": 30})
+    train(registry, settings.artifacts(), "tiers", log=lambda _: None)
+    messages = []
+    for m in sample.inferences(900, model_id="tiers", id_prefix="t")[0]:
+        doc = json.loads(m)
+        doc["prediction"] = str(classes_of(np.array([doc["prediction"]]))[0])
+        doc.pop("label", None)
+        messages.append(orjson.dumps(doc))
+    processor = BatchProcessor(settings, Serving(registry, settings.artifacts()), ClickHouseSink(settings))
+    processor.handle(Messages(messages, [0] * len(messages), list(range(len(messages)))))
+    processor.sink.tables.client.close()
+    expected = {c: sum(1 for m in messages if json.loads(m)["prediction"] == c) for c in names}
+
+    png = tmp_path / "tiers.png"
+    code = main(["--data-dir", str(settings.data_dir), "explain", "tiers", "--window", "1d", "--format", "json",
+                 "--plot", str(png)])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["unit"] == "the log-odds (margin) of the class the model predicted on the row"
+    assert {c["class"]: c["rows"] for c in report["classes"]} == {c: n for c, n in expected.items() if n}
+    assert sum(c["rows"] for c in report["classes"]) == report["rows"] == 900
+    for c in report["classes"]:
+        assert {f["feature"] for f in c["features"]} == set(sample.NUMERIC + ["region"])
+        assert c["features"][0]["mean_abs"] >= c["features"][-1]["mean_abs"]
+    from PIL import Image
+
+    with Image.open(png) as image:  # three panels side by side: wider than one panel's 6.5 in at 110 dpi
+        assert image.size[0] > 3 * 6 * 110
+    code = main(["--data-dir", str(settings.data_dir), "explain", "tiers", "--window", "1d"])
+    out = capsys.readouterr().out
+    assert code == 0 and "in the log-odds (margin) of the class the model predicted" in out
+    assert all(f"predicted class {c}: {n:,} rows" in out for c, n in expected.items() if n)
