@@ -97,16 +97,19 @@ def browse(settings: Settings, model: str | None = None, reason: str | None = No
            since: float | None = None, follow: bool = False, stop: threading.Event | None = None,
            timeout: float = 15.0) -> Iterator[DeadLetterRecord]:
     """The dead letters, oldest first per partition, filtered by model, reason and age
-    (`since`: seconds back from now). Without `follow` it ends where the topic ended
-    when it started (each partition's high watermark); with it, it waits for new ones
-    until `stop` is set.
+    (`since`: seconds back from now). Without `follow` it ends once it has read every
+    partition to its end; with it, it waits for new ones until `stop` is set.
 
     Partitions are assigned, not subscribed: a reader joins no group, so it
     starts at once (a group's join takes seconds) and moves no committed offset.
-    `since` seeks by the records' timestamps (Kafka's ListOffsets) where the broker
-    answers that, and otherwise reads from the beginning and skips the older ones.
+    The end of a partition is the high watermark its fetch responses carry, not a
+    ListOffsets answer (the embedded broker's is wrong: ../shared/SERVICES.md).
+    `since` seeks by the records' timestamps (ListOffsets by time) on a Kafka
+    cluster; on the embedded broker, whose answer cannot be trusted either, it
+    reads from the beginning and skips the older records (the filter applies in
+    both cases, so a seek that lands early costs time, never a record).
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 
     from .topics import BrokerUnavailable
 
@@ -121,34 +124,43 @@ def browse(settings: Settings, model: str | None = None, reason: str | None = No
             raise BrokerUnavailable(f"no Kafka broker answers at {settings.broker}: {exc}") from None
         if meta is None or meta.error is not None or not meta.partitions:
             return  # nothing was ever dead-lettered here
-        partitions = sorted(meta.partitions)
+        partitions = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
         cutoff_ms = int((time.time() - since) * 1000) if since is not None else None
-        starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
-        if cutoff_ms is not None:
+        starts = [TopicPartition(topic, tp.partition, OFFSET_BEGINNING) for tp in partitions]
+        if cutoff_ms is not None and not settings.broker_embedded:
             try:
-                found = consumer.offsets_for_times([TopicPartition(topic, p, cutoff_ms) for p in partitions],
-                                                   timeout=timeout)
-                # -1: no record that recent in that partition: start at its end
-                starts = [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else
-                                         consumer.get_watermark_offsets(tp, timeout=timeout)[1]) for tp in found]
-            except KafkaException:  # a broker without timestamp lookups: read all, skip the old
+                found = consumer.offsets_for_times([TopicPartition(topic, tp.partition, cutoff_ms)
+                                                    for tp in partitions], timeout=timeout)
+                # -1: no record that recent in that partition: nothing to read there but new ones
+                starts = [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END)
+                          for tp in found]
+            except KafkaException:  # no answer by time: read all, skip the old
                 pass
-        marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout) for p in partitions}
-        ends = {p: high for p, (_, high) in marks.items()}
         consumer.assign(starts)
-        # where each partition's reading starts: its oldest record still kept, or the seek
-        position = {tp.partition: marks[tp.partition][0] if tp.offset < 0 else tp.offset for tp in starts}
         while not stop.is_set():
-            if not follow and all(position[p] >= ends[p] for p in partitions):
-                return
             for msg in consumer.consume(500, timeout=0.2):
                 if msg.error():
                     continue
-                position[msg.partition()] = msg.offset() + 1
                 letter = _record(msg)
                 if cutoff_ms is not None and letter.timestamp is not None and letter.timestamp * 1000 < cutoff_ms:
                     continue
                 if (model is None or letter.model_id == model) and (reason is None or letter.reason == reason):
                     yield letter
+            if not follow and _read_to_the_end(consumer, partitions):
+                return
     finally:
         consumer.close()
+
+
+def _read_to_the_end(consumer, partitions) -> bool:
+    """Whether every partition's position has reached the high watermark of its latest
+    fetch response (unknown until a fetch answered: not yet)."""
+    positions = consumer.position(partitions)
+    for tp in positions:
+        low, high = consumer.get_watermark_offsets(tp, cached=True)
+        if high < 0:
+            return False
+        at = tp.offset if tp.offset >= 0 else low  # nothing consumed from it yet
+        if at < high:
+            return False
+    return True
