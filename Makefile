@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup setup-test services demo test bench bench-smoke clean
+.PHONY: setup setup-test services demo test test-slow bench bench-smoke clean
 
 # The package and what it needs to run: all the demo installs.
 $(BIN)/.installed: pyproject.toml
@@ -33,9 +33,13 @@ services:
 demo: setup
 	$(BIN)/enricher demo
 
-## The tests, against a real Tansu broker and the real chDB engine.
+## The tests, against a real Tansu broker and the real chDB engine (~15 minutes on 2 cores).
 test: setup-test services
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+## The slow fault and soak tests (SIGKILL, restarts, rebalances, deadlines: ~5 minutes); CI runs them too.
+test-slow: setup-test services
+	$(BIN)/python -m pytest -m slow
 
 ## Our worker against the pipelines a user would write, side by side (~10 minutes):
 ## writes benchmarks/results/latest.{json,md,png}.

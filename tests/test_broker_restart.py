@@ -38,6 +38,7 @@ def s3_broker(tmp_path):
     moto.stop()
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 def test_a_broker_restart_mid_stream_loses_nothing_and_reads_nothing_committed_again(s3_broker, tmp_path):
     settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker=s3_broker.url,
                                  http_port=free_port(), session_timeout=6.0, topic_partitions=2,

@@ -163,7 +163,7 @@ def test_artifacts_list_and_rollback(files, capsys, monkeypatch):
     assert code == 2 and "not registered" in err
 
 
-def test_registering_again_is_a_put_enrichments_pending_announced_and_trained(settings, tmp_path, monkeypatch,
+def test_registering_again_is_a_put_enrichments_pending_announced_and_trained(make_settings, tmp_path, monkeypatch,
                                                                              capsys):
     """`models register` on a model already there does what `PUT /models/{id}` does: a
     failed enrichment goes back to pending with its old failure gone, the change is
@@ -172,6 +172,7 @@ def test_registering_again_is_a_put_enrichments_pending_announced_and_trained(se
     from enricher.trigger import Trigger
     from models.registry import ModelRegistry
 
+    settings = make_settings(control_topic=f"control-{tmp_path.name}")  # this test's announcements only
     for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)
     ensure_topics(settings)

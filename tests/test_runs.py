@@ -53,6 +53,7 @@ def test_a_failure_a_retry_cannot_change_is_not_retried_and_is_reported_with_its
     assert settings.artifacts().versions("nosuch", "anomaly_detection") == []
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 def test_a_step_past_its_deadline_is_killed_and_retried_by_the_policy_then_reported(setup):
     settings, registry, runner = setup
     # a training that would take far longer than its deadline (a real fit, not a sleep)

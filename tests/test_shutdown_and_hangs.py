@@ -46,6 +46,7 @@ def hanging_store(tmp_path):
     server.stop()
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 def test_a_hanging_store_times_out_is_retried_loses_nothing_and_memory_stays_bounded(make_settings, tmp_path,
                                                                                       hanging_store):
     server, proxy = hanging_store
@@ -77,6 +78,7 @@ def test_a_hanging_store_times_out_is_retried_loses_nothing_and_memory_stays_bou
     assert stored[0][0] >= 102_000
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 def test_sigterm_while_the_store_hangs_stops_within_the_grace_and_commits_nothing_unwritten(
         make_settings, tmp_path, hanging_store):
     server, proxy = hanging_store
@@ -106,6 +108,7 @@ def test_sigterm_while_the_store_hangs_stops_within_the_grace_and_commits_nothin
     assert count_rows(settings) == (1500, 1500)
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 def test_sigterm_mid_stream_commits_what_was_written_and_a_restart_finishes_the_rest(make_settings, tmp_path):
     settings = make_settings(batch_size=500, batch_timeout=0.05, topic_partitions=2)
     register_sample(settings, tmp_path)

@@ -126,6 +126,7 @@ def test_models_without_a_trained_artifact_get_null_never_a_made_up_score(settin
         assert tuple(rows[0]) == (500, 500, 500)
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 def test_a_worker_killed_mid_stream_loses_nothing_and_its_view_shows_each_once(make_settings, tmp_path, worker_for):
     settings = make_settings(batch_size=500, batch_timeout=0.05)
     register_sample(settings, tmp_path)
@@ -289,6 +290,7 @@ def committed_offsets(settings) -> list[int]:
         consumer.close()
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 def test_a_rebalance_mid_stream_loses_nothing_shows_each_once_and_commits_to_the_end(make_settings, tmp_path,
                                                                                  worker_for):
     # Two workers of one group sharing one ClickHouse (over HTTP: chDB is one

@@ -37,6 +37,7 @@ def wait_state(worker, state, timeout=120):
     raise TimeoutError(f"still {doc}")
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 @pytest.mark.parametrize("damage", ["missing", "malformed"])
 def test_damaged_reference_data_fails_the_run_and_the_previous_artifact_keeps_serving(make_settings, tmp_path,
                                                                                      damage):
@@ -72,6 +73,7 @@ def test_damaged_reference_data_fails_the_run_and_the_previous_artifact_keeps_se
     assert [tuple(r) for r in rows] == [(1, 4000, 0)], "every row scored, by v1, through the failed run"
 
 
+@pytest.mark.slow  # a fault or soak test: `make test-slow` (CI runs it)
 def test_a_training_step_past_its_deadline_fails_with_the_step_and_the_reason(make_settings, tmp_path):
     settings = make_settings(step_retries=0, step_deadline=8)  # prepare alone takes ~3 s (imports)
     register_sample(settings, tmp_path)
