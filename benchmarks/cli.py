@@ -49,8 +49,8 @@ def prepare(data_dir: Path) -> dict[str, str]:
     from enricher import sample
     from enricher.clickhouse import EnrichedTables, connect
     from enricher.config import Settings
-    from models.registry import ModelRegistry
-    from pipelines.train import train
+    from enricher.models.registry import ModelRegistry
+    from enricher.pipelines.train import train
 
     settings = Settings.from_env(env={}, data_dir=str(data_dir), broker="kafka://127.0.0.1:1")
     reference = data_dir.parent / "reference.parquet"

@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from enricher import sample  # noqa: E402
 from enricher.contract import parse_batch  # noqa: E402
-from models import ENRICHMENTS  # noqa: E402
-from models.reference import normalise  # noqa: E402
-from models.spec import ModelSpec  # noqa: E402
+from enricher.models import ENRICHMENTS  # noqa: E402
+from enricher.models.reference import normalise  # noqa: E402
+from enricher.models.spec import ModelSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEMA = {**sample.SCHEMA, "attributes": []}
@@ -131,7 +131,7 @@ def measure_depths(train_rows: int = 10_000, trees: int = 50, rows: int = 400, d
     import shap
     import xgboost
 
-    from models import usermodels
+    from enricher.models import usermodels
 
     rng = np.random.default_rng(0)
     features = 20

@@ -46,7 +46,7 @@ from enricher import sample  # noqa: E402
 from enricher.clickhouse import EnrichedTables  # noqa: E402
 from enricher.contract import TS_TYPE, ModelRows  # noqa: E402
 from enricher.enrich import enrich_many  # noqa: E402
-from models.spec import ModelSpec  # noqa: E402
+from enricher.models.spec import ModelSpec  # noqa: E402
 
 SCHEMA = {**sample.SCHEMA, "attributes": []}
 DAY_MS = 86_400_000

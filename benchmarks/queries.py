@@ -165,7 +165,7 @@ def query_phase(data_dir: str) -> dict:
     """Step 3, in a process of its own (chDB opens one store per process)."""
     from enricher.clickhouse import EnrichedTables, connect
     from enricher.drift import Drift
-    from models.registry import ModelRegistry
+    from enricher.models.registry import ModelRegistry
 
     settings = Settings.from_env(env={}, data_dir=data_dir)
     client = connect(settings)

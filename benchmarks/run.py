@@ -50,12 +50,12 @@ from enricher.config import Settings  # noqa: E402
 from enricher.producer import InferenceProducer  # noqa: E402
 from enricher.supervise import WorkerProcess  # noqa: E402
 from enricher.topics import ensure_topics  # noqa: E402
-from models import ENRICHMENTS  # noqa: E402
-from models.artifact import ArtifactStore  # noqa: E402
-from models.enrichment import published_parameters  # noqa: E402
-from models.reference import normalise  # noqa: E402
-from models.registry import ModelRegistry  # noqa: E402
-from models.spec import ModelSpec  # noqa: E402
+from enricher.models import ENRICHMENTS  # noqa: E402
+from enricher.models.artifact import ArtifactStore  # noqa: E402
+from enricher.models.enrichment import published_parameters  # noqa: E402
+from enricher.models.reference import normalise  # noqa: E402
+from enricher.models.registry import ModelRegistry  # noqa: E402
+from enricher.models.spec import ModelSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # The release before storage layout v2: its ingest is the bar v2 is held to.

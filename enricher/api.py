@@ -27,8 +27,8 @@ import faust
 from aiohttp import web as aioweb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from models.registry import UnknownModel
-from models.spec import SpecError, check_model_id
+from enricher.models.registry import UnknownModel
+from enricher.models.spec import SpecError, check_model_id
 
 from .clickhouse import EnrichedTables, connect
 from .config import ConfigError, Settings

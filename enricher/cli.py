@@ -23,7 +23,7 @@ def _settings(args, **extra) -> Settings:
 
 
 def _registry(settings: Settings):
-    from models.registry import ModelRegistry
+    from enricher.models.registry import ModelRegistry
 
     return ModelRegistry(settings.registry_dir)
 
@@ -272,7 +272,7 @@ def cmd_enrichments_show(args) -> int:
 
 def cmd_train(args) -> int:
     # The CLI composes both halves; the streaming modules never import training.
-    from pipelines.train import train
+    from enricher.pipelines.train import train
 
     settings = _settings(args)
     train(_registry(settings), settings.artifacts(), args.model_id,
@@ -299,11 +299,11 @@ def cmd_pipeline(args) -> int:
     Exit 0: done. Exit 3 (EXIT_PERMANENT): failed for a reason a retry will
     not change; the workflow's retry strategy does not retry it. Anything
     else (exit 1, a crash, a kill at the step's deadline) is retried."""
-    from models.reference import ReferenceError
-    from models.registry import UnknownModel
-    from models.spec import SpecError
-    from pipelines import steps
-    from pipelines.workflow import EXIT_PERMANENT
+    from enricher.models.reference import ReferenceError
+    from enricher.models.registry import UnknownModel
+    from enricher.models.spec import SpecError
+    from enricher.pipelines import steps
+    from enricher.pipelines.workflow import EXIT_PERMANENT
 
     from .control import ControlEvents
 
@@ -334,7 +334,7 @@ def cmd_pipeline(args) -> int:
 
 # -- artifacts -------------------------------------------------------------------
 def cmd_artifacts_list(args) -> int:
-    from models import ENRICHMENTS
+    from enricher.models import ENRICHMENTS
 
     settings = _settings(args)
     _registry(settings).get(args.model_id)  # an unknown model is an error, not an empty list
@@ -701,10 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from models.artifact import ArtifactError
-    from models.reference import ReferenceError
-    from models.registry import UnknownModel
-    from models.spec import SpecError
+    from enricher.models.artifact import ArtifactError
+    from enricher.models.reference import ReferenceError
+    from enricher.models.registry import UnknownModel
+    from enricher.models.spec import SpecError
 
     from .topics import BrokerUnavailable
 

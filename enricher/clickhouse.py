@@ -65,8 +65,8 @@ import logging
 import clickhouse_connect
 import pyarrow as pa
 
-from models.enrichment import model_outputs
-from models.spec import ModelSpec, check_model_id
+from enricher.models.enrichment import model_outputs
+from enricher.models.spec import ModelSpec, check_model_id
 
 from .config import Settings
 

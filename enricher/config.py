@@ -145,7 +145,7 @@ class Settings:
 
     def artifacts(self):
         """The artifact store these settings name (a directory or an object store)."""
-        from models.artifact import ArtifactStore
+        from enricher.models.artifact import ArtifactStore
 
         return ArtifactStore(self.artifact_store_url or self.artifact_dir, self.artifact_key, self.artifact_keep)
 
@@ -369,7 +369,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
 
 
 def redact_url(url: str) -> str:
-    from models.artifact import redact
+    from enricher.models.artifact import redact
 
     parts = urlsplit(url)
     if parts.password:

@@ -49,8 +49,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.enrichment import InferenceBatch
-from models.spec import Column, ModelSpec
+from enricher.models.enrichment import InferenceBatch
+from enricher.models.spec import Column, ModelSpec
 
 log = logging.getLogger(__name__)
 

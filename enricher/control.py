@@ -17,11 +17,11 @@ import json
 import logging
 import time
 
-from models import ENRICHMENTS
-from models.artifact import ArtifactError, ArtifactStore
-from models.reference import ReferenceError
-from models.registry import ModelRegistry, UnknownModel
-from models.spec import ModelSpec, SpecError, check_model_id
+from enricher.models import ENRICHMENTS
+from enricher.models.artifact import ArtifactError, ArtifactStore
+from enricher.models.reference import ReferenceError
+from enricher.models.registry import ModelRegistry, UnknownModel
+from enricher.models.spec import ModelSpec, SpecError, check_model_id
 
 from .config import Settings
 from .locations import LocationRefused, Locations

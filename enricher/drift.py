@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from models.profile import FeatureProfile, profile
-from models.registry import ModelRegistry
-from models.spec import ModelSpec
+from enricher.models.profile import FeatureProfile, profile
+from enricher.models.registry import ModelRegistry
+from enricher.models.spec import ModelSpec
 
 from .clickhouse import REFERENCE_BINS, REFERENCE_VALUES, EnrichedTables, literal, quote, store_table
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.enrichment import checked_output, model_outputs, version_column
+from enricher.models.enrichment import checked_output, model_outputs, version_column
 
 from . import metrics
 from .clickhouse import FIXED_COLUMNS, spec_columns

@@ -23,10 +23,10 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from models.enrichment import InferenceBatch
-from models.explainability import BASE, NAME, OUTPUT, PREFIX
-from models.registry import ModelRegistry, UnknownModel
-from models.spec import ModelSpec, SpecError, check_model_id
+from enricher.models.enrichment import InferenceBatch
+from enricher.models.explainability import BASE, NAME, OUTPUT, PREFIX
+from enricher.models.registry import ModelRegistry, UnknownModel
+from enricher.models.spec import ModelSpec, SpecError, check_model_id
 
 from .clickhouse import connect, quote
 from .config import Settings
@@ -189,7 +189,7 @@ def importance(settings: Settings, model_id: str, window: str, end: str | None =
     row's attributions explain the class predicted on it."""
     from datetime import datetime, timezone
 
-    from models.explainability import attribution_unit
+    from enricher.models.explainability import attribution_unit
 
     from .query import query
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from models.registry import ModelRegistry, UnknownModel
+from enricher.models.registry import ModelRegistry, UnknownModel
 
 from .clickhouse import (FIXED_COLUMNS, KEY, LEGACY_TABLE, EnrichedTables, legacy_exists, literal, quote,
                          spec_columns, store_table)

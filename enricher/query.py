@@ -74,7 +74,7 @@ def store_tables(settings: Settings):
 def drop_rows(settings: Settings, model_id: str) -> None:
     """Delete a model's enriched rows, labels and view: through the running worker
     that holds the embedded store (DELETE /models/{id}/rows), or directly."""
-    from models.spec import check_model_id
+    from enricher.models.spec import check_model_id
 
     check_model_id(model_id)
     worker = running_worker(settings)
@@ -102,7 +102,7 @@ def drift_report(settings: Settings, model_id: str, window: str, feature: str | 
     embedded store (GET /models/{id}/drift), or directly."""
     worker = running_worker(settings)
     if worker is None:
-        from models.registry import ModelRegistry
+        from enricher.models.registry import ModelRegistry
 
         from .drift import DriftService
 

@@ -19,10 +19,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from models import ENRICHMENTS
-from models.artifact import ArtifactError, ArtifactStore
-from models.registry import ModelRegistry, UnknownModel
-from models.spec import ModelSpec
+from enricher.models import ENRICHMENTS
+from enricher.models.artifact import ArtifactError, ArtifactStore
+from enricher.models.registry import ModelRegistry, UnknownModel
+from enricher.models.spec import ModelSpec
 
 from . import metrics
 

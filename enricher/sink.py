@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 
-from models.spec import ModelSpec
+from enricher.models.spec import ModelSpec
 
 from . import metrics
 from .clickhouse import EnrichedTables, Schema, connect, store_table

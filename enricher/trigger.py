@@ -30,9 +30,9 @@ import signal
 import threading
 import time
 
-from models.registry import ModelRegistry
-from pipelines.runners import RunnerError
-from pipelines.workflow import WorkflowOptions, branch_steps, workflow_dict
+from enricher.models.registry import ModelRegistry
+from enricher.pipelines.runners import RunnerError
+from enricher.pipelines.workflow import WorkflowOptions, branch_steps, workflow_dict
 
 from .config import Settings
 
@@ -178,7 +178,7 @@ class Trigger:
 
 
 def make_runner(settings: Settings):
-    from pipelines.runners import ArgoRunner, LocalRunner
+    from enricher.pipelines.runners import ArgoRunner, LocalRunner
 
     if settings.runner == "argo":
         return ArgoRunner(settings.argo_url, settings.argo_namespace, token=settings.argo_token,

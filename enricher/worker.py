@@ -31,7 +31,7 @@ import time
 import faust
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
-from models.registry import ModelRegistry
+from enricher.models.registry import ModelRegistry
 
 from . import deadletters, metrics
 from .api import check_exposure, install, scheme, web_options

@@ -1,6 +1,6 @@
 """The conformance check every enrichment passes, like scikit-learn's `check_estimator`.
 
-    from models.conformance import check_enrichment
+    from enricher.models.conformance import check_enrichment
     check_enrichment(MyEnrichment())          # raises AssertionError saying what is wrong
 
 It runs the enrichment the way the engine will: its config check, its model

@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from models import ENRICHMENTS
-from models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
-from models.enrichment import InferenceBatch, ModelFile, Unusable, checked_output, published_parameters
-from models.registry import ModelRegistry
-from models.spec import ModelSpec
+from enricher.models import ENRICHMENTS
+from enricher.models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
+from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, checked_output, published_parameters
+from enricher.models.registry import ModelRegistry
+from enricher.models.spec import ModelSpec
 
 log = logging.getLogger("enricher.pipeline")
 VALIDATION_ROWS = 2000

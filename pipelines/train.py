@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 
-from models.artifact import ArtifactStore, Manifest
-from models.registry import ModelRegistry
+from enricher.models.artifact import ArtifactStore, Manifest
+from enricher.models.registry import ModelRegistry
 
 from . import steps
 

@@ -83,7 +83,7 @@ def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOption
                    name: str | None = None) -> Workflow:
     """The training workflow for `plan`: {enrichment: config} of the enabled
     enrichments to train. Raises ValueError for an empty plan (nothing to train)."""
-    from models import ENRICHMENTS
+    from enricher.models import ENRICHMENTS
 
     if not plan:
         raise ValueError(f"model {model_id!r}: no enrichment to train")

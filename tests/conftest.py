@@ -16,8 +16,8 @@ import pytest
 from enricher import sample
 from enricher.broker import EmbeddedBroker, free_port
 from enricher.config import Settings
-from models.registry import ModelRegistry
-from pipelines.train import train
+from enricher.models.registry import ModelRegistry
+from enricher.pipelines.train import train
 
 _counter = itertools.count()
 

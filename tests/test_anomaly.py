@@ -6,9 +6,9 @@ from sklearn.metrics import roc_auc_score
 
 from enricher import sample
 from enricher.contract import parse_batch
-from models import ENRICHMENTS
-from models.reference import normalise
-from models.spec import ModelSpec
+from enricher.models import ENRICHMENTS
+from enricher.models.reference import normalise
+from enricher.models.spec import ModelSpec
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from werkzeug import Response
 
-from pipelines.runners import ArgoRunner, RunnerError
-from pipelines.workflow import WorkflowOptions, workflow_dict
+from enricher.pipelines.runners import ArgoRunner, RunnerError
+from enricher.pipelines.workflow import WorkflowOptions, workflow_dict
 
 SWAGGER_FILE = Path(__file__).resolve().parent.parent.parent / "shared" / "argo" / "argo-server-swagger.json"
 TOKEN = "argo-t0ken"

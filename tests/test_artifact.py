@@ -7,10 +7,10 @@ import pytest
 
 from enricher import sample
 from enricher.contract import parse_batch
-from models import ENRICHMENTS
-from models.artifact import ArtifactError, ArtifactStore, IntegrityError
-from models.reference import normalise
-from models.spec import ModelSpec
+from enricher.models import ENRICHMENTS
+from enricher.models.artifact import ArtifactError, ArtifactStore, IntegrityError
+from enricher.models.reference import normalise
+from enricher.models.spec import ModelSpec
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 AD = ENRICHMENTS["anomaly_detection"]
@@ -76,7 +76,7 @@ def test_a_tampered_artifact_is_refused_before_it_is_deserialised(tmp_path, fitt
     store = ArtifactStore(tmp_path)
     publish(store, fitted)
     tamper(_vdir(tmp_path))
-    from models.forest import CompactForest
+    from enricher.models.forest import CompactForest
     calls = []
     monkeypatch.setattr(CompactForest, "from_bytes", classmethod(lambda *a: calls.append(a)))
     with pytest.raises(IntegrityError, match=message):
@@ -199,9 +199,9 @@ def test_reference_data_can_come_from_the_object_store(s3, tmp_path):
 
     import pyarrow.parquet as pq
 
-    from models.artifact import Files
-    from models.reference import ReferenceError, read_table
-    from models.registry import ModelRegistry
+    from enricher.models.artifact import Files
+    from enricher.models.reference import ReferenceError, read_table
+    from enricher.models.registry import ModelRegistry
 
     buf = io.BytesIO()
     pq.write_table(sample.reference_table(300), buf)
@@ -223,8 +223,8 @@ def test_an_api_location_in_the_object_store_is_read_from_the_configured_endpoin
 
     from enricher.config import Settings
     from enricher.locations import LocationRefused, Locations
-    from models.artifact import Files
-    from models.reference import read_table
+    from enricher.models.artifact import Files
+    from enricher.models.reference import read_table
 
     buf = io.BytesIO()
     pq.write_table(sample.reference_table(300), buf)

@@ -6,7 +6,7 @@ import pytest
 
 from enricher import sample
 from enricher.contract import ARROW_STREAM, JSON, parse_batch, to_ipc
-from models.spec import ModelSpec
+from enricher.models.spec import ModelSpec
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 OTHER = ModelSpec.from_json("other_model", sample.SCHEMA)

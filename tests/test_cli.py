@@ -170,7 +170,7 @@ def test_registering_again_is_a_put_enrichments_pending_announced_and_trained(ma
     announced on the control topic, and the trigger plans a run for it."""
     from enricher.topics import ensure_topics, read_topic
     from enricher.trigger import Trigger
-    from models.registry import ModelRegistry
+    from enricher.models.registry import ModelRegistry
 
     settings = make_settings(control_topic=f"control-{tmp_path.name}")  # this test's announcements only
     for key, value in settings.to_env().items():

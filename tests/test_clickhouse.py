@@ -8,8 +8,8 @@ from enricher.clickhouse import FIXED_COLUMNS, EnrichedTables, Schema, connect, 
 from enricher.config import Settings
 from enricher.contract import parse_batch
 from enricher.enrich import enrich
-from models.registry import ModelRegistry
-from models.spec import ModelSpec
+from enricher.models.registry import ModelRegistry
+from enricher.models.spec import ModelSpec
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 DAY_MS = 86_400_000
@@ -257,8 +257,8 @@ def test_storage_columns_line_up_with_the_arrow_rows():
     assert table.schema.field("n0").type == pa.float64()
     # with anomaly detection serving: its columns, and still none of the explanations'
     from enricher.serving import Active
-    from models import ENRICHMENTS
-    from models.reference import normalise
+    from enricher.models import ENRICHMENTS
+    from enricher.models.reference import normalise
 
     fitted = ENRICHMENTS["anomaly_detection"].fit(SPEC, normalise(SPEC, sample.reference_table(500)),
                                                   {"n_estimators": 5})

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 
 from enricher.clickhouse import FIXED_COLUMNS, spec_columns, view_columns
-from models import ENRICHMENTS
-from models.conformance import check_enrichment, sample_models
-from models.enrichment import Output, Unusable, model_outputs, reserves
-from models.spec import ModelSpec, SpecError
+from enricher.models import ENRICHMENTS
+from enricher.models.conformance import check_enrichment, sample_models
+from enricher.models.enrichment import Output, Unusable, model_outputs, reserves
+from enricher.models.spec import ModelSpec, SpecError
 
 
 @pytest.mark.parametrize("name", sorted(ENRICHMENTS))
@@ -123,8 +123,8 @@ def test_an_enrichment_a_model_cannot_use_has_no_columns_in_its_view():
 
 def test_switching_on_an_enrichment_the_model_cannot_use_is_refused_before_any_training(tmp_path):
     from enricher.control import ControlPlane, RequestError
-    from models.artifact import ArtifactStore
-    from models.registry import ModelRegistry
+    from enricher.models.artifact import ArtifactStore
+    from enricher.models.registry import ModelRegistry
 
     class NeedsLabels:
         name, reserved = "needs_labels", ("needs_labels_*",)
@@ -179,8 +179,8 @@ def test_explanations_for_a_model_whose_feature_would_take_their_column_are_refu
     import pyarrow.parquet as pq
 
     from enricher.control import ControlPlane, RequestError
-    from models.artifact import ArtifactStore
-    from models.registry import ModelRegistry
+    from enricher.models.artifact import ArtifactStore
+    from enricher.models.registry import ModelRegistry
 
     spec, reference = sample_models(100)[0]
     path = tmp_path / "ref.parquet"

@@ -8,7 +8,7 @@ import pytest
 
 from enricher import sample
 from enricher.contract import REASONS, parse_batch
-from models.spec import ModelSpec
+from enricher.models.spec import ModelSpec
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 SPECS = {sample.MODEL_ID: SPEC}.get

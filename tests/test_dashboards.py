@@ -15,7 +15,7 @@ from enricher.drift import Drift
 from enricher.labels import LabelSweep
 from enricher.serving import Serving
 from enricher.sink import ClickHouseSink
-from models.artifact import ArtifactStore
+from enricher.models.artifact import ArtifactStore
 from tests.conftest import register_sample
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -51,7 +51,7 @@ def test_k8s_manifests_validate_against_the_kubernetes_schemas():
 def test_the_readme_opening_calls_available_what_a_user_can_switch_on():
     """Its first paragraph: "(<available> today; <planned ones> are planned)". An enrichment
     that exists is named among the available, not the planned."""
-    from models import ENRICHMENTS
+    from enricher.models import ENRICHMENTS
 
     opening = " ".join((ROOT / "README.md").read_text().split("\n\n")[1].split())
     listing = opening[opening.index("(") + 1:opening.index(")")]

@@ -15,8 +15,8 @@ from enricher.config import Settings
 from enricher.drift import SMOOTHING, Drift, parse_window
 from enricher.serving import Serving
 from enricher.sink import ClickHouseSink
-from models.artifact import ArtifactStore
-from models.profile import MAX_CATEGORIES, profile
+from enricher.models.artifact import ArtifactStore
+from enricher.models.profile import MAX_CATEGORIES, profile
 from tests.conftest import register_sample
 
 VIEW = f"enricher.{sample.MODEL_ID}"

@@ -10,8 +10,8 @@ import xgboost
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from sklearn.datasets import load_wine
 
-from models import treeshap, usermodels
-from models.usermodels import ModelFileError
+from enricher.models import treeshap, usermodels
+from enricher.models.usermodels import ModelFileError
 
 
 def ours(model, X, **options):
@@ -311,9 +311,9 @@ def test_attributions_equal_the_librarys_for_random_ensembles(library, depth, tr
 def _trained(tmp_path, doc, reference, model_path, config=None):
     """Registered with its model file, trained as a user's would be: (quality, fitted artifact, spec)."""
     from enricher.config import Settings
-    from models import ENRICHMENTS
-    from models.registry import ModelRegistry
-    from pipelines.train import train
+    from enricher.models import ENRICHMENTS
+    from enricher.models.registry import ModelRegistry
+    from enricher.pipelines.train import train
 
     settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
     registry = ModelRegistry(settings.registry_dir)
@@ -330,7 +330,7 @@ def _train_and_explain(tmp_path, X, prediction, doc, model_path, config=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from models.enrichment import InferenceBatch
+    from enricher.models.enrichment import InferenceBatch
 
     names = [f["name"] for f in doc["features"]]
     reference = tmp_path / "reference.parquet"
@@ -443,7 +443,7 @@ def test_a_categorical_schema_feature_reaches_the_models_own_codes_end_to_end(tm
     reference = tmp_path / "reference.parquet"
     pq.write_table(pa.table({"x": df.x, "color": sent.color, "size": sent["size"], "prediction": model.predict(df)}),
                    reference)
-    from models.enrichment import InferenceBatch
+    from enricher.models.enrichment import InferenceBatch
 
     quality, fitted, spec = _trained(tmp_path, doc, reference, path)
     out = fitted.transform(InferenceBatch.from_reference(spec, pq.read_table(reference)))
@@ -467,8 +467,8 @@ def test_a_categorical_schema_feature_the_model_treats_as_a_number_is_refused_at
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from models.registry import ModelRegistry
-    from models.spec import SpecError
+    from enricher.models.registry import ModelRegistry
+    from enricher.models.spec import SpecError
 
     rng = np.random.default_rng(16)
     X = rng.normal(size=(500, 2))

@@ -14,8 +14,8 @@ from enricher.control import RequestError
 from enricher.explain import OnDemand
 from enricher.serving import Serving
 from enricher.supervise import WorkerProcess
-from models import ENRICHMENTS
-from pipelines.train import train
+from enricher.models import ENRICHMENTS
+from enricher.pipelines.train import train
 
 from .conftest import register_sample
 from .test_fuzz_contract import anything
@@ -166,8 +166,8 @@ def test_importance_of_a_multiclass_model_has_one_panel_per_predicted_class_and_
     from enricher.cli import main
     from enricher.config import Settings
     from enricher.sink import ClickHouseSink
-    from models.registry import ModelRegistry
-    from pipelines.train import train
+    from enricher.models.registry import ModelRegistry
+    from enricher.pipelines.train import train
 
     settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
     schema = {**sample.SCHEMA, "task": "multiclass_classification"}

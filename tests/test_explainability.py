@@ -7,11 +7,11 @@ import shap
 
 from enricher import sample
 from enricher.contract import parse_batch
-from models import ENRICHMENTS
-from models.artifact import ArtifactStore
-from models.enrichment import InferenceBatch, published_parameters
-from models.reference import normalise
-from models.spec import ModelSpec
+from enricher.models import ENRICHMENTS
+from enricher.models.artifact import ArtifactStore
+from enricher.models.enrichment import InferenceBatch, published_parameters
+from enricher.models.reference import normalise
+from enricher.models.spec import ModelSpec
 
 EX = ENRICHMENTS["explainability"]
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
@@ -144,7 +144,7 @@ def test_bad_settings_are_refused_naming_the_setting(config, field):
 
 
 def test_a_model_with_a_feature_named_output_cannot_use_it():
-    from models.enrichment import Unusable
+    from enricher.models.enrichment import Unusable
 
     spec = ModelSpec.from_json("m", {"task": "regression", "features": [{"name": "output", "type": "numeric"}]})
     with pytest.raises(Unusable, match="explanation_output"):

@@ -16,7 +16,7 @@ from enricher import deadletters, metrics, sample
 from enricher.batch import BatchProcessor, Messages
 from enricher.serving import Active, Serving
 from enricher.sink import ClickHouseSink, StoreUnavailable
-from models.artifact import ArtifactStore
+from enricher.models.artifact import ArtifactStore
 
 from .clickhouse_http import ClickHouseHTTP
 from .conftest import register_sample

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from models.forest import CompactForest
+from enricher.models.forest import CompactForest
 
 rng = np.random.default_rng(3)
 X = rng.normal(size=(3000, 7)).astype(np.float32)

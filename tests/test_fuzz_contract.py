@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from enricher import sample
 from enricher.contract import MAX_ID_CHARS, REASONS, parse_batch, to_ipc
-from models.spec import ModelSpec
+from enricher.models.spec import ModelSpec
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 SPECS = {sample.MODEL_ID: SPEC}.get

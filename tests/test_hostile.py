@@ -9,7 +9,7 @@ import pytest
 
 from enricher import sample
 from enricher.contract import REASONS, parse_batch
-from models.spec import ModelSpec
+from enricher.models.spec import ModelSpec
 
 from .hostile import corpus
 

@@ -14,7 +14,7 @@ from enricher.contract import ARROW_STREAM, to_ipc
 from enricher.labels import LabelSweep
 from enricher.serving import Serving
 from enricher.sink import ClickHouseSink
-from models.artifact import ArtifactStore
+from enricher.models.artifact import ArtifactStore
 from tests.conftest import register_sample
 
 VIEW = f"enricher.{sample.MODEL_ID}"

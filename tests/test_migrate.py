@@ -11,7 +11,7 @@ from enricher.cli import main
 from enricher.clickhouse import EnrichedTables, connect
 from enricher.config import Settings
 from enricher.migrate import migrate
-from models.registry import ModelRegistry
+from enricher.models.registry import ModelRegistry
 
 # The v1 storage table exactly as the release before 2026-12 created it.
 V1_DDL = """CREATE TABLE enricher_store.inferences (

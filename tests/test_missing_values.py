@@ -14,12 +14,12 @@ import pytest
 
 from enricher import deadletters
 from enricher.query import query
-from models import ENRICHMENTS
-from models.enrichment import InferenceBatch
-from models.reference import ReferenceError, normalise
-from models.registry import ModelRegistry
-from models.spec import ModelSpec, SpecError
-from pipelines.train import train
+from enricher.models import ENRICHMENTS
+from enricher.models.enrichment import InferenceBatch
+from enricher.models.reference import ReferenceError, normalise
+from enricher.models.registry import ModelRegistry
+from enricher.models.spec import ModelSpec, SpecError
+from enricher.pipelines.train import train
 
 from .test_stream import produce, worker_for  # noqa: F401 - a fixture
 

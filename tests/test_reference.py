@@ -3,9 +3,9 @@ import pyarrow.csv as pacsv
 import pytest
 
 from enricher import sample
-from models.reference import ReferenceError, normalise, read_table
-from models.registry import ModelRegistry
-from models.spec import ModelSpec
+from enricher.models.reference import ReferenceError, normalise, read_table
+from enricher.models.registry import ModelRegistry
+from enricher.models.spec import ModelSpec
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 

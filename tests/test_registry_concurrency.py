@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 
 from enricher import sample
 from enricher.control import ControlPlane
-from models.artifact import ArtifactStore
-from models.registry import ModelRegistry
+from enricher.models.artifact import ArtifactStore
+from enricher.models.registry import ModelRegistry
 
 ROUNDS = 40
 

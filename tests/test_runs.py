@@ -5,9 +5,9 @@ import time
 import pytest
 
 from enricher import sample
-from pipelines import steps
-from pipelines.runners import LocalRunner, RunnerError, dag_order
-from pipelines.workflow import WorkflowOptions, workflow_dict
+from enricher.pipelines import steps
+from enricher.pipelines.runners import LocalRunner, RunnerError, dag_order
+from enricher.pipelines.workflow import WorkflowOptions, workflow_dict
 
 from .conftest import offline_registry
 

@@ -6,11 +6,11 @@ import pytest
 
 from enricher import metrics, sample
 from enricher.serving import Serving
-from models import ENRICHMENTS
-from models.artifact import ArtifactStore
-from models.reference import normalise
-from models.registry import ModelRegistry
-from models.spec import ModelSpec
+from enricher.models import ENRICHMENTS
+from enricher.models.artifact import ArtifactStore
+from enricher.models.reference import normalise
+from enricher.models.registry import ModelRegistry
+from enricher.models.spec import ModelSpec
 
 AD = "anomaly_detection"
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)

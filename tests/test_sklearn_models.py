@@ -11,9 +11,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
-from models import usermodels
-from models.sklearntrees import raw_output
-from models.usermodels import ModelFileError
+from enricher.models import usermodels
+from enricher.models.sklearntrees import raw_output
+from enricher.models.usermodels import ModelFileError
 
 F = 5
 

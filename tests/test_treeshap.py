@@ -8,7 +8,7 @@ import pytest
 import shap
 from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 
-from models.treeshap import MAX_PATH_FEATURES, TreeEnsemble
+from enricher.models.treeshap import MAX_PATH_FEATURES, TreeEnsemble
 
 
 def data(n=3000, features=8, seed=0):

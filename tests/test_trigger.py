@@ -7,8 +7,8 @@ import pytest
 from enricher import sample
 from enricher.control import ControlPlane
 from enricher.trigger import Trigger
-from pipelines.runners import LocalRunner
-from pipelines.workflow import WorkflowOptions
+from enricher.pipelines.runners import LocalRunner
+from enricher.pipelines.workflow import WorkflowOptions
 
 from .conftest import offline_registry
 

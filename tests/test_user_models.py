@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from enricher.config import Settings
 from enricher.control import ControlPlane, RequestError
-from models import ENRICHMENTS
-from models.enrichment import InferenceBatch
-from models.registry import ModelRegistry
-from models.spec import SpecError
-from pipelines.train import train
+from enricher.models import ENRICHMENTS
+from enricher.models.enrichment import InferenceBatch
+from enricher.models.registry import ModelRegistry
+from enricher.models.spec import SpecError
+from enricher.pipelines.train import train
 
 EX = ENRICHMENTS["explainability"]
 N_FEATURES = 6
@@ -136,7 +136,7 @@ def _reference(tmp_path, X, prediction):
 def test_ubjson_decodes_what_xgboost_writes_and_refuses_what_it_does_not(tmp_path):
     import json
 
-    from models.usermodels import ubjson
+    from enricher.models.usermodels import ubjson
 
     X, models = fitted_models("binary")
     booster = models["json"].get_booster()
@@ -194,8 +194,8 @@ def test_a_model_file_that_did_not_make_the_reference_predictions_is_refused_by_
     reference = _reference(tmp_path, X, other)
     registry = ModelRegistry(tmp_path / "registry")
     registry.register("own", schema("regression"), reference, path)
-    from models.enrichment import ModelFile
-    from models.reference import normalise
+    from enricher.models.enrichment import ModelFile
+    from enricher.models.reference import normalise
 
     spec = registry.get("own")
     fitted = EX.fit(spec, normalise(spec, pq.read_table(reference)), {}, ModelFile("model.txt", path.read_bytes()))
@@ -255,7 +255,7 @@ def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
                                                           min_size=1, max_size=6),
        cut=st.one_of(st.none(), st.integers(0, 1 << 16)))
 def test_a_damaged_model_file_is_refused_with_a_reason_never_a_crash(name, edits, cut):
-    from models.usermodels import ModelFileError, load
+    from enricher.models.usermodels import ModelFileError, load
 
     data = _mutate(SMALL[name], edits)
     if cut is not None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models import ENRICHMENTS
-from pipelines.workflow import WorkflowOptions, build_workflow, k8s_name, workflow_dict
+from enricher.models import ENRICHMENTS
+from enricher.pipelines.workflow import WorkflowOptions, build_workflow, k8s_name, workflow_dict
 
 ARGO = Path(__file__).resolve().parent.parent.parent / "shared" / "argo"
 SCHEMA_FILE = ARGO / "workflow-schema-v4.0.5.json"
