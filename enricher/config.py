@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from .errors import EnricherError
+
 EMBEDDED_BROKER = "kafka://127.0.0.1:9092"
 
 
-class ConfigError(ValueError):
+class ConfigError(EnricherError, ValueError):
     """A setting that cannot be used; the message names the variable."""
 
 

@@ -19,17 +19,18 @@ import time
 
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactError, ArtifactStore
-from enricher.models.reference import ReferenceError
+from enricher.models.reference import ReferenceDataError
 from enricher.models.registry import ModelRegistry, UnknownModel
 from enricher.models.spec import ModelSpec, SpecError, check_model_id
 
 from .config import Settings
+from .errors import EnricherError
 from .locations import LocationRefused, Locations
 
 log = logging.getLogger("enricher.control")
 
 
-class RequestError(Exception):
+class RequestError(EnricherError):
     """A request to fix: `field` names the part of the body at fault."""
 
     def __init__(self, message: str, field: str | None = None, status: int = 400):
@@ -186,7 +187,7 @@ class ControlPlane:
         created = model_id not in self.registry.ids()
         try:
             self.registry.register(model_id, body["schema"], reference, model_file)
-        except (SpecError, ReferenceError, FileNotFoundError, OSError) as exc:
+        except (SpecError, ReferenceDataError, FileNotFoundError, OSError) as exc:
             text = str(exc)
             if text.startswith("model_file:") or text.startswith("model file"):
                 raise RequestError(text if text.startswith("model_file:") else f"model_file: {text}",

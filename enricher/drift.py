@@ -47,6 +47,7 @@ from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
 
 from .clickhouse import REFERENCE_BINS, REFERENCE_VALUES, EnrichedTables, literal, quote, store_table
+from .errors import InvalidArgument
 
 SMOOTHING = 0.5
 METRICS = ("psi", "kl", "js", "hellinger", "ks")
@@ -58,7 +59,7 @@ def parse_window(text: str) -> float:
     """'30m', '1h', '7d' -> seconds."""
     match = _WINDOW.match(str(text))
     if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"window {text!r}: write a positive number and a unit, e.g. 30m, 1h, 7d "
+        raise InvalidArgument(f"window {text!r}: write a positive number and a unit, e.g. 30m, 1h, 7d "
                          "(s, m, h, d or w)")
     return float(match.group(1)) * _UNITS[match.group(2)]
 
@@ -159,7 +160,7 @@ class Drift:
         spec = self.registry.get(model_id)
         names = [c.name for c in spec.columns]
         if feature is not None and feature not in names:
-            raise ValueError(f"model {model_id} has no feature or attribute {feature!r}; it has "
+            raise InvalidArgument(f"model {model_id} has no feature or attribute {feature!r}; it has "
                              f"{', '.join(names)}")
         columns = [c for c in spec.columns if feature is None or c.name == feature][:limit]
         ref = self.ensure_reference(spec)
@@ -290,7 +291,7 @@ def parse_end(text) -> float | None:
     try:
         moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"end {text!r}: write an ISO-8601 time (2026-12-01T10:00:00Z) or epoch seconds") from None
+        raise InvalidArgument(f"end {text!r}: write an ISO-8601 time (2026-12-01T10:00:00Z) or epoch seconds") from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 

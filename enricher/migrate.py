@@ -29,13 +29,14 @@ from enricher.models.registry import ModelRegistry, UnknownModel
 
 from .clickhouse import (FIXED_COLUMNS, KEY, LEGACY_TABLE, EnrichedTables, legacy_exists, literal, quote,
                          spec_columns, store_table)
+from .errors import EnricherError
 
 log = logging.getLogger(__name__)
 
 MIGRATED_TABLE = "inferences_v1"
 
 
-class MigrationError(RuntimeError):
+class MigrationError(EnricherError, RuntimeError):
     pass
 
 

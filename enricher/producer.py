@@ -15,17 +15,22 @@ from confluent_kafka import Producer
 
 from .config import Settings
 from .contract import ARROW_STREAM, JSON, to_ipc
+from .errors import EnricherError, InvalidArgument
 
 BATCH_FORMATS = ("json", "arrow", "none")
 
+
+
+class DeliveryFailed(EnricherError, RuntimeError):
+    """The broker did not take every message sent (unreachable, or it refused them)."""
 
 class InferenceProducer:
     def __init__(self, settings: Settings, topic: str | None = None, batch: str = "json",
                  batch_rows: int = 1000, batch_bytes: int = 512 * 1024, **kafka_overrides):
         if batch not in BATCH_FORMATS:
-            raise ValueError(f"batch must be one of {', '.join(BATCH_FORMATS)}, got {batch!r}")
+            raise InvalidArgument(f"batch must be one of {', '.join(BATCH_FORMATS)}, got {batch!r}")
         if batch_rows < 1 or batch_bytes < 1:
-            raise ValueError("batch_rows and batch_bytes must be positive")
+            raise InvalidArgument("batch_rows and batch_bytes must be positive")
         conf = {**settings.kafka_config(), "linger.ms": 20, "batch.num.messages": 10000,
                 "enable.idempotence": True, **kafka_overrides}
         self.producer = Producer(conf)
@@ -97,6 +102,6 @@ class InferenceProducer:
         self._send_batch()
         remaining = self.producer.flush(timeout)
         if remaining:
-            raise RuntimeError(f"{remaining} messages not delivered within {timeout}s")
+            raise DeliveryFailed(f"{remaining} messages not delivered within {timeout}s")
         if self.errors:
-            raise RuntimeError(f"{len(self.errors)} messages failed: {self.errors[0]}")
+            raise DeliveryFailed(f"{len(self.errors)} messages failed: {self.errors[0]}")

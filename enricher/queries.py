@@ -38,6 +38,7 @@ from decimal import Decimal
 import orjson
 
 from .config import Settings
+from .errors import EnricherError
 from .sqlguard import Guard
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class QueryRunner:
         """Nothing is kept between queries; here for callers that close what they open."""
 
 
-class QueryBusy(Exception):
+class QueryBusy(EnricherError):
     """Every place in the query pool and its queue is taken."""
 
     def __init__(self, retry_after: int):

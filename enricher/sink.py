@@ -28,6 +28,7 @@ from enricher.models.spec import ModelSpec
 from . import metrics
 from .clickhouse import EnrichedTables, Schema, connect, store_table
 from .config import Settings
+from .errors import EnricherError
 
 # ClickHouse error codes that say "not now" rather than "not this data".
 TRANSIENT_CODES = frozenset({
@@ -80,11 +81,11 @@ SCHEMA_CODES = frozenset({
 })
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(EnricherError):
     """The store could not take the batch now; the same batch is retried."""
 
 
-class StoreRejected(Exception):
+class StoreRejected(EnricherError):
     """The store refused the batch's data; a retry would be refused too."""
 
     def __init__(self, message: str, table: str, code: int | None):

@@ -38,8 +38,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .errors import EnricherError
 
-class QueryRefused(ValueError):
+
+class QueryRefused(EnricherError, ValueError):
     """A query the endpoint will not run; the message says what to change."""
 
 

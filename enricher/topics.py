@@ -8,10 +8,9 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from .config import Settings
+from .errors import BrokerUnavailable  # noqa: F401 - raised here; callers import it from either
 
 
-class BrokerUnavailable(RuntimeError):
-    pass
 
 
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> None:

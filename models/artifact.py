@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from enricher.errors import EnricherError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
@@ -43,7 +45,7 @@ _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(EnricherError, RuntimeError):
     """An artifact is missing or unusable."""
 
 

@@ -11,10 +11,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from enricher.errors import EnricherError
+
 from .spec import Column, ModelSpec
 
 
-class ReferenceError(ValueError):
+class ReferenceDataError(EnricherError, ValueError):
     """Reference data that does not fit the model's schema; says which column and why."""
 
 
@@ -27,14 +29,14 @@ def read_table(path: str | Path) -> pa.Table:
     text = str(path)
     suffix = Path(text.split("?", 1)[0]).suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv"):
-        raise ReferenceError(f"reference file {text!r}: use a .parquet or .csv file")
+        raise ReferenceDataError(f"reference file {text!r}: use a .parquet or .csv file")
     data = pa.BufferReader(read_bytes(text, "reference file", MAX_REFERENCE_BYTES))
     try:
         return pq.read_table(data) if suffix != ".csv" else pacsv.read_csv(data)
     except pa.ArrowException as exc:
         from .artifact import redact
 
-        raise ReferenceError(f"reference file {redact(text)!r} could not be read: {exc}") from exc
+        raise ReferenceDataError(f"reference file {redact(text)!r} could not be read: {exc}") from exc
 
 
 def read_bytes(location: str | Path, what: str, limit: int) -> bytes:
@@ -49,34 +51,34 @@ def read_bytes(location: str | Path, what: str, limit: int) -> bytes:
             fs, inner = pafs.FileSystem.from_uri(text)
             with fs.open_input_file(inner) as fh:
                 if fh.size() > limit:
-                    raise ReferenceError(f"{what} {redact(text)!r}: {fh.size():,} bytes, more than {limit:,}")
+                    raise ReferenceDataError(f"{what} {redact(text)!r}: {fh.size():,} bytes, more than {limit:,}")
                 return fh.read()
         except FileNotFoundError:
-            raise ReferenceError(f"{what} {redact(text)!r} does not exist") from None
+            raise ReferenceDataError(f"{what} {redact(text)!r} does not exist") from None
         except (pa.ArrowException, OSError) as exc:
-            raise ReferenceError(f"{what} {redact(text)!r} could not be read: {exc}") from exc
+            raise ReferenceDataError(f"{what} {redact(text)!r} could not be read: {exc}") from exc
     local = Path(text)
     if not local.is_file():
-        raise ReferenceError(f"{what} {text!r} does not exist")
+        raise ReferenceDataError(f"{what} {text!r} does not exist")
     if local.stat().st_size > limit:
-        raise ReferenceError(f"{what} {text!r}: {local.stat().st_size:,} bytes, more than {limit:,}")
+        raise ReferenceDataError(f"{what} {text!r}: {local.stat().st_size:,} bytes, more than {limit:,}")
     return local.read_bytes()
 
 
 def normalise(spec: ModelSpec, table: pa.Table) -> pa.Table:
     """Check `table` against `spec`; return it with canonical column types."""
     if table.num_rows == 0:
-        raise ReferenceError("reference data has no rows")
+        raise ReferenceDataError("reference data has no rows")
     out: dict[str, pa.Array] = {}
     for col in spec.features:
         if col.name not in table.column_names:
-            raise ReferenceError(f"reference column {col.name!r}: missing (it is a feature in the schema)")
+            raise ReferenceDataError(f"reference column {col.name!r}: missing (it is a feature in the schema)")
         out[col.name] = _convert(table.column(col.name), col, nan_is_missing=col.nullable)
     for col in spec.attributes:
         if col.name in table.column_names:
             out[col.name] = _convert(table.column(col.name), col, allow_all_null=True)
     if "prediction" not in table.column_names:
-        raise ReferenceError("reference column 'prediction': missing (the model's output on each row)")
+        raise ReferenceDataError("reference column 'prediction': missing (the model's output on each row)")
     target = Column("prediction", spec.prediction_type)
     out["prediction"] = _convert(table.column("prediction"), target)
     if "label" in table.column_names:
@@ -87,12 +89,12 @@ def normalise(spec: ModelSpec, table: pa.Table) -> pa.Table:
 def _convert(column: pa.ChunkedArray, col: Column, allow_all_null: bool = False,
              nan_is_missing: bool = False) -> pa.ChunkedArray:
     if not allow_all_null and column.null_count == len(column):
-        raise ReferenceError(f"reference column {col.name!r}: every value is empty")
+        raise ReferenceDataError(f"reference column {col.name!r}: every value is empty")
     if col.numeric:
         if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
                 or pa.types.is_boolean(column.type) or pa.types.is_null(column.type)):
             sample = next((v for v in column.to_pylist() if v is not None), None)
-            raise ReferenceError(
+            raise ReferenceDataError(
                 f"reference column {col.name!r}: expected numeric values, found {column.type} (e.g. {sample!r})"
             )
         converted = pc.cast(column, pa.float64())
@@ -101,7 +103,7 @@ def _convert(column: pa.ChunkedArray, col: Column, allow_all_null: bool = False,
                                    converted)
         finite = pc.is_finite(converted)
         if pc.any(pc.invert(pc.fill_null(finite, True))).as_py():
-            raise ReferenceError(f"reference column {col.name!r}: contains NaN or infinite values (a feature "
+            raise ReferenceDataError(f"reference column {col.name!r}: contains NaN or infinite values (a feature "
                                  "with gaps: mark it \"nullable\": true in the schema, and NaN is read as missing)")
         return converted
     if pa.types.is_dictionary(column.type):
@@ -109,4 +111,4 @@ def _convert(column: pa.ChunkedArray, col: Column, allow_all_null: bool = False,
     try:
         return pc.cast(column, pa.string())
     except pa.ArrowException as exc:
-        raise ReferenceError(f"reference column {col.name!r}: cannot be read as categories ({exc})") from exc
+        raise ReferenceDataError(f"reference column {col.name!r}: cannot be read as categories ({exc})") from exc

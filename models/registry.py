@@ -37,8 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from enricher.errors import EnricherError
+
 from . import ENRICHMENTS, slots
-from .reference import ReferenceError, normalise, read_bytes, read_table
+from .reference import ReferenceDataError, normalise, read_bytes, read_table
 from .spec import ModelSpec, SpecError, check_model_id
 
 
@@ -50,7 +52,7 @@ STATES = ("disabled", "pending", "training", "ready", "failed")
 _HELD = threading.local()  # per thread: registry roots whose lock it holds, and how deep
 
 
-class UnknownModel(KeyError):
+class UnknownModel(EnricherError, KeyError):
     def __str__(self) -> str:
         return f"model {self.args[0]!r} is not registered (see `enricher models list`)"
 
@@ -101,7 +103,7 @@ class ModelRegistry:
                 predicted = (pc.unique(reference.column("prediction").drop_null()).to_pylist()
                              if spec.prediction_type == "categorical" else None)
                 usermodels.check_schema(read, spec, predicted)
-            except (usermodels.ModelFileError, ReferenceError) as exc:
+            except (usermodels.ModelFileError, ReferenceDataError) as exc:
                 raise SpecError(f"model_file: {exc}") from None
             model = (name, data)
         folder = self.root / model_id

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from enricher.errors import EnricherError
+
 from .treeshap import DEFAULT_LEFT, TreeEnsemble
 
 GRADIENT_BOOSTING = ("GradientBoostingRegressor", "GradientBoostingClassifier")
@@ -31,7 +33,7 @@ SINGLE = ("DecisionTreeRegressor", "DecisionTreeClassifier", "ExtraTreeRegressor
 SUPPORTED = GRADIENT_BOOSTING + HIST_GRADIENT_BOOSTING + FORESTS + SINGLE
 
 
-class UnsupportedModel(TypeError):
+class UnsupportedModel(EnricherError, TypeError):
     """A scikit-learn model we do not read; the message says why."""
 
 

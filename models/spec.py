@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from enricher.errors import EnricherError
+
 MODEL_ID_RULE = r"^[a-z][a-z0-9_]{0,62}$"
 _MODEL_ID = re.compile(MODEL_ID_RULE)
 # Column names reach SQL; they are quoted there too, but a plain rule keeps
@@ -40,7 +42,7 @@ def _reserved_by(name: str) -> str | None:
     return None
 
 
-class SpecError(ValueError):
+class SpecError(EnricherError, ValueError):
     """A model id or schema the user must correct; the message says how."""
 
 

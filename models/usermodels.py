@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from enricher.errors import EnricherError
+
 from .treeshap import CAT_SET_RIGHT, CATEGORICAL, DEFAULT_LEFT, NAN_AS_ZERO, ZERO_MISSING, TreeEnsemble
 
 MAX_BYTES = 512 << 20
@@ -54,7 +56,7 @@ _LGB_LINKS = {"regression": "identity", "regression_l1": "identity", "huber": "i
               "multiclassova": "logistic"}
 
 
-class ModelFileError(ValueError):
+class ModelFileError(EnricherError, ValueError):
     """A model file we will not or cannot read; the message says what to do instead."""
 
 

@@ -23,6 +23,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from enricher.errors import EnricherError
+
 DONE = ("Succeeded", "Failed", "Error")
 ON_EXIT = "onExit"  # the exit handler's entry in RunStatus.steps (Argo shows it as <workflow>.onExit)
 
@@ -47,7 +49,7 @@ def _retry_condition(expression: str | None):
     return lambda code: compare(-1 if code == DEADLINE_EXCEEDED else code, value)
 
 
-class RunnerError(RuntimeError):
+class RunnerError(EnricherError, RuntimeError):
     """A runner could not do what was asked; the message says what to fix."""
 
 

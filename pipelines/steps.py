@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from enricher.errors import EnricherError
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
 from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, checked_output, published_parameters
@@ -35,7 +36,7 @@ log = logging.getLogger("enricher.pipeline")
 VALIDATION_ROWS = 2000
 
 
-class StepError(RuntimeError):
+class StepError(EnricherError, RuntimeError):
     """A step that cannot succeed; the message says why."""
 
 

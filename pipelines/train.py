@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import time
 
+from enricher.errors import EnricherError, UserError
 from enricher.models.artifact import ArtifactStore, Manifest
 from enricher.models.registry import ModelRegistry
 
 from . import steps
 
 
-class TrainingFailed(ValueError):
+class TrainingFailed(EnricherError, ValueError):
     """Some enrichments failed; `published` holds the manifests of those that did not."""
 
     def __init__(self, message: str, published: list[Manifest]):
@@ -35,11 +36,11 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str,
     if only:
         missing = [n for n in only if n not in enabled]
         if missing:
-            raise ValueError(f"model {model_id!r}: {', '.join(missing)} not enabled; "
+            raise UserError(f"model {model_id!r}: {', '.join(missing)} not enabled; "
                              f"turn it on with `enricher enrichments set {model_id} {missing[0]}=on`")
         enabled = {n: enabled[n] for n in only}
     if not enabled:
-        raise ValueError(f"model {model_id!r} has no enrichment enabled; "
+        raise UserError(f"model {model_id!r} has no enrichment enabled; "
                          f"e.g. `enricher enrichments set {model_id} anomaly_detection=on`")
     run = f"manual-{model_id.replace('_', '-')}-{time.time_ns()}"
     published: list[Manifest] = []
@@ -50,7 +51,7 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str,
         except steps.StepError as exc:
             for name in enabled:
                 registry.set_status(model_id, name, "failed", workflow=run, step="prepare", message=str(exc))
-            raise ValueError(f"training {model_id} failed: {exc}") from None
+            raise TrainingFailed(f"training {model_id} failed: {exc}", []) from None
         for name in sorted(enabled):
             started = time.perf_counter()
             step = "train"

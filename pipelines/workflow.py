@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from hera.workflows import (DAG, ConfigMapEnvFrom, Container, Env, ExistingVolume, Parameter, Resources,
                             RetryStrategy, SecretVolume, Workflow)
 
+from enricher.errors import InvalidArgument
+
 STEP_RETRIES = 2
 STEP_DEADLINE = 3600  # seconds one attempt of a step may take (activeDeadlineSeconds)
 # `enricher pipeline` exits with this code when a step failed for a reason a
@@ -82,14 +84,14 @@ def run_id(model_id: str, plan: dict, now: float | None = None) -> str:
 def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOptions | None = None,
                    name: str | None = None) -> Workflow:
     """The training workflow for `plan`: {enrichment: config} of the enabled
-    enrichments to train. Raises ValueError for an empty plan (nothing to train)."""
+    enrichments to train. Raises InvalidArgument (a ValueError) for an empty plan (nothing to train)."""
     from enricher.models import ENRICHMENTS
 
     if not plan:
-        raise ValueError(f"model {model_id!r}: no enrichment to train")
+        raise InvalidArgument(f"model {model_id!r}: no enrichment to train")
     unknown = sorted(set(plan) - set(ENRICHMENTS))
     if unknown:
-        raise ValueError(f"unknown enrichment(s) {unknown}; known: {sorted(ENRICHMENTS)}")
+        raise InvalidArgument(f"unknown enrichment(s) {unknown}; known: {sorted(ENRICHMENTS)}")
     options = options or WorkflowOptions()
     name = name or run_id(model_id, plan)
     enrichments = sorted(plan)

@@ -200,7 +200,7 @@ def test_reference_data_can_come_from_the_object_store(s3, tmp_path):
     import pyarrow.parquet as pq
 
     from enricher.models.artifact import Files
-    from enricher.models.reference import ReferenceError, read_table
+    from enricher.models.reference import ReferenceDataError, read_table
     from enricher.models.registry import ModelRegistry
 
     buf = io.BytesIO()
@@ -210,7 +210,7 @@ def test_reference_data_can_come_from_the_object_store(s3, tmp_path):
     url = s3.replace("/enricher?", "/references/credit.parquet?")
     assert read_table(url).num_rows == 300
     ModelRegistry(tmp_path / "registry").register("credit", sample.SCHEMA, url)
-    with pytest.raises(ReferenceError, match="does not exist"):
+    with pytest.raises(ReferenceDataError, match="does not exist"):
         read_table(url.replace("credit.parquet", "nosuch.parquet"))
 
 

@@ -192,3 +192,41 @@ def test_registering_again_is_a_put_enrichments_pending_announced_and_trained(ma
     events = [json.loads(m.value()) for m in read_topic(settings, settings.control_topic, expected=2, timeout=10)]
     assert [e["event"] for e in events] == ["model_registered", "model_registered"]
     assert list(Trigger(registry, runner=None).plan("credit")) == ["anomaly_detection"]
+
+
+def test_every_error_the_package_raises_on_purpose_shares_one_root():
+    import importlib
+    import inspect
+
+    from enricher.errors import EnricherError
+
+    from .test_layout import every_module
+
+    ours = []
+    for name in every_module():
+        module = importlib.import_module(name)
+        ours += [c for _, c in inspect.getmembers(module, inspect.isclass)
+                 if issubclass(c, Exception) and c.__module__ == name]
+    assert len(ours) > 15
+    assert [c.__name__ for c in ours if not issubclass(c, EnricherError)] == []
+    assert not any(c.__name__ == "ReferenceError" for c in ours), "a builtin's name"
+
+
+def test_a_bug_keeps_its_traceback_and_an_exit_code_other_than_2(files, capsys, monkeypatch):
+    """Only an EnricherError is a message and exit 2; a ValueError from a bug is not swallowed as one."""
+    import subprocess
+    import sys
+
+    from enricher import cli
+
+    def broken(args):
+        raise ValueError("a bug, not a user mistake")
+
+    monkeypatch.setattr(cli, "cmd_models_list", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["models", "list"])
+    code = ("import sys, enricher.cli as c\n"
+            "c.cmd_models_list = lambda a: 1 / 0\n"
+            "sys.exit(c.main(['models', 'list']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr

@@ -16,7 +16,7 @@ from enricher import deadletters
 from enricher.query import query
 from enricher.models import ENRICHMENTS
 from enricher.models.enrichment import InferenceBatch
-from enricher.models.reference import ReferenceError, normalise
+from enricher.models.reference import ReferenceDataError, normalise
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec, SpecError
 from enricher.pipelines.train import train
@@ -134,5 +134,5 @@ def test_nullable_is_a_feature_setting_and_a_gap_elsewhere_says_how_to_allow_it(
     X, y = gappy()
     X[5, 0] = np.nan  # a gap in a feature not marked nullable
     write_reference(tmp_path / "r.parquet", X, y)
-    with pytest.raises(ReferenceError, match="'a'.*\"nullable\": true"):
+    with pytest.raises(ReferenceDataError, match="'a'.*\"nullable\": true"):
         normalise(ModelSpec.from_json("m", SCHEMA), pq.read_table(tmp_path / "r.parquet"))

@@ -3,7 +3,7 @@ import pyarrow.csv as pacsv
 import pytest
 
 from enricher import sample
-from enricher.models.reference import ReferenceError, normalise, read_table
+from enricher.models.reference import ReferenceDataError, normalise, read_table
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
 
@@ -29,13 +29,13 @@ def test_csv_reference_is_read_and_normalised(tmp_path):
     (lambda t: t.slice(0, 0), "no rows"),
 ])
 def test_reference_that_does_not_match_the_schema_is_refused_with_column_and_problem(mutate, message):
-    with pytest.raises(ReferenceError, match=message):
+    with pytest.raises(ReferenceDataError, match=message):
         normalise(SPEC, mutate(sample.reference_table(50)))
 
 
 def test_unknown_file_type_is_refused(tmp_path):
     (tmp_path / "ref.json").write_text("{}")
-    with pytest.raises(ReferenceError, match=".parquet or .csv"):
+    with pytest.raises(ReferenceDataError, match=".parquet or .csv"):
         read_table(tmp_path / "ref.json")
 
 
@@ -43,6 +43,6 @@ def test_a_refused_registration_leaves_no_model_behind(tmp_path):
     path = tmp_path / "ref.csv"
     pacsv.write_csv(sample.reference_table(50).drop_columns(["f2"]), path)
     registry = ModelRegistry(tmp_path / "registry")
-    with pytest.raises(ReferenceError):
+    with pytest.raises(ReferenceDataError):
         registry.register("m", sample.SCHEMA, path)
     assert registry.ids() == []
