@@ -45,12 +45,12 @@ SIMPLE = {"models list", f"enrichments show {MODEL}", f"query SELECT count() FRO
 def prepare(data_dir: Path) -> dict[str, str]:
     """A data directory as a user has it after the quick start, and the environment to reach it."""
     import pyarrow.parquet as pq
-
-    from enricher import sample
-    from enricher.clickhouse import EnrichedTables, connect
-    from enricher.config import Settings
     from enricher.models.registry import ModelRegistry
     from enricher.pipelines.train import train
+
+    from enricher import sample
+    from enricher.config import Settings
+    from enricher.store.clickhouse import EnrichedTables, connect
 
     settings = Settings.from_env(env={}, data_dir=str(data_dir), broker="kafka://127.0.0.1:1")
     reference = data_dir.parent / "reference.parquet"

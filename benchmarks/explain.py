@@ -39,11 +39,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from enricher import sample  # noqa: E402
-from enricher.contract import parse_batch  # noqa: E402
 from enricher.models import ENRICHMENTS  # noqa: E402
 from enricher.models.reference import normalise  # noqa: E402
 from enricher.models.spec import ModelSpec  # noqa: E402
+
+from enricher import sample  # noqa: E402
+from enricher.stream.contract import parse_batch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEMA = {**sample.SCHEMA, "attributes": []}
@@ -130,7 +131,6 @@ def measure_depths(train_rows: int = 10_000, trees: int = 50, rows: int = 400, d
     import lightgbm
     import shap
     import xgboost
-
     from enricher.models import usermodels
 
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ the analyst queries of issue 9 are timed on one model in each (median of 5):
 - `current`: the product's storage table as the product writes it (when the
   committed results were taken: layout v1, ReplacingMergeTree ORDER BY
   (model_id, inference_id), features in maps; since, layout v2, see
-  enricher/clickhouse.py and the query section of `make bench`), read through
+  enricher/store/clickhouse.py and the query section of `make bench`), read through
   the model's view, written by the product's own `enrich_many` and
   `EnrichedTables.insert`;
 - `typed`: one table for the layout with a typed column per feature,
@@ -42,11 +42,12 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from enricher import sample  # noqa: E402
-from enricher.clickhouse import EnrichedTables  # noqa: E402
-from enricher.contract import TS_TYPE, ModelRows  # noqa: E402
-from enricher.enrich import enrich_many  # noqa: E402
 from enricher.models.spec import ModelSpec  # noqa: E402
+
+from enricher import sample  # noqa: E402
+from enricher.store.clickhouse import EnrichedTables  # noqa: E402
+from enricher.stream.contract import TS_TYPE, ModelRows  # noqa: E402
+from enricher.stream.enrich import enrich_many  # noqa: E402
 
 SCHEMA = {**sample.SCHEMA, "attributes": []}
 DAY_MS = 86_400_000

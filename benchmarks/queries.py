@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from enricher import sample  # noqa: E402
 from enricher.broker import EmbeddedBroker, free_port  # noqa: E402
 from enricher.config import Settings  # noqa: E402
-from enricher.contract import to_ipc  # noqa: E402
+from enricher.stream.contract import to_ipc  # noqa: E402
 from enricher.supervise import WorkerProcess  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -163,9 +163,10 @@ def ingest(tmp: Path, models: int, rows_per_model: int, days: float) -> dict:
 
 def query_phase(data_dir: str) -> dict:
     """Step 3, in a process of its own (chDB opens one store per process)."""
-    from enricher.clickhouse import EnrichedTables, connect
-    from enricher.drift import Drift
     from enricher.models.registry import ModelRegistry
+
+    from enricher.store.clickhouse import EnrichedTables, connect
+    from enricher.store.drift import Drift
 
     settings = Settings.from_env(env={}, data_dir=data_dir)
     client = connect(settings)

@@ -44,18 +44,19 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from enricher import sample  # noqa: E402
-from enricher.broker import EmbeddedBroker, free_port  # noqa: E402
-from enricher.config import Settings  # noqa: E402
-from enricher.producer import InferenceProducer  # noqa: E402
-from enricher.supervise import WorkerProcess  # noqa: E402
-from enricher.topics import ensure_topics  # noqa: E402
 from enricher.models import ENRICHMENTS  # noqa: E402
 from enricher.models.artifact import ArtifactStore  # noqa: E402
 from enricher.models.enrichment import published_parameters  # noqa: E402
 from enricher.models.reference import normalise  # noqa: E402
 from enricher.models.registry import ModelRegistry  # noqa: E402
 from enricher.models.spec import ModelSpec  # noqa: E402
+
+from enricher import sample  # noqa: E402
+from enricher.broker import EmbeddedBroker, free_port  # noqa: E402
+from enricher.config import Settings  # noqa: E402
+from enricher.stream.producer import InferenceProducer  # noqa: E402
+from enricher.stream.topics import ensure_topics  # noqa: E402
+from enricher.supervise import WorkerProcess  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # The release before storage layout v2: its ingest is the bar v2 is held to.
@@ -99,7 +100,7 @@ def produce(broker: str, topic: str, messages: list[bytes], batch: str = "none",
 def hostile_messages(count: int) -> tuple[list[tuple[bytes, str | None]], int]:
     """`count` messages from the test suite's hostile corpus (tests/hostile.py),
     and how many rows (stored or dead-lettered) the worker will make of them."""
-    from enricher.contract import parse_batch
+    from enricher.stream.contract import parse_batch
     from tests.hostile import corpus
 
     # (the corpus's too-large message is over the producer's own 1 MB limit: it could not be sent)
@@ -362,8 +363,8 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
     published mid-stream: the throughput of each batch around the swap
     against the steady throughput before it, read back from the rows
     (each batch's rows share one _ingested_at)."""
-    from enricher.query import query
-    from enricher.control import ControlEvents
+    from enricher.control.plane import ControlEvents
+    from enricher.store.query import query
 
     data_dir = tmp / f"swap-{time.time_ns()}"
     data_dir.mkdir()
@@ -417,7 +418,7 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
 
 
 def run_transforms(fitted, forest, batch: int = 10_000) -> dict:
-    from enricher.contract import parse_batch
+    from enricher.stream.contract import parse_batch
     
     spec = ModelSpec.from_json(sample.MODEL_ID, SCHEMA)
     msgs = workload(batch)

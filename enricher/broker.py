@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 
-from .errors import BrokerUnavailable, InvalidArgument, UserError
+from enricher.errors import BrokerUnavailable, InvalidArgument, UserError
 
 
 class EmbeddedBroker:

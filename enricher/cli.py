@@ -11,9 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import Settings
-from .errors import EnricherError, UserError
-from .query import ask, format_table
+from enricher.config import Settings
+from enricher.errors import EnricherError, UserError
+from enricher.store.query import ask, format_table
 
 EXIT_USAGE = 2
 
@@ -30,7 +30,7 @@ def _registry(settings: Settings):
 
 # -- broker ------------------------------------------------------------------
 def cmd_broker(args) -> int:
-    from .broker import EmbeddedBroker
+    from enricher.broker import EmbeddedBroker
 
     broker = EmbeddedBroker(args.host, args.port, storage=args.storage).start()
 
@@ -69,7 +69,7 @@ def cmd_models_register(args) -> int:
         raise UserError(f"schema file {args.schema!r} does not exist") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"schema file {args.schema!r} is not valid JSON: {exc}") from None
-    from .control import RequestError
+    from enricher.control.plane import RequestError
 
     # The same change as `PUT /models/{id}`, through the same control plane: on a model
     # already registered, every enabled enrichment goes back to pending (its old failure
@@ -119,7 +119,7 @@ def cmd_models_show(args) -> int:
 
 
 def cmd_models_drop_rows(args) -> int:
-    from .query import drop_rows
+    from enricher.store.query import drop_rows
 
     if not args.yes:
         raise UserError(f"this deletes every enriched row and label of {args.model_id}; "
@@ -130,7 +130,7 @@ def cmd_models_drop_rows(args) -> int:
 
 
 def cmd_drift(args) -> int:
-    from .query import drift_report, format_table
+    from enricher.store.query import drift_report, format_table
 
     settings = _settings(args)
     report = drift_report(settings, args.model_id, args.window or settings.drift_window, args.feature, args.end)
@@ -150,8 +150,8 @@ def cmd_drift(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .explain import importance, plot
-    from .query import format_table
+    from enricher.http.explain import importance, plot
+    from enricher.store.query import format_table
 
     settings = _settings(args)
     report = importance(settings, args.model_id, args.window, args.end)
@@ -180,8 +180,8 @@ def cmd_explain(args) -> int:
 
 # -- storage -------------------------------------------------------------------
 def cmd_migrate(args) -> int:
-    from .migrate import MigrationError, migrate
-    from .query import store_tables
+    from enricher.store.migrate import MigrationError, migrate
+    from enricher.store.query import store_tables
 
     settings = _settings(args)
     tables = store_tables(settings)
@@ -216,14 +216,14 @@ def _parse_assignment(text: str):
 
 
 def _control(settings: Settings):
-    from .control import ControlPlane
+    from enricher.control.plane import ControlPlane
 
     return ControlPlane.from_settings(settings)
 
 
 def cmd_enrichments_set(args) -> int:
     """The same change as `PATCH /models/{id}/enrichments`, through the same control plane."""
-    from .control import RequestError
+    from enricher.control.plane import RequestError
 
     settings = _settings(args)
     control = _control(settings)
@@ -249,7 +249,7 @@ def cmd_enrichments_set(args) -> int:
 
 
 def cmd_enrichments_show(args) -> int:
-    from .control import RequestError
+    from enricher.control.plane import RequestError
 
     try:
         enrichments = _control(_settings(args)).enrichments(args.model_id)
@@ -278,7 +278,7 @@ def cmd_train(args) -> int:
 def cmd_trigger(args) -> int:
     import logging
 
-    from .trigger import run_trigger
+    from enricher.control.trigger import run_trigger
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"runner": args.runner} if args.runner else {}
@@ -293,13 +293,12 @@ def cmd_pipeline(args) -> int:
     Exit 0: done. Exit 3 (EXIT_PERMANENT): failed for a reason a retry will
     not change; the workflow's retry strategy does not retry it. Anything
     else (exit 1, a crash, a kill at the step's deadline) is retried."""
+    from enricher.control.plane import ControlEvents
     from enricher.models.reference import ReferenceDataError
     from enricher.models.registry import UnknownModel
     from enricher.models.spec import SpecError
     from enricher.pipelines import steps
     from enricher.pipelines.workflow import EXIT_PERMANENT
-
-    from .control import ControlEvents
 
     settings = _settings(args)
     registry, store = _registry(settings), settings.artifacts()
@@ -358,7 +357,7 @@ def cmd_artifacts_rollback(args) -> int:
         raise UserError(f"{args.version!r}: give a version number, e.g. 3 or v3 (see `enricher artifacts list`)")
     manifest = settings.artifacts().set_current(args.model_id, args.enrichment, version)
     registry.touch()
-    from .control import ControlEvents
+    from enricher.control.plane import ControlEvents
 
     # running workers switch at once on the announcement (or at their next refresh)
     ControlEvents(settings).send("artifact_published", args.model_id, enrichment=args.enrichment,
@@ -369,7 +368,7 @@ def cmd_artifacts_rollback(args) -> int:
 
 # -- streaming -----------------------------------------------------------------
 def cmd_worker(args) -> int:
-    from .worker import run_worker
+    from enricher.worker import run_worker
 
     overrides = {k: v for k, v in {"http_port": args.http_port, "batch_size": args.batch_size,
                                    "batch_timeout": args.batch_timeout}.items() if v is not None}
@@ -384,7 +383,7 @@ def cmd_produce(args) -> int:
     their reason and position, nothing is lost) unless --check: then nothing is sent."""
     from collections import Counter
 
-    from .contract import parse_batch
+    from enricher.stream.contract import parse_batch
 
     if args.batch_rows < 1:
         raise UserError(f"--batch-rows: a positive number, got {args.batch_rows}")
@@ -393,8 +392,8 @@ def cmd_produce(args) -> int:
     known = {m: registry.get(m) for m in registry.ids()}
     producer = None
     if not args.check:
-        from .producer import InferenceProducer
-        from .topics import ensure_topics
+        from enricher.stream.producer import InferenceProducer
+        from enricher.stream.topics import ensure_topics
 
         ensure_topics(settings)
         producer = InferenceProducer(settings, topic=args.topic, batch=args.batch, batch_rows=args.batch_rows)
@@ -465,7 +464,7 @@ def cmd_produce(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from .queries import query_user_ddl
+    from enricher.store.queries import query_user_ddl
 
     for statement in query_user_ddl(_settings(args)):
         print(statement + ";")
@@ -478,9 +477,9 @@ def cmd_deadletters(args) -> int:
     import threading
     from datetime import datetime, timezone
 
-    from .contract import REASONS
-    from .deadletters import browse
-    from .drift import parse_window
+    from enricher.stream.contract import REASONS
+    from enricher.stream.deadletters import browse
+    from enricher.windows import parse_window
 
     if args.bytes < 1:
         raise UserError(f"--bytes: a positive number of bytes, got {args.bytes}")
@@ -527,7 +526,7 @@ def cmd_query(args) -> int:
     answer = ask(settings, args.sql)
     columns, rows = answer.columns, answer.rows
     if args.format in ("json", "jsonl"):
-        from .queries import jsonable
+        from enricher.store.queries import jsonable
 
         objects = [dict(zip(columns, row)) for row in rows]
         if args.format == "json":  # one document: a list of row objects
@@ -544,7 +543,7 @@ def cmd_query(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from enricher.demo import run_demo
 
     return run_demo(args)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import EnricherError
+from enricher.errors import EnricherError
+from enricher.windows import parse_window
 
 EMBEDDED_BROKER = "kafka://127.0.0.1:9092"
 
@@ -282,8 +283,6 @@ class Settings:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$", self.clickhouse_database):
             raise ConfigError(f"ENRICHER_CLICKHOUSE_DATABASE={self.clickhouse_database!r}: "
                               "use letters, digits and _ only")
-        from .drift import parse_window
-
         try:
             parse_window(self.drift_window)
         except ValueError as exc:

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import deadletters, sample
-from .broker import EmbeddedBroker, free_port
-from .config import Settings
-from .errors import UserError
-from .query import format_table, query
+from enricher import sample
+from enricher.broker import EmbeddedBroker, free_port
+from enricher.config import Settings
+from enricher.errors import UserError
+from enricher.store.query import format_table, query
+from enricher.stream import deadletters
 
 
 def say(text: str) -> None:
@@ -70,9 +71,9 @@ def prepare_data_dir(data_dir: Path) -> Path:
 
 
 def run_demo(args) -> int:
-    from .producer import InferenceProducer
-    from .supervise import TriggerProcess, WorkerProcess
-    from .topics import ensure_topics
+    from enricher.stream.producer import InferenceProducer
+    from enricher.stream.topics import ensure_topics
+    from enricher.supervise import TriggerProcess, WorkerProcess
 
     data_dir = prepare_data_dir(Path(args.data_dir or ".enricher-demo").resolve())
     total = args.inferences

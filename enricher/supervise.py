@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 
-from .config import Settings
+from enricher.config import Settings
 
 
 class ChildProcess:

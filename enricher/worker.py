@@ -31,20 +31,21 @@ import time
 import faust
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
+from enricher import metrics
+from enricher.config import Settings
+from enricher.control.locations import Locations
+from enricher.control.plane import ControlEvents, ControlPlane
+from enricher.http.api import check_exposure, install, scheme, web_options
 from enricher.models.registry import ModelRegistry
-
-from . import deadletters, metrics
-from .api import check_exposure, install, scheme, web_options
-from .batch import BatchProcessor, Messages, Outcome
-from .config import Settings
-from .contract import DeadLetter
-from .control import ControlEvents, ControlPlane
-from .locations import Locations
-from .faust_patches import eager_hand_over, shorten_fetch_wait
-from .labels import LabelSweep
-from .serving import Serving
-from .sink import ClickHouseSink, StoreUnavailable
-from .topics import ensure_topics
+from enricher.store.drift import DriftExporter
+from enricher.store.labels import LabelSweep
+from enricher.store.sink import ClickHouseSink, StoreUnavailable
+from enricher.stream import deadletters
+from enricher.stream.batch import BatchProcessor, Messages, Outcome
+from enricher.stream.contract import DeadLetter
+from enricher.stream.faust_patches import eager_hand_over, shorten_fetch_wait
+from enricher.stream.serving import Serving
+from enricher.stream.topics import ensure_topics
 
 log = logging.getLogger("enricher.worker")
 
@@ -267,68 +268,6 @@ class LabelSweeper:
         if result.applied or result.pending:
             log.info("label sweep: %d labels brought to their rows, %d waiting for their inference (%.3fs)",
                      result.applied, result.pending, result.seconds)
-
-
-DRIFT_GAUGES = ("psi", "kl", "js", "hellinger", "ks", "ks_pvalue")  # the FeatureDrift fields exported
-
-
-class DriftExporter:
-    """Per-model, per-feature drift of the last ENRICHER_DRIFT_WINDOW as gauges
-    (enricher_drift{model, feature, metric}); at most ENRICHER_DRIFT_MAX_FEATURES
-    features per model, so the series are bounded by models x that x 5."""
-
-    def __init__(self, settings: Settings, registry: ModelRegistry):
-        from concurrent.futures import ThreadPoolExecutor
-
-        from .drift import DriftService
-
-        self.settings = settings
-        self.registry = registry
-        self.service = DriftService(settings, registry)
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-export")
-        self.exported: set[tuple[str, str]] = set()
-
-    def run(self) -> None:
-        seen = set()
-        for model_id in self.registry.ids():
-            try:
-                report = self.service.measure(model_id, self.settings.drift_window,
-                                              limit=self.settings.drift_max_features)
-            except Exception as exc:  # noqa: BLE001 - one model's failure leaves the others' gauges
-                log.warning("drift of model %s not exported: %s: %s", model_id, type(exc).__name__, str(exc)[:300])
-                continue
-            for f in report.features:
-                seen.add((model_id, f.feature))
-                metrics.DRIFT_ROWS.labels(model_id, f.feature).set(f.rows)
-                metrics.DRIFT_SIGNIFICANT.labels(model_id, f.feature).set(int(f.significant))
-                for metric in DRIFT_GAUGES:
-                    value = getattr(f, metric)
-                    if value is None:
-                        _remove(metrics.DRIFT, model_id, f.feature, metric)
-                    else:
-                        metrics.DRIFT.labels(model_id, f.feature, metric).set(value)
-        for model_id, feature in self.exported - seen:  # a model or feature gone
-            self._drop(model_id, feature)
-        self.exported = seen
-
-    def clear(self) -> None:
-        for model_id, feature in self.exported:
-            self._drop(model_id, feature)
-        self.exported = set()
-
-    @staticmethod
-    def _drop(model_id: str, feature: str) -> None:
-        _remove(metrics.DRIFT_ROWS, model_id, feature)
-        _remove(metrics.DRIFT_SIGNIFICANT, model_id, feature)
-        for metric in DRIFT_GAUGES:
-            _remove(metrics.DRIFT, model_id, feature, metric)
-
-
-def _remove(gauge, *labels) -> None:
-    try:
-        gauge.remove(*labels)
-    except KeyError:
-        pass
 
 
 def _listen(settings: Settings, serving: Serving) -> None:

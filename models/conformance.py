@@ -34,8 +34,15 @@ import numpy as np
 import pyarrow as pa
 
 from .artifact import ArtifactStore
-from .enrichment import (OUTPUT_TYPES, Enrichment, InferenceBatch, Unusable, checked_output, published_parameters,
-                         reserves)
+from .enrichment import (
+    OUTPUT_TYPES,
+    Enrichment,
+    InferenceBatch,
+    Unusable,
+    checked_output,
+    published_parameters,
+    reserves,
+)
 from .reference import normalise
 from .spec import ModelSpec
 

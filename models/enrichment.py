@@ -22,7 +22,7 @@ Adding an enrichment is one module implementing this and one line in
 `models.ENRICHMENTS`; nothing in the streaming service, the training steps or
 the store changes. `models.conformance.check_enrichment` checks a new one the
 way the suite checks ours. This package knows nothing of Kafka or ClickHouse:
-a storage column is only a stable name, which `enricher/clickhouse.py` turns
+a storage column is only a stable name, which `enricher/store/clickhouse.py` turns
 into a column of the shared table.
 """
 

@@ -13,7 +13,7 @@ Bin i of a numeric feature holds edges[i-1] <= x < edges[i] (the first from
 `numpy.searchsorted(edges, x, side="right")` here and
 `arrayCount(e -> e <= x, edges)` in ClickHouse. Missing values are in no bin.
 
-This module knows nothing of ClickHouse: enricher/drift.py stores profiles
+This module knows nothing of ClickHouse: enricher/store/drift.py stores profiles
 there and computes drift against them in SQL.
 """
 

@@ -43,7 +43,6 @@ from . import ENRICHMENTS, slots
 from .reference import ReferenceDataError, normalise, read_bytes, read_table
 from .spec import ModelSpec, SpecError, check_model_id
 
-
 # disabled: off. pending: on, waiting for a training run. training: a run is
 # fitting it. ready: a published artifact serves it. failed: the last run failed.
 STATES = ("disabled", "pending", "training", "ready", "failed")

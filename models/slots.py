@@ -11,7 +11,7 @@ that model ever had, and a dropped feature's slot stays reserved (its old
 values are still there, and come back if the feature does). A feature whose
 type changes gets a slot of the new kind.
 
-This module knows nothing of the store; `enricher/clickhouse.py` turns slots
+This module knows nothing of the store; `enricher/store/clickhouse.py` turns slots
 into columns.
 """
 

@@ -24,13 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from enricher.errors import EnricherError
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
 from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, checked_output, published_parameters
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
+
+from enricher.errors import EnricherError
 
 log = logging.getLogger("enricher.pipeline")
 VALIDATION_ROWS = 2000

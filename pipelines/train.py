@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import time
 
-from enricher.errors import EnricherError, UserError
 from enricher.models.artifact import ArtifactStore, Manifest
 from enricher.models.registry import ModelRegistry
+
+from enricher.errors import EnricherError, UserError
 
 from . import steps
 

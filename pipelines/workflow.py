@@ -30,8 +30,19 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from hera.workflows import (DAG, ConfigMapEnvFrom, Container, Env, ExistingVolume, Parameter, Resources,
-                            RetryStrategy, SecretVolume, Workflow)
+from enricher.models import ENRICHMENTS
+from hera.workflows import (
+    DAG,
+    ConfigMapEnvFrom,
+    Container,
+    Env,
+    ExistingVolume,
+    Parameter,
+    Resources,
+    RetryStrategy,
+    SecretVolume,
+    Workflow,
+)
 
 from enricher.errors import InvalidArgument
 
@@ -85,8 +96,6 @@ def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOption
                    name: str | None = None) -> Workflow:
     """The training workflow for `plan`: {enrichment: config} of the enabled
     enrichments to train. Raises InvalidArgument (a ValueError) for an empty plan (nothing to train)."""
-    from enricher.models import ENRICHMENTS
-
     if not plan:
         raise InvalidArgument(f"model {model_id!r}: no enrichment to train")
     unknown = sorted(set(plan) - set(ENRICHMENTS))

@@ -12,12 +12,12 @@ import uuid
 
 import pyarrow.parquet as pq
 import pytest
+from enricher.models.registry import ModelRegistry
+from enricher.pipelines.train import train
 
 from enricher import sample
 from enricher.broker import EmbeddedBroker, free_port
 from enricher.config import Settings
-from enricher.models.registry import ModelRegistry
-from enricher.pipelines.train import train
 
 _counter = itertools.count()
 

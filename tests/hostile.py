@@ -17,7 +17,7 @@ import orjson
 import pyarrow as pa
 
 from enricher import sample
-from enricher.contract import ARROW_STREAM, JSON, to_ipc
+from enricher.stream.contract import ARROW_STREAM, JSON, to_ipc
 
 TS = 1_764_000_000_000
 

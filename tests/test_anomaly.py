@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
-
-from enricher import sample
-from enricher.contract import parse_batch
 from enricher.models import ENRICHMENTS
 from enricher.models.reference import normalise
 from enricher.models.spec import ModelSpec
+from sklearn.metrics import roc_auc_score
+
+from enricher import sample
+from enricher.stream.contract import parse_batch
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 

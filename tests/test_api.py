@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from enricher import sample
+from enricher.stream.topics import ensure_topics, read_topic
 from enricher.supervise import WorkerProcess
-from enricher.topics import ensure_topics, read_topic
 
 TOKEN = "t0ken-for-tests"
 pytestmark = pytest.mark.timeout(300)

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from enricher import sample
-from enricher.sqlguard import Guard, QueryRefused
+from enricher.store.sqlguard import Guard, QueryRefused
 from enricher.supervise import WorkerProcess
 
 from .conftest import register_sample

@@ -12,10 +12,9 @@ import re
 from pathlib import Path
 
 import pytest
-from werkzeug import Response
-
 from enricher.pipelines.runners import ArgoRunner, RunnerError
 from enricher.pipelines.workflow import WorkflowOptions, workflow_dict
+from werkzeug import Response
 
 SWAGGER_FILE = Path(__file__).resolve().parent.parent.parent / "shared" / "argo" / "argo-server-swagger.json"
 TOKEN = "argo-t0ken"

@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
-
-from enricher import sample
-from enricher.contract import parse_batch
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactError, ArtifactStore, IntegrityError
 from enricher.models.reference import normalise
 from enricher.models.spec import ModelSpec
+
+from enricher import sample
+from enricher.stream.contract import parse_batch
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 AD = ENRICHMENTS["anomaly_detection"]
@@ -198,7 +198,6 @@ def test_reference_data_can_come_from_the_object_store(s3, tmp_path):
     import io
 
     import pyarrow.parquet as pq
-
     from enricher.models.artifact import Files
     from enricher.models.reference import ReferenceDataError, read_table
     from enricher.models.registry import ModelRegistry
@@ -216,15 +215,15 @@ def test_reference_data_can_come_from_the_object_store(s3, tmp_path):
 
 def test_an_api_location_in_the_object_store_is_read_from_the_configured_endpoint(s3, tmp_path):
     """Through the API a reference is s3://BUCKET/KEY only; the endpoint is the operator's
-    (here, the artifact store's), never one the caller names (enricher/locations.py)."""
+    (here, the artifact store's), never one the caller names (enricher/control/locations.py)."""
     import io
 
     import pyarrow.parquet as pq
-
-    from enricher.config import Settings
-    from enricher.locations import LocationRefused, Locations
     from enricher.models.artifact import Files
     from enricher.models.reference import read_table
+
+    from enricher.config import Settings
+    from enricher.control.locations import LocationRefused, Locations
 
     buf = io.BytesIO()
     pq.write_table(sample.reference_table(300), buf)

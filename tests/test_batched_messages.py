@@ -3,10 +3,10 @@
 import orjson
 import pyarrow as pa
 import pytest
+from enricher.models.spec import ModelSpec
 
 from enricher import sample
-from enricher.contract import ARROW_STREAM, JSON, parse_batch, to_ipc
-from enricher.models.spec import ModelSpec
+from enricher.stream.contract import ARROW_STREAM, JSON, parse_batch, to_ipc
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 OTHER = ModelSpec.from_json("other_model", sample.SCHEMA)

@@ -102,7 +102,7 @@ def test_produce_sends_each_line_and_query_prints_json(files, capsys, tmp_path, 
     assert code == 0 and "produced 25 lines (0 inferences, 0 label updates, 25 for models not registered in" in out
     assert "in 25 messages to cli-in" in out and "model ids and features were not checked here" in err
     from enricher.config import Settings
-    from enricher.topics import read_topic
+    from enricher.stream.topics import read_topic
     got = [m.value() for m in read_topic(Settings.from_env(), "cli-in", expected=25)]
     assert sorted(got) == sorted(msgs)
 
@@ -168,9 +168,10 @@ def test_registering_again_is_a_put_enrichments_pending_announced_and_trained(ma
     """`models register` on a model already there does what `PUT /models/{id}` does: a
     failed enrichment goes back to pending with its old failure gone, the change is
     announced on the control topic, and the trigger plans a run for it."""
-    from enricher.topics import ensure_topics, read_topic
-    from enricher.trigger import Trigger
     from enricher.models.registry import ModelRegistry
+
+    from enricher.control.trigger import Trigger
+    from enricher.stream.topics import ensure_topics, read_topic
 
     settings = make_settings(control_topic=f"control-{tmp_path.name}")  # this test's announcements only
     for key, value in settings.to_env().items():

@@ -2,14 +2,14 @@
 
 import pyarrow as pa
 import pytest
-
-from enricher import sample
-from enricher.clickhouse import FIXED_COLUMNS, EnrichedTables, Schema, connect, quote, view_columns
-from enricher.config import Settings
-from enricher.contract import parse_batch
-from enricher.enrich import enrich
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
+
+from enricher import sample
+from enricher.config import Settings
+from enricher.store.clickhouse import FIXED_COLUMNS, EnrichedTables, Schema, connect, quote, view_columns
+from enricher.stream.contract import parse_batch
+from enricher.stream.enrich import enrich
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 DAY_MS = 86_400_000
@@ -123,7 +123,7 @@ def test_time_window_and_per_feature_reads_return_what_was_written_across_partit
     """Two models of different layouts, 90 days of rows (four monthly partitions)."""
     import numpy as np
 
-    from enricher.batch import BatchProcessor
+    from enricher.stream.batch import BatchProcessor
 
     small = ModelSpec.from_json("small_model", SMALL)
     start = 1_767_225_600_000  # 2026-01-01
@@ -256,9 +256,10 @@ def test_storage_columns_line_up_with_the_arrow_rows():
     assert table.column_names == list(FIXED_COLUMNS) + [f"n{i}" for i in range(10)] + ["c0", "c1"]
     assert table.schema.field("n0").type == pa.float64()
     # with anomaly detection serving: its columns, and still none of the explanations'
-    from enricher.serving import Active
     from enricher.models import ENRICHMENTS
     from enricher.models.reference import normalise
+
+    from enricher.stream.serving import Active
 
     fitted = ENRICHMENTS["anomaly_detection"].fit(SPEC, normalise(SPEC, sample.reference_table(500)),
                                                   {"n_estimators": 5})
@@ -283,8 +284,8 @@ def test_models_stored_together_keep_their_own_ids_values_and_enrichment_version
     import numpy as np
     import pyarrow as pa
 
-    from enricher.enrich import enrich_many
-    from enricher.serving import Active
+    from enricher.stream.enrich import enrich_many
+    from enricher.stream.serving import Active
 
     class Constant:  # an enrichment stand-in with a known output: the layout code is under test here
         def __init__(self, value):

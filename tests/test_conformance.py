@@ -4,12 +4,12 @@ import dataclasses
 
 import pyarrow as pa
 import pytest
-
-from enricher.clickhouse import FIXED_COLUMNS, spec_columns, view_columns
 from enricher.models import ENRICHMENTS
 from enricher.models.conformance import check_enrichment, sample_models
 from enricher.models.enrichment import Output, Unusable, model_outputs, reserves
 from enricher.models.spec import ModelSpec, SpecError
+
+from enricher.store.clickhouse import FIXED_COLUMNS, spec_columns, view_columns
 
 
 @pytest.mark.parametrize("name", sorted(ENRICHMENTS))
@@ -122,9 +122,10 @@ def test_an_enrichment_a_model_cannot_use_has_no_columns_in_its_view():
 
 
 def test_switching_on_an_enrichment_the_model_cannot_use_is_refused_before_any_training(tmp_path):
-    from enricher.control import ControlPlane, RequestError
     from enricher.models.artifact import ArtifactStore
     from enricher.models.registry import ModelRegistry
+
+    from enricher.control.plane import ControlPlane, RequestError
 
     class NeedsLabels:
         name, reserved = "needs_labels", ("needs_labels_*",)
@@ -177,10 +178,10 @@ def test_switching_on_an_enrichment_the_model_cannot_use_is_refused_before_any_t
 
 def test_explanations_for_a_model_whose_feature_would_take_their_column_are_refused_at_the_patch(tmp_path):
     import pyarrow.parquet as pq
-
-    from enricher.control import ControlPlane, RequestError
     from enricher.models.artifact import ArtifactStore
     from enricher.models.registry import ModelRegistry
+
+    from enricher.control.plane import ControlPlane, RequestError
 
     spec, reference = sample_models(100)[0]
     path = tmp_path / "ref.parquet"

@@ -5,10 +5,10 @@ import math
 import orjson
 import pyarrow as pa
 import pytest
+from enricher.models.spec import ModelSpec
 
 from enricher import sample
-from enricher.contract import REASONS, parse_batch
-from enricher.models.spec import ModelSpec
+from enricher.stream.contract import REASONS, parse_batch
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 SPECS = {sample.MODEL_ID: SPEC}.get
@@ -168,7 +168,7 @@ def test_models_sharing_a_layout_are_validated_together_and_each_keeps_its_own_r
 def test_a_timestamp_ahead_of_the_clock_by_more_than_the_skew_is_dead_lettered_in_json_and_arrow():
     import time
 
-    from enricher.contract import ARROW_STREAM, to_ipc
+    from enricher.stream.contract import ARROW_STREAM, to_ipc
 
     now = int(time.time() * 1000)
     msgs = [orjson.dumps(good(inference_id="now", timestamp=now)),

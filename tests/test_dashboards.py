@@ -6,16 +6,16 @@ from pathlib import Path
 
 import orjson
 import pytest
+from enricher.models.artifact import ArtifactStore
 
 from enricher import sample
-from enricher.queries import QueryRunner
-from enricher.batch import BatchProcessor, Messages
 from enricher.config import Settings
-from enricher.drift import Drift
-from enricher.labels import LabelSweep
-from enricher.serving import Serving
-from enricher.sink import ClickHouseSink
-from enricher.models.artifact import ArtifactStore
+from enricher.store.drift import Drift
+from enricher.store.labels import LabelSweep
+from enricher.store.queries import QueryRunner
+from enricher.store.sink import ClickHouseSink
+from enricher.stream.batch import BatchProcessor, Messages
+from enricher.stream.serving import Serving
 from tests.conftest import register_sample
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""Drift in SQL (enricher/drift.py) against NumPy/SciPy on the same bins."""
+"""Drift in SQL (enricher/store/drift.py) against NumPy/SciPy on the same bins."""
 
 import json
 import time
@@ -6,17 +6,18 @@ import time
 import numpy as np
 import orjson
 import pytest
+from enricher.models.artifact import ArtifactStore
+from enricher.models.profile import MAX_CATEGORIES, profile
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
 from enricher import sample
-from enricher.batch import BatchProcessor, Messages
 from enricher.config import Settings
-from enricher.drift import SMOOTHING, Drift, parse_window
-from enricher.serving import Serving
-from enricher.sink import ClickHouseSink
-from enricher.models.artifact import ArtifactStore
-from enricher.models.profile import MAX_CATEGORIES, profile
+from enricher.store.drift import SMOOTHING, Drift
+from enricher.store.sink import ClickHouseSink
+from enricher.stream.batch import BatchProcessor, Messages
+from enricher.stream.serving import Serving
+from enricher.windows import parse_window
 from tests.conftest import register_sample
 
 VIEW = f"enricher.{sample.MODEL_ID}"

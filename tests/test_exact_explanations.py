@@ -7,11 +7,12 @@ import lightgbm
 import numpy as np
 import pytest
 import xgboost
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-from sklearn.datasets import load_wine
-
 from enricher.models import treeshap, usermodels
 from enricher.models.usermodels import ModelFileError
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from sklearn.datasets import load_wine
 
 
 def ours(model, X, **options):
@@ -310,10 +311,11 @@ def test_attributions_equal_the_librarys_for_random_ensembles(library, depth, tr
 
 def _trained(tmp_path, doc, reference, model_path, config=None):
     """Registered with its model file, trained as a user's would be: (quality, fitted artifact, spec)."""
-    from enricher.config import Settings
     from enricher.models import ENRICHMENTS
     from enricher.models.registry import ModelRegistry
     from enricher.pipelines.train import train
+
+    from enricher.config import Settings
 
     settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
     registry = ModelRegistry(settings.registry_dir)
@@ -329,7 +331,6 @@ def _trained(tmp_path, doc, reference, model_path, config=None):
 def _train_and_explain(tmp_path, X, prediction, doc, model_path, config=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from enricher.models.enrichment import InferenceBatch
 
     names = [f["name"] for f in doc["features"]]
@@ -466,7 +467,6 @@ def test_a_categorical_schema_feature_reaches_the_models_own_codes_end_to_end(tm
 def test_a_categorical_schema_feature_the_model_treats_as_a_number_is_refused_at_registration(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from enricher.models.registry import ModelRegistry
     from enricher.models.spec import SpecError
 

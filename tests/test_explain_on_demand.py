@@ -6,16 +6,18 @@ import urllib.request
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from enricher.models import ENRICHMENTS
+from enricher.pipelines.train import train
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from enricher import sample
 from enricher.cli import main
-from enricher.control import RequestError
-from enricher.explain import OnDemand
-from enricher.serving import Serving
+from enricher.control.plane import RequestError
+from enricher.http.explain import OnDemand
+from enricher.stream.serving import Serving
 from enricher.supervise import WorkerProcess
-from enricher.models import ENRICHMENTS
-from enricher.pipelines.train import train
 
 from .conftest import register_sample
 from .test_fuzz_contract import anything
@@ -161,13 +163,13 @@ def test_importance_of_a_multiclass_model_has_one_panel_per_predicted_class_and_
     import orjson
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from enricher.batch import BatchProcessor, Messages
-    from enricher.cli import main
-    from enricher.config import Settings
-    from enricher.sink import ClickHouseSink
     from enricher.models.registry import ModelRegistry
     from enricher.pipelines.train import train
+
+    from enricher.cli import main
+    from enricher.config import Settings
+    from enricher.store.sink import ClickHouseSink
+    from enricher.stream.batch import BatchProcessor, Messages
 
     settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
     schema = {**sample.SCHEMA, "task": "multiclass_classification"}

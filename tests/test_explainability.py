@@ -4,14 +4,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import shap
-
-from enricher import sample
-from enricher.contract import parse_batch
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactStore
 from enricher.models.enrichment import InferenceBatch, published_parameters
 from enricher.models.reference import normalise
 from enricher.models.spec import ModelSpec
+
+from enricher import sample
+from enricher.stream.contract import parse_batch
 
 EX = ENRICHMENTS["explainability"]
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)

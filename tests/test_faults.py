@@ -11,12 +11,13 @@ from collections import Counter
 import orjson
 import pyarrow as pa
 import pytest
-
-from enricher import deadletters, metrics, sample
-from enricher.batch import BatchProcessor, Messages
-from enricher.serving import Active, Serving
-from enricher.sink import ClickHouseSink, StoreUnavailable
 from enricher.models.artifact import ArtifactStore
+
+from enricher import metrics, sample
+from enricher.store.sink import ClickHouseSink, StoreUnavailable
+from enricher.stream import deadletters
+from enricher.stream.batch import BatchProcessor, Messages
+from enricher.stream.serving import Active, Serving
 
 from .clickhouse_http import ClickHouseHTTP
 from .conftest import register_sample

@@ -1,4 +1,4 @@
-"""The eager hand-over (enricher/faust_patches.py) behaves as Faust's own
+"""The eager hand-over (enricher/stream/faust_patches.py) behaves as Faust's own
 `wait_first(callback(message), suspend_flow.wait())`: the callback runs to its
 end, errors reach the loop, and a hand-over that waits is abandoned when a
 rebalance suspends the flow. Only the common case, a callback that never
@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from mode import Service
 
-from enricher.faust_patches import _hand_over
+from enricher.stream.faust_patches import _hand_over
 
 
 class Consumer(Service):

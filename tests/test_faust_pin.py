@@ -36,7 +36,7 @@ def test_the_adjusted_consumer_waits_as_configured(broker):
 
     import faust
 
-    from enricher.faust_patches import shorten_fetch_wait
+    from enricher.stream.faust_patches import shorten_fetch_wait
 
     shorten_fetch_wait(77)
     shorten_fetch_wait(77)  # idempotent: wraps the original once
@@ -49,7 +49,7 @@ def test_the_adjusted_consumer_waits_as_configured(broker):
     assert asyncio.run(build()) == 77
 
 
-# -- the consumer loop's hand-over (enricher/faust_patches.py) ------------------
+# -- the consumer loop's hand-over (enricher/stream/faust_patches.py) ------------------
 def _code_lines(source: str) -> list[str]:
     import textwrap
 
@@ -60,10 +60,10 @@ def _code_lines(source: str) -> list[str]:
 def test_faust_consumer_loop_is_the_one_the_patch_was_written_against():
     from faust.transport import consumer
 
-    from enricher.faust_patches import DRAIN_MESSAGES_SHA256, _upstream, source_sha256
+    from enricher.stream.faust_patches import DRAIN_MESSAGES_SHA256, _upstream, source_sha256
 
     assert source_sha256(_upstream(consumer.Consumer._drain_messages)) == DRAIN_MESSAGES_SHA256, (
-        "faust-streaming changed Consumer._drain_messages: re-check enricher/faust_patches.py against it")
+        "faust-streaming changed Consumer._drain_messages: re-check enricher/stream/faust_patches.py against it")
 
 
 def test_the_patched_loop_differs_from_upstream_only_in_the_hand_over():
@@ -71,7 +71,7 @@ def test_the_patched_loop_differs_from_upstream_only_in_the_hand_over():
 
     from faust.transport import consumer
 
-    from enricher import faust_patches
+    from enricher.stream import faust_patches
 
     upstream = _code_lines(inspect.getsource(faust_patches._upstream(consumer.Consumer._drain_messages)))
     ours = _code_lines(inspect.getsource(faust_patches._drain_messages))
@@ -84,7 +84,7 @@ def test_the_patched_loop_differs_from_upstream_only_in_the_hand_over():
 def test_installing_the_patch_replaces_the_loop_once_and_keeps_the_original():
     from faust.transport import consumer
 
-    from enricher import faust_patches
+    from enricher.stream import faust_patches
 
     assert faust_patches.eager_hand_over() and faust_patches.eager_hand_over()
     assert consumer.Consumer._drain_messages is faust_patches._drain_messages
@@ -95,7 +95,7 @@ def test_installing_the_patch_replaces_the_loop_once_and_keeps_the_original():
 def test_aiokafka_start_is_pinned_by_its_hash_in_the_product_code():
     from aiokafka import AIOKafkaConsumer
 
-    from enricher.faust_patches import AIOKAFKA_CONSUMER_START_SHA256, source_sha256
+    from enricher.stream.faust_patches import AIOKAFKA_CONSUMER_START_SHA256, source_sha256
 
     assert source_sha256(AIOKafkaConsumer.start) == AIOKAFKA_CONSUMER_START_SHA256
 
@@ -104,7 +104,7 @@ def test_without_readable_sources_no_adjustment_is_applied(monkeypatch, caplog):
     # An image shipped without .py files: inspect.getsource raises OSError.
     import inspect
 
-    from enricher import faust_patches
+    from enricher.stream import faust_patches
 
     def no_source(_):
         raise OSError("could not get source code")

@@ -4,9 +4,8 @@ import io
 
 import numpy as np
 import pytest
-from sklearn.ensemble import IsolationForest
-
 from enricher.models.forest import CompactForest
+from sklearn.ensemble import IsolationForest
 
 rng = np.random.default_rng(3)
 X = rng.normal(size=(3000, 7)).astype(np.float32)

@@ -13,11 +13,12 @@ from datetime import datetime, timezone
 
 import orjson
 import pyarrow as pa
-from hypothesis import HealthCheck, given, settings, strategies as st
+from enricher.models.spec import ModelSpec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from enricher import sample
-from enricher.contract import MAX_ID_CHARS, REASONS, parse_batch, to_ipc
-from enricher.models.spec import ModelSpec
+from enricher.stream.contract import MAX_ID_CHARS, REASONS, parse_batch, to_ipc
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 SPECS = {sample.MODEL_ID: SPEC}.get

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from enricher.models.spec import ModelSpec
 
 from enricher import sample
-from enricher.contract import REASONS, parse_batch
-from enricher.models.spec import ModelSpec
+from enricher.stream.contract import REASONS, parse_batch
 
 from .hostile import corpus
 
@@ -37,10 +37,10 @@ def test_each_hostile_kind_is_stored_or_dead_lettered_as_it_must_be(hostile):
 def test_the_whole_corpus_mid_stream_crashes_nothing_and_every_message_is_accounted_for(make_settings, tmp_path):
     import signal
 
-    from enricher import deadletters
-    from enricher.producer import InferenceProducer
+    from enricher.stream import deadletters
+    from enricher.stream.producer import InferenceProducer
+    from enricher.stream.topics import ensure_topics
     from enricher.supervise import WorkerProcess
-    from enricher.topics import ensure_topics
 
     from .conftest import register_sample
     from .test_stream import count_rows, query

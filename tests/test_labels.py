@@ -1,4 +1,4 @@
-"""Late labels: label updates on the inference topic reach their rows (enricher/labels.py)."""
+"""Late labels: label updates on the inference topic reach their rows (enricher/store/labels.py)."""
 
 import json
 import time
@@ -6,15 +6,15 @@ import time
 import orjson
 import pyarrow as pa
 import pytest
+from enricher.models.artifact import ArtifactStore
 
 from enricher import sample
-from enricher.batch import BatchProcessor, Messages
 from enricher.config import Settings
-from enricher.contract import ARROW_STREAM, to_ipc
-from enricher.labels import LabelSweep
-from enricher.serving import Serving
-from enricher.sink import ClickHouseSink
-from enricher.models.artifact import ArtifactStore
+from enricher.store.labels import LabelSweep
+from enricher.store.sink import ClickHouseSink
+from enricher.stream.batch import BatchProcessor, Messages
+from enricher.stream.contract import ARROW_STREAM, to_ipc
+from enricher.stream.serving import Serving
 from tests.conftest import register_sample
 
 VIEW = f"enricher.{sample.MODEL_ID}"
@@ -157,7 +157,7 @@ def test_a_worker_brings_streamed_labels_to_their_rows(make_settings, tmp_path):
     import signal
     import time
 
-    from enricher.query import query
+    from enricher.store.query import query
     from enricher.supervise import WorkerProcess
     from tests.test_stream import produce
 
@@ -187,11 +187,11 @@ def test_a_worker_brings_streamed_labels_to_their_rows(make_settings, tmp_path):
 def test_a_label_keeps_the_features_of_slot_columns_another_worker_added(engine, tmp_path):
     """The sweeper's process has not seen the slot columns a wider model needed (another
     worker made them): the labelled copy of a row still carries every feature."""
-    from enricher.clickhouse import EnrichedTables, Schema
-    from enricher.enrich import enrich
-    from enricher.contract import parse_batch
-
     import pyarrow.parquet as pq
+
+    from enricher.store.clickhouse import EnrichedTables, Schema
+    from enricher.stream.contract import parse_batch
+    from enricher.stream.enrich import enrich
 
     processor, send, sweep, registry, _ = engine
     sweep.run()  # the sweeper has looked at the table already

@@ -5,13 +5,13 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from enricher.models.registry import ModelRegistry
 
 from enricher import sample
 from enricher.cli import main
-from enricher.clickhouse import EnrichedTables, connect
 from enricher.config import Settings
-from enricher.migrate import migrate
-from enricher.models.registry import ModelRegistry
+from enricher.store.clickhouse import EnrichedTables, connect
+from enricher.store.migrate import migrate
 
 # The v1 storage table exactly as the release before 2026-12 created it.
 V1_DDL = """CREATE TABLE enricher_store.inferences (

@@ -11,15 +11,15 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from enricher import deadletters
-from enricher.query import query
 from enricher.models import ENRICHMENTS
 from enricher.models.enrichment import InferenceBatch
 from enricher.models.reference import ReferenceDataError, normalise
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec, SpecError
 from enricher.pipelines.train import train
+
+from enricher.store.query import query
+from enricher.stream import deadletters
 
 from .test_stream import produce, worker_for  # noqa: F401 - a fixture
 

@@ -25,14 +25,16 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from enricher import sample
 from enricher.broker import free_port
 from enricher.config import ConfigError, Settings
-from enricher.sqlguard import STORE_TABLES, Guard, QueryRefused, function_allowed
+from enricher.store.sqlguard import STORE_TABLES, Guard, QueryRefused, function_allowed
+from enricher.stream.topics import ensure_topics
 from enricher.supervise import WorkerProcess
-from enricher.topics import ensure_topics
 
 from .clickhouse_http import ClickHouseHTTP
 from .conftest import register_sample

@@ -1,11 +1,11 @@
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
-
-from enricher import sample
 from enricher.models.reference import ReferenceDataError, normalise, read_table
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
+
+from enricher import sample
 
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
 

@@ -8,11 +8,11 @@ import multiprocessing
 import threading
 
 import pyarrow.parquet as pq
-
-from enricher import sample
-from enricher.control import ControlPlane
 from enricher.models.artifact import ArtifactStore
 from enricher.models.registry import ModelRegistry
+
+from enricher import sample
+from enricher.control.plane import ControlPlane
 
 ROUNDS = 40
 

@@ -3,11 +3,11 @@
 import time
 
 import pytest
-
-from enricher import sample
 from enricher.pipelines import steps
 from enricher.pipelines.runners import LocalRunner, RunnerError, dag_order
 from enricher.pipelines.workflow import WorkflowOptions, workflow_dict
+
+from enricher import sample
 
 from .conftest import offline_registry
 

@@ -3,14 +3,14 @@ batches, and refuses a bad one while the previous keeps serving."""
 
 import pyarrow.parquet as pq
 import pytest
-
-from enricher import metrics, sample
-from enricher.serving import Serving
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactStore
 from enricher.models.reference import normalise
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
+
+from enricher import metrics, sample
+from enricher.stream.serving import Serving
 
 AD = "anomaly_detection"
 SPEC = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)

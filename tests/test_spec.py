@@ -1,7 +1,7 @@
 import pytest
+from enricher.models.spec import ModelSpec, SpecError, check_model_id
 
 from enricher import sample
-from enricher.models.spec import ModelSpec, SpecError, check_model_id
 
 
 @pytest.mark.parametrize("good", ["a", "credit_default", "m1", "a" * 63])

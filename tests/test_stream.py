@@ -10,11 +10,12 @@ from collections import Counter
 
 import pytest
 
-from enricher import deadletters, sample
-from enricher.query import query
-from enricher.producer import InferenceProducer
+from enricher import sample
+from enricher.store.query import query
+from enricher.stream import deadletters
+from enricher.stream.producer import InferenceProducer
+from enricher.stream.topics import ensure_topics
 from enricher.supervise import WorkerProcess
-from enricher.topics import ensure_topics
 
 from .conftest import register_sample
 

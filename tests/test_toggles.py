@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from enricher import sample
-from enricher.query import query
-from enricher.producer import InferenceProducer
+from enricher.store.query import query
+from enricher.stream.producer import InferenceProducer
+from enricher.stream.topics import ensure_topics
 from enricher.supervise import TriggerProcess, WorkerProcess
-from enricher.topics import ensure_topics
 
 pytestmark = pytest.mark.timeout(400)
 TOKEN = "s3cret-token"

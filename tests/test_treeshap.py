@@ -6,9 +6,8 @@ import math
 import numpy as np
 import pytest
 import shap
-from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
-
 from enricher.models.treeshap import MAX_PATH_FEATURES, TreeEnsemble
+from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 
 
 def data(n=3000, features=8, seed=0):

@@ -3,12 +3,12 @@
 import time
 
 import pytest
-
-from enricher import sample
-from enricher.control import ControlPlane
-from enricher.trigger import Trigger
 from enricher.pipelines.runners import LocalRunner
 from enricher.pipelines.workflow import WorkflowOptions
+
+from enricher import sample
+from enricher.control.plane import ControlPlane
+from enricher.control.trigger import Trigger
 
 from .conftest import offline_registry
 

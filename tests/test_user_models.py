@@ -9,15 +9,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import xgboost
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-
-from enricher.config import Settings
-from enricher.control import ControlPlane, RequestError
 from enricher.models import ENRICHMENTS
 from enricher.models.enrichment import InferenceBatch
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import SpecError
 from enricher.pipelines.train import train
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from enricher.config import Settings
+from enricher.control.plane import ControlPlane, RequestError
 
 EX = ENRICHMENTS["explainability"]
 N_FEATURES = 6

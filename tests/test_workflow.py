@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from enricher.models import ENRICHMENTS
 from enricher.pipelines.workflow import WorkflowOptions, build_workflow, k8s_name, workflow_dict
 

@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .clickhouse import LABEL_SWEEPS, TABLE, EnrichedTables, quote, store_table
+from enricher.store.clickhouse import LABEL_SWEEPS, TABLE, EnrichedTables, quote, store_table
 
 log = logging.getLogger(__name__)
 

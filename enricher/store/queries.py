@@ -37,9 +37,9 @@ from decimal import Decimal
 
 import orjson
 
-from .config import Settings
-from .errors import EnricherError
-from .sqlguard import Guard
+from enricher.config import Settings
+from enricher.errors import EnricherError
+from enricher.store.sqlguard import Guard
 
 log = logging.getLogger(__name__)
 # Nice value of the query pool's threads: the stream's threads (0) win the CPU when both want it.
@@ -108,7 +108,7 @@ class QueryRunner:
 
     def connect(self):
         """A connection for one query, the limits in its session."""
-        from .clickhouse import connect
+        from enricher.store.clickhouse import connect
 
         if self.server and self.settings.query_user:
             # On a server the query user's settings profile holds the limits, with
@@ -144,7 +144,7 @@ class QueryRunner:
         return Answer(list(result.column_names), rows, truncated, plan.row_limit)
 
     def _create_views_database(self) -> None:
-        from .clickhouse import connect, quote
+        from enricher.store.clickhouse import connect, quote
 
         owner = connect(self.settings)
         try:
@@ -204,10 +204,9 @@ def query_user_ddl(settings: Settings, salt: str | None = None) -> list[str]:
     import hashlib
     import secrets
 
-    from .clickhouse import quote
-    from .sqlguard import STORE_TABLES
-
-    from .errors import UserError
+    from enricher.errors import UserError
+    from enricher.store.clickhouse import quote
+    from enricher.store.sqlguard import STORE_TABLES
 
     user = settings.query_user or "enricher_query"
     if not settings.query_password:

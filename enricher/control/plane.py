@@ -17,15 +17,14 @@ import json
 import logging
 import time
 
+from enricher.config import Settings
+from enricher.control.locations import LocationRefused, Locations
+from enricher.errors import EnricherError
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactError, ArtifactStore
 from enricher.models.reference import ReferenceDataError
 from enricher.models.registry import ModelRegistry, UnknownModel
 from enricher.models.spec import ModelSpec, SpecError, check_model_id
-
-from .config import Settings
-from .errors import EnricherError
-from .locations import LocationRefused, Locations
 
 log = logging.getLogger("enricher.control")
 

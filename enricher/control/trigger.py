@@ -30,11 +30,11 @@ import signal
 import threading
 import time
 
+from enricher.config import Settings
 from enricher.models.registry import ModelRegistry
-from enricher.pipelines.runners import RunnerError
+from enricher.pipelines.runners import ArgoRunner, LocalRunner, RunnerError
 from enricher.pipelines.workflow import WorkflowOptions, branch_steps, workflow_dict
-
-from .config import Settings
+from enricher.stream.topics import ensure_topics
 
 log = logging.getLogger("enricher.trigger")
 WATCHED = ("model_registered", "enrichments_changed")
@@ -178,8 +178,6 @@ class Trigger:
 
 
 def make_runner(settings: Settings):
-    from enricher.pipelines.runners import ArgoRunner, LocalRunner
-
     if settings.runner == "argo":
         return ArgoRunner(settings.argo_url, settings.argo_namespace, token=settings.argo_token,
                           verify=settings.argo_verify)
@@ -195,8 +193,6 @@ def workflow_options(settings: Settings) -> WorkflowOptions:
 def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None:
     """The trigger process: the control topic in, runs out, until stopped."""
     from confluent_kafka import Consumer
-
-    from .topics import ensure_topics
 
     stop = stop or threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -19,12 +19,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from enricher import metrics
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactError, ArtifactStore
 from enricher.models.registry import ModelRegistry, UnknownModel
 from enricher.models.spec import ModelSpec
-
-from . import metrics
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Directly against the store, or through the running worker that holds the
 embedded one (chDB allows one process per data directory); the same rules
-either way (enricher/sqlguard.py).
+either way (enricher/store/sqlguard.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 import urllib.error
 import urllib.request
 
-from .config import Settings
-from .errors import UserError
+from enricher.config import Settings
+from enricher.errors import UserError
 
 
 def query(settings: Settings, sql: str) -> tuple[list[str], list]:
@@ -28,7 +28,7 @@ def ask(settings: Settings, sql: str):
     Either way the same rules apply (sqlguard.py, queries.py): reads of the
     enriched tables only, within the query limits; the answer says whether
     rows were cut at ENRICHER_QUERY_MAX_ROWS."""
-    from .queries import Answer
+    from enricher.store.queries import Answer
 
     worker = running_worker(settings)
     if worker:
@@ -49,8 +49,8 @@ def ask(settings: Settings, sql: str):
         return Answer(doc["columns"], doc["rows"], bool(doc.get("truncated")), doc.get("row_limit"))
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    from .queries import QueryRunner
-    from .sqlguard import QueryRefused
+    from enricher.store.queries import QueryRunner
+    from enricher.store.sqlguard import QueryRefused
 
     try:
         return QueryRunner(settings).run(sql)
@@ -62,7 +62,7 @@ def ask(settings: Settings, sql: str):
 
 def store_tables(settings: Settings):
     """The enriched tables for a maintenance command (migrate, drop-rows): straight to the store."""
-    from .clickhouse import EnrichedTables, connect
+    from enricher.store.clickhouse import EnrichedTables, connect
 
     worker = running_worker(settings)
     if worker:
@@ -103,8 +103,7 @@ def drift_report(settings: Settings, model_id: str, window: str, feature: str | 
     worker = running_worker(settings)
     if worker is None:
         from enricher.models.registry import ModelRegistry
-
-        from .drift import DriftService
+        from enricher.store.drift import DriftService
 
         service = DriftService(settings, ModelRegistry(settings.registry_dir))
         try:

@@ -13,9 +13,9 @@ import orjson
 import pyarrow as pa
 from confluent_kafka import Producer
 
-from .config import Settings
-from .contract import ARROW_STREAM, JSON, to_ipc
-from .errors import EnricherError, InvalidArgument
+from enricher.config import Settings
+from enricher.errors import EnricherError, InvalidArgument
+from enricher.stream.contract import ARROW_STREAM, JSON, to_ipc
 
 BATCH_FORMATS = ("json", "arrow", "none")
 

@@ -34,36 +34,36 @@ window of fewer than `min_rows` values are marked `significant: false`.
 from __future__ import annotations
 
 import hashlib
-import re
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from enricher import metrics
+from enricher.config import Settings
+from enricher.errors import InvalidArgument
 from enricher.models.profile import FeatureProfile, profile
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
+from enricher.store.clickhouse import (
+    REFERENCE_BINS,
+    REFERENCE_VALUES,
+    EnrichedTables,
+    Schema,
+    connect,
+    literal,
+    quote,
+    store_table,
+)
+from enricher.windows import parse_end, parse_window
 
-from .clickhouse import REFERENCE_BINS, REFERENCE_VALUES, EnrichedTables, literal, quote, store_table
-from .errors import InvalidArgument
-
+log = logging.getLogger(__name__)
 SMOOTHING = 0.5
-METRICS = ("psi", "kl", "js", "hellinger", "ks")
-_WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_window(text: str) -> float:
-    """'30m', '1h', '7d' -> seconds."""
-    match = _WINDOW.match(str(text))
-    if not match or float(match.group(1)) <= 0:
-        raise InvalidArgument(f"window {text!r}: write a positive number and a unit, e.g. 30m, 1h, 7d "
-                         "(s, m, h, d or w)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
+METRICS = ("psi", "kl", "js", "hellinger", "ks", "ks_pvalue")  # the FeatureDrift figures exported as gauges
 @dataclass
 class FeatureDrift:
     feature: str
@@ -278,31 +278,12 @@ def _values_table(model_id: str, ref: str, profiles: list[FeatureProfile]) -> pa
                      "value": pa.array(values, pa.float64())})
 
 
-def parse_end(text) -> float | None:
-    """The window's end: ISO-8601 (no offset means UTC) or epoch seconds; None: now."""
-    if text is None or text == "":
-        return None
-    from datetime import datetime, timezone
-
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        pass
-    try:
-        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidArgument(f"end {text!r}: write an ISO-8601 time (2026-12-01T10:00:00Z) or epoch seconds") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
-
-
 class DriftService:
     """Drift for the API, the CLI and the exporter: a Drift (so a connection)
     per thread, reference profiles written once per process."""
 
     def __init__(self, settings, registry: ModelRegistry, schema=None):
         import threading
-
-        from .clickhouse import Schema
 
         self.settings = settings
         self.registry = registry
@@ -311,8 +292,6 @@ class DriftService:
         self._written: set = set()
 
     def drift(self) -> Drift:
-        from .clickhouse import connect
-
         drift = getattr(self._local, "drift", None)
         if drift is None:
             tables = EnrichedTables.from_settings(connect(self.settings), self.settings, self.schema)
@@ -342,3 +321,58 @@ class DriftService:
         except Exception:
             self.forget_connection()  # a connection that failed mid-request is not reused
             raise
+
+
+class DriftExporter:
+    """Per-model, per-feature drift of the last ENRICHER_DRIFT_WINDOW as gauges
+    (enricher_drift{model, feature, metric}); at most ENRICHER_DRIFT_MAX_FEATURES
+    features per model, so the series are bounded by models x that x len(METRICS)."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry):
+        self.settings = settings
+        self.registry = registry
+        self.service = DriftService(settings, registry)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-export")
+        self.exported: set[tuple[str, str]] = set()
+
+    def run(self) -> None:
+        seen = set()
+        for model_id in self.registry.ids():
+            try:
+                report = self.service.measure(model_id, self.settings.drift_window,
+                                              limit=self.settings.drift_max_features)
+            except Exception as exc:  # noqa: BLE001 - one model's failure leaves the others' gauges
+                log.warning("drift of model %s not exported: %s: %s", model_id, type(exc).__name__, str(exc)[:300])
+                continue
+            for f in report.features:
+                seen.add((model_id, f.feature))
+                metrics.DRIFT_ROWS.labels(model_id, f.feature).set(f.rows)
+                metrics.DRIFT_SIGNIFICANT.labels(model_id, f.feature).set(int(f.significant))
+                for metric in METRICS:
+                    value = getattr(f, metric)
+                    if value is None:
+                        _remove(metrics.DRIFT, model_id, f.feature, metric)
+                    else:
+                        metrics.DRIFT.labels(model_id, f.feature, metric).set(value)
+        for model_id, feature in self.exported - seen:  # a model or feature gone
+            self._drop(model_id, feature)
+        self.exported = seen
+
+    def clear(self) -> None:
+        for model_id, feature in self.exported:
+            self._drop(model_id, feature)
+        self.exported = set()
+
+    @staticmethod
+    def _drop(model_id: str, feature: str) -> None:
+        _remove(metrics.DRIFT_ROWS, model_id, feature)
+        _remove(metrics.DRIFT_SIGNIFICANT, model_id, feature)
+        for metric in METRICS:
+            _remove(metrics.DRIFT, model_id, feature, metric)
+
+
+def _remove(gauge, *labels) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass

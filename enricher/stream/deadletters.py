@@ -23,9 +23,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from .config import Settings
-from .contract import DeadLetter
-from .topics import read_topic
+from enricher.config import Settings
+from enricher.errors import BrokerUnavailable
+from enricher.stream.contract import DeadLetter
+from enricher.stream.topics import read_topic
 
 
 def record(d: DeadLetter, source_topic: str, max_bytes: int) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -110,8 +111,6 @@ def browse(settings: Settings, model: str | None = None, reason: str | None = No
     both cases, so a seek that lands early costs time, never a record).
     """
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
-
-    from .topics import BrokerUnavailable
 
     stop = stop or threading.Event()
     topic = settings.dlq_topic

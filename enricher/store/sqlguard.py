@@ -38,7 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import EnricherError
+from enricher.errors import EnricherError
 
 
 class QueryRefused(EnricherError, ValueError):

@@ -25,11 +25,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from enricher.errors import EnricherError
 from enricher.models.registry import ModelRegistry, UnknownModel
-
-from .clickhouse import (FIXED_COLUMNS, KEY, LEGACY_TABLE, EnrichedTables, legacy_exists, literal, quote,
-                         spec_columns, store_table)
-from .errors import EnricherError
+from enricher.store.clickhouse import (
+    FIXED_COLUMNS,
+    KEY,
+    LEGACY_TABLE,
+    EnrichedTables,
+    legacy_exists,
+    literal,
+    quote,
+    spec_columns,
+    store_table,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,8 @@ import time
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from .config import Settings
-from .errors import BrokerUnavailable  # noqa: F401 - raised here; callers import it from either
-
-
+from enricher.config import Settings
+from enricher.errors import BrokerUnavailable  # noqa: F401 - raised here; callers import it from either
 
 
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> None:

@@ -31,13 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import metrics
-from .config import Settings
-from .contract import DeadLetter, ParsedBatch, parse_batch
-from .enrich import enrich_many, storage_group
-from .labels import label_table
-from .serving import Serving
-from .sink import ClickHouseSink, StoreRejected, StoreUnavailable
+from enricher import metrics
+from enricher.config import Settings
+from enricher.store.labels import label_table
+from enricher.store.sink import ClickHouseSink, StoreRejected, StoreUnavailable
+from enricher.stream.contract import DeadLetter, ParsedBatch, parse_batch
+from enricher.stream.enrich import enrich_many, storage_group
+from enricher.stream.serving import Serving
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,11 @@ import numpy as np
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 
+from enricher import metrics
+from enricher.config import Settings
+from enricher.errors import EnricherError
 from enricher.models.spec import ModelSpec
-
-from . import metrics
-from .clickhouse import EnrichedTables, Schema, connect, store_table
-from .config import Settings
-from .errors import EnricherError
+from enricher.store.clickhouse import EnrichedTables, Schema, connect, store_table
 
 # ClickHouse error codes that say "not now" rather than "not this data".
 TRANSIENT_CODES = frozenset({

@@ -56,19 +56,17 @@ Layout v1 (`<database>_store.inferences`, before 2026-12) is migrated by
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 from urllib.parse import unquote, urlsplit
 
-import logging
-
 import clickhouse_connect
 import pyarrow as pa
 
+from enricher.config import Settings
 from enricher.models.enrichment import model_outputs
 from enricher.models.spec import ModelSpec, check_model_id
-
-from .config import Settings
 
 log = logging.getLogger(__name__)
 

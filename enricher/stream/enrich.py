@@ -9,12 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from enricher import metrics
 from enricher.models.enrichment import checked_output, model_outputs, version_column
-
-from . import metrics
-from .clickhouse import FIXED_COLUMNS, spec_columns
-from .contract import ModelRows
-from .serving import Active
+from enricher.store.clickhouse import FIXED_COLUMNS, spec_columns
+from enricher.stream.contract import ModelRows
+from enricher.stream.serving import Active
 
 log = logging.getLogger(__name__)
 

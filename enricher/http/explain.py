@@ -23,16 +23,16 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from enricher.config import Settings
+from enricher.control.plane import RequestError
+from enricher.errors import UserError
 from enricher.models.enrichment import InferenceBatch
 from enricher.models.explainability import BASE, NAME, OUTPUT, PREFIX
 from enricher.models.registry import ModelRegistry, UnknownModel
 from enricher.models.spec import ModelSpec, SpecError, check_model_id
-
-from .clickhouse import connect, quote
-from .config import Settings
-from .contract import parse_batch
-from .control import RequestError
-from .drift import parse_end, parse_window
+from enricher.store.clickhouse import connect, quote
+from enricher.stream.contract import parse_batch
+from enricher.windows import parse_end, parse_window
 
 WHAT_IF_FIELDS = {"features", "attributes", "prediction"}
 MAX_WHAT_IF_BYTES = 1 << 20
@@ -190,8 +190,7 @@ def importance(settings: Settings, model_id: str, window: str, end: str | None =
     from datetime import datetime, timezone
 
     from enricher.models.explainability import attribution_unit
-
-    from .query import query
+    from enricher.store.query import query
 
     spec = ModelRegistry(settings.registry_dir).get(check_model_id(model_id))
     seconds = parse_window(window)
@@ -226,8 +225,6 @@ def plot(report: dict, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import UserError
-
         raise UserError("--plot needs matplotlib: pip install 'inference-enricher[plot]' (or matplotlib)") from None
     panels = [(f"class {c['class']}: {c['rows']:,} rows", c["features"]) for c in report.get("classes", [])] \
         or [(f"{report['rows']:,} rows", report["features"])]

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from .errors import EnricherError
+from enricher.errors import EnricherError
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _STORE_OPTIONS = ("endpoint_override", "scheme", "region")

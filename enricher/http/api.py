@@ -18,25 +18,24 @@ and ENRICHER_HTTP_TLS_KEY it speaks HTTPS.
 from __future__ import annotations
 
 import asyncio
-import logging
 import hmac
 import ipaddress
+import logging
 import ssl
 
 import faust
 from aiohttp import web as aioweb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from enricher.config import ConfigError, Settings
+from enricher.control.plane import ControlPlane, RequestError
+from enricher.http.explain import OnDemand
 from enricher.models.registry import UnknownModel
 from enricher.models.spec import SpecError, check_model_id
-
-from .clickhouse import EnrichedTables, connect
-from .config import ConfigError, Settings
-from .control import ControlPlane, RequestError
-from .drift import DriftService
-from .explain import OnDemand
-from .queries import QueryBusy, QueryPool, QueryRunner
-from .sqlguard import QueryRefused
+from enricher.store.clickhouse import EnrichedTables, connect
+from enricher.store.drift import DriftService
+from enricher.store.queries import QueryBusy, QueryPool, QueryRunner
+from enricher.store.sqlguard import QueryRefused
 
 log = logging.getLogger(__name__)
 UNAUTHORISED = {"error": "missing or wrong bearer token (Authorization: Bearer $ENRICHER_API_TOKEN)"}

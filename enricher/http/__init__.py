@@ -1,0 +1,2 @@
+"""The worker's HTTP server: routes and auth (api), on-demand explanations,
+what-if and global importance (explain)."""
