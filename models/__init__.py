@@ -1,10 +1,9 @@
 """Enrichment algorithms: fit artifacts on reference data, transform batches.
 
-Knows nothing of Kafka, Faust, Argo or ClickHouse.
+Knows nothing of Kafka, Faust, Argo or ClickHouse. `enricher.models.ENRICHMENTS`
+(defined in catalog.py) names every enrichment.
 """
 
-from .anomaly import AnomalyDetection
-from .explainability import Explainability
+from .catalog import ENRICHMENTS
 
-#: Every enrichment by name. A new enrichment is one module and one line here.
-ENRICHMENTS = {e.name: e for e in (AnomalyDetection(), Explainability())}
+__all__ = ["ENRICHMENTS"]

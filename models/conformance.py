@@ -34,12 +34,12 @@ import numpy as np
 import pyarrow as pa
 
 from .artifact import ArtifactStore
+from .catalog import checked_output
 from .enrichment import (
     OUTPUT_TYPES,
     Enrichment,
     InferenceBatch,
     Unusable,
-    checked_output,
     published_parameters,
     reserves,
 )

@@ -28,7 +28,6 @@ into a column of the shared table.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
@@ -199,42 +198,3 @@ def usable(enrichment: Enrichment, spec: ModelSpec) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=8192)
-def model_outputs(spec: ModelSpec) -> tuple[tuple[str, tuple[Output, ...]], ...]:
-    """Every enrichment the model can use with its outputs, its version column
-    last (cached: the stream asks for every batch)."""
-    from . import ENRICHMENTS
-
-    out = []
-    for name, enrichment in ENRICHMENTS.items():
-        if usable(enrichment, spec):
-            out.append((name, tuple(enrichment.outputs(spec))
-                        + (Output(version_column(name), pa.uint32(), version_column(name),
-                                  doc=f"the {name} artifact version that made this row's values"),)))
-    return tuple(out)
-
-
-def checked_output(name: str, spec: ModelSpec, out, num_rows: int) -> dict[str, pa.Array]:
-    """An enrichment's output as the rest of the engine expects it: exactly the
-    declared columns (by view name), one value per row, of the declared types
-    (or castable to them). Anything else raises ValueError. Serving calls it
-    inside its guard (that enrichment's columns are NULL for the batch,
-    counted); a training run's validate step calls it on reference rows (the
-    run fails, saying why)."""
-    from . import ENRICHMENTS
-
-    declared = {o.name: o.type for o in ENRICHMENTS[name].outputs(spec)}
-    if not isinstance(out, dict) or set(out) != set(declared):
-        got = sorted(out) if isinstance(out, dict) else type(out).__name__
-        raise ValueError(f"{name} returned {got}, it declares {sorted(declared)}")
-    checked = {}
-    for col, arrow_type in declared.items():
-        arr = out[col]
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks()
-        elif not isinstance(arr, pa.Array):
-            arr = pa.array(np.asarray(arr))
-        if len(arr) != num_rows:
-            raise ValueError(f"{name}.{col}: {len(arr)} values for {num_rows} rows")
-        checked[col] = arr if arr.type == arrow_type else arr.cast(arrow_type)
-    return checked

@@ -209,9 +209,9 @@ class Explainability:
         quality["holdout_rows"] = int(holdout.sum())
         quality["explains"] = "surrogate"
         quality["unit"] = attribution_unit(spec, quality)
-        from .treeshap import TreeEnsemble
+        from .sklearntrees import ensemble as sklearn_ensemble  # here: it imports treeshap, numba's
 
-        ensemble = TreeEnsemble.from_sklearn(model, n_features=len(spec.features))
+        ensemble = sklearn_ensemble(model, n_features=len(spec.features))
         quality["artifact_bytes"] = ensemble.nbytes
         artifact = ExplainabilityArtifact(encoder, ensemble, classes, params, quality)
         artifact.surrogate = model

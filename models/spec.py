@@ -33,7 +33,10 @@ def _reserved_by(name: str) -> str | None:
     """What a column name is reserved for, if anything."""
     if name in RESERVED_COLUMNS:
         return "the enriched table's own columns"
-    from . import ENRICHMENTS  # here: the enrichments import this module
+    # The one two-way rule between modules: a schema may not name a column an enrichment
+    # outputs, and the enrichments are written against the schema (ModelSpec). So the
+    # check imports the catalog here, when a schema is read, after both are loaded.
+    from .catalog import ENRICHMENTS
     from .enrichment import reserves
 
     for enrichment in ENRICHMENTS.values():
@@ -88,7 +91,7 @@ class ModelSpec:
         """Column name -> storage column ("n<i>" numeric, "c<i>" categorical)."""
         if self.slots:
             return dict(self.slots)
-        from .slots import assign, column_names
+        from .slots import assign, column_names  # the same two-way rule: slots place ModelSpec's columns
 
         return dict(column_names(self.columns, assign(self.columns)))
 

@@ -152,14 +152,6 @@ class TreeEnsemble:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._arrays().values())
 
-    # -- builders ----------------------------------------------------------------
-    @classmethod
-    def from_sklearn(cls, model, n_features: int | None = None) -> "TreeEnsemble":
-        """A fitted scikit-learn tree model (models/sklearntrees.py says which and how)."""
-        from .sklearntrees import ensemble
-
-        return ensemble(model, n_features)
-
     # -- use -----------------------------------------------------------------------
     def predict_raw(self, X: np.ndarray) -> np.ndarray:
         """Raw outputs, (rows, outputs)."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from enricher.errors import EnricherError
 
+from . import sklearntrees
 from .treeshap import CAT_SET_RIGHT, CATEGORICAL, DEFAULT_LEFT, NAN_AS_ZERO, ZERO_MISSING, TreeEnsemble
 
 MAX_BYTES = 512 << 20
@@ -386,8 +387,6 @@ def _lightgbm_categories(tail: str, infos: list[str], n_features: int) -> dict[i
 def _skops(data: bytes, missing: float | None) -> UserModel:
     import skops.io as sio
 
-    from . import sklearntrees
-
     try:
         untrusted = sio.get_untrusted_types(data=data)
     except Exception as exc:  # noqa: BLE001 - skops raises many kinds on a damaged file
@@ -505,10 +504,8 @@ def library_margins(model: UserModel, data: bytes, X: np.ndarray) -> tuple[str, 
         return None
     import sklearn
 
-    from .sklearntrees import raw_output
-
     X = X if math.isnan(model.ensemble.missing) else np.where(X == model.ensemble.missing, np.nan, X)
-    return f"scikit-learn {sklearn.__version__}", raw_output(estimator, X)
+    return f"scikit-learn {sklearn.__version__}", sklearntrees.raw_output(estimator, X)
 
 
 def to_prediction(margins: np.ndarray, link: str) -> np.ndarray:

@@ -26,7 +26,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
-from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, checked_output, published_parameters
+from enricher.models.catalog import checked_output
+from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, published_parameters
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
 

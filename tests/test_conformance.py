@@ -5,8 +5,9 @@ import dataclasses
 import pyarrow as pa
 import pytest
 from enricher.models import ENRICHMENTS
+from enricher.models.catalog import model_outputs
 from enricher.models.conformance import check_enrichment, sample_models
-from enricher.models.enrichment import Output, Unusable, model_outputs, reserves
+from enricher.models.enrichment import Output, Unusable, reserves
 from enricher.models.spec import ModelSpec, SpecError
 
 from enricher.store.clickhouse import FIXED_COLUMNS, spec_columns, view_columns

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import shap
+from enricher.models.sklearntrees import ensemble as sklearn_ensemble
 from enricher.models.treeshap import MAX_PATH_FEATURES, TreeEnsemble
 from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
 
@@ -25,7 +26,7 @@ def regressor():
 
 def test_attributions_equal_shap_tree_explainer_for_a_regressor(regressor):
     X, model = regressor
-    ens = TreeEnsemble.from_sklearn(model)
+    ens = sklearn_ensemble(model)
     explainer = shap.TreeExplainer(model, feature_perturbation="tree_path_dependent")
     phi, base, output = ens.explain(X[:800])
     np.testing.assert_allclose(phi, explainer.shap_values(X[:800]), rtol=0, atol=1e-6)
@@ -38,7 +39,7 @@ def test_attributions_equal_shap_tree_explainer_for_a_regressor(regressor):
 def test_attributions_equal_shap_for_a_binary_classifier_in_margin_space():
     X, y = data(seed=1)
     model = GradientBoostingClassifier(n_estimators=40, max_depth=4, random_state=0).fit(X, y > 0)
-    ens = TreeEnsemble.from_sklearn(model)
+    ens = sklearn_ensemble(model)
     phi, base, output = ens.explain(X[:500])
     np.testing.assert_allclose(phi, shap.TreeExplainer(model).shap_values(X[:500]), rtol=0, atol=1e-6)
     assert np.abs(output - model.decision_function(X[:500])).max() < 1e-6
@@ -76,7 +77,7 @@ def test_multiclass_attributions_equal_the_shapley_values_of_the_path_dependent_
     X, y = data(n=1500, features=5, seed=2)
     classes = np.digitize(y, [-1.0, 1.0])
     model = GradientBoostingClassifier(n_estimators=6, max_depth=3, random_state=0).fit(X, classes)
-    ens = TreeEnsemble.from_sklearn(model)
+    ens = sklearn_ensemble(model)
     margins = model.decision_function(X[:12])
     chosen = margins.argmax(axis=1)
     phi, base, output = ens.explain(X[:12], chosen)
@@ -92,14 +93,14 @@ def test_two_features_that_drive_the_prediction_carry_nearly_all_attribution():
     X = rng.normal(size=(4000, 10)).astype(np.float32)
     y = 3 * X[:, 2] - 2 * X[:, 7]
     model = GradientBoostingRegressor(n_estimators=80, max_depth=4, random_state=0).fit(X, y)
-    phi, _, _ = TreeEnsemble.from_sklearn(model).explain(X[:2000])
+    phi, _, _ = sklearn_ensemble(model).explain(X[:2000])
     importance = np.abs(phi).mean(axis=0)
     assert importance[[2, 7]].sum() / importance.sum() >= 0.9
 
 
 def test_the_ensemble_round_trips_through_bytes_without_pickle(regressor):
     X, model = regressor
-    ens = TreeEnsemble.from_sklearn(model)
+    ens = sklearn_ensemble(model)
     again = TreeEnsemble.from_bytes(ens.to_bytes())
     np.testing.assert_array_equal(again.explain(X[:100])[0], ens.explain(X[:100])[0])
 
@@ -115,7 +116,7 @@ def test_arrays_that_would_read_outside_themselves_are_refused(regressor, corrup
     import io
 
     _, model = regressor
-    with np.load(io.BytesIO(TreeEnsemble.from_sklearn(model).to_bytes()), allow_pickle=False) as z:
+    with np.load(io.BytesIO(sklearn_ensemble(model).to_bytes()), allow_pickle=False) as z:
         arrays = {k: z[k].copy() for k in z.files}
     corrupt(arrays)
     buf = io.BytesIO()
@@ -131,7 +132,7 @@ def test_a_tree_too_deep_for_tables_is_explained_by_the_recursion_with_the_same_
     X = rng.normal(size=(6000, 14)).astype(np.float32)
     y = np.sin(X[:, :7] * 2).sum(axis=1) + X[:, 7] * X[:, 8] - X[:, 9:].sum(axis=1)
     deep = GradientBoostingRegressor(n_estimators=12, max_depth=14, random_state=0).fit(X, y)
-    ens = TreeEnsemble.from_sklearn(deep)
+    ens = sklearn_ensemble(deep)
     assert ens.n_path_trees > 0
     phi, base, output = ens.explain(X[:200])
     np.testing.assert_allclose(phi, shap.TreeExplainer(deep).shap_values(X[:200]), rtol=0, atol=1e-9)
@@ -169,7 +170,7 @@ def test_a_chain_of_more_distinct_features_than_a_mask_holds_is_explained_exactl
 def test_a_wrong_matrix_is_refused(regressor):
     _, model = regressor
     with pytest.raises(ValueError, match=r"\(rows, 8\)"):
-        TreeEnsemble.from_sklearn(model).explain(np.zeros((3, 5), np.float32))
+        sklearn_ensemble(model).explain(np.zeros((3, 5), np.float32))
 
 
 def test_deep_trees_explained_from_several_threads_at_once_give_the_same_numbers():
@@ -181,7 +182,7 @@ def test_deep_trees_explained_from_several_threads_at_once_give_the_same_numbers
     rng = np.random.default_rng(6)
     X = rng.normal(size=(1500, 14)).astype(np.float32)
     y = np.sin(X[:, :7] * 2).sum(axis=1) + X[:, 7] * X[:, 8]
-    ens = TreeEnsemble.from_sklearn(GradientBoostingRegressor(n_estimators=3, max_depth=13, random_state=0).fit(X, y))
+    ens = sklearn_ensemble(GradientBoostingRegressor(n_estimators=3, max_depth=13, random_state=0).fit(X, y))
     assert ens.n_path_trees > 0
     expected = ens.explain(X[:300])[0]
     results, errors = [], []
@@ -209,7 +210,7 @@ def test_an_artifact_from_before_missing_values_and_categories_still_loads_and_e
     import io
 
     X, model = regressor
-    ens = TreeEnsemble.from_sklearn(model)
+    ens = sklearn_ensemble(model)
     with np.load(io.BytesIO(ens.to_bytes()), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     for key in ("decision", "cat_offset", "cat_words", "cat_bits", "missing", "t_tree_mode"):

@@ -65,7 +65,7 @@ import clickhouse_connect
 import pyarrow as pa
 
 from enricher.config import Settings
-from enricher.models.enrichment import model_outputs
+from enricher.models.catalog import model_outputs
 from enricher.models.spec import ModelSpec, check_model_id
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ META_COLUMNS = ("_ingested_at", "_partition", "_offset")  # shown in the views; 
 def spec_columns(spec: ModelSpec) -> dict[str, tuple[str, pa.DataType]]:
     """The storage columns a model writes besides FIXED_COLUMNS: its slots, then
     the outputs (and version columns) of every enrichment it can use, as the
-    enrichments declare them (models.enrichment.model_outputs). Don't modify
+    enrichments declare them (enricher.models.catalog.model_outputs). Don't modify
     the result: it is shared."""
     cols = {}
     for storage in spec.storage_columns.values():

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enricher import metrics
-from enricher.models.enrichment import checked_output, model_outputs, version_column
+from enricher.models.catalog import checked_output, model_outputs
+from enricher.models.enrichment import version_column
 from enricher.store.clickhouse import FIXED_COLUMNS, spec_columns
 from enricher.stream.contract import ModelRows
 from enricher.stream.serving import Active
