@@ -57,3 +57,21 @@ def checked_output(name: str, spec: ModelSpec, out, num_rows: int) -> dict[str, 
             raise ValueError(f"{name}.{col}: {len(arr)} values for {num_rows} rows")
         checked[col] = arr if arr.type == arrow_type else arr.cast(arrow_type)
     return checked
+
+
+def out_of_bounds(name: str, spec: ModelSpec, out: dict[str, pa.Array]) -> str | None:
+    """What is wrong with an enrichment's checked output on reference rows, if anything:
+    a float column with a value that is not finite (NULL is a value not computed: fine),
+    or outside the bounds its Output declares. The training run's validate step refuses
+    such a result; the conformance check fails an enrichment that produces one."""
+    declared = {o.name: o for o in ENRICHMENTS[name].outputs(spec)}
+    for column, array in out.items():
+        if not pa.types.is_floating(array.type):
+            continue
+        values = array.drop_null().to_numpy(zero_copy_only=False)
+        if not np.isfinite(values).all():
+            return f"{name}.{column} is not finite on reference rows (use NULL for a value not computed)"
+        bounds = declared[column].bounds
+        if bounds and not ((values >= bounds[0]) & (values <= bounds[1])).all():
+            return f"{name}.{column} leaves [{bounds[0]}, {bounds[1]}] on reference rows"
+    return None

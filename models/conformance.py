@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from .artifact import ArtifactStore
-from .catalog import checked_output
+from .catalog import checked_output, out_of_bounds
 from .enrichment import (
     OUTPUT_TYPES,
     Enrichment,
@@ -147,15 +147,10 @@ def _check_fitted(enrichment: Enrichment, spec: ModelSpec, reference: pa.Table, 
     n = batch.num_rows
     whole = checked_output(name, spec, fitted.transform(batch), n)
     again = checked_output(name, spec, loaded.transform(batch), n)
-    declared = {o.name: o for o in enrichment.outputs(spec)}
     for col, arr in whole.items():
         _assert_same(arr, again[col], f"{name}.{col}: the loaded artifact transforms differently")
-        if pa.types.is_floating(arr.type):
-            values = arr.drop_null().to_numpy(zero_copy_only=False)
-            assert np.isfinite(values).all(), f"{name}.{col}: not finite on reference rows (use NULL)"
-            bounds = declared[col].bounds
-            if bounds:
-                assert ((values >= bounds[0]) & (values <= bounds[1])).all(), f"{name}.{col}: leaves {bounds}"
+    wrong = out_of_bounds(name, spec, whole)  # what the training run's validate step refuses
+    assert wrong is None, wrong
     cut = n // 3
     part = checked_output(name, spec, loaded.transform(batch.slice(cut, 97)), 97)
     for col, arr in part.items():

@@ -20,13 +20,12 @@ import io
 import json
 import logging
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
-from enricher.models.catalog import checked_output
+from enricher.models.catalog import checked_output, out_of_bounds
 from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, published_parameters
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
@@ -155,16 +154,9 @@ def validate(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: 
         ENRICHMENTS[enrichment].check_quality(meta["parameters"].get("quality", {}), settings)
     except ValueError as exc:
         raise StepError(f"run {run}: {exc}") from None
-    declared = {o.name: o for o in ENRICHMENTS[enrichment].outputs(spec)}
-    for column, array in out.items():
-        if pa.types.is_floating(array.type):  # NULL is a value not computed (e.g. not sampled), fine
-            values = array.drop_null().to_numpy(zero_copy_only=False)
-            if not np.isfinite(values).all():
-                raise StepError(f"run {run}: {enrichment}.{column} is not finite on reference rows")
-            bounds = declared[column].bounds
-            if bounds and not ((values >= bounds[0]) & (values <= bounds[1])).all():
-                raise StepError(f"run {run}: {enrichment}.{column} leaves [{bounds[0]}, {bounds[1]}] "
-                                f"on reference rows")
+    wrong = out_of_bounds(enrichment, spec, out)
+    if wrong:
+        raise StepError(f"run {run}: {wrong}")
     log.info("run %s: %s validated on %d reference rows", run, enrichment, sample.num_rows)
     return sample.num_rows
 
