@@ -10,6 +10,7 @@ from enricher.models.conformance import check_enrichment, sample_models
 from enricher.models.enrichment import Output, Unusable, reserves
 from enricher.models.spec import ModelSpec, SpecError
 
+from enricher.http.api import http_status
 from enricher.store.clickhouse import FIXED_COLUMNS, spec_columns, view_columns
 
 
@@ -158,7 +159,7 @@ def test_switching_on_an_enrichment_the_model_cannot_use_is_refused_before_any_t
         with pytest.raises(RequestError) as err:
             control.patch_enrichments("unlabelled", {"anomaly_detection": {"enabled": True},
                                                      "needs_labels": {"enabled": True}})
-        assert err.value.status == 400 and err.value.field == "needs_labels.enabled"
+        assert http_status(err.value) == 400 and err.value.field == "needs_labels.enabled"
         assert "no label column" in str(err.value)
         # nothing applied, not even the part of the PATCH that was fine
         assert not any(t["enabled"] for t in registry.enrichments("unlabelled").values())
@@ -194,7 +195,7 @@ def test_explanations_for_a_model_whose_feature_would_take_their_column_are_refu
     control = ControlPlane(registry, ArtifactStore(tmp_path / "artifacts"))
     with pytest.raises(RequestError) as err:
         control.patch_enrichments("clash", {"explainability": {"enabled": True}})
-    assert err.value.status == 400 and err.value.field == "explainability.enabled"
+    assert http_status(err.value) == 400 and err.value.field == "explainability.enabled"
     assert "explanation_output" in str(err.value) and "rename the feature" in str(err.value)
     assert not registry.enrichments("clash")["explainability"]["enabled"]
     control.patch_enrichments("clash", {"anomaly_detection": {"enabled": True}})  # what it can use, it may

@@ -30,18 +30,27 @@ log = logging.getLogger("enricher.control")
 
 
 class RequestError(EnricherError):
-    """A request to fix: `field` names the part of the body at fault."""
+    """A request to fix: `field` names the part of the body at fault. The kind of
+    error (this class or a subclass) says what went wrong; the HTTP layer maps kinds
+    to status codes (http/api.py), the CLI prints the message."""
 
-    def __init__(self, message: str, field: str | None = None, status: int = 400):
+    def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
-        self.status = status
 
     def body(self) -> dict:
         out = {"error": str(self)}
         if self.field is not None:
             out["field"] = self.field
         return out
+
+
+class NotFound(RequestError):
+    """What the request names (a model, an inference) does not exist."""
+
+
+class Conflict(RequestError):
+    """A valid request the current state does not allow (e.g. explanations not serving yet)."""
 
 
 class ControlEvents:
@@ -142,7 +151,7 @@ class ControlPlane:
         except SpecError as exc:
             raise RequestError(str(exc), "model_id") from None
         except UnknownModel as exc:
-            raise RequestError(str(exc), "model_id", status=404) from None
+            raise NotFound(str(exc), "model_id") from None
 
     # -- writes ------------------------------------------------------------
     def put_model(self, model_id: str, body) -> tuple[bool, dict]:

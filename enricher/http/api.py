@@ -28,7 +28,7 @@ from aiohttp import web as aioweb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from enricher.config import ConfigError, Settings
-from enricher.control.plane import ControlPlane, RequestError
+from enricher.control.plane import Conflict, ControlPlane, NotFound, RequestError
 from enricher.http.explain import OnDemand
 from enricher.models.registry import UnknownModel
 from enricher.models.spec import SpecError, check_model_id
@@ -39,6 +39,14 @@ from enricher.store.sqlguard import QueryRefused
 
 log = logging.getLogger(__name__)
 UNAUTHORISED = {"error": "missing or wrong bearer token (Authorization: Bearer $ENRICHER_API_TOKEN)"}
+
+
+# A request error's kind -> its HTTP status (any other RequestError: 400).
+STATUS = ((NotFound, 404), (Conflict, 409))
+
+
+def http_status(exc: RequestError) -> int:
+    return next((code for kind, code in STATUS if isinstance(exc, kind)), 400)
 
 
 def check_exposure(settings: Settings) -> None:
@@ -120,7 +128,7 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
         try:
             result = await asyncio.to_thread(work, body)
         except RequestError as exc:
-            return view.json(exc.body(), status=exc.status)
+            return view.json(exc.body(), status=http_status(exc))
         if isinstance(result, tuple):  # (created, doc)
             return view.json(result[1], status=201 if result[0] else 200)
         return view.json(result, status=created_status)
@@ -189,7 +197,7 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
                     check_model_id(model_id)
                     control.registry.get(model_id)
                 except (SpecError, UnknownModel) as exc:
-                    raise RequestError(str(exc), "model_id", status=404) from None
+                    raise NotFound(str(exc), "model_id") from None
                 unknown = set(query) - {"window", "feature", "end"}
                 if unknown:
                     raise RequestError(f"unknown parameter(s) {', '.join(sorted(unknown))}; use window, feature, "

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from enricher.config import Settings
-from enricher.control.plane import RequestError
+from enricher.control.plane import Conflict, NotFound, RequestError
 from enricher.errors import UserError
 from enricher.models.enrichment import InferenceBatch
 from enricher.models.explainability import BASE, NAME, OUTPUT, PREFIX
@@ -54,14 +54,14 @@ class OnDemand:
         except SpecError as exc:
             raise RequestError(str(exc), "model_id") from None
         except UnknownModel as exc:
-            raise RequestError(str(exc), "model_id", status=404) from None
+            raise NotFound(str(exc), "model_id") from None
 
     def _artifact(self, model_id: str):
         active = self.serving.active(model_id).get(NAME)
         if active is None:
-            raise RequestError(f"{NAME} is not serving model {model_id!r}: turn it on (PATCH "
+            raise Conflict(f"{NAME} is not serving model {model_id!r}: turn it on (PATCH "
                                f"/models/{model_id}/enrichments {{\"{NAME}\": {{\"enabled\": true}}}}) and wait "
-                               "for its status to be ready", NAME, status=409)
+                               "for its status to be ready", NAME)
         return active
 
     def _client(self):
@@ -92,7 +92,7 @@ class OnDemand:
             self.forget_connection()
             raise
         if not result.result_rows:
-            raise RequestError(f"model {model_id!r} has no inference {inference_id!r}", "inference_id", status=404)
+            raise NotFound(f"model {model_id!r} has no inference {inference_id!r}", "inference_id")
         row = dict(zip(columns, result.result_rows[0]))
         if row[OUTPUT] is not None:
             return _answer(spec, inference_id, "stored", row[f"{NAME}_version"], row[BASE], row[OUTPUT],
