@@ -14,6 +14,8 @@ from pathlib import Path
 from enricher.config import Settings
 from enricher.errors import EnricherError, UserError
 from enricher.store.query import ask, format_table
+from enricher.store.query import report as query_report
+from enricher.store.reports import REPORTS
 
 EXIT_USAGE = 2
 
@@ -69,7 +71,7 @@ def cmd_models_register(args) -> int:
         raise UserError(f"schema file {args.schema!r} does not exist") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"schema file {args.schema!r} is not valid JSON: {exc}") from None
-    from enricher.control.plane import RequestError
+    from enricher.errors import RequestError
 
     # The same change as `PUT /models/{id}`, through the same control plane: on a model
     # already registered, every enabled enrichment goes back to pending (its old failure
@@ -129,52 +131,22 @@ def cmd_models_drop_rows(args) -> int:
     return 0
 
 
-def cmd_drift(args) -> int:
-    from enricher.store.query import drift_report, format_table
-
+def cmd_report(args) -> int:
+    """Every window report (store/reports.py): `enricher drift`, `enricher explain`, ..."""
+    report = REPORTS[args.report]
     settings = _settings(args)
-    report = drift_report(settings, args.model_id, args.window or settings.drift_window, args.feature, args.end)
+    doc = query_report(settings, report.name, args.model_id, args.window, args.end,
+                       {name: getattr(args, name) for name, _ in report.options})
+    plot = getattr(args, "plot", None)
+    if plot:
+        report.module().plot(doc, plot)
     if args.format == "json":
-        print(json.dumps(report, indent=2))
+        print(json.dumps(doc, indent=2))
         return 0
-    print(f"{report['model_id']}: {report['start']} to {report['end']} against the reference "
-          f"({report['bins']} bins per numeric feature)")
-    columns = ["feature", "kind", "rows", "reference_rows", "psi", "kl", "js", "hellinger", "ks", "ks_pvalue",
-               "significant"]
-    print(format_table(columns, [[f[c] for c in columns] for f in report["features"]]))
-    few = [f["feature"] for f in report["features"] if not f["significant"]]
-    if few:
-        print(f"not significant (fewer than {report['min_rows']:,} rows in the window, ENRICHER_DRIFT_MIN_ROWS): "
-              f"{', '.join(few)}")
-    return 0
-
-
-def cmd_explain(args) -> int:
-    from enricher.http.explain import importance, plot
-    from enricher.store.query import format_table
-
-    settings = _settings(args)
-    report = importance(settings, args.model_id, args.window, args.end)
-    if args.plot:
-        plot(report, args.plot)
-    if args.format == "json":
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{report['model_id']}: global importance, {report['rows']:,} explained rows from {report['start']} "
-          f"to {report['end']} (mean |attribution|; mean: its sign on average; in {report['unit']})")
-    print(format_table(["feature", "mean_abs", "mean"], [[f["feature"], f["mean_abs"], f["mean"]]
-                                                          for f in report["features"]]))
-    for c in report.get("classes", []):  # a multiclass model: each row explains its predicted class
-        print(f"\npredicted class {c['class']}: {c['rows']:,} rows")
-        print(format_table(["feature", "mean_abs", "mean"], [[f["feature"], f["mean_abs"], f["mean"]]
-                                                              for f in c["features"]]))
-    if report.get("classes_not_shown"):
-        print(f"\n({report['classes_not_shown']} less frequent classes not shown)")
-    if report["rows"] == 0:
-        print("no explained rows in this window: is explainability on (enricher enrichments show "
-              f"{args.model_id}), and did inferences arrive?")
-    if args.plot:
-        print(f"chart written to {args.plot}")
+    for part in report.module().text(doc):
+        print(part if isinstance(part, str) else format_table(*part))
+    if plot:
+        print(f"chart written to {plot}")
     return 0
 
 
@@ -223,7 +195,7 @@ def _control(settings: Settings):
 
 def cmd_enrichments_set(args) -> int:
     """The same change as `PATCH /models/{id}/enrichments`, through the same control plane."""
-    from enricher.control.plane import RequestError
+    from enricher.errors import RequestError
 
     settings = _settings(args)
     control = _control(settings)
@@ -249,7 +221,7 @@ def cmd_enrichments_set(args) -> int:
 
 
 def cmd_enrichments_show(args) -> int:
-    from enricher.control.plane import RequestError
+    from enricher.errors import RequestError
 
     try:
         enrichments = _control(_settings(args)).enrichments(args.model_id)
@@ -585,21 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--yes", action="store_true", help="really delete")
     dr.set_defaults(func=cmd_models_drop_rows)
 
-    dft = sub.add_parser("drift", help="per-feature drift of a recent window against the reference data")
-    dft.add_argument("model_id")
-    dft.add_argument("--window", help="how far back from --end, e.g. 30m, 1h, 7d (default ENRICHER_DRIFT_WINDOW)")
-    dft.add_argument("--feature", help="one feature or attribute (default: all)")
-    dft.add_argument("--end", help="the window's end: ISO-8601 or epoch seconds (default: now)")
-    dft.add_argument("--format", choices=["table", "json"], default="table")
-    dft.set_defaults(func=cmd_drift)
-
-    ex = sub.add_parser("explain", help="global importance: mean |attribution| per feature over a recent window")
-    ex.add_argument("model_id")
-    ex.add_argument("--window", default="1d", help="how far back from --end, e.g. 1h, 1d, 7d (default 1d)")
-    ex.add_argument("--end", help="the window's end: ISO-8601 or epoch seconds (default: now)")
-    ex.add_argument("--plot", metavar="FILE", help="also write a bar chart as PNG")
-    ex.add_argument("--format", choices=["table", "json"], default="table")
-    ex.set_defaults(func=cmd_explain)
+    for report in REPORTS.values():  # the window reports, one command each
+        rp = sub.add_parser(report.command, help=report.help)
+        rp.add_argument("model_id")
+        rp.add_argument("--window", help=report.window_help)
+        for name, text in report.options:
+            rp.add_argument(f"--{name}", help=text)
+        rp.add_argument("--end", help="the window's end: ISO-8601 or epoch seconds (default: now)")
+        if report.plots:
+            rp.add_argument("--plot", metavar="FILE", help="also write a chart as PNG")
+        rp.add_argument("--format", choices=["table", "json"], default="table")
+        rp.set_defaults(func=cmd_report, report=report.name)
 
     mg = sub.add_parser("migrate", help="copy rows of an earlier release's table layout (v1) into this one (v2)")
     mg.add_argument("--drop-legacy", action="store_true",

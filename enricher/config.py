@@ -12,9 +12,9 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from enricher.errors import EnricherError
+from enricher.errors import EnricherError, redact
 from enricher.windows import parse_window
 
 EMBEDDED_BROKER = "kafka://127.0.0.1:9092"
@@ -194,7 +194,7 @@ class Settings:
             if SETTINGS.get(f.name, ("", ""))[1] == "secret":
                 value = "***" if value else None
             elif f.name in ("clickhouse_url", "artifact_store_url"):
-                value = redact_url(value)
+                value = redact(value)
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
 
@@ -278,7 +278,7 @@ class Settings:
                 raise ConfigError(f"ENRICHER_BROKER={self.broker!r}: use kafka://HOST:PORT[,kafka://HOST:PORT]")
         scheme = urlsplit(self.clickhouse_url).scheme
         if scheme not in ("chdb", "http", "https"):
-            raise ConfigError(f"ENRICHER_CLICKHOUSE_URL={redact_url(self.clickhouse_url)!r}: use chdb:///PATH "
+            raise ConfigError(f"ENRICHER_CLICKHOUSE_URL={redact(self.clickhouse_url)!r}: use chdb:///PATH "
                               "for the embedded engine or http(s)://USER:PASSWORD@HOST:PORT/DATABASE")
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$", self.clickhouse_database):
             raise ConfigError(f"ENRICHER_CLICKHOUSE_DATABASE={self.clickhouse_database!r}: "
@@ -367,13 +367,3 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "step_deadline": ("ENRICHER_STEP_DEADLINE", "int", 1),
     "api_token": ("ENRICHER_API_TOKEN", "secret", None),
 }
-
-
-def redact_url(url: str) -> str:
-    from enricher.models.artifact import redact
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        url = urlunsplit(parts._replace(netloc=netloc))
-    return redact(url) if "://" in url else url

@@ -6,9 +6,12 @@ it keeps its traceback and another exit code. Classes that were ValueError,
 KeyError or RuntimeError before keep that base too, so callers that catch
 those still do.
 
-This module imports nothing: every part of the package (models/ included,
-which knows nothing of Kafka or ClickHouse) may raise from it.
+This module imports nothing of ours: every part of the package (models/
+included, which knows nothing of Kafka or ClickHouse) may raise from it, and
+redact what a message quotes.
 """
+
+import re
 
 
 class EnricherError(Exception):
@@ -19,9 +22,41 @@ class UserError(EnricherError):
     """A command used wrongly (an argument, a file that cannot be read)."""
 
 
-class InvalidArgument(EnricherError, ValueError):
-    """A value given that cannot be used: a window, an end time, a feature, an option."""
+class RequestError(EnricherError):
+    """A request to fix: `field` names the part of the request at fault. The kind of
+    error (this class or a subclass) says what went wrong; the HTTP layer maps kinds
+    to status codes (http/api.py), the CLI prints the message."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def body(self) -> dict:
+        out = {"error": str(self)}
+        if self.field is not None:
+            out["field"] = self.field
+        return out
+
+
+class NotFound(RequestError):
+    """What the request names (a model, an inference) does not exist."""
+
+
+class Conflict(RequestError):
+    """A valid request the current state does not allow (e.g. explanations not serving yet)."""
+
+
+class InvalidArgument(RequestError, ValueError):
+    """A value given that cannot be used: a window, an end time, a feature, an option
+    (`field`: which, when the caller names it)."""
 
 
 class BrokerUnavailable(EnricherError, RuntimeError):
     """No Kafka broker answers where the settings point (or the embedded one did not start)."""
+
+
+def redact(text: str) -> str:
+    """A URL or location as a message may quote it: no password (`user:***@`) and no key
+    or token in its options (`secret_key=***`)."""
+    text = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", text)  # user:password@
+    return re.sub(r"(secret_key|access_key|session_token)=[^&]*", r"\1=***", text)

@@ -37,8 +37,8 @@ from enricher.control.locations import Locations
 from enricher.control.plane import ControlEvents, ControlPlane
 from enricher.http.api import check_exposure, install, scheme, web_options
 from enricher.models.registry import ModelRegistry
-from enricher.store.drift import DriftExporter
 from enricher.store.labels import LabelSweep
+from enricher.store.reports import ReportExporter
 from enricher.store.sink import ClickHouseSink, StoreUnavailable
 from enricher.stream import deadletters
 from enricher.stream.batch import BatchProcessor, Messages, Outcome
@@ -216,7 +216,7 @@ def build_app(settings: Settings) -> faust.App:
             await asyncio.get_running_loop().run_in_executor(sweeper.thread, sweeper.run)
 
     if settings.drift_interval > 0:
-        exporter = DriftExporter(settings, registry)
+        exporter = ReportExporter(settings, registry)
 
         @app.timer(settings.drift_interval)
         async def export_drift():

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from enricher.errors import EnricherError
+from enricher.errors import EnricherError, redact
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -142,12 +142,6 @@ class Files:
             self.fs.delete_dir(path)
         except FileNotFoundError:
             pass
-
-
-def redact(url: str) -> str:
-    """A store URL without any secret that might sit in it."""
-    url = re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", url)  # user:password@
-    return re.sub(r"(secret_key|access_key|session_token)=[^&]*", r"\1=***", url)
 
 
 class ArtifactStore:

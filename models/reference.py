@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from enricher.errors import EnricherError
+from enricher.errors import EnricherError, redact
 
 from .spec import Column, ModelSpec
 
@@ -34,8 +34,6 @@ def read_table(path: str | Path) -> pa.Table:
     try:
         return pq.read_table(data) if suffix != ".csv" else pacsv.read_csv(data)
     except pa.ArrowException as exc:
-        from .artifact import redact
-
         raise ReferenceDataError(f"reference file {redact(text)!r} could not be read: {exc}") from exc
 
 
@@ -44,8 +42,6 @@ def read_bytes(location: str | Path, what: str, limit: int) -> bytes:
     text = str(location)
     if "://" in text:
         import pyarrow.fs as pafs
-
-        from .artifact import redact
 
         try:
             fs, inner = pafs.FileSystem.from_uri(text)

@@ -127,7 +127,8 @@ def test_switching_on_an_enrichment_the_model_cannot_use_is_refused_before_any_t
     from enricher.models.artifact import ArtifactStore
     from enricher.models.registry import ModelRegistry
 
-    from enricher.control.plane import ControlPlane, RequestError
+    from enricher.control.plane import ControlPlane
+    from enricher.errors import RequestError
 
     class NeedsLabels:
         name, reserved = "needs_labels", ("needs_labels_*",)
@@ -183,7 +184,8 @@ def test_explanations_for_a_model_whose_feature_would_take_their_column_are_refu
     from enricher.models.artifact import ArtifactStore
     from enricher.models.registry import ModelRegistry
 
-    from enricher.control.plane import ControlPlane, RequestError
+    from enricher.control.plane import ControlPlane
+    from enricher.errors import RequestError
 
     spec, reference = sample_models(100)[0]
     path = tmp_path / "ref.parquet"

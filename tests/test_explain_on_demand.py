@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from enricher import sample
 from enricher.cli import main
-from enricher.control.plane import RequestError
+from enricher.errors import RequestError
 from enricher.http.api import http_status
 from enricher.http.explain import OnDemand
 from enricher.stream.serving import Serving
@@ -141,6 +141,13 @@ def test_stored_and_computed_explanations_match_the_rows_and_what_if(make_settin
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         code = main(["--data-dir", str(settings.data_dir), "explain", sample.MODEL_ID, "--window", "soon"])
         assert code != 0 and "window 'soon'" in capsys.readouterr().err
+        # the same report from the API, as a window report: same figures, errors naming the field
+        status, doc = call(worker, "GET", f"/models/{sample.MODEL_ID}/importance?window=3650d")
+        assert status == 200 and doc["rows"] == len(sampled) and doc["model_id"] == sample.MODEL_ID
+        assert {f["feature"] for f in doc["features"][:2]} == {"f0", "f3"}
+        assert call(worker, "GET", f"/models/{sample.MODEL_ID}/importance?window=soon")[1]["field"] == "window"
+        assert call(worker, "GET", f"/models/{sample.MODEL_ID}/importance?feature=f0")[1]["field"] == "feature"
+        assert call(worker, "GET", "/models/nobody/importance")[0] == 404
     finally:
         worker.stop()
 

@@ -19,7 +19,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from enricher.config import Settings
-from enricher.control.plane import ControlPlane, RequestError
+from enricher.control.plane import ControlPlane
+from enricher.errors import RequestError
 
 EX = ENRICHMENTS["explainability"]
 N_FEATURES = 6

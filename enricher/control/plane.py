@@ -19,7 +19,7 @@ import time
 
 from enricher.config import Settings
 from enricher.control.locations import LocationRefused, Locations
-from enricher.errors import EnricherError
+from enricher.errors import NotFound, RequestError
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactError, ArtifactStore
 from enricher.models.reference import ReferenceDataError
@@ -27,30 +27,6 @@ from enricher.models.registry import ModelRegistry, UnknownModel
 from enricher.models.spec import ModelSpec, SpecError, check_model_id
 
 log = logging.getLogger("enricher.control")
-
-
-class RequestError(EnricherError):
-    """A request to fix: `field` names the part of the body at fault. The kind of
-    error (this class or a subclass) says what went wrong; the HTTP layer maps kinds
-    to status codes (http/api.py), the CLI prints the message."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-    def body(self) -> dict:
-        out = {"error": str(self)}
-        if self.field is not None:
-            out["field"] = self.field
-        return out
-
-
-class NotFound(RequestError):
-    """What the request names (a model, an inference) does not exist."""
-
-
-class Conflict(RequestError):
-    """A valid request the current state does not allow (e.g. explanations not serving yet)."""
 
 
 class ControlEvents:

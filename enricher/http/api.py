@@ -28,13 +28,13 @@ from aiohttp import web as aioweb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from enricher.config import ConfigError, Settings
-from enricher.control.plane import Conflict, ControlPlane, NotFound, RequestError
+from enricher.control.plane import ControlPlane
+from enricher.errors import Conflict, NotFound, RequestError
 from enricher.http.explain import OnDemand
-from enricher.models.registry import UnknownModel
 from enricher.models.spec import SpecError, check_model_id
 from enricher.store.clickhouse import EnrichedTables, connect
-from enricher.store.drift import DriftService
 from enricher.store.queries import QueryBusy, QueryPool, QueryRunner
+from enricher.store.reports import REPORTS, ReportStore
 from enricher.store.sqlguard import QueryRefused
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
         async def get(self, request):
             return await answer(self, lambda _: {"models": control.list_models()}, request)
 
-    drift = DriftService(settings, control.registry)
+    reports = ReportStore(settings, control.registry)
 
     @app.page("/models/{model_id}")
     class ModelView(faust.web.View):
@@ -165,12 +165,7 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
         async def put(self, request, model_id):
             def put(body):
                 result = control.put_model(model_id, body)
-                try:  # the reference's histograms, for drift queries and dashboards, at once
-                    drift.drift().ensure_reference(control.registry.get(model_id))
-                except Exception as exc:  # noqa: BLE001 - the registration stands; the drift export retries
-                    drift.forget_connection()
-                    log.warning("model %s: reference histograms not written yet (%s: %s); the drift export "
-                                "writes them", model_id, type(exc).__name__, str(exc)[:300])
+                reports.write_reference(model_id)
                 return result
             return await answer(self, put, request, write=True)
 
@@ -186,30 +181,17 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
             await asyncio.to_thread(serving.refresh)
             return result
 
-    @app.page("/models/{model_id}/drift")
-    class DriftView(faust.web.View):
-        async def get(self, request, model_id):
-            """Per-feature drift of a window against the reference: ?window=1h[&feature=F][&end=ISO]."""
-            query = request.query
+    for report in REPORTS.values():
+        @app.page(f"/models/{{model_id}}/{report.name}", name=f"report-{report.name}")
+        class ReportView(faust.web.View):
+            """A window report (store/reports.py): ?window=1h[&end=ISO][&option=...]."""
+            measured = report
 
-            def measure(_):
-                try:
-                    check_model_id(model_id)
-                    control.registry.get(model_id)
-                except (SpecError, UnknownModel) as exc:
-                    raise NotFound(str(exc), "model_id") from None
-                unknown = set(query) - {"window", "feature", "end"}
-                if unknown:
-                    raise RequestError(f"unknown parameter(s) {', '.join(sorted(unknown))}; use window, feature, "
-                                       "end", sorted(unknown)[0])
-                try:
-                    return drift.measure(model_id, query.get("window") or settings.drift_window,
-                                         query.get("feature"), query.get("end")).as_dict()
-                except ValueError as exc:  # the message starts with what is wrong: window, end, feature
-                    text = str(exc)
-                    field = "feature" if "no feature" in text else text.split(" ", 1)[0]
-                    raise RequestError(text, field if field in ("window", "end", "feature") else None) from None
-            return await answer(self, measure, request)
+            async def get(self, request, model_id):
+                query = dict(request.query)
+                window, end = query.pop("window", None), query.pop("end", None)
+                return await answer(self, lambda _: reports.run(self.measured, model_id, window, end, query),
+                                    request)
 
     on_demand = OnDemand(settings, control.registry, serving)
 

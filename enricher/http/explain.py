@@ -1,15 +1,15 @@
-"""Explanations beyond the stream: one stored inference's, a what-if's, and global importance.
+"""Explanations beyond the stream: one stored inference's and a what-if's.
 
 - `OnDemand.stored(model, inference_id)`: the attributions stored on that
   inference's row; for a row the sample rate skipped (or written before
   explanations were on), computed now from the row's own features by the
   artifact serving the model (`source` says which, `version` which artifact);
 - `OnDemand.what_if(model, body)`: the attributions for any features, validated
-  exactly as an inference is (a bad value is refused with its reason);
-- `importance(...)`: mean absolute attribution per feature over a time window,
-  one SQL query over the model's view (`enricher explain MODEL --window 1d`).
+  exactly as an inference is (a bad value is refused with its reason).
 
-The API serves the first two (GET /models/{id}/inferences/{inference_id}/explanation,
+Global importance over a window is a window report (store/importance.py).
+
+The API serves both (GET /models/{id}/inferences/{inference_id}/explanation,
 POST /models/{id}/what_if); each reads the model's view or the served artifact,
 nothing else.
 """
@@ -20,19 +20,16 @@ import json
 import threading
 import time
 
-import numpy as np
 import pyarrow as pa
 
 from enricher.config import Settings
-from enricher.control.plane import Conflict, NotFound, RequestError
-from enricher.errors import UserError
+from enricher.errors import Conflict, NotFound, RequestError
 from enricher.models.enrichment import InferenceBatch
 from enricher.models.explainability import BASE, NAME, OUTPUT, PREFIX
 from enricher.models.registry import ModelRegistry, UnknownModel
 from enricher.models.spec import ModelSpec, SpecError, check_model_id
 from enricher.store.clickhouse import connect, quote
 from enricher.stream.contract import parse_batch
-from enricher.windows import parse_end, parse_window
 
 WHAT_IF_FIELDS = {"features", "attributes", "prediction"}
 MAX_WHAT_IF_BYTES = 1 << 20
@@ -152,97 +149,3 @@ def _answer(spec: ModelSpec, inference_id, source: str, version, base, output, a
     if inference_id is not None:
         doc = {"inference_id": inference_id, **doc}
     return doc
-
-
-MAX_CLASSES = 12  # per-class panels: the classes with the most explained rows, at most this many
-
-
-def importance_sql(database: str, spec: ModelSpec, start: float, end: float, by_class: bool = False) -> str:
-    """Mean absolute (and signed) attribution per feature over [start, end), explained rows
-    only; `by_class`: per predicted class (the class each row's attributions explain),
-    most rows first."""
-    parts = []
-    for f in spec.feature_names:
-        col = quote(f"{PREFIX}{f}")
-        parts += [f"avg(abs({col}))", f"avg({col})"]
-    where = (f"FROM {quote(database)}.{quote(spec.model_id)} "
-             f"WHERE timestamp >= toDateTime64({float(start)!r}, 3, 'UTC') "
-             f"AND timestamp < toDateTime64({float(end)!r}, 3, 'UTC') AND {quote(OUTPUT)} IS NOT NULL")
-    if by_class:
-        return (f"SELECT toString(prediction) AS class, count() AS n, {', '.join(parts)} {where} "
-                f"GROUP BY class ORDER BY n DESC, class LIMIT {MAX_CLASSES + 1}")
-    return f"SELECT count(), {', '.join(parts)} {where}"
-
-
-def _features(spec: ModelSpec, values) -> list[dict]:
-    features = [{"feature": f, "mean_abs": values[2 * i], "mean": values[2 * i + 1]}
-                for i, f in enumerate(spec.feature_names)]
-    features.sort(key=lambda r: -(r["mean_abs"] if r["mean_abs"] is not None and np.isfinite(r["mean_abs"]) else -1))
-    return features
-
-
-def importance(settings: Settings, model_id: str, window: str, end: str | None = None) -> dict:
-    """Global importance over a window, most important first (through `query`: the running
-    worker that holds the embedded store, or the store directly). `unit`: what the
-    attributions are measured in (the serving artifact's). A model with a categorical
-    prediction (multiclass) also gets `classes`: the same per predicted class, since each
-    row's attributions explain the class predicted on it."""
-    from datetime import datetime, timezone
-
-    from enricher.models.explainability import attribution_unit
-    from enricher.store.query import query
-
-    spec = ModelRegistry(settings.registry_dir).get(check_model_id(model_id))
-    seconds = parse_window(window)
-    stop = parse_end(end) or time.time()
-    start = stop - seconds
-    _, rows = query(settings, importance_sql(settings.clickhouse_database, spec, start, stop))
-    count, values = rows[0][0], rows[0][1:]
-
-    def iso(t):
-        return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
-
-    store = settings.artifacts()
-    current = store.current_version(model_id, NAME)
-    quality = next((m.parameters.get("quality", {}) for m in store.manifests(model_id, NAME)
-                    if m.version == current), {})
-    report = {"model_id": model_id, "start": iso(start), "end": iso(stop), "rows": count,
-              "unit": attribution_unit(spec, quality), "features": _features(spec, values)}
-    if spec.prediction_type != "numeric":
-        _, per_class = query(settings, importance_sql(settings.clickhouse_database, spec, start, stop, True))
-        report["classes"] = [{"class": r[0], "rows": r[1], "features": _features(spec, r[2:])}
-                             for r in per_class[:MAX_CLASSES]]
-        report["classes_not_shown"] = max(0, len(per_class) - MAX_CLASSES)
-    return report
-
-
-def plot(report: dict, path: str) -> None:
-    """Horizontal bars of mean |attribution| per feature, as PNG, the unit on the axis;
-    for a multiclass model one panel per predicted class (the most frequent first)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'inference-enricher[plot]' (or matplotlib)") from None
-    panels = [(f"class {c['class']}: {c['rows']:,} rows", c["features"]) for c in report.get("classes", [])] \
-        or [(f"{report['rows']:,} rows", report["features"])]
-    columns = min(3, len(panels))
-    grid_rows = -(-len(panels) // columns)
-    height = 0.3 * max(3, len(report["features"])) + 1.0
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(6.5 * columns, height * grid_rows + 1.0),
-                             squeeze=False, sharex=len(panels) > 1)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    for ax, (title, features) in zip(axes.flat, panels):
-        shown = [f for f in features if f["mean_abs"] is not None][::-1]
-        ax.barh([f["feature"] for f in shown], [f["mean_abs"] for f in shown], color="#3b75af")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(f"mean |attribution|, in {report['unit']}", fontsize=8)
-    more = f" ({report['classes_not_shown']} less frequent classes not shown)" if report.get("classes_not_shown") else ""
-    fig.suptitle(f"{report['model_id']}: global importance, {report['rows']:,} explained rows{more}\n"
-                 f"{report['start']} to {report['end']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

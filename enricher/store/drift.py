@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +43,6 @@ import numpy as np
 import pyarrow as pa
 
 from enricher import metrics
-from enricher.config import Settings
 from enricher.errors import InvalidArgument
 from enricher.models.profile import FeatureProfile, profile
 from enricher.models.registry import ModelRegistry
@@ -53,13 +51,10 @@ from enricher.store.clickhouse import (
     REFERENCE_BINS,
     REFERENCE_VALUES,
     EnrichedTables,
-    Schema,
-    connect,
     literal,
     quote,
     store_table,
 )
-from enricher.windows import parse_end, parse_window
 
 log = logging.getLogger(__name__)
 SMOOTHING = 0.5
@@ -161,7 +156,7 @@ class Drift:
         names = [c.name for c in spec.columns]
         if feature is not None and feature not in names:
             raise InvalidArgument(f"model {model_id} has no feature or attribute {feature!r}; it has "
-                             f"{', '.join(names)}")
+                                  f"{', '.join(names)}", "feature")
         columns = [c for c in spec.columns if feature is None or c.name == feature][:limit]
         ref = self.ensure_reference(spec)
         self.tables.ensure_view(spec)
@@ -278,97 +273,49 @@ def _values_table(model_id: str, ref: str, profiles: list[FeatureProfile]) -> pa
                      "value": pa.array(values, pa.float64())})
 
 
-class DriftService:
-    """Drift for the API, the CLI and the exporter: a Drift (so a connection)
-    per thread, reference profiles written once per process."""
-
-    def __init__(self, settings, registry: ModelRegistry, schema=None):
-        import threading
-
-        self.settings = settings
-        self.registry = registry
-        self.schema = schema or Schema()
-        self._local = threading.local()
-        self._written: set = set()
-
-    def drift(self) -> Drift:
-        drift = getattr(self._local, "drift", None)
-        if drift is None:
-            tables = EnrichedTables.from_settings(connect(self.settings), self.settings, self.schema)
-            drift = self._local.drift = Drift(tables, self.registry, self.settings.drift_bins, self._written,
-                                              self.settings.drift_min_rows)
-        return drift
-
-    def forget_connection(self) -> None:
-        self._local.drift = None
-
-    def close(self) -> None:
-        """Close this thread's connection, if it opened one."""
-        drift = getattr(self._local, "drift", None)
-        if drift is not None:
-            drift.tables.client.close()
-        self._local.drift = None
-
-    def measure(self, model_id: str, window: str, feature: str | None = None, end=None,
-                limit: int | None = None) -> DriftReport:
-        """Raises ValueError (a bad window, end or feature) and UnknownModel."""
-        seconds = parse_window(window)
-        when = parse_end(end)
-        try:
-            return self.drift().measure(model_id, seconds, feature, when, limit)
-        except (ValueError, KeyError):
-            raise
-        except Exception:
-            self.forget_connection()  # a connection that failed mid-request is not reused
-            raise
+def measure(store, spec: ModelSpec, start: float, end: float, options: dict, limit: int | None = None) -> dict:
+    """The drift report over [start, end) (`store`: reports.ReportStore, this thread's Drift)."""
+    return store.drift().measure(spec.model_id, end - start, options.get("feature"), end, limit).as_dict()
 
 
-class DriftExporter:
-    """Per-model, per-feature drift of the last ENRICHER_DRIFT_WINDOW as gauges
-    (enricher_drift{model, feature, metric}); at most ENRICHER_DRIFT_MAX_FEATURES
-    features per model, so the series are bounded by models x that x len(METRICS)."""
+COLUMNS = ["feature", "kind", "rows", "reference_rows", "psi", "kl", "js", "hellinger", "ks", "ks_pvalue",
+           "significant"]
 
-    def __init__(self, settings: Settings, registry: ModelRegistry):
-        self.settings = settings
-        self.registry = registry
-        self.service = DriftService(settings, registry)
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-export")
-        self.exported: set[tuple[str, str]] = set()
 
-    def run(self) -> None:
-        seen = set()
-        for model_id in self.registry.ids():
-            try:
-                report = self.service.measure(model_id, self.settings.drift_window,
-                                              limit=self.settings.drift_max_features)
-            except Exception as exc:  # noqa: BLE001 - one model's failure leaves the others' gauges
-                log.warning("drift of model %s not exported: %s: %s", model_id, type(exc).__name__, str(exc)[:300])
-                continue
-            for f in report.features:
-                seen.add((model_id, f.feature))
-                metrics.DRIFT_ROWS.labels(model_id, f.feature).set(f.rows)
-                metrics.DRIFT_SIGNIFICANT.labels(model_id, f.feature).set(int(f.significant))
-                for metric in METRICS:
-                    value = getattr(f, metric)
-                    if value is None:
-                        _remove(metrics.DRIFT, model_id, f.feature, metric)
-                    else:
-                        metrics.DRIFT.labels(model_id, f.feature, metric).set(value)
-        for model_id, feature in self.exported - seen:  # a model or feature gone
-            self._drop(model_id, feature)
-        self.exported = seen
+def text(report: dict) -> list:
+    """The report as the CLI prints it: lines, and tables as (columns, rows)."""
+    out = [f"{report['model_id']}: {report['start']} to {report['end']} against the reference "
+           f"({report['bins']} bins per numeric feature)",
+           (COLUMNS, [[f[c] for c in COLUMNS] for f in report["features"]])]
+    few = [f["feature"] for f in report["features"] if not f["significant"]]
+    if few:
+        out.append(f"not significant (fewer than {report['min_rows']:,} rows in the window, ENRICHER_DRIFT_MIN_ROWS): "
+                   f"{', '.join(few)}")
+    return out
 
-    def clear(self) -> None:
-        for model_id, feature in self.exported:
-            self._drop(model_id, feature)
-        self.exported = set()
 
-    @staticmethod
-    def _drop(model_id: str, feature: str) -> None:
-        _remove(metrics.DRIFT_ROWS, model_id, feature)
-        _remove(metrics.DRIFT_SIGNIFICANT, model_id, feature)
+def export(model_id: str, report: dict) -> set:
+    """The report's figures as gauges (enricher_drift{model, feature, metric}, _rows, _significant);
+    the (model, feature) keys set. A figure the window could not give (None) has no series."""
+    keys = set()
+    for f in report["features"]:
+        keys.add((model_id, f["feature"]))
+        metrics.DRIFT_ROWS.labels(model_id, f["feature"]).set(f["rows"])
+        metrics.DRIFT_SIGNIFICANT.labels(model_id, f["feature"]).set(int(f["significant"]))
         for metric in METRICS:
-            _remove(metrics.DRIFT, model_id, feature, metric)
+            if f[metric] is None:
+                _remove(metrics.DRIFT, model_id, f["feature"], metric)
+            else:
+                metrics.DRIFT.labels(model_id, f["feature"], metric).set(f[metric])
+    return keys
+
+
+def unexport(key: tuple) -> None:
+    model_id, feature = key
+    _remove(metrics.DRIFT_ROWS, model_id, feature)
+    _remove(metrics.DRIFT_SIGNIFICANT, model_id, feature)
+    for metric in METRICS:
+        _remove(metrics.DRIFT, model_id, feature, metric)
 
 
 def _remove(gauge, *labels) -> None:

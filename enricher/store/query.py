@@ -1,8 +1,11 @@
-"""Reading the enriched tables: `enricher query`, the demo, the tests.
+"""Reading the store from the command line: `enricher query`, the window reports,
+`models drop-rows`, the demo, the tests.
 
 Directly against the store, or through the running worker that holds the
-embedded one (chDB allows one process per data directory); the same rules
-either way (enricher/store/sqlguard.py).
+embedded one (chDB allows one process per data directory): `worker_or_direct`
+decides, once for every caller. The same rules apply either way (sqlguard.py,
+queries.py, reports.py). Light on purpose: `enricher query` imports this, and
+ClickHouse's client only when it goes to the store itself.
 """
 
 from __future__ import annotations
@@ -11,9 +14,41 @@ import json
 import os
 import urllib.error
 import urllib.request
+from typing import Callable, TypeVar
+from urllib.parse import quote, urlencode
 
 from enricher.config import Settings
 from enricher.errors import UserError
+from enricher.store.queries import Answer, QueryRunner
+from enricher.store.sqlguard import QueryRefused
+
+T = TypeVar("T")
+
+
+def worker_or_direct(settings: Settings, direct: Callable[[], T], method: str, path: str, what: str, *,
+                     body: dict | None = None, timeout: float = 300) -> T | dict:
+    """`direct()` when no worker holds the embedded store, else the running worker's JSON
+    answer to `method path` (None for an empty answer); an error answer becomes a UserError
+    that says what was being done (`what`) and the worker's own message."""
+    worker = running_worker(settings)
+    if worker is None:
+        return direct()
+    req = urllib.request.Request(worker + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={} if body is None else {"Content-Type": "application/json"})
+    if settings.api_token:
+        req.add_header("Authorization", f"Bearer {settings.api_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data = resp.read()
+    except urllib.error.HTTPError as exc:
+        answer = exc.read()
+        try:
+            message = json.loads(answer)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}: {answer[:300].decode('utf-8', 'replace')}"
+        raise UserError(f"{what} through the running worker at {worker} failed: {message}") from None
+    return json.loads(data) if data else None
 
 
 def query(settings: Settings, sql: str) -> tuple[list[str], list]:
@@ -22,47 +57,47 @@ def query(settings: Settings, sql: str) -> tuple[list[str], list]:
     return answer.columns, answer.rows
 
 
-def ask(settings: Settings, sql: str):
-    """Run a read-only query: directly, or through the running worker that
-    holds the embedded store (chDB allows one process per data directory).
-    Either way the same rules apply (sqlguard.py, queries.py): reads of the
-    enriched tables only, within the query limits; the answer says whether
-    rows were cut at ENRICHER_QUERY_MAX_ROWS."""
-    from enricher.store.queries import Answer
+def ask(settings: Settings, sql: str) -> Answer:
+    """Run a read-only query: reads of the enriched tables only, within the query
+    limits; the answer says whether rows were cut at ENRICHER_QUERY_MAX_ROWS."""
+    def direct() -> Answer:
+        from clickhouse_connect.driver.exceptions import ClickHouseError  # lazy: clickhouse_connect
 
-    worker = running_worker(settings)
-    if worker:
-        req = urllib.request.Request(worker + "/query", data=json.dumps({"sql": sql}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        if settings.api_token:
-            req.add_header("Authorization", f"Bearer {settings.api_token}")
         try:
-            with urllib.request.urlopen(req, timeout=settings.query_max_seconds + 300) as resp:
-                doc = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            body = exc.read()
-            try:
-                message = json.loads(body)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {exc.code}: {body[:200].decode('utf-8', 'replace')}"
-            raise UserError(f"query through the running worker at {worker} failed: {message}") from None
-        return Answer(doc["columns"], doc["rows"], bool(doc.get("truncated")), doc.get("row_limit"))
-    from clickhouse_connect.driver.exceptions import ClickHouseError
+            return QueryRunner(settings).run(sql)
+        except QueryRefused as exc:
+            raise UserError(f"query refused: {exc}") from None
+        except ClickHouseError as exc:
+            raise UserError(f"ClickHouse refused the query: {exc}") from None
+    doc = worker_or_direct(settings, direct, "POST", "/query", "query", body={"sql": sql},
+                           timeout=settings.query_max_seconds + 300)
+    if isinstance(doc, Answer):
+        return doc
+    return Answer(doc["columns"], doc["rows"], bool(doc.get("truncated")), doc.get("row_limit"))
 
-    from enricher.store.queries import QueryRunner
-    from enricher.store.sqlguard import QueryRefused
 
-    try:
-        return QueryRunner(settings).run(sql)
-    except QueryRefused as exc:
-        raise UserError(f"query refused: {exc}") from None
-    except ClickHouseError as exc:
-        raise UserError(f"ClickHouse refused the query: {exc}") from None
+def report(settings: Settings, name: str, model_id: str, window: str | None = None, end: str | None = None,
+           options: dict | None = None) -> dict:
+    """A window report (reports.py) on one model: GET /models/{id}/<name> of the running
+    worker, or measured on the store here."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+
+    def direct() -> dict:
+        from enricher.models.registry import ModelRegistry  # lazy: pyarrow
+        from enricher.store.reports import REPORTS, ReportStore  # lazy: clickhouse_connect
+
+        store = ReportStore(settings, ModelRegistry(settings.registry_dir))
+        try:
+            return store.run(REPORTS[name], model_id, window, end, options)
+        finally:
+            store.close()
+    params = urlencode({k: v for k, v in {"window": window, "end": end, **options}.items() if v})
+    return worker_or_direct(settings, direct, "GET", f"/models/{quote(model_id, safe='')}/{name}?{params}", name)
 
 
 def store_tables(settings: Settings):
-    """The enriched tables for a maintenance command (migrate, drop-rows): straight to the store."""
-    from enricher.store.clickhouse import EnrichedTables, connect
+    """The enriched tables for a maintenance command (migrate): straight to the store."""
+    from enricher.store.clickhouse import EnrichedTables, connect  # lazy: clickhouse_connect
 
     worker = running_worker(settings)
     if worker:
@@ -74,59 +109,17 @@ def store_tables(settings: Settings):
 def drop_rows(settings: Settings, model_id: str) -> None:
     """Delete a model's enriched rows, labels and view: through the running worker
     that holds the embedded store (DELETE /models/{id}/rows), or directly."""
-    from enricher.models.spec import check_model_id
+    from enricher.models.spec import check_model_id  # lazy: pyarrow
 
     check_model_id(model_id)
-    worker = running_worker(settings)
-    if worker is None:
+
+    def direct() -> None:
         tables = store_tables(settings)
         try:
             tables.drop_model(model_id)
         finally:
             tables.client.close()
-        return
-    req = urllib.request.Request(f"{worker}/models/{model_id}/rows", method="DELETE")
-    if settings.api_token:
-        req.add_header("Authorization", f"Bearer {settings.api_token}")
-    try:
-        with urllib.request.urlopen(req, timeout=600):
-            pass
-    except urllib.error.HTTPError as exc:
-        raise UserError(f"deleting through the running worker at {worker} failed: HTTP {exc.code} "
-                        f"{exc.read()[:300].decode('utf-8', 'replace')}") from None
-
-
-def drift_report(settings: Settings, model_id: str, window: str, feature: str | None = None,
-                 end: str | None = None) -> dict:
-    """Per-feature drift (drift.py): through the running worker that holds the
-    embedded store (GET /models/{id}/drift), or directly."""
-    worker = running_worker(settings)
-    if worker is None:
-        from enricher.models.registry import ModelRegistry
-        from enricher.store.drift import DriftService
-
-        service = DriftService(settings, ModelRegistry(settings.registry_dir))
-        try:
-            return service.measure(model_id, window, feature, end).as_dict()
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        finally:
-            service.close()
-    from urllib.parse import quote, urlencode
-
-    params = urlencode({k: v for k, v in {"window": window, "feature": feature, "end": end}.items() if v})
-    req = urllib.request.Request(f"{worker}/models/{quote(model_id)}/drift?{params}")
-    if settings.api_token:
-        req.add_header("Authorization", f"Bearer {settings.api_token}")
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {exc.code}"
-        raise UserError(f"drift through the running worker at {worker}: {message}") from None
+    worker_or_direct(settings, direct, "DELETE", f"/models/{model_id}/rows", "deleting", timeout=600)
 
 
 def running_worker(settings: Settings) -> str | None:
