@@ -11,11 +11,14 @@ import signal
 import sys
 from pathlib import Path
 
+from enricher.broker import EmbeddedBroker
 from enricher.config import Settings
-from enricher.errors import EnricherError, UserError
-from enricher.store.query import ask, format_table
+from enricher.errors import EnricherError, RequestError, UserError
+from enricher.store.queries import jsonable, query_user_ddl
+from enricher.store.query import ask, drop_rows, format_table, store_tables
 from enricher.store.query import report as query_report
 from enricher.store.reports import REPORTS
+from enricher.windows import parse_window
 
 EXIT_USAGE = 2
 
@@ -25,15 +28,13 @@ def _settings(args, **extra) -> Settings:
 
 
 def _registry(settings: Settings):
-    from enricher.models.registry import ModelRegistry
+    from enricher.models.registry import ModelRegistry  # lazy: pyarrow
 
     return ModelRegistry(settings.registry_dir)
 
 
 # -- broker ------------------------------------------------------------------
 def cmd_broker(args) -> int:
-    from enricher.broker import EmbeddedBroker
-
     broker = EmbeddedBroker(args.host, args.port, storage=args.storage).start()
 
     def on_sigterm(*_):
@@ -71,7 +72,6 @@ def cmd_models_register(args) -> int:
         raise UserError(f"schema file {args.schema!r} does not exist") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"schema file {args.schema!r} is not valid JSON: {exc}") from None
-    from enricher.errors import RequestError
 
     # The same change as `PUT /models/{id}`, through the same control plane: on a model
     # already registered, every enabled enrichment goes back to pending (its old failure
@@ -105,7 +105,6 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_show(args) -> int:
-
     settings = _settings(args)
     registry = _registry(settings)
     spec = registry.get(args.model_id)
@@ -121,8 +120,6 @@ def cmd_models_show(args) -> int:
 
 
 def cmd_models_drop_rows(args) -> int:
-    from enricher.store.query import drop_rows
-
     if not args.yes:
         raise UserError(f"this deletes every enriched row and label of {args.model_id}; "
                         "add --yes to do it")
@@ -152,8 +149,7 @@ def cmd_report(args) -> int:
 
 # -- storage -------------------------------------------------------------------
 def cmd_migrate(args) -> int:
-    from enricher.store.migrate import MigrationError, migrate
-    from enricher.store.query import store_tables
+    from enricher.store.migrate import MigrationError, migrate  # lazy: clickhouse_connect, pyarrow
 
     settings = _settings(args)
     tables = store_tables(settings)
@@ -188,14 +184,13 @@ def _parse_assignment(text: str):
 
 
 def _control(settings: Settings):
-    from enricher.control.plane import ControlPlane
+    from enricher.control.plane import ControlPlane  # lazy: pyarrow
 
     return ControlPlane.from_settings(settings)
 
 
 def cmd_enrichments_set(args) -> int:
     """The same change as `PATCH /models/{id}/enrichments`, through the same control plane."""
-    from enricher.errors import RequestError
 
     settings = _settings(args)
     control = _control(settings)
@@ -221,8 +216,6 @@ def cmd_enrichments_set(args) -> int:
 
 
 def cmd_enrichments_show(args) -> int:
-    from enricher.errors import RequestError
-
     try:
         enrichments = _control(_settings(args)).enrichments(args.model_id)
     except RequestError as exc:
@@ -238,7 +231,7 @@ def cmd_enrichments_show(args) -> int:
 
 def cmd_train(args) -> int:
     # The CLI composes both halves; the streaming modules never import training.
-    from enricher.pipelines.train import train
+    from enricher.pipelines.train import train  # lazy: pyarrow
 
     settings = _settings(args)
     train(_registry(settings), settings.artifacts(), args.model_id,
@@ -250,7 +243,7 @@ def cmd_train(args) -> int:
 def cmd_trigger(args) -> int:
     import logging
 
-    from enricher.control.trigger import run_trigger
+    from enricher.control.trigger import run_trigger  # lazy: hera, confluent_kafka
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"runner": args.runner} if args.runner else {}
@@ -265,12 +258,12 @@ def cmd_pipeline(args) -> int:
     Exit 0: done. Exit 3 (EXIT_PERMANENT): failed for a reason a retry will
     not change; the workflow's retry strategy does not retry it. Anything
     else (exit 1, a crash, a kill at the step's deadline) is retried."""
-    from enricher.control.plane import ControlEvents
-    from enricher.models.reference import ReferenceDataError
-    from enricher.models.registry import UnknownModel
-    from enricher.models.spec import SpecError
-    from enricher.pipelines import steps
-    from enricher.pipelines.workflow import EXIT_PERMANENT
+    from enricher.control.plane import ControlEvents  # lazy: pyarrow
+    from enricher.models.reference import ReferenceDataError  # lazy: pyarrow
+    from enricher.models.registry import UnknownModel  # lazy: pyarrow
+    from enricher.models.spec import SpecError  # lazy: pyarrow
+    from enricher.pipelines import steps  # lazy: pyarrow
+    from enricher.pipelines.workflow import EXIT_PERMANENT  # lazy: hera, pyarrow
 
     settings = _settings(args)
     registry, store = _registry(settings), settings.artifacts()
@@ -299,7 +292,7 @@ def cmd_pipeline(args) -> int:
 
 # -- artifacts -------------------------------------------------------------------
 def cmd_artifacts_list(args) -> int:
-    from enricher.models import ENRICHMENTS
+    from enricher.models import ENRICHMENTS  # lazy: pyarrow
 
     settings = _settings(args)
     _registry(settings).get(args.model_id)  # an unknown model is an error, not an empty list
@@ -329,7 +322,7 @@ def cmd_artifacts_rollback(args) -> int:
         raise UserError(f"{args.version!r}: give a version number, e.g. 3 or v3 (see `enricher artifacts list`)")
     manifest = settings.artifacts().set_current(args.model_id, args.enrichment, version)
     registry.touch()
-    from enricher.control.plane import ControlEvents
+    from enricher.control.plane import ControlEvents  # lazy: pyarrow
 
     # running workers switch at once on the announcement (or at their next refresh)
     ControlEvents(settings).send("artifact_published", args.model_id, enrichment=args.enrichment,
@@ -340,7 +333,7 @@ def cmd_artifacts_rollback(args) -> int:
 
 # -- streaming -----------------------------------------------------------------
 def cmd_worker(args) -> int:
-    from enricher.worker import run_worker
+    from enricher.worker import run_worker  # lazy: faust, clickhouse_connect
 
     overrides = {k: v for k, v in {"http_port": args.http_port, "batch_size": args.batch_size,
                                    "batch_timeout": args.batch_timeout}.items() if v is not None}
@@ -355,7 +348,7 @@ def cmd_produce(args) -> int:
     their reason and position, nothing is lost) unless --check: then nothing is sent."""
     from collections import Counter
 
-    from enricher.stream.contract import parse_batch
+    from enricher.stream.contract import parse_batch  # lazy: pyarrow
 
     if args.batch_rows < 1:
         raise UserError(f"--batch-rows: a positive number, got {args.batch_rows}")
@@ -364,8 +357,8 @@ def cmd_produce(args) -> int:
     known = {m: registry.get(m) for m in registry.ids()}
     producer = None
     if not args.check:
-        from enricher.stream.producer import InferenceProducer
-        from enricher.stream.topics import ensure_topics
+        from enricher.stream.producer import InferenceProducer  # lazy: confluent_kafka, pyarrow
+        from enricher.stream.topics import ensure_topics  # lazy: confluent_kafka
 
         ensure_topics(settings)
         producer = InferenceProducer(settings, topic=args.topic, batch=args.batch, batch_rows=args.batch_rows)
@@ -436,8 +429,6 @@ def cmd_produce(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from enricher.store.queries import query_user_ddl
-
     for statement in query_user_ddl(_settings(args)):
         print(statement + ";")
     return 0
@@ -449,9 +440,8 @@ def cmd_deadletters(args) -> int:
     import threading
     from datetime import datetime, timezone
 
-    from enricher.stream.contract import REASONS
-    from enricher.stream.deadletters import browse
-    from enricher.windows import parse_window
+    from enricher.stream.contract import REASONS  # lazy: pyarrow
+    from enricher.stream.deadletters import browse  # lazy: confluent_kafka, pyarrow
 
     if args.bytes < 1:
         raise UserError(f"--bytes: a positive number of bytes, got {args.bytes}")
@@ -498,7 +488,6 @@ def cmd_query(args) -> int:
     answer = ask(settings, args.sql)
     columns, rows = answer.columns, answer.rows
     if args.format in ("json", "jsonl"):
-        from enricher.store.queries import jsonable
 
         objects = [dict(zip(columns, row)) for row in rows]
         if args.format == "json":  # one document: a list of row objects
@@ -515,7 +504,7 @@ def cmd_query(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from enricher.demo import run_demo
+    from enricher.demo import run_demo  # lazy: confluent_kafka, pyarrow
 
     return run_demo(args)
 

@@ -18,6 +18,8 @@ from enricher.errors import EnricherError, redact
 from enricher.windows import parse_window
 
 EMBEDDED_BROKER = "kafka://127.0.0.1:9092"
+# The longest wait between tries of a failure that time may mend (the store down, the broker away).
+RETRY_MAX_SECONDS = 30.0
 
 
 class ConfigError(EnricherError, ValueError):
@@ -148,7 +150,7 @@ class Settings:
 
     def artifacts(self):
         """The artifact store these settings name (a directory or an object store)."""
-        from enricher.models.artifact import ArtifactStore
+        from enricher.models.artifact import ArtifactStore  # lazy: pyarrow
 
         return ArtifactStore(self.artifact_store_url or self.artifact_dir, self.artifact_key, self.artifact_keep)
 
@@ -156,6 +158,26 @@ class Settings:
     def broker_address(self) -> str:
         """host:port list without the kafka:// scheme, as confluent-kafka wants it."""
         return ",".join(u.split("://", 1)[-1] for u in self.broker.split(","))
+
+    def faust_credentials(self):
+        """The same security settings as kafka_config, in the form Faust's app takes
+        (SASL or SSL credentials; None for PLAINTEXT). Side by side so that the two clients
+        (Faust's for the stream, confluent-kafka's for the rest) cannot disagree."""
+        import ssl
+
+        import faust  # lazy: faust (the worker's alone; config is imported by every command)
+
+        context = None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+            if self.ssl_certfile:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        if self.security_protocol.startswith("SASL"):
+            return faust.SASLCredentials(username=self.sasl_username, password=self.sasl_password,
+                                         ssl_context=context, mechanism=self.sasl_mechanism or "PLAIN")
+        if context is not None:
+            return faust.SSLCredentials(context)
+        return None
 
     def kafka_config(self) -> dict:
         """librdkafka settings for confluent-kafka producers and consumers."""

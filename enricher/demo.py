@@ -30,6 +30,9 @@ from enricher.config import Settings
 from enricher.errors import UserError
 from enricher.store.query import format_table, query
 from enricher.stream import deadletters
+from enricher.stream.producer import InferenceProducer
+from enricher.stream.topics import ensure_topics
+from enricher.supervise import TriggerProcess, WorkerProcess
 
 
 def say(text: str) -> None:
@@ -71,10 +74,6 @@ def prepare_data_dir(data_dir: Path) -> Path:
 
 
 def run_demo(args) -> int:
-    from enricher.stream.producer import InferenceProducer
-    from enricher.stream.topics import ensure_topics
-    from enricher.supervise import TriggerProcess, WorkerProcess
-
     data_dir = prepare_data_dir(Path(args.data_dir or ".enricher-demo").resolve())
     total = args.inferences
     before, after = total // 5, total - total // 5  # streamed before / after the toggle

@@ -17,6 +17,13 @@ piece's rows and dead letters are durable: Faust's ack is then their final
 one. Events not yet durable keep the body's reference however the take
 ends: they are not acknowledged, not committed, and come back on restart or
 to the partition's next owner.
+
+This module is the composition root: the Faust app, the agent and the jobs it
+schedules. What they run lives along the flow: the batch (stream/batch.py),
+dead letters and their sending (stream/deadletters.py), the label sweep
+(store/labels.py), the window reports' gauges (store/reports.py), the
+announcements (control/plane.py), Kafka credentials (config.py), the
+shutdown deadline and Faust's adjustments (stream/faust_patches.py).
 """
 
 from __future__ import annotations
@@ -29,27 +36,24 @@ import threading
 import time
 
 import faust
-from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from enricher import metrics
-from enricher.config import Settings
+from enricher.config import RETRY_MAX_SECONDS, Settings
 from enricher.control.locations import Locations
-from enricher.control.plane import ControlEvents, ControlPlane
+from enricher.control.plane import ControlEvents, ControlPlane, follow_announcements
 from enricher.http.api import check_exposure, install, scheme, web_options
 from enricher.models.registry import ModelRegistry
-from enricher.store.labels import LabelSweep
+from enricher.store.labels import LabelSweeper
 from enricher.store.reports import ReportExporter
 from enricher.store.sink import ClickHouseSink, StoreUnavailable
 from enricher.stream import deadletters
 from enricher.stream.batch import BatchProcessor, Messages, Outcome
-from enricher.stream.contract import DeadLetter
-from enricher.stream.faust_patches import eager_hand_over, shorten_fetch_wait
+from enricher.stream.contract import content_type
+from enricher.stream.faust_patches import EnricherWorker, eager_hand_over, shorten_fetch_wait
 from enricher.stream.serving import Serving
 from enricher.stream.topics import ensure_topics
 
 log = logging.getLogger("enricher.worker")
-
-RETRY_MAX_SECONDS = 30.0
 
 
 def _pieces(events: list, max_bytes: int):
@@ -62,6 +66,13 @@ def _pieces(events: list, max_bytes: int):
             start, size = i + 1, 0
     if start < len(events):
         yield events[start:]
+
+
+def _messages(events: list) -> Messages:
+    messages = [e.message for e in events]
+    headers = [m.headers for m in messages]
+    return Messages([m.value for m in messages], [m.partition for m in messages], [m.offset for m in messages],
+                    [content_type(h) for h in headers] if any(headers) else None)
 
 
 class Progress:
@@ -80,22 +91,6 @@ class Progress:
         return {"consumed": self.consumed, "enriched": self.enriched, "dead_lettered": self.dead_lettered,
                 "batches": self.batches, "uptime_s": round(time.time() - self.started, 1),
                 "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at}
-
-
-def faust_credentials(settings: Settings):
-    import ssl
-
-    context = None
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=settings.ssl_cafile)
-        if settings.ssl_certfile:
-            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
-    if settings.security_protocol.startswith("SASL"):
-        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
-                                     ssl_context=context, mechanism=settings.sasl_mechanism or "PLAIN")
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
 
 
 class EnricherApp(faust.App):
@@ -123,7 +118,7 @@ def build_app(settings: Settings) -> faust.App:
     app = EnricherApp(
         settings.consumer_group,
         broker=settings.broker,
-        broker_credentials=faust_credentials(settings),
+        broker_credentials=settings.faust_credentials(),
         broker_session_timeout=settings.session_timeout,
         broker_heartbeat_interval=max(settings.session_timeout / 6, 0.5),
         consumer_auto_offset_reset="earliest",
@@ -142,7 +137,7 @@ def build_app(settings: Settings) -> faust.App:
         topic_partitions=settings.topic_partitions,
         producer_acks=-1,
         # Records over this are refused by the producer itself (MessageSizeTooLargeError):
-        # dead letters are then cut further (see _send_dead_letters).
+        # dead letters are then cut further (see deadletters.send).
         producer_max_request_size=settings.max_request_bytes,
         # The buffer must hold a whole batch or take_events can never fill one.
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
@@ -171,7 +166,7 @@ def build_app(settings: Settings) -> faust.App:
             # work through it in pieces of at most ENRICHER_BATCH_BYTES.
             for piece in _pieces(events, settings.batch_bytes):
                 outcome = await _handle_until_done(app, processor, _messages(piece), settings)
-                await _send_dead_letters(dead_letters, outcome.dead, settings)
+                await deadletters.send(dead_letters, outcome.dead, settings)
                 for event in piece:  # durable: Faust's ack will be the final one
                     event.message.decref()
                 processor.count(outcome)
@@ -182,10 +177,11 @@ def build_app(settings: Settings) -> faust.App:
                 progress.last_batch_at = time.time()
 
     @app.task
-    async def follow_announcements():
+    async def hear_announcements():
         # Every worker hears every announcement (no consumer group: partitions
         # are assigned), and refreshes at once; the timer below is the fallback.
-        threading.Thread(target=_listen, args=(settings, serving), name="announcements", daemon=True).start()
+        threading.Thread(target=follow_announcements, args=(settings, serving.refresh), name="announcements",
+                         daemon=True).start()
 
     @app.timer(settings.refresh_interval)
     async def refresh_models():
@@ -236,79 +232,6 @@ def build_app(settings: Settings) -> faust.App:
     return app
 
 
-class LabelSweeper:
-    """Runs the label sweep in a thread of its own (one ClickHouse connection,
-    off the event loop); a failed sweep is logged and tried at the next tick,
-    over the same window."""
-
-    def __init__(self, sink: ClickHouseSink):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.sink = sink
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="label-sweep")
-        self.sweep: LabelSweep | None = None
-
-    def run(self) -> None:
-        try:
-            if self.sweep is None:
-                self.sweep = LabelSweep(self.sink.tables)
-            result = self.sweep.run()
-        except Exception as exc:  # noqa: BLE001 - a store that is down, a bug: the next sweep covers this window
-            metrics.LABEL_SWEEP_FAILURES.inc()
-            log.warning("label sweep failed (%s: %s); the next one covers its window", type(exc).__name__,
-                        str(exc)[:300])
-            # A new connection next time, and the watermark of the last sweep that
-            # succeeded, as the label_sweeps table has it.
-            self.sink.forget_connection()
-            self.sweep = None
-            return
-        metrics.LABEL_SWEEP_SECONDS.observe(result.seconds)
-        metrics.LABELS_APPLIED.inc(result.applied)
-        metrics.LABELS_PENDING.inc(result.pending)
-        if result.applied or result.pending:
-            log.info("label sweep: %d labels brought to their rows, %d waiting for their inference (%.3fs)",
-                     result.applied, result.pending, result.seconds)
-
-
-def _listen(settings: Settings, serving: Serving) -> None:
-    from confluent_kafka import OFFSET_END, Consumer, TopicPartition
-
-    try:
-        consumer = Consumer({**settings.kafka_config(), "group.id": f"{settings.consumer_group}-announcements",
-                             "enable.auto.commit": False})
-        consumer.assign([TopicPartition(settings.control_topic, 0, OFFSET_END)])
-    except Exception as exc:  # noqa: BLE001 - the refresh timer still covers it
-        log.warning("not following %s (%s); changes are picked up every %ss", settings.control_topic, exc,
-                    settings.refresh_interval)
-        return
-    while True:
-        messages = [m for m in consumer.consume(100, timeout=1.0) if not m.error()]
-        if messages:
-            try:
-                if serving.refresh():
-                    log.info("refreshed on an announcement (%d event(s))", len(messages))
-            except Exception:  # noqa: BLE001 - keep listening; the timer retries too
-                log.exception("refresh after an announcement failed")
-
-
-def content_type(headers) -> str | None:
-    """The content-type header of a message (Kafka headers: a list of (key, bytes) pairs)."""
-    if not headers:
-        return None
-    items = headers.items() if isinstance(headers, dict) else headers
-    for key, value in items:
-        if key.lower() == "content-type" and value:
-            return value.decode("ascii", "replace").split(";")[0].strip().lower()
-    return None
-
-
-def _messages(events: list) -> Messages:
-    messages = [e.message for e in events]
-    headers = [m.headers for m in messages]
-    return Messages([m.value for m in messages], [m.partition for m in messages], [m.offset for m in messages],
-                    [content_type(h) for h in headers] if any(headers) else None)
-
-
 async def _handle_until_done(app, processor: BatchProcessor, messages: Messages, settings: Settings) -> Outcome:
     """Handle the batch; while the store cannot take it, try again with backoff.
 
@@ -351,89 +274,6 @@ def _resume(app, paused: set) -> None:
         log.info("ClickHouse takes writes again; fetching resumed")
     except Exception:  # noqa: BLE001
         log.exception("could not resume fetching")
-
-
-async def _send_dead_letters(topic, dead: list[DeadLetter], settings: Settings) -> None:
-    """Send every dead letter and wait until the broker has each: a message is
-    not committed before its dead letter is durable.
-
-    A value over ENRICHER_DLQ_MAX_BYTES is cut first (deadletters.record); one
-    the producer or the broker still finds too large (a broker limit below
-    ours) is cut by half again and sent at once, down to 1 KB, so no size is
-    retried as it was. Any other failure (the broker unreachable, not yet a
-    leader) is retried with backoff until it gets through."""
-    pending = [(d, settings.dlq_max_bytes) for d in dead]
-    delay = 0.5
-    while pending:
-        attempts = []
-        for d, cap in pending:
-            value, headers = deadletters.record(d, settings.inference_topic, cap)
-            try:
-                attempts.append((d, cap, value, await topic.send(value=value, headers=headers)))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - refused before it left (e.g. too large for the producer)
-                attempts.append((d, cap, value, exc))
-        futures = [f for *_, f in attempts if not isinstance(f, BaseException)]
-        outcomes = iter(await asyncio.gather(*futures, return_exceptions=True))
-        retry, cut, failure = [], False, None
-        for d, cap, value, sent in attempts:
-            result = sent if isinstance(sent, BaseException) else next(outcomes)
-            if isinstance(result, asyncio.CancelledError):
-                raise result
-            if not isinstance(result, BaseException):
-                if len(value) < len(d.raw):
-                    metrics.DEAD_LETTERS_TRUNCATED.inc()
-                continue
-            if _too_large(result) and len(value) > 1024:
-                retry.append((d, max(1024, len(value) // 2)))
-                cut = True
-            else:
-                retry.append((d, cap))
-                failure = result
-        pending = retry
-        if pending and failure is not None:
-            log.error("%d dead letter(s) not acknowledged by the broker (%s); sending them again in %.1fs",
-                      len(pending), failure, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
-        elif cut:
-            log.warning("dead letter(s) too large for the broker: cut further and sent again "
-                        "(ENRICHER_DLQ_MAX_BYTES is above the broker's limit)")
-
-
-def _too_large(exc: BaseException) -> bool:
-    """Whether a send failed for the record's size (Faust wraps aiokafka's error in its own)."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, (MessageSizeTooLargeError, RecordTooLargeError)):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
-
-
-class EnricherWorker(faust.Worker):
-    """Faust's worker, with a deadline on shutdown: after SIGTERM (or SIGINT)
-    the worker has ENRICHER_SHUTDOWN_GRACE seconds to stop cleanly (finish or
-    abandon the batch in hand, commit what was written); past that it exits
-    at once. Either way nothing unwritten is committed: offsets are committed
-    only for events whose rows and dead letters are durable."""
-
-    grace: float = 30.0
-
-    def _schedule_shutdown(self, signal) -> None:
-        if not self._signal_stop_time:
-            timer = threading.Timer(self.grace, _exit_now, args=(self.grace,))
-            timer.daemon = True
-            timer.start()
-        super()._schedule_shutdown(signal)
-
-
-def _exit_now(grace: float) -> None:
-    log.error("not stopped within ENRICHER_SHUTDOWN_GRACE=%ss; exiting now (nothing unwritten was committed)",
-              grace)
-    logging.shutdown()
-    os._exit(1)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

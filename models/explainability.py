@@ -209,7 +209,7 @@ class Explainability:
         quality["holdout_rows"] = int(holdout.sum())
         quality["explains"] = "surrogate"
         quality["unit"] = attribution_unit(spec, quality)
-        from .sklearntrees import ensemble as sklearn_ensemble  # here: it imports treeshap, numba's
+        from .sklearntrees import ensemble as sklearn_ensemble  # lazy: numba
 
         ensemble = sklearn_ensemble(model, n_features=len(spec.features))
         quality["artifact_bytes"] = ensemble.nbytes
@@ -221,7 +221,7 @@ class Explainability:
                         model_file: ModelFile) -> ExplainabilityArtifact:
         """The user's own tree model, explained exactly; fidelity is then how well the file
         reproduces the reference predictions: whether it is the model that made them."""
-        from . import usermodels
+        from . import usermodels  # lazy: numba
 
         model = usermodels.load(model_file.name, model_file.data, len(spec.features), params["missing_value"],
                                 params["iterations"])
@@ -262,7 +262,7 @@ class Explainability:
     def _check_reading(model, model_file: ModelFile, X: np.ndarray, margins: np.ndarray) -> dict | None:
         """Our reading of the file against its library's own outputs on the reference rows,
         where the library is installed: a file we read differently is refused, not explained."""
-        from . import usermodels
+        from . import usermodels  # lazy: numba
 
         theirs = usermodels.library_margins(model, model_file.data, X)
         if theirs is None:
@@ -285,7 +285,7 @@ class Explainability:
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> ExplainabilityArtifact:
         doc = json.loads(blobs["surrogate.json"])
         encoder = FeatureEncoder.for_spec(doc["encoder"], spec)
-        from .treeshap import TreeEnsemble
+        from .treeshap import TreeEnsemble  # lazy: numba
 
         ensemble = TreeEnsemble.from_bytes(blobs["ensemble.npz"])
         if ensemble.n_features != len(encoder.names):
@@ -313,7 +313,7 @@ def sampled(inference_id: pa.Array, rate: float) -> np.ndarray:
     _, offsets, data = inference_id.buffers()
     offsets = np.frombuffer(offsets, np.int32, n + 1, inference_id.offset * 4)
     data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    from ._compiled import fnv1a  # numba: imported by a model that uses explanations only
+    from ._compiled import fnv1a  # lazy: numba
 
     hashes = np.empty(n, np.uint64)
     fnv1a(offsets, data, hashes)

@@ -92,7 +92,7 @@ class ModelRegistry:
         reference = normalise(spec, read_table(reference_path))
         model = None
         if model_file is not None:
-            from . import usermodels
+            from . import usermodels  # lazy: numba
 
             name = Path(str(model_file).split("?", 1)[0]).name
             try:

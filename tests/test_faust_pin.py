@@ -1,5 +1,5 @@
 """What the worker relies on inside faust-streaming. These fail when an
-upgrade changes it: re-check the adjustment in enricher/worker.py then."""
+upgrade changes it: re-check the adjustment in enricher/stream/faust_patches.py then."""
 
 import inspect
 from importlib import metadata
@@ -114,3 +114,16 @@ def test_without_readable_sources_no_adjustment_is_applied(monkeypatch, caplog):
     assert faust_patches.shorten_fetch_wait(100) is False
     assert faust_patches.eager_hand_over() is False
     assert "cannot be read" in caplog.text
+
+
+def test_mode_still_schedules_a_signal_stop_from_the_hook_the_shutdown_deadline_extends():
+    from faust import Worker
+
+    from enricher.stream.faust_patches import SCHEDULE_SHUTDOWN_SHA256, EnricherWorker, source_sha256
+
+    assert source_sha256(Worker._schedule_shutdown) == SCHEDULE_SHUTDOWN_SHA256
+    import mode
+
+    assert "self._schedule_shutdown(signal.SIGTERM)" in inspect.getsource(mode.Worker._on_sigterm)
+    assert "super()._on_sigterm()" in inspect.getsource(Worker._on_sigterm)
+    assert EnricherWorker._schedule_shutdown is not Worker._schedule_shutdown

@@ -88,3 +88,130 @@ def test_no_import_circle_but_the_two_way_rule():
 def test_the_check_finds_a_circle():
     graph = defaultdict(set, {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
     assert circles(graph) == [["a", "b", "c"]]
+
+
+# Libraries that cost a command or the worker's start-up enough to import them only where
+# they are used (numba compiles, matplotlib and scikit-learn take seconds, the clients and
+# pyarrow a few tenths). A function-local import of one of our modules must say which of
+# these it keeps off its importer's path: `# lazy: numba` on its line or on a comment line
+# just above its block of imports. The test checks each named library is one the imported
+# module loads at its top (through our modules too) and the importer does not.
+HEAVY = {"numba", "matplotlib", "shap", "sklearn", "scipy", "faust", "mode", "aiohttp", "aiokafka", "hera",
+         "confluent_kafka", "clickhouse_connect", "chdb", "pyarrow", "fairlearn", "lightgbm", "xgboost"}
+
+
+def _top_level(module: str, modules: set[str]) -> tuple[set[str], set[str]]:
+    """(our modules, heavy libraries) that `module` imports at its top, outside any function."""
+    path = source_file(module)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    ours, libs = set(), set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                continue  # for type checkers only: not imported when the module runs
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - child.level + 1] + ([child.module] if child.module else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in child.names]
+            else:
+                visit(child)
+                continue
+            for name in names:
+                if name in modules:
+                    ours.add(name)
+                elif name.split(".")[0] in HEAVY:
+                    libs.add(name.split(".")[0])
+    visit(ast.parse(path.read_text()))
+    return ours, libs
+
+
+def heavy_closure(modules: set[str]) -> dict[str, set[str]]:
+    """Every heavy library importing each module loads (its packages' __init__ included)."""
+    direct = {m: _top_level(m, modules) for m in modules}
+    out: dict[str, set[str]] = {}
+
+    def closure(m: str, seen: set[str]) -> set[str]:
+        if m in out:
+            return out[m]
+        seen = seen | {m}
+        parents = {".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)} & modules
+        libs = set(direct[m][1])
+        for dep in (direct[m][0] | parents) - seen:
+            libs |= closure(dep, seen)
+        return libs
+    for m in modules:
+        out[m] = closure(m, set())
+    return out
+
+
+def lazy_imports(module: str, modules: set[str]):
+    """(line, our modules imported, the reason's libraries) of each import inside a function."""
+    path = source_file(module)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    lines = path.read_text().splitlines()
+    found = []
+
+    def reason(lineno: int) -> set[str]:
+        text = lines[lineno - 1]
+        k = lineno - 1
+        while "# lazy:" not in text and k > 0 and lines[k - 1].strip().startswith(("from ", "import ", "#")):
+            k -= 1
+            text = lines[k] if lines[k].strip().startswith("#") else lines[k] + ""
+            if lines[k].strip().startswith("#"):
+                break
+        if "# lazy:" not in text:
+            return set()
+        words = text.split("# lazy:", 1)[1].split("(")[0].replace(",", " ").split()
+        return set(words)
+
+    def visit(node, inside: bool):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, True)
+                continue
+            if inside and isinstance(child, ast.ImportFrom | ast.Import):
+                if isinstance(child, ast.Import):
+                    names = [a.name for a in child.names]
+                else:
+                    base = child.module or ""
+                    if child.level:
+                        parts = package.split(".")
+                        base = ".".join(parts[:len(parts) - child.level + 1] + ([child.module] if child.module else []))
+                    names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in child.names]
+                ours = {n for n in names if n in modules}
+                if ours:
+                    found.append((child.lineno, ours, reason(child.lineno)))
+            visit(child, inside)
+    visit(ast.parse(path.read_text()), False)
+    return found
+
+
+def test_an_import_inside_a_function_keeps_a_named_heavy_library_off_its_importers_path():
+    modules = set(every_module())
+    heavy = heavy_closure(modules)
+    wrong = []
+    for m in sorted(modules):
+        for line, targets, named in lazy_imports(m, modules):
+            if all((m, t) in TWO_WAY_RULE for t in targets):
+                continue
+            kept_off = set().union(*(heavy[t] for t in targets)) - heavy[m]
+            if not named or not named <= HEAVY or not named <= kept_off:
+                wrong.append(f"{source_file(m).relative_to(ROOT)}:{line} imports {', '.join(sorted(targets))} "
+                             f"inside a function; named {sorted(named) or 'no reason'}, keeps off "
+                             f"{sorted(kept_off) or 'nothing'}")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_the_check_reads_what_a_module_loads():
+    modules = set(every_module())
+    heavy = heavy_closure(modules)
+    assert {"faust", "clickhouse_connect", "pyarrow"} <= heavy["enricher.worker"]
+    assert "numba" in heavy["enricher.models.treeshap"] and "numba" not in heavy["enricher.worker"]
+    assert heavy["enricher.store.reports"] == set() and heavy["enricher.windows"] == set()

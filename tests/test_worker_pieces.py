@@ -2,7 +2,8 @@
 
 from types import SimpleNamespace
 
-from enricher.worker import _pieces, content_type
+from enricher.stream.contract import content_type
+from enricher.worker import _pieces
 
 
 def events(sizes):

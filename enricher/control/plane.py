@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Callable
 
 from enricher.config import Settings
 from enricher.control.locations import LocationRefused, Locations
@@ -243,3 +244,27 @@ class ControlPlane:
                        enabled=sorted(n for n, (on, *_) in changes.items() if on),
                        disabled=sorted(n for n, (on, *_) in changes.items() if not on))
         return self.enrichments(model_id)
+
+
+def follow_announcements(settings: Settings, refresh: Callable[[], bool]) -> None:
+    """Hear every announcement on the control topic (partitions assigned, no consumer
+    group: every worker hears each) and call `refresh` at once; runs for the process's
+    life, in a thread of its own. The caller's refresh timer covers whatever this misses."""
+    from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+    try:
+        consumer = Consumer({**settings.kafka_config(), "group.id": f"{settings.consumer_group}-announcements",
+                             "enable.auto.commit": False})
+        consumer.assign([TopicPartition(settings.control_topic, 0, OFFSET_END)])
+    except Exception as exc:  # noqa: BLE001 - the refresh timer still covers it
+        log.warning("not following %s (%s); changes are picked up every %ss", settings.control_topic, exc,
+                    settings.refresh_interval)
+        return
+    while True:
+        messages = [m for m in consumer.consume(100, timeout=1.0) if not m.error()]
+        if messages:
+            try:
+                if refresh():
+                    log.info("refreshed on an announcement (%d event(s))", len(messages))
+            except Exception:  # noqa: BLE001 - keep listening; the timer retries too
+                log.exception("refresh after an announcement failed")

@@ -32,7 +32,7 @@ from enricher.control.plane import ControlPlane
 from enricher.errors import Conflict, NotFound, RequestError
 from enricher.http.explain import OnDemand
 from enricher.models.spec import SpecError, check_model_id
-from enricher.store.clickhouse import EnrichedTables, connect
+from enricher.store.clickhouse import drop_model_rows
 from enricher.store.queries import QueryBusy, QueryPool, QueryRunner
 from enricher.store.reports import REPORTS, ReportStore
 from enricher.store.sqlguard import QueryRefused
@@ -106,16 +106,18 @@ def body_error(exc: Exception, example: str = "") -> dict:
 MAX_BODY_BYTES = 1024 ** 2
 
 
-def install(app: faust.App, settings: Settings, control: ControlPlane, serving, progress) -> None:
-    """The endpoints, on the worker's Faust app."""
-    queries = QueryPool(QueryRunner(settings), settings.query_concurrency, settings.query_queue)
+class Responder:
+    """What every model route does around its one call: the token check, the JSON body,
+    the call off the event loop, and a request error's kind mapped to its status."""
 
-    def refuse(view, request):
-        return None if authorised(settings, request) else view.json(UNAUTHORISED, status=401)
+    def __init__(self, settings: Settings):
+        self.settings = settings
 
-    async def answer(view, work, request, write=False, created_status=200):
-        """Run a control-plane call off the event loop; errors become 4xx JSON."""
-        denied = refuse(view, request)
+    def refuse(self, view, request):
+        return None if authorised(self.settings, request) else view.json(UNAUTHORISED, status=401)
+
+    async def answer(self, view, work, request, write=False):
+        denied = self.refuse(view, request)
         if denied is not None:
             return denied
         body = None
@@ -131,8 +133,23 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
             return view.json(exc.body(), status=http_status(exc))
         if isinstance(result, tuple):  # (created, doc)
             return view.json(result[1], status=201 if result[0] else 200)
-        return view.json(result, status=created_status)
+        return view.json(result)
 
+
+def install(app: faust.App, settings: Settings, control: ControlPlane, serving, progress) -> None:
+    """The endpoints, on the worker's Faust app: each route is a few lines calling the
+    control plane, a window report, the explanations or the query pool."""
+    http = Responder(settings)
+    reports = ReportStore(settings, control.registry)
+    _open_routes(app)
+    _status_route(app, http, settings, serving, progress)
+    _model_routes(app, http, control, serving, reports)
+    _report_routes(app, http, reports)
+    _explanation_routes(app, http, OnDemand(settings, control.registry, serving))
+    _query_route(app, http, settings)
+
+
+def _open_routes(app) -> None:
     @app.page("/metrics")
     async def metrics_page(web, request):
         # aiohttp refuses a charset inside content_type; Prometheus reads this as its text format.
@@ -142,45 +159,65 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
     async def health_page(web, request):
         return web.json({"status": "ok"})
 
+
+def _status_route(app, http: Responder, settings: Settings, serving, progress) -> None:
     @app.page("/status")
     class StatusView(faust.web.View):
         async def get(self, request):
-            denied = refuse(self, request)
+            denied = http.refuse(self, request)
             if denied is not None:
                 return denied
             return self.json({**progress.as_dict(), "serving": serving.describe(), "settings": settings.describe()})
 
+
+def _model_routes(app, http: Responder, control: ControlPlane, serving, reports: ReportStore) -> None:
     @app.page("/models")
     class ModelsView(faust.web.View):
         async def get(self, request):
-            return await answer(self, lambda _: {"models": control.list_models()}, request)
-
-    reports = ReportStore(settings, control.registry)
+            return await http.answer(self, lambda _: {"models": control.list_models()}, request)
 
     @app.page("/models/{model_id}")
     class ModelView(faust.web.View):
         async def get(self, request, model_id):
-            return await answer(self, lambda _: control.model(model_id), request)
+            return await http.answer(self, lambda _: control.model(model_id), request)
 
         async def put(self, request, model_id):
             def put(body):
                 result = control.put_model(model_id, body)
-                reports.write_reference(model_id)
+                reports.write_reference(model_id)  # drift's reference histograms, at once
                 return result
-            return await answer(self, put, request, write=True)
+            return await http.answer(self, put, request, write=True)
 
     @app.page("/models/{model_id}/enrichments")
     class EnrichmentsView(faust.web.View):
         async def get(self, request, model_id):
-            return await answer(self, lambda _: control.enrichments(model_id), request)
+            return await http.answer(self, lambda _: control.enrichments(model_id), request)
 
         async def patch(self, request, model_id):
-            result = await answer(self, lambda body: control.patch_enrichments(model_id, body), request,
-                                  write=True)
+            result = await http.answer(self, lambda body: control.patch_enrichments(model_id, body), request,
+                                       write=True)
             # Toggles apply to this worker at once (others follow the control topic).
             await asyncio.to_thread(serving.refresh)
             return result
 
+    @app.page("/models/{model_id}/rows")
+    class RowsView(faust.web.View):
+        async def delete(self, request, model_id):
+            """Delete the model's enriched rows, labels and view (the registry entry stays)."""
+            def drop(_):
+                drop_model_rows(reports.settings, checked_model_id(model_id))
+                return {"model_id": model_id, "rows": "deleted"}
+            return await http.answer(self, drop, request)
+
+
+def checked_model_id(model_id: str) -> str:
+    try:
+        return check_model_id(model_id)
+    except SpecError as exc:
+        raise RequestError(str(exc), "model_id") from None
+
+
+def _report_routes(app, http: Responder, reports: ReportStore) -> None:
     for report in REPORTS.values():
         @app.page(f"/models/{{model_id}}/{report.name}", name=f"report-{report.name}")
         class ReportView(faust.web.View):
@@ -188,66 +225,55 @@ def install(app: faust.App, settings: Settings, control: ControlPlane, serving, 
             measured = report
 
             async def get(self, request, model_id):
-                query = dict(request.query)
-                window, end = query.pop("window", None), query.pop("end", None)
-                return await answer(self, lambda _: reports.run(self.measured, model_id, window, end, query),
-                                    request)
+                options = dict(request.query)
+                window, end = options.pop("window", None), options.pop("end", None)
+                return await http.answer(self, lambda _: reports.run(self.measured, model_id, window, end, options),
+                                         request)
 
-    on_demand = OnDemand(settings, control.registry, serving)
 
+def _explanation_routes(app, http: Responder, on_demand: OnDemand) -> None:
     @app.page("/models/{model_id}/inferences/{inference_id}/explanation")
     class ExplanationView(faust.web.View):
         async def get(self, request, model_id, inference_id):
             """The stored attributions of one inference, or computed now if it was not sampled."""
-            return await answer(self, lambda _: on_demand.stored(model_id, inference_id), request)
+            return await http.answer(self, lambda _: on_demand.stored(model_id, inference_id), request)
 
     @app.page("/models/{model_id}/what_if")
     class WhatIfView(faust.web.View):
         async def post(self, request, model_id):
             """Attributions for any features: {"features": {...}[, "prediction": ...]}."""
-            return await answer(self, lambda body: on_demand.what_if(model_id, body), request, write=True)
+            return await http.answer(self, lambda body: on_demand.what_if(model_id, body), request, write=True)
 
-    @app.page("/models/{model_id}/rows")
-    class RowsView(faust.web.View):
-        async def delete(self, request, model_id):
-            """Delete the model's enriched rows, labels and view (the registry entry stays)."""
-            def drop(_):
-                try:
-                    check_model_id(model_id)
-                except SpecError as exc:
-                    raise RequestError(str(exc), "model_id") from None
-                tables = EnrichedTables.from_settings(connect(settings), settings)
-                try:
-                    tables.drop_model(model_id)
-                finally:
-                    tables.client.close()
-                return {"model_id": model_id, "rows": "deleted"}
-            return await answer(self, drop, request)
+
+QUERY_EXAMPLE = " {\"sql\": \"SELECT ...\"}"
+QUERY_OFF = ("the query endpoint is off with a ClickHouse server: query it with your own ClickHouse user (e.g. "
+             "Grafana's ClickHouse data source), or set ENRICHER_QUERY_ENDPOINT=on with ENRICHER_QUERY_USER")
+
+
+def _query_route(app, http: Responder, settings: Settings) -> None:
+    queries = QueryPool(QueryRunner(settings), settings.query_concurrency, settings.query_queue)
 
     @app.page("/query")
     class QueryView(faust.web.View):
         """Read-only SQL through this process, which holds the embedded store."""
 
         async def get(self, request):
-            return self.json({"error": "POST a JSON body {\"sql\": \"SELECT ...\"}"}, status=405)
+            return self.json({"error": f"POST a JSON body{QUERY_EXAMPLE}"}, status=405)
 
         async def post(self, request):
-            denied = refuse(self, request)
+            denied = http.refuse(self, request)
             if denied is not None:
                 return denied
             if not settings.query_endpoint_on:
-                return self.json({"error": "the query endpoint is off with a ClickHouse server: query it with your "
-                                           "own ClickHouse user (e.g. Grafana's ClickHouse data source), or set "
-                                           "ENRICHER_QUERY_ENDPOINT=on with ENRICHER_QUERY_USER"}, status=404)
-            example = " {\"sql\": \"SELECT ...\"}"
+                return self.json({"error": QUERY_OFF}, status=404)
             try:
                 body = await request.json()
             except Exception as exc:  # noqa: BLE001 - any malformed body gets the same answer
-                return self.json(body_error(exc, example), status=413 if isinstance(
+                return self.json(body_error(exc, QUERY_EXAMPLE), status=413 if isinstance(
                     exc, aioweb.HTTPRequestEntityTooLarge) else 400)
             sql = body.get("sql") if isinstance(body, dict) else None
             if not isinstance(sql, str) or set(body) != {"sql"}:
-                return self.json({"error": f"body must be JSON{example} (one key, sql, a string)"}, status=400)
+                return self.json({"error": f"body must be JSON{QUERY_EXAMPLE} (one key, sql, a string)"}, status=400)
             try:
                 chunks = await queries.run(sql)
             except QueryBusy as busy:

@@ -373,3 +373,13 @@ class EnrichedTables:
         for table in (self.table, self.labels):
             self.client.command(f"ALTER TABLE {table} DELETE {where} SETTINGS mutations_sync = 2")
         self.schema.views.pop(model_id, None)
+
+
+def drop_model_rows(settings: Settings, model_id: str) -> None:
+    """Delete a model's enriched rows, labels and view, on a connection of its own
+    (DELETE /models/{id}/rows, `enricher models drop-rows`); its registration stays."""
+    tables = EnrichedTables.from_settings(connect(settings), settings)
+    try:
+        tables.drop_model(model_id)
+    finally:
+        tables.client.close()

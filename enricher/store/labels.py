@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from enricher import metrics
 from enricher.store.clickhouse import LABEL_SWEEPS, TABLE, EnrichedTables, quote, store_table
 
 log = logging.getLogger(__name__)
@@ -156,3 +158,34 @@ class LabelSweep:
         self.watermark_us = now_us
         return SweepResult(rows.num_rows, pending, time.perf_counter() - started)
 
+
+class LabelSweeper:
+    """Runs the label sweep in a thread of its own (one ClickHouse connection,
+    off the event loop); a failed sweep is logged and tried at the next tick,
+    over the same window."""
+
+    def __init__(self, sink):
+        self.sink = sink  # sink.ClickHouseSink: its tables, and a new connection after a failure
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="label-sweep")
+        self.sweep: LabelSweep | None = None
+
+    def run(self) -> None:
+        try:
+            if self.sweep is None:
+                self.sweep = LabelSweep(self.sink.tables)
+            result = self.sweep.run()
+        except Exception as exc:  # noqa: BLE001 - a store that is down, a bug: the next sweep covers this window
+            metrics.LABEL_SWEEP_FAILURES.inc()
+            log.warning("label sweep failed (%s: %s); the next one covers its window", type(exc).__name__,
+                        str(exc)[:300])
+            # A new connection next time, and the watermark of the last sweep that
+            # succeeded, as the label_sweeps table has it.
+            self.sink.forget_connection()
+            self.sweep = None
+            return
+        metrics.LABEL_SWEEP_SECONDS.observe(result.seconds)
+        metrics.LABELS_APPLIED.inc(result.applied)
+        metrics.LABELS_PENDING.inc(result.pending)
+        if result.applied or result.pending:
+            log.info("label sweep: %d labels brought to their rows, %d waiting for their inference (%.3fs)",
+                     result.applied, result.pending, result.seconds)

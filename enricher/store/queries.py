@@ -38,8 +38,8 @@ from decimal import Decimal
 import orjson
 
 from enricher.config import Settings
-from enricher.errors import EnricherError
-from enricher.store.sqlguard import Guard
+from enricher.errors import EnricherError, UserError
+from enricher.store.sqlguard import STORE_TABLES, Guard
 
 log = logging.getLogger(__name__)
 # Nice value of the query pool's threads: the stream's threads (0) win the CPU when both want it.
@@ -108,7 +108,7 @@ class QueryRunner:
 
     def connect(self):
         """A connection for one query, the limits in its session."""
-        from enricher.store.clickhouse import connect
+        from enricher.store.clickhouse import connect  # lazy: clickhouse_connect, pyarrow
 
         if self.server and self.settings.query_user:
             # On a server the query user's settings profile holds the limits, with
@@ -144,7 +144,7 @@ class QueryRunner:
         return Answer(list(result.column_names), rows, truncated, plan.row_limit)
 
     def _create_views_database(self) -> None:
-        from enricher.store.clickhouse import connect, quote
+        from enricher.store.clickhouse import connect, quote  # lazy: clickhouse_connect, pyarrow
 
         owner = connect(self.settings)
         try:
@@ -204,9 +204,7 @@ def query_user_ddl(settings: Settings, salt: str | None = None) -> list[str]:
     import hashlib
     import secrets
 
-    from enricher.errors import UserError
-    from enricher.store.clickhouse import quote
-    from enricher.store.sqlguard import STORE_TABLES
+    from enricher.store.clickhouse import quote  # lazy: clickhouse_connect, pyarrow
 
     user = settings.query_user or "enricher_query"
     if not settings.query_password:

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 from enricher.config import Settings
 from enricher.errors import UserError
 from enricher.store.queries import Answer, QueryRunner
+from enricher.store.reports import REPORTS, ReportStore
 from enricher.store.sqlguard import QueryRefused
 
 T = TypeVar("T")
@@ -84,7 +85,6 @@ def report(settings: Settings, name: str, model_id: str, window: str | None = No
 
     def direct() -> dict:
         from enricher.models.registry import ModelRegistry  # lazy: pyarrow
-        from enricher.store.reports import REPORTS, ReportStore  # lazy: clickhouse_connect
 
         store = ReportStore(settings, ModelRegistry(settings.registry_dir))
         try:
@@ -97,7 +97,7 @@ def report(settings: Settings, name: str, model_id: str, window: str | None = No
 
 def store_tables(settings: Settings):
     """The enriched tables for a maintenance command (migrate): straight to the store."""
-    from enricher.store.clickhouse import EnrichedTables, connect  # lazy: clickhouse_connect
+    from enricher.store.clickhouse import EnrichedTables, connect  # lazy: clickhouse_connect, pyarrow
 
     worker = running_worker(settings)
     if worker:
@@ -114,11 +114,9 @@ def drop_rows(settings: Settings, model_id: str) -> None:
     check_model_id(model_id)
 
     def direct() -> None:
-        tables = store_tables(settings)
-        try:
-            tables.drop_model(model_id)
-        finally:
-            tables.client.close()
+        from enricher.store.clickhouse import drop_model_rows  # lazy: clickhouse_connect
+
+        drop_model_rows(settings, model_id)
     worker_or_direct(settings, direct, "DELETE", f"/models/{model_id}/rows", "deleting", timeout=600)
 
 

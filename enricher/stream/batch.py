@@ -34,9 +34,10 @@ import pyarrow.compute as pc
 from enricher import metrics
 from enricher.config import Settings
 from enricher.store.labels import label_table
+from enricher.store.rows import storage_group
 from enricher.store.sink import ClickHouseSink, StoreRejected, StoreUnavailable
 from enricher.stream.contract import DeadLetter, ParsedBatch, parse_batch
-from enricher.stream.enrich import enrich_many, storage_group
+from enricher.stream.enrich import enrich_many
 from enricher.stream.serving import Serving
 
 log = logging.getLogger(__name__)

@@ -163,6 +163,17 @@ class ParsedBatch:
         return DeadLetter(raw, reason, detail, model_id, partition, offset, index)
 
 
+def content_type(headers) -> str | None:
+    """The content-type header of a message (Kafka headers: a list of (key, bytes) pairs)."""
+    if not headers:
+        return None
+    items = headers.items() if isinstance(headers, dict) else headers
+    for key, value in items:
+        if key.lower() == "content-type" and value:
+            return value.decode("ascii", "replace").split(";")[0].strip().lower()
+    return None
+
+
 def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
                 specs: Callable[[str], ModelSpec | None], max_bytes: int,
                 content_types: list[str | None] | None = None, max_future_skew: float = 0.0) -> ParsedBatch:

@@ -17,16 +17,21 @@ the source topic (`enricher.source`) and checked against the original.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from enricher.config import Settings
+from enricher import metrics
+from enricher.config import RETRY_MAX_SECONDS, Settings
 from enricher.errors import BrokerUnavailable
 from enricher.stream.contract import DeadLetter
 from enricher.stream.topics import read_topic
+
+log = logging.getLogger("enricher.deadletters")
 
 
 def record(d: DeadLetter, source_topic: str, max_bytes: int) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -163,3 +168,64 @@ def _read_to_the_end(consumer, partitions) -> bool:
         if at < high:
             return False
     return True
+
+
+async def send(topic, dead: list[DeadLetter], settings: Settings) -> None:
+    """Send every dead letter and wait until the broker has each: a message is
+    not committed before its dead letter is durable.
+
+    A value over ENRICHER_DLQ_MAX_BYTES is cut first (deadletters.record); one
+    the producer or the broker still finds too large (a broker limit below
+    ours) is cut by half again and sent at once, down to 1 KB, so no size is
+    retried as it was. Any other failure (the broker unreachable, not yet a
+    leader) is retried with backoff until it gets through."""
+    pending = [(d, settings.dlq_max_bytes) for d in dead]
+    delay = 0.5
+    while pending:
+        attempts = []
+        for d, cap in pending:
+            value, headers = record(d, settings.inference_topic, cap)
+            try:
+                attempts.append((d, cap, value, await topic.send(value=value, headers=headers)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - refused before it left (e.g. too large for the producer)
+                attempts.append((d, cap, value, exc))
+        futures = [f for *_, f in attempts if not isinstance(f, BaseException)]
+        outcomes = iter(await asyncio.gather(*futures, return_exceptions=True))
+        retry, cut, failure = [], False, None
+        for d, cap, value, sent in attempts:
+            result = sent if isinstance(sent, BaseException) else next(outcomes)
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if not isinstance(result, BaseException):
+                if len(value) < len(d.raw):
+                    metrics.DEAD_LETTERS_TRUNCATED.inc()
+                continue
+            if _too_large(result) and len(value) > 1024:
+                retry.append((d, max(1024, len(value) // 2)))
+                cut = True
+            else:
+                retry.append((d, cap))
+                failure = result
+        pending = retry
+        if pending and failure is not None:
+            log.error("%d dead letter(s) not acknowledged by the broker (%s); sending them again in %.1fs",
+                      len(pending), failure, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+        elif cut:
+            log.warning("dead letter(s) too large for the broker: cut further and sent again "
+                        "(ENRICHER_DLQ_MAX_BYTES is above the broker's limit)")
+
+
+def _too_large(exc: BaseException) -> bool:
+    """Whether a send failed for the record's size (Faust wraps aiokafka's error in its own)."""
+    from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError  # the worker's: already loaded
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (MessageSizeTooLargeError, RecordTooLargeError)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

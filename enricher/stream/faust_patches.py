@@ -1,6 +1,6 @@
-"""Two adjustments to faust-streaming 0.15's consumer, pinned to that version.
+"""Three adjustments to faust-streaming 0.15 (and its mode), pinned to those versions.
 
-Both replace code Faust gives no setting for. Each checks, before applying,
+Each replaces or extends code Faust gives no setting for. The first two Each checks, before applying,
 that the upstream code it replaces is byte for byte the code it was written
 against (a SHA-256 of the source); if not, it leaves Faust alone and logs why.
 tests/test_faust_pin.py fails when an upgrade changes that code, so the
@@ -25,6 +25,13 @@ adjustment is re-checked by a person, never silently applied to new code.
    flow is already suspended the upstream call is made unchanged. The
    observable behaviour on rebalance, pause and commit is upstream's
    (tests/test_faust_pin.py and tests/test_stream.py show it).
+
+3. `EnricherWorker`: a deadline on shutdown. mode's Worker stops on SIGTERM by
+   scheduling `_stop_on_signal` from `_schedule_shutdown`, and waits for it
+   however long it takes; a batch stuck on a store that is down would hold
+   the process past any orchestrator's grace period, to be SIGKILLed. The
+   subclass arms a timer in that hook and then calls upstream's; the hook's
+   source is pinned by its SHA-256 in tests/test_faust_pin.py.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import os
+import threading
 from typing import AsyncIterator, cast
 
+import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from mode import Service, ServiceT
 
@@ -46,6 +56,8 @@ CREATE_WORKER_CONSUMER_SHA256 = "c2701bfc3e6f6cad95c2be36d6a255a86e2c57d18d36cc1
 # aiokafka's AIOKafkaConsumer.start (0.14.0), which reads the private `_fetch_max_wait_ms`
 # that shorten_fetch_wait sets: the attribute is aiokafka's, not ours, so it is pinned too.
 AIOKAFKA_CONSUMER_START_SHA256 = "2f1ba70443327538800d348e61042cdedd5a5e6306f40ebe1a06dddba7494c45"
+# mode's Worker._schedule_shutdown (mode-streaming 0.7.1), the hook EnricherWorker extends.
+SCHEDULE_SHUTDOWN_SHA256 = "1a6a5dfc88c2298b7ddc84be024a4344a54eaca8ba3a2d39e0447fa5b3905aa4"
 
 
 def source_sha256(function) -> str | None:
@@ -225,3 +237,27 @@ def eager_hand_over() -> bool:
     _drain_messages.__wrapped__ = original
     upstream.Consumer._drain_messages = _drain_messages
     return True
+
+
+class EnricherWorker(faust.Worker):
+    """Faust's worker, with a deadline on shutdown: after SIGTERM (or SIGINT)
+    the worker has ENRICHER_SHUTDOWN_GRACE seconds to stop cleanly (finish or
+    abandon the batch in hand, commit what was written); past that it exits
+    at once. Either way nothing unwritten is committed: offsets are committed
+    only for events whose rows and dead letters are durable."""
+
+    grace: float = 30.0
+
+    def _schedule_shutdown(self, signal) -> None:
+        if not self._signal_stop_time:
+            timer = threading.Timer(self.grace, _exit_now, args=(self.grace,))
+            timer.daemon = True
+            timer.start()
+        super()._schedule_shutdown(signal)
+
+
+def _exit_now(grace: float) -> None:
+    log.error("not stopped within ENRICHER_SHUTDOWN_GRACE=%ss; exiting now (nothing unwritten was committed)",
+              grace)
+    logging.shutdown()
+    os._exit(1)
