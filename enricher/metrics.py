@@ -53,6 +53,9 @@ DRIFT_SIGNIFICANT = Gauge("enricher_drift_significant", "1 when the drift window
                           ["model", "feature"])
 DRIFT_ROWS = Gauge("enricher_drift_rows", "Rows of the feature in the drift window (0: the metrics are absent)",
                    ["model", "feature"])
+PERFORMANCE = Gauge("enricher_performance", "A model's performance over the last day of inferences whose label "
+                    "has arrived (README: Performance): metric is the task's (accuracy, precision, recall, f1, "
+                    "roc_auc; accuracy, macro_f1; mae, rmse, r2), label_coverage or labelled", ["model", "metric"])
 ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused", ["enrichment", "result"])
 
 

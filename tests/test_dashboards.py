@@ -13,6 +13,7 @@ from enricher.config import Settings
 from enricher.store.drift import Drift
 from enricher.store.labels import LabelSweep
 from enricher.store.queries import QueryRunner
+from enricher.store.reports import REPORTS, ReportStore
 from enricher.store.sink import ClickHouseSink
 from enricher.stream.batch import BatchProcessor, Messages
 from enricher.stream.serving import Serving
@@ -59,9 +60,9 @@ def populated(tmp_path):
     processor.sink.tables.client.close()
 
 
-def test_the_readme_has_the_four_dashboard_queries():
+def test_the_readme_has_the_five_dashboard_queries():
     queries = dashboard_queries()
-    assert len(queries) == 4
+    assert len(queries) == 5
     assert all("$__timeFilter(timestamp)" in q for q in queries)
 
 
@@ -72,8 +73,11 @@ def test_each_dashboard_query_answers_what_its_panel_shows(populated):
     # (the worker's drift export writes the reference histograms; here the first measure does)
     expected = drift.measure(sample.MODEL_ID, end - start, feature="f0", end=end).features[0].psi
     try:
-        rate, top, psi, coverage = [(a.columns, a.rows) for a in (runner.run(expand(q, start, end))
-                                                                  for q in dashboard_queries())]
+        rate, top, psi, accuracy, coverage = [(a.columns, a.rows) for a in (runner.run(expand(q, start, end))
+                                                                            for q in dashboard_queries())]
+        reports = ReportStore(settings, drift.registry)
+        performance = reports.run(REPORTS["performance"], sample.MODEL_ID, "1h", end)
+        reports.close()
     finally:
         runner.close()
     columns, rows = rate
@@ -84,6 +88,9 @@ def test_each_dashboard_query_answers_what_its_panel_shows(populated):
     assert [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
     columns, rows = psi
     assert columns == ["psi"] and abs(rows[0][0] - expected) < 1e-9
+    columns, rows = accuracy  # the panel's points add up to the performance report's figure
+    assert columns == ["time", "accuracy", "labelled"] and sum(r[2] for r in rows) == performance["labelled"] == 1000
+    assert abs(sum(r[1] * r[2] for r in rows) / 1000 - performance["metrics"]["accuracy"]) < 1e-9
     columns, rows = coverage
     assert columns == ["time", "labelled", "label_delay_seconds"]
     labelled = sum(r[1] for r in rows) / len(rows)

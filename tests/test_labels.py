@@ -2,6 +2,7 @@
 
 import json
 import time
+import urllib.request
 
 import orjson
 import pyarrow as pa
@@ -161,7 +162,7 @@ def test_a_worker_brings_streamed_labels_to_their_rows(make_settings, tmp_path):
     from enricher.supervise import WorkerProcess
     from tests.test_stream import produce
 
-    settings = make_settings(label_sweep_interval=0.5)
+    settings = make_settings(label_sweep_interval=0.5, drift_interval=1.0)
     register_sample(settings, tmp_path, enable=False, trained=False)
     early = [[label(f"g-{i:07d}", 1) for i in range(0, 200)]]           # before their inferences
     produce(settings, [orjson.dumps(m) for m in early])
@@ -180,6 +181,15 @@ def test_a_worker_brings_streamed_labels_to_their_rows(make_settings, tmp_path):
             time.sleep(0.5)
         assert labelled() == (200, 100, 1000)
         assert "enricher_labels_received_total" in worker.metrics()
+        # the performance report over those labels, from the API and as gauges
+        with urllib.request.urlopen(f"{worker.url}/models/{sample.MODEL_ID}/performance?window=1d") as resp:
+            report = json.loads(resp.read())
+        assert (report["rows"], report["labelled"], report["label_coverage"]) == (1000, 300, 0.3)
+        deadline = time.monotonic() + 60
+        gauge = f'enricher_performance{{metric="labelled",model="{sample.MODEL_ID}"}} 300.0'
+        while gauge not in worker.metrics():
+            assert time.monotonic() < deadline, "no performance gauge exported"
+            time.sleep(0.5)
     finally:
         worker.stop(signal.SIGTERM, timeout=30)
 

@@ -66,9 +66,9 @@ class Report:
     def module(self) -> ModuleType:
         """The module that measures it: measure(store, spec, start, end, options, limit) -> figures,
         text(report) -> lines and (columns, rows) tables; plot and export when it has them."""
-        from enricher.store import drift, importance  # lazy: clickhouse_connect (not for --help)
+        from enricher.store import drift, importance, performance  # lazy: clickhouse_connect (not for --help)
 
-        return {"drift": drift, "importance": importance}[self.name]
+        return {"drift": drift, "importance": importance, "performance": performance}[self.name]
 
 
 REPORTS = {r.name: r for r in (
@@ -78,6 +78,10 @@ REPORTS = {r.name: r for r in (
            exports=True, export_limit=lambda s: s.drift_max_features),
     Report("importance", "explain", "global importance: mean |attribution| per feature over a recent window",
            "how far back from --end, e.g. 1h, 1d, 7d (default 1d)", lambda s: "1d", plots=True),
+    Report("performance", "performance", "accuracy and the task's other metrics over the rows whose label has "
+           "arrived in a recent window", "how far back from --end, e.g. 1h, 1d, 7d (default 1d)", lambda s: "1d",
+           options=(("by", "per segment of a feature or attribute: its values, or ten bins of a numeric one"),),
+           exports=True),
 )}
 
 
