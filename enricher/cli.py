@@ -331,6 +331,40 @@ def cmd_artifacts_rollback(args) -> int:
     return 0
 
 
+# -- bias mitigation ---------------------------------------------------------------
+def cmd_bias_curve(args) -> int:
+    from enricher.control import bias  # lazy: pyarrow
+
+    try:
+        doc = bias.curves(_control(_settings(args)), args.model_id, args.constraint)
+    except RequestError as exc:
+        raise UserError(str(exc)) from None
+    if args.plot:
+        bias.plot(doc, args.plot)
+    if args.format == "json":
+        print(json.dumps(doc, indent=2))
+        return 0
+    for part in bias.text(doc):
+        print(part if isinstance(part, str) else format_table(*part))
+    if args.plot:
+        print(f"chart written to {args.plot}")
+    return 0
+
+
+def cmd_bias_choose(args) -> int:
+    from enricher.control import bias  # lazy: pyarrow
+
+    body = {"index": args.index, **({"constraint": args.constraint} if args.constraint else {})}
+    try:
+        done = bias.choose(_control(_settings(args)), args.model_id, body)
+    except RequestError as exc:
+        raise UserError(str(exc)) from None
+    q = done["quality"]
+    print(f"{args.model_id}: bias mitigation v{done['version']} serves {q['constraint']} point {q['point']}: "
+          f"accuracy {q['accuracy']:.4f}, gap {q['gap']:.4f} on the reference rows ({q['mode']})")
+    return 0
+
+
 # -- streaming -----------------------------------------------------------------
 def cmd_worker(args) -> int:
     from enricher.worker import run_worker  # lazy: faust, clickhouse_connect
@@ -601,6 +635,20 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("enrichment")
     ar.add_argument("version", help="e.g. 3 or v3")
     ar.set_defaults(func=cmd_artifacts_rollback)
+
+    b = sub.add_parser("bias", help="bias mitigation's trade-off curves; choose another point").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    bc = b.add_parser("curve", help="accuracy against the gap between groups, per constraint, the serving point marked")
+    bc.add_argument("model_id")
+    bc.add_argument("--constraint", help="demographic_parity, equal_opportunity or equalized_odds (default: all)")
+    bc.add_argument("--plot", metavar="FILE", help="also draw the curves as PNG")
+    bc.add_argument("--format", choices=["table", "json"], default="table")
+    bc.set_defaults(func=cmd_bias_curve)
+    bs = b.add_parser("choose", help="serve another point of a curve: a new version, no retraining")
+    bs.add_argument("model_id")
+    bs.add_argument("--constraint", help="the curve (default: the serving constraint's)")
+    bs.add_argument("--index", type=int, required=True, help="the point (see `enricher bias curve`)")
+    bs.set_defaults(func=cmd_bias_choose)
 
     w = sub.add_parser("worker", help="consume inferences, enrich them, write them to ClickHouse")
     w.add_argument("--http-port", type=int, help="ENRICHER_HTTP_PORT")

@@ -24,6 +24,9 @@ STORE_RETRIES = Counter("enricher_store_retries", "Writes retried because the st
                         "(connection, timeout, 5xx, too many parts); consumption pauses meanwhile")
 ENRICHMENT_SECONDS = Histogram("enricher_enrichment_seconds", "Time spent in one enrichment's transform per batch",
                                ["enrichment"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+ENRICHMENT_NULLS = Counter("enricher_enrichment_null_rows", "Rows an enrichment served but left NULL on "
+                           "purpose: bias mitigation for a group not seen in training or no sensitive value; "
+                           "explanations for a row the sample rate skipped", ["model", "enrichment"])
 ENRICHMENT_ERRORS = Counter("enricher_enrichment_errors", "Batches an enrichment failed on (columns left NULL)",
                             ["model", "enrichment"])
 INSERT_SECONDS = Histogram("enricher_clickhouse_insert_seconds", "Duration of one ClickHouse insert",
@@ -56,6 +59,9 @@ DRIFT_ROWS = Gauge("enricher_drift_rows", "Rows of the feature in the drift wind
 PERFORMANCE = Gauge("enricher_performance", "A model's performance over the last day of inferences whose label "
                     "has arrived (README: Performance): metric is the task's (accuracy, precision, recall, f1, "
                     "roc_auc; accuracy, macro_f1; mae, rmse, r2), label_coverage or labelled", ["model", "metric"])
+FAIRNESS_GAP = Gauge("enricher_fairness_gap", "The largest difference between groups of a sensitive attribute "
+                     "over the last day (README: Fairness): constraint demographic_parity, equal_opportunity or "
+                     "equalized_odds; decision raw or mitigated", ["model", "attribute", "constraint", "decision"])
 ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused", ["enrichment", "result"])
 
 

@@ -14,12 +14,13 @@ import numpy as np
 import pyarrow as pa
 
 from .anomaly import AnomalyDetection
+from .bias import BiasMitigation
 from .enrichment import Output, usable, version_column
 from .explainability import Explainability
 from .spec import ModelSpec
 
 #: Every enrichment by name. A new enrichment is one module and one line here.
-ENRICHMENTS = {e.name: e for e in (AnomalyDetection(), Explainability())}
+ENRICHMENTS = {e.name: e for e in (AnomalyDetection(), Explainability(), BiasMitigation())}
 
 
 @functools.lru_cache(maxsize=8192)

@@ -305,18 +305,9 @@ class Explainability:
 def sampled(inference_id: pa.Array, rate: float) -> np.ndarray:
     """Which rows a sample rate explains: a 64-bit hash of each inference id (FNV-1a,
     then MurmurHash3's finaliser) below rate * 2^64, so the same ids are chosen on every replay, in any batch."""
-    if isinstance(inference_id, pa.ChunkedArray):
-        inference_id = inference_id.combine_chunks()
-    if inference_id.type != pa.string():
-        inference_id = inference_id.cast(pa.string())
-    n = len(inference_id)
-    _, offsets, data = inference_id.buffers()
-    offsets = np.frombuffer(offsets, np.int32, n + 1, inference_id.offset * 4)
-    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    from ._compiled import fnv1a  # lazy: numba
+    from ._compiled import id_hashes  # lazy: numba
 
-    hashes = np.empty(n, np.uint64)
-    fnv1a(offsets, data, hashes)
+    hashes = id_hashes(inference_id)
     return hashes < np.uint64(min(rate, 1.0) * 18446744073709549568.0)  # the largest float64 below 2^64
 
 

@@ -28,6 +28,7 @@ from aiohttp import web as aioweb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from enricher.config import ConfigError, Settings
+from enricher.control import bias
 from enricher.control.plane import ControlPlane
 from enricher.errors import Conflict, NotFound, RequestError
 from enricher.http.explain import OnDemand
@@ -198,6 +199,21 @@ def _model_routes(app, http: Responder, control: ControlPlane, serving, reports:
                                        write=True)
             # Toggles apply to this worker at once (others follow the control topic).
             await asyncio.to_thread(serving.refresh)
+            return result
+
+    @app.page("/models/{model_id}/bias/curves")
+    class BiasCurvesView(faust.web.View):
+        async def get(self, request, model_id):
+            """Bias mitigation's trade-off curves: ?constraint=C for one."""
+            constraint = request.query.get("constraint")
+            return await http.answer(self, lambda _: bias.curves(control, model_id, constraint), request)
+
+    @app.page("/models/{model_id}/bias/choice")
+    class BiasChoiceView(faust.web.View):
+        async def put(self, request, model_id):
+            """Serve another point: {"constraint": C, "index": I}; a new version, no retraining."""
+            result = await http.answer(self, lambda body: bias.choose(control, model_id, body), request, write=True)
+            await asyncio.to_thread(serving.refresh)  # this worker at once; others on the announcement
             return result
 
     @app.page("/models/{model_id}/rows")

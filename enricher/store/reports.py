@@ -35,7 +35,7 @@ from types import ModuleType
 from typing import Callable
 
 from enricher.config import Settings
-from enricher.errors import InvalidArgument, NotFound
+from enricher.errors import InvalidArgument, NotFound, RequestError
 from enricher.windows import parse_end, parse_window
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ class Report:
     def module(self) -> ModuleType:
         """The module that measures it: measure(store, spec, start, end, options, limit) -> figures,
         text(report) -> lines and (columns, rows) tables; plot and export when it has them."""
-        from enricher.store import drift, importance, performance  # lazy: clickhouse_connect (not for --help)
+        from enricher.store import drift, fairness, importance, performance  # lazy: clickhouse_connect
 
-        return {"drift": drift, "importance": importance, "performance": performance}[self.name]
+        return {"drift": drift, "importance": importance, "performance": performance, "fairness": fairness}[self.name]
 
 
 REPORTS = {r.name: r for r in (
@@ -82,6 +82,9 @@ REPORTS = {r.name: r for r in (
            "arrived in a recent window", "how far back from --end, e.g. 1h, 1d, 7d (default 1d)", lambda s: "1d",
            options=(("by", "per segment of a feature or attribute: its values, or ten bins of a numeric one"),),
            exports=True),
+    Report("fairness", "fairness", "per sensitive attribute and group: selection rate, TPR and FPR of the raw and "
+           "the mitigated decision, and each constraint's gap", "how far back from --end, e.g. 1h, 1d, 7d (default 1d)",
+           lambda s: "1d", exports=True),
 )}
 
 
@@ -160,7 +163,7 @@ class ReportStore:
         try:
             self.tables().ensure_view(spec)
             doc = report.module().measure(self, spec, start, stop, options, limit)
-        except InvalidArgument:
+        except RequestError:  # the request's fault (or a report that does not apply): the connection is fine
             raise
         except Exception:
             self.forget_connection()  # a connection that failed mid-request is not reused
@@ -205,6 +208,8 @@ class ReportExporter:
             for model_id in self.registry.ids():
                 try:
                     doc = self.store.run(report, model_id, limit=limit)
+                except RequestError:  # a report that does not apply to this model (fairness of a regression)
+                    continue
                 except Exception as exc:  # noqa: BLE001 - one model's failure leaves the others' gauges
                     log.warning("%s of model %s not exported: %s: %s", report.name, model_id, type(exc).__name__,
                                 str(exc)[:300])

@@ -58,6 +58,9 @@ def enrichment_outputs(parts: list[tuple[ModelRows, dict[str, Active]]]) -> dict
                               rows.spec.model_id, name, act.version, rows.num_rows)
                 continue
             metrics.ENRICHMENT_SECONDS.labels(name).observe(time.perf_counter() - started)
+            nulls = next(iter(out.values())).null_count if out else 0
+            if nulls:
+                metrics.ENRICHMENT_NULLS.labels(rows.spec.model_id, name).inc(nulls)
             out[version_column(name)] = pa.array(np.full(rows.num_rows, act.version, np.uint32))
             for col, arr in out.items():
                 outputs.setdefault(storage[name][col], [None] * len(parts))[k] = arr
