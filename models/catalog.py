@@ -17,10 +17,11 @@ from .anomaly import AnomalyDetection
 from .bias import BiasMitigation
 from .enrichment import Output, usable, version_column
 from .explainability import Explainability
+from .hotspots import Hotspots
 from .spec import ModelSpec
 
 #: Every enrichment by name. A new enrichment is one module and one line here.
-ENRICHMENTS = {e.name: e for e in (AnomalyDetection(), Explainability(), BiasMitigation())}
+ENRICHMENTS = {e.name: e for e in (AnomalyDetection(), Explainability(), BiasMitigation(), Hotspots())}
 
 
 @functools.lru_cache(maxsize=8192)

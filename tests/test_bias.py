@@ -4,12 +4,11 @@ replays, unseen groups (enricher/models/bias.py)."""
 import numpy as np
 import pyarrow as pa
 import pytest
-from fairlearn.postprocessing import ThresholdOptimizer
-
 from enricher.models.bias import OUTPUT, BiasMitigation, _Scores
 from enricher.models.enrichment import InferenceBatch, Unusable
 from enricher.models.reference import normalise
 from enricher.models.spec import ModelSpec
+from fairlearn.postprocessing import ThresholdOptimizer
 
 SCHEMA = {"task": "binary_classification",
           "features": [{"name": "x", "type": "numeric"}],

@@ -6,12 +6,12 @@ import urllib.error
 import urllib.request
 
 import pyarrow.parquet as pq
+from enricher.pipelines.train import train
 
 from enricher import sample
 from enricher.cli import main
 from enricher.control.plane import ControlPlane
 from enricher.errors import RequestError
-from enricher.pipelines.train import train
 from enricher.store.query import query
 from enricher.supervise import WorkerProcess
 

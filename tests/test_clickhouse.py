@@ -52,7 +52,8 @@ def test_each_model_view_has_the_documented_columns_in_order(tables):
     explanations = [f"explanation_{f}" for f in sample.NUMERIC + ["region"]]
     assert names[14:] == ["prediction", "label", "label_at", "anomaly_score", "anomaly_detection_version",
                           *explanations, "explanation_base_value", "explanation_output", "explainability_version",
-                          "bias_mitigated_prediction", "bias_mitigation_version", "_ingested_at", "_partition", "_offset"]
+                          "bias_mitigated_prediction", "bias_mitigation_version", "hotspot_id", "hotspots_version",
+                          "_ingested_at", "_partition", "_offset"]
     types = {r[0]: r[1] for r in described}
     assert types["timestamp"] == "DateTime64(3, 'UTC')" and types["f0"] == "Nullable(Float64)"
     assert types["region"] == "LowCardinality(Nullable(String))"

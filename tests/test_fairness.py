@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from enricher.pipelines.train import train
 
 from enricher import sample
 from enricher.errors import Conflict
-from enricher.pipelines.train import train
 from enricher.store.reports import REPORTS, ReportStore
 
 from .test_labels import engine, inferences  # noqa: F401 - a fixture

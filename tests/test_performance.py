@@ -60,7 +60,7 @@ def run(settings, registry, **kw):
         store.close()
 
 
-def test_a_binary_scorer_s_figures_equal_scikit_learn_on_the_labelled_rows_also_per_segment(engine):
+def test_a_binary_scorer_s_figures_equal_scikit_learn_on_the_labelled_rows_also_per_segment(engine):  # noqa: F811
     processor, send, sweep, registry, settings = engine
 
     def score(rng, m):  # rounded to two decimals: many ties, which ROC AUC must average
@@ -91,7 +91,7 @@ def test_a_binary_scorer_s_figures_equal_scikit_learn_on_the_labelled_rows_also_
             assert close(seg["metrics"][name], value), (region, name)
 
 
-def test_a_numeric_segment_is_a_decile_of_the_window_and_a_label_outside_0_1_is_left_out(engine):
+def test_a_numeric_segment_is_a_decile_of_the_window_and_a_label_outside_0_1_is_left_out(engine):  # noqa: F811
     processor, send, sweep, registry, settings = engine
     rows = stream(send, sweep, sample.MODEL_ID, lambda rng, m: round(float(rng.random()), 3),
                   lambda rng, m: int(rng.integers(0, 2)), n=1000, seed=8, missing=0.0, late=0.0)
@@ -107,7 +107,7 @@ def test_a_numeric_segment_is_a_decile_of_the_window_and_a_label_outside_0_1_is_
         assert seg["rows"] == int(((values >= lo) & (values < hi)).sum()), seg["segment"]
 
 
-def test_class_labels_give_accuracy_and_macro_f1_as_scikit_learn(engine, tmp_path):
+def test_class_labels_give_accuracy_and_macro_f1_as_scikit_learn(engine, tmp_path):  # noqa: F811
     processor, send, sweep, registry, settings = engine
     registry.register("classes", dict(sample.SCHEMA, task="multiclass_classification"),
                       tmp_path / f"reference-{sample.MODEL_ID}.parquet")
@@ -123,7 +123,7 @@ def test_class_labels_give_accuracy_and_macro_f1_as_scikit_learn(engine, tmp_pat
     assert close(report["metrics"]["macro_f1"], f1_score(y, p, average="macro"))
 
 
-def test_a_regression_s_mae_rmse_and_r2_equal_scikit_learn(engine, tmp_path):
+def test_a_regression_s_mae_rmse_and_r2_equal_scikit_learn(engine, tmp_path):  # noqa: F811
     processor, send, sweep, registry, settings = engine
     registry.register("prices", dict(sample.SCHEMA, task="regression"), tmp_path / f"reference-{sample.MODEL_ID}.parquet")
     processor.serving.refresh()
@@ -137,7 +137,7 @@ def test_a_regression_s_mae_rmse_and_r2_equal_scikit_learn(engine, tmp_path):
     assert close(report["metrics"]["r2"], r2_score(y, p))
 
 
-def test_a_window_without_labels_says_so_and_the_cli_prints_the_report(engine, capsys):
+def test_a_window_without_labels_says_so_and_the_cli_prints_the_report(engine, capsys):  # noqa: F811
     processor, send, sweep, registry, settings = engine
     send(inferences(50, "nolabel"))
     report = run(settings, registry)

@@ -62,9 +62,10 @@ def choose(plane, model_id: str, body) -> dict:
         raise InvalidArgument(str(exc), str(exc).split(" ", 1)[0]) from None
     manifest = plane.store.publish(model_id, NAME, chosen.to_blobs(), plane.store.load(model_id, NAME).manifest
                                    .training_rows, published_parameters(chosen))
-    plane.registry.set_status(model_id, NAME, "ready", version=manifest.version)
+    kept = {k: v for k, v in plane.registry.status(model_id, NAME).items() if k not in ("state", "updated_at", "version")}
+    plane.registry.set_status(model_id, NAME, "ready", **kept, version=manifest.version)
     plane.registry.touch()
-    plane._announce("artifact_published", model_id, enrichment=NAME, version=manifest.version, chosen=True)
+    plane._announce("artifact_published", model_id, enrichment=NAME, version=manifest.version)
     return {"model_id": model_id, "version": manifest.version, "quality": chosen.quality}
 
 

@@ -66,9 +66,10 @@ class Report:
     def module(self) -> ModuleType:
         """The module that measures it: measure(store, spec, start, end, options, limit) -> figures,
         text(report) -> lines and (columns, rows) tables; plot and export when it has them."""
-        from enricher.store import drift, fairness, importance, performance  # lazy: clickhouse_connect
+        from enricher.store import drift, fairness, hotspots, importance, performance  # lazy: clickhouse_connect
 
-        return {"drift": drift, "importance": importance, "performance": performance, "fairness": fairness}[self.name]
+        return {"drift": drift, "importance": importance, "performance": performance, "fairness": fairness,
+                "hotspots": hotspots}[self.name]
 
 
 REPORTS = {r.name: r for r in (
@@ -85,6 +86,9 @@ REPORTS = {r.name: r for r in (
     Report("fairness", "fairness", "per sensitive attribute and group: selection rate, TPR and FPR of the raw and "
            "the mitigated decision, and each constraint's gap", "how far back from --end, e.g. 1h, 1d, 7d (default 1d)",
            lambda s: "1d", exports=True),
+    Report("hotspots", "hotspots", "the serving hotspots (regions where the model is often wrong): their rules, and "
+           "the rows and accuracy of each in a recent window", "how far back from --end, e.g. 1h, 1d, 7d (default 1d)",
+           lambda s: "1d"),
 )}
 
 
