@@ -279,6 +279,7 @@ def _training_rows(spec: ModelSpec, reference: pa.Table, attribute: str):
 def _curve(spec: ModelSpec, reference: pa.Table, attribute: str, constraint: str, points: int):
     """(the curve's points, the raw decision's accuracy and gap) for one attribute and constraint."""
     from fairlearn.postprocessing import ThresholdOptimizer  # here: training only (pandas, scipy)
+    from fairlearn.postprocessing._relaxed_constraints import maximize_objective_with_tolerance
 
     s, y, g = _training_rows(spec, reference, attribute)
     groups = sorted(np.unique(g).tolist())
@@ -286,11 +287,22 @@ def _curve(spec: ModelSpec, reference: pa.Table, attribute: str, constraint: str
     labels = {v: y[g == v] for v in groups}
     estimator = _Scores().fit(s.reshape(-1, 1), y)
 
-    def fitted(method: str, tol: float | None) -> dict[str, list]:
-        optimizer = ThresholdOptimizer(estimator=estimator, constraints=method, prefit=True,
-                                       predict_method="predict", tol=tol, grid_size=GRID_SIZE)
-        optimizer.fit(s.reshape(-1, 1), y, sensitive_features=g)
-        return {str(k): rule_from_fairlearn(b) for k, b in optimizer.interpolated_thresholder_.interpolation_dict.items()}
+    def optimizer(method: str):
+        fitted = ThresholdOptimizer(estimator=estimator, constraints=method, prefit=True, predict_method="predict",
+                                    grid_size=GRID_SIZE).fit(s.reshape(-1, 1), y, sensitive_features=g)
+        exact = {str(k): rule_from_fairlearn(b) for k, b in fitted.interpolated_thresholder_.interpolation_dict.items()}
+        return fitted, exact
+
+    def relaxed(fitted, tol: float) -> dict[str, list]:
+        """fairlearn's rule at `tol` (ThresholdOptimizer(tol=tol).fit does exactly this, from the same
+        per-group curves, which depend on the data only: one fit serves every tol; pinned against a
+        fit per tol by tests/test_bias.py)."""
+        if not tol:
+            return None
+        curves = fitted._tradeoff_curve
+        weights = [float((g == k).mean()) for k in curves]
+        indices, _ = maximize_objective_with_tolerance(dataframes=list(curves.values()), weights=weights, tol=tol)
+        return {str(k): rule_from_fairlearn(curves[k].iloc[i]) for k, i in zip(curves, indices)}
 
     def point(rules: dict, tol: float | None) -> dict:
         probability = {v: positive_probability(rules[v], scores[v]) for v in groups}
@@ -301,17 +313,20 @@ def _curve(spec: ModelSpec, reference: pa.Table, attribute: str, constraint: str
         return {"tol": tol, "accuracy": accuracy, "gap": gap_, "rules": rules,
                 "deterministic": {"accuracy": d_acc, "gap": d_gap, "thresholds": thresholds}}
 
-    free = fitted("true_positive_rate_parity", 1.0)  # the most accurate rules: no constraint binds at tol 1
+    opportunity, opportunity_exact = optimizer("true_positive_rate_parity")
+    free = relaxed(opportunity, 1.0)  # the most accurate rules: no constraint binds at tol 1
     free_gap = evaluate(constraint, {v: positive_probability(free[v], scores[v]) for v in groups}, labels)[1]
     if constraint == "equalized_odds":
-        exact = fitted("equalized_odds", None)
+        _, exact = optimizer("equalized_odds")
         curve = []
         for lam in np.linspace(0.0, 1.0, points):  # from exact to free
             rules = {v: [[w * (1 - lam), op, t] for w, op, t in exact[v]] + [[w * lam, op, t] for w, op, t in free[v]]
                      for v in groups}
             curve.append(point({v: [c for c in r if c[0] > 0] for v, r in rules.items()}, None))
     else:
-        curve = [point(fitted(CONSTRAINTS[constraint], float(tol)), float(tol))
+        fitted, exact = (opportunity, opportunity_exact) if constraint == "equal_opportunity" else \
+            optimizer(CONSTRAINTS[constraint])
+        curve = [point(relaxed(fitted, float(tol)) or exact, float(tol))
                  for tol in np.linspace(0.0, max(free_gap, 1e-9), points)]
     threshold = float(spec.positive_threshold)
     raw_accuracy, raw_gap = evaluate(constraint, {v: (scores[v] >= threshold).astype(float) for v in groups}, labels)

@@ -54,7 +54,8 @@ def test_register_a_model_and_list_it(api):
     assert call(worker, "PUT", "/models/api_one", body, token="wrong")[0] == 401
     status, doc = call(worker, "PUT", "/models/api_one", body)
     assert status == 201 and doc["model_id"] == "api_one" and doc["features"] == 11
-    assert doc["enrichments"] == {"anomaly_detection": "disabled", "explainability": "disabled"}
+    assert doc["enrichments"] == {"anomaly_detection": "disabled", "explainability": "disabled",
+                                  "bias_mitigation": "disabled", "hotspots": "disabled"}
     assert call(worker, "PUT", "/models/api_one", body)[0] == 200  # replaced, not created
     # with a token configured, reads need it too
     assert call(worker, "GET", "/models", token=None)[0] == 401

@@ -117,3 +117,21 @@ def test_deterministic_mode_is_one_threshold_per_group_and_reports_its_gap(fitte
 def test_models_it_cannot_serve_are_refused_with_the_reason(schema, reference, reason):
     with pytest.raises(Unusable, match=reason):
         BiasMitigation().check_model(ModelSpec.from_json("m", schema), reference)
+
+
+@pytest.mark.parametrize("constraint, method", [("demographic_parity", "demographic_parity"),
+                                                ("equal_opportunity", "true_positive_rate_parity")])
+def test_each_relaxed_point_is_fairlearns_own_fit_at_that_tol(fitted, constraint, method):
+    """The curve reuses one fit's per-group curves for every tol; this pins it to what
+    ThresholdOptimizer(tol=...) itself returns, so a fairlearn upgrade that changes it fails here."""
+    from enricher.models.bias import rule_from_fairlearn
+
+    train, artifact = fitted
+    s, y, g = (train.column(c).to_numpy(zero_copy_only=False) for c in ("prediction", "label", "group"))
+    curve = artifact.doc["curves"][constraint]["group"]
+    for k in (7, 33, 71):
+        optimizer = ThresholdOptimizer(estimator=_Scores().fit(s.reshape(-1, 1), y), constraints=method,
+                                       prefit=True, predict_method="predict", grid_size=1000, tol=curve[k]["tol"])
+        optimizer.fit(s.reshape(-1, 1), y, sensitive_features=g)
+        want = {str(a): rule_from_fairlearn(b) for a, b in optimizer.interpolated_thresholder_.interpolation_dict.items()}
+        assert curve[k]["rules"] == want, (constraint, k)
