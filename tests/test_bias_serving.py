@@ -2,8 +2,6 @@
 point from the CLI and the API, the columns on a running worker's rows."""
 
 import json
-import urllib.error
-import urllib.request
 
 import pyarrow.parquet as pq
 from enricher.pipelines.train import train
@@ -16,6 +14,7 @@ from enricher.store.query import query
 from enricher.supervise import WorkerProcess
 
 from .conftest import register_sample
+from .test_explain_on_demand import call
 from .test_stream import produce
 
 
@@ -69,27 +68,19 @@ def test_a_running_worker_writes_the_decision_and_its_version_and_switches_point
     bias_trained(settings, tmp_path)
     worker = WorkerProcess(settings, log_path=tmp_path / "worker.log").start()
 
-    def call(method, path, body=None):
-        req = urllib.request.Request(worker.url + path, method=method, headers={"Content-Type": "application/json"},
-                                     data=json.dumps(body).encode() if body is not None else None)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
     try:
         produce(settings, sample.inferences(500, id_prefix="b1")[0], batch="json")
         worker.wait_for(lambda s: s["enriched"] >= 500, timeout=120)
         _, rows = query(settings, f"SELECT bias_mitigated_prediction, bias_mitigation_version, sex "
                                   f"FROM enricher.{sample.MODEL_ID}")
         assert {r[1] for r in rows} == {1} and {r[0] for r in rows} == {0, 1}
-        status, curves = call("GET", f"/models/{sample.MODEL_ID}/bias/curves?constraint=equalized_odds")
+        status, curves = call(worker, "GET", f"/models/{sample.MODEL_ID}/bias/curves?constraint=equalized_odds")
         assert status == 200 and list(curves["curves"]) == ["equalized_odds"]
-        assert call("GET", f"/models/{sample.MODEL_ID}/bias/curves?constraint=nope")[1]["field"] == "constraint"
-        status, chosen = call("PUT", f"/models/{sample.MODEL_ID}/bias/choice",
+        assert call(worker, "GET", f"/models/{sample.MODEL_ID}/bias/curves?constraint=nope")[1]["field"] == "constraint"
+        status, chosen = call(worker, "PUT", f"/models/{sample.MODEL_ID}/bias/choice",
                               {"constraint": "equalized_odds", "index": 0})
         assert status == 200 and chosen["version"] == 2
-        assert call("PUT", f"/models/{sample.MODEL_ID}/bias/choice", {"index": -1})[0] == 400
+        assert call(worker, "PUT", f"/models/{sample.MODEL_ID}/bias/choice", {"index": -1})[0] == 400
         produce(settings, sample.inferences(300, id_prefix="b2")[0], batch="json")
         worker.wait_for(lambda s: s["enriched"] >= 800, timeout=120)
         _, rows = query(settings, f"SELECT bias_mitigation_version, count() FROM enricher.{sample.MODEL_ID} "
