@@ -215,6 +215,16 @@ def cmd_enrichments_set(args) -> int:
     return cmd_enrichments_show(args)
 
 
+def cmd_enrichments_retrain(args) -> int:
+    """The same as `POST /models/{id}/enrichments/retrain`: back to pending; the trigger runs them."""
+    settings = _settings(args)
+    try:
+        _control(settings).retrain(args.model_id, {"enrichments": args.enrichment} if args.enrichment else {})
+    except RequestError as exc:
+        raise UserError(str(exc)) from None
+    return cmd_enrichments_show(args)
+
+
 def cmd_enrichments_show(args) -> int:
     try:
         enrichments = _control(_settings(args)).enrichments(args.model_id)
@@ -231,11 +241,12 @@ def cmd_enrichments_show(args) -> int:
 
 def cmd_train(args) -> int:
     # The CLI composes both halves; the streaming modules never import training.
+    from enricher.pipelines.labelled import LabelledRows  # lazy: pyarrow
     from enricher.pipelines.train import train  # lazy: pyarrow
 
     settings = _settings(args)
     train(_registry(settings), settings.artifacts(), args.model_id,
-          only=args.enrichment or None)
+          only=args.enrichment or None, labelled=LabelledRows(settings))
     return 0
 
 
@@ -263,6 +274,7 @@ def cmd_pipeline(args) -> int:
     from enricher.models.registry import UnknownModel  # lazy: pyarrow
     from enricher.models.spec import SpecError  # lazy: pyarrow
     from enricher.pipelines import steps  # lazy: pyarrow
+    from enricher.pipelines.labelled import LabelledRows  # lazy: pyarrow
     from enricher.pipelines.workflow import EXIT_PERMANENT  # lazy: hera, pyarrow
 
     settings = _settings(args)
@@ -277,7 +289,7 @@ def cmd_pipeline(args) -> int:
                 config = json.loads(args.config or "{}")
             except json.JSONDecodeError as exc:
                 raise UserError(f"--config is not JSON: {exc}") from None
-            steps.train(registry, store, args.model, args.run, args.enrichment, config)
+            steps.train(registry, store, args.model, args.run, args.enrichment, config, LabelledRows(settings))
         elif args.step == "validate":
             steps.validate(registry, store, args.model, args.run, args.enrichment)
         elif args.step == "publish":
@@ -603,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("model_id")
     es.add_argument("assignments", nargs="+", metavar="NAME=on|off|NAME.SETTING=VALUE")
     es.set_defaults(func=cmd_enrichments_set)
+    rt = e.add_parser("retrain", help="train enabled enrichments again (e.g. hotspots, from the latest labels) "
+                                      "through the trigger")
+    rt.add_argument("model_id")
+    rt.add_argument("enrichment", nargs="*", help="which (default: every enabled one)")
+    rt.set_defaults(func=cmd_enrichments_retrain)
     sh = e.add_parser("show", help="a model's enrichments and artifact versions")
     sh.add_argument("model_id")
     sh.set_defaults(func=cmd_enrichments_show)

@@ -134,6 +134,7 @@ class Settings:
     argo_service_account: str | None = None
     image: str = "inference-enricher:latest"
     trigger_debounce: float = 1.0
+    trigger_rescan: float = 30.0          # seconds between the trigger's looks at every model (lost events, schedules)
     step_retries: int = 2                 # retries of a failed training step (not of a permanent failure)
     step_deadline: int = 3600             # seconds one attempt of a training step may take
     artifact_store_url: str = ""  # a directory or s3://bucket/prefix; default <data_dir>/artifacts
@@ -385,6 +386,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "argo_service_account": ("ENRICHER_ARGO_SERVICE_ACCOUNT", "str", None),
     "image": ("ENRICHER_IMAGE", "str", None),
     "trigger_debounce": ("ENRICHER_TRIGGER_DEBOUNCE", "float", 0),
+    "trigger_rescan": ("ENRICHER_TRIGGER_RESCAN", "float", 0.1),
     "step_retries": ("ENRICHER_STEP_RETRIES", "int", 0),
     "step_deadline": ("ENRICHER_STEP_DEADLINE", "int", 1),
     "api_token": ("ENRICHER_API_TOKEN", "secret", None),

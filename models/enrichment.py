@@ -16,7 +16,12 @@ enrichment, per model:
   training;
 - `check_config`, `fit`, `load`, `check_quality` (the bar a fitted artifact's
   measured `quality` must pass before it is published), and the fitted
-  artifact's `transform`, `to_blobs` and `quality`.
+  artifact's `transform`, `to_blobs` and `quality`;
+- optionally `stream_training(config)`: what it learns from the enriched
+  stream besides the reference data (labelled rows of a recent window, how
+  many at most) and how often it retrains on its own (`StreamTraining`);
+  without it, an enrichment learns from the reference data alone and is
+  retrained only when its model or settings change or a user asks.
 
 Adding an enrichment is one module implementing this and one line in
 `models.ENRICHMENTS`; nothing in the streaming service, the training steps or
@@ -141,6 +146,34 @@ class Fitted(Protocol):
 
     def transform(self, batch: InferenceBatch) -> dict[str, pa.Array]:
         """The enrichment's outputs (by view name) for every row of the batch, in order."""
+
+
+@dataclass(frozen=True)
+class StreamTraining:
+    """What an enrichment learns from the enriched stream besides the reference data.
+
+    `window`: the labelled rows of the last `window` seconds; `max_rows`: at most
+    that many (0: the reference data alone), sampled by a hash of the inference
+    id (the training steps read them); `every`: retrain on a schedule, every
+    that many seconds (None: only when the model or settings change, or on
+    demand). `texts` the same as the user wrote them, for messages."""
+
+    window: float
+    max_rows: int
+    every: float | None
+    texts: dict
+
+
+#: A boolean column the training steps add to the rows of an enrichment that learns from the
+#: stream: true for a row drawn from the stream, false for a reference row (a name no feature
+#: can have: column names start with a letter).
+FROM_STREAM = "_from_stream"
+
+
+def stream_training(enrichment: "Enrichment", config: dict) -> StreamTraining | None:
+    """The enrichment's StreamTraining for these settings, or None (reference data alone)."""
+    ask = getattr(enrichment, "stream_training", None)
+    return ask(config) if ask is not None else None
 
 
 class Enrichment(Protocol):

@@ -1,7 +1,9 @@
 """The steps of a training run, as its workflow runs them: `enricher pipeline STEP`.
 
     prepare   stage the model's spec and reference data for the run
-    train     fit one enrichment on the staged data, stage its files
+    train     fit one enrichment on the staged data (one that follows the stream,
+              hotspots, also on the labelled rows of a recent window read
+              from the enriched tables: pipelines/labelled.py), stage its files
     validate  load one staged result as a worker would and check its output
     publish   make it a new artifact version, mark it ready, announce it
     cleanup   remove the run's staging (the workflow's exit handler)
@@ -26,11 +28,13 @@ import pyarrow.parquet as pq
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import FORMAT_VERSION, ArtifactStore, Manifest
 from enricher.models.catalog import checked_output, out_of_bounds
-from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, published_parameters
+from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, published_parameters, stream_training
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
 
 from enricher.errors import EnricherError
+
+from .labelled import LabelledRows, combined
 
 log = logging.getLogger("enricher.pipeline")
 VALIDATION_ROWS = 2000
@@ -96,7 +100,10 @@ def _known(enrichment: str) -> None:
 
 
 def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str, enrichment: str,
-          config: dict) -> dict:
+          config: dict, labelled: LabelledRows | None = None) -> dict:
+    """Fit one enrichment on the staged reference data; one that learns from the stream
+    (hotspots) also on the labelled rows `labelled` draws from the store (None: the
+    reference data alone, and the manifest says so)."""
     _known(enrichment)
     registry.set_status(model_id, enrichment, "training", workflow=run)
     spec, reference = _spec(store, run, model_id), _reference(store, run)
@@ -105,16 +112,32 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str
     except Unusable as exc:
         raise StepError(f"model {model_id}: {enrichment} cannot be used: {exc}") from None
     try:
-        fitted = ENRICHMENTS[enrichment].fit(spec, reference, config, _model_file(store, run))
+        following = stream_training(ENRICHMENTS[enrichment], config)
+    except ValueError as exc:
+        raise StepError(f"model {model_id}: {enrichment}: {exc}") from None
+    trained_on = {"reference_rows": reference.num_rows}
+    rows = reference
+    if following is not None:
+        # A store that does not answer raises (not a StepError): the step is retried.
+        drawn = labelled.draw(spec, following) if labelled else None
+        trained_on.update(drawn.record() if drawn else {"stream_rows": 0, "stream_note": "the store was not read"})
+        if drawn:
+            rows = combined(reference, drawn)
+    try:
+        fitted = ENRICHMENTS[enrichment].fit(spec, rows, config, _model_file(store, run))
     except ValueError as exc:  # the inputs refused (a model file, a setting): the same on every retry
         raise StepError(f"model {model_id}: {enrichment}: {exc}") from None
     blobs = fitted.to_blobs()
     for name, data in blobs.items():
         store.files.write(_staged(store, run, enrichment, name), data)
-    meta = {"training_rows": reference.num_rows, "parameters": published_parameters(fitted),
+    parameters = published_parameters(fitted)
+    if following is not None:  # where its rows came from, on the manifest
+        parameters["trained_on"] = trained_on
+    meta = {"training_rows": rows.num_rows, "parameters": parameters,
             "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}}
     store.files.write(_staged(store, run, enrichment, "meta.json"), json.dumps(meta).encode())
-    log.info("run %s: trained %s on %d rows", run, enrichment, reference.num_rows)
+    log.info("run %s: trained %s on %d rows (%s)", run, enrichment, rows.num_rows,
+             ", ".join(f"{k} {v}" for k, v in trained_on.items()))
     return meta
 
 

@@ -5,8 +5,9 @@ runs (pipelines/steps.py: prepare, then per enrichment train -> validate ->
 publish, then cleanup), so an artifact trained by hand passes the same
 validation as one trained by a toggle, and, as in the workflow, one
 enrichment failing does not keep the others from publishing. It reads the
-registry and writes the artifact store, and talks to nothing else (no
-announcement: workers see the registry's new generation).
+registry and writes the artifact store (and, for an enrichment that follows
+the stream, reads its labelled rows from the enriched tables), and talks to
+nothing else (no announcement: workers see the registry's new generation).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from enricher.models.registry import ModelRegistry
 from enricher.errors import EnricherError, UserError
 
 from . import steps
+from .labelled import LabelledRows
 
 
 class TrainingFailed(EnricherError, ValueError):
@@ -30,8 +32,10 @@ class TrainingFailed(EnricherError, ValueError):
 
 
 def train(registry: ModelRegistry, store: ArtifactStore, model_id: str,
-          only: list[str] | None = None, log=print) -> list[Manifest]:
-    """Train `model_id`'s enabled enrichments (or just those in `only`)."""
+          only: list[str] | None = None, log=print, labelled: LabelledRows | None = None) -> list[Manifest]:
+    """Train `model_id`'s enabled enrichments (or just those in `only`); `labelled` reads
+    the stream's labelled rows for those that learn from them (hotspots; None: the
+    reference data alone)."""
     registry.get(model_id)
     enabled = registry.enabled(model_id)
     if only:
@@ -57,7 +61,7 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str,
             started = time.perf_counter()
             step = "train"
             try:
-                steps.train(registry, store, model_id, run, name, enabled[name])
+                steps.train(registry, store, model_id, run, name, enabled[name], labelled)
                 step = "validate"
                 steps.validate(registry, store, model_id, run, name)
                 step = "publish"

@@ -123,6 +123,23 @@ def test_toggles_change_the_status_and_are_announced_on_the_control_topic(api):
     assert mine[1]["enabled"] == ["anomaly_detection"] and mine[2]["disabled"] == ["anomaly_detection"]
 
 
+def test_a_retrain_request_sends_enabled_enrichments_back_to_the_trigger_and_refuses_what_is_off(api):
+    worker, settings, reference = api
+    call(worker, "PUT", "/models/api_five", {"schema": sample.SCHEMA, "reference": reference})
+    call(worker, "PATCH", "/models/api_five/enrichments", {"hotspots": {"enabled": True}})
+    assert call(worker, "POST", "/models/api_five/enrichments/retrain", {}, token=None)[0] == 401
+    status, doc = call(worker, "POST", "/models/api_five/enrichments/retrain", {"enrichments": ["hotspots"]})
+    assert status == 200 and doc["hotspots"]["status"] == "pending"
+    status, doc = call(worker, "POST", "/models/api_five/enrichments/retrain", {"enrichments": ["anomaly_detection"]})
+    assert status == 400 and doc["field"] == "enrichments" and "is off" in doc["error"]
+    status, doc = call(worker, "POST", "/models/api_five/enrichments/retrain", {"enrichments": "hotspots"})
+    assert status == 400 and doc["field"] == "enrichments"
+    assert call(worker, "POST", "/models/nosuch/enrichments/retrain", {})[0] == 404
+    events = [json.loads(m.value()) for m in read_topic(settings, settings.control_topic, expected=100, timeout=5)]
+    mine = [e for e in events if e["model_id"] == "api_five"]
+    assert mine[-1]["event"] == "retrain_requested" and mine[-1]["enrichments"] == ["hotspots"]
+
+
 def test_an_unknown_model_is_404_and_a_body_that_is_not_json_is_400(api):
     worker, _, _ = api
     status, doc = call(worker, "GET", "/models/nosuch/enrichments")

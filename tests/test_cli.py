@@ -42,6 +42,8 @@ def test_register_toggle_train_and_show(files, capsys):
     assert shown["reference_rows"] == 500
     assert shown["enrichments"]["anomaly_detection"] == {"enabled": True, "config": {"n_estimators": 50},
                                                          "artifact_version": 1, "versions": [1]}
+    code, out, _ = run(capsys, "enrichments", "retrain", "credit")  # back to the trigger; v1 serves meanwhile
+    assert code == 0 and "anomaly_detection\ton\tpending\tartifact v1" in out
     code, out, _ = run(capsys, "enrichments", "set", "credit", "anomaly_detection=off")
     assert "anomaly_detection\toff\tdisabled\tartifact v1" in out
 
@@ -54,6 +56,7 @@ def test_register_toggle_train_and_show(files, capsys):
     (["models", "show", "ghost"], "model 'ghost' is not registered"),
     (["enrichments", "set", "ghost", "anomaly_detection=on"], "model 'ghost' is not registered"),
     (["train", "ghost"], "not registered"),
+    (["enrichments", "retrain", "ghost"], "model 'ghost' is not registered"),
     (["deadletters", "--reason", "bad_vibes"], "--reason 'bad_vibes': unknown; one of too_large, invalid_json"),
     (["deadletters", "--since", "yesterday"], "window 'yesterday': write a positive number and a unit"),
     (["deadletters", "--bytes", "0"], "--bytes: a positive number of bytes"),
@@ -81,6 +84,8 @@ def test_toggle_mistakes(files, capsys):
     assert "takes on or off" in run(capsys, "enrichments", "set", "m", "anomaly_detection=maybe")[2]
     assert "n_estimators" in run(capsys, "enrichments", "set", "m", "anomaly_detection.n_estimators=-1")[2]
     assert "no enrichment enabled" in run(capsys, "train", "m")[2]
+    assert "hotspots is off for m" in run(capsys, "enrichments", "retrain", "m", "hotspots")[2]
+    assert "has no enrichment on" in run(capsys, "enrichments", "retrain", "m")[2]
 
 
 def test_bad_settings_in_the_environment_are_reported(files, capsys, monkeypatch):

@@ -71,36 +71,54 @@ def test_regression_and_unlabelled_reference_are_refused_with_the_reason():
         Hotspots().check_config({"max_depth": 9})
 
 
-def test_the_worker_tags_rows_and_the_report_lists_each_hotspot_with_its_window_accuracy(tmp_path, capsys):
-    import time
-
-    import orjson
+def registered(tmp_path, reference, config=None):
+    """Settings, registry and a worker's batch path (embedded store) for `loans`, hotspots on."""
     import pyarrow.parquet as pq
     from enricher.models.registry import ModelRegistry
-    from enricher.pipelines.train import train
 
-    from enricher.cli import main
     from enricher.config import Settings
-    from enricher.store.reports import REPORTS, ReportStore
     from enricher.store.sink import ClickHouseSink
-    from enricher.stream.batch import BatchProcessor, Messages
+    from enricher.stream.batch import BatchProcessor
     from enricher.stream.serving import Serving
 
     settings = Settings.from_env(env={}, data_dir=str(tmp_path / "data"), broker="kafka://127.0.0.1:1")
-    reference, _ = data(6000, seed=6)
     pq.write_table(reference, tmp_path / "loans.parquet")
     registry = ModelRegistry(settings.registry_dir)
     registry.register("loans", SCHEMA, tmp_path / "loans.parquet")
-    registry.set_enrichment("loans", "hotspots", True)
-    train(registry, settings.artifacts(), "loans", log=lambda m: None)
+    registry.set_enrichment("loans", "hotspots", True, config or {})
     processor = BatchProcessor(settings, Serving(registry, settings.artifacts()), ClickHouseSink(settings))
-    stream, inside = data(2000, seed=7)
+    return settings, registry, processor
+
+
+def stream(processor, rows: pa.Table, prefix: str) -> None:
+    """The rows as inferences with their labels, through the worker's batch path, just now."""
+    import time
+
+    import orjson
+
+    from enricher.stream.batch import Messages
+
     now = int(time.time() * 1000) - 5000
-    messages = [orjson.dumps({"model_id": "loans", "inference_id": f"l{i}", "timestamp": now + i,
+    messages = [orjson.dumps({"model_id": "loans", "inference_id": f"{prefix}{i}", "timestamp": now + i % 4000,
                               "features": {"income": r["income"], "age": r["age"], "region": r["region"]},
                               "prediction": r["prediction"], "label": r["label"]})
-                for i, r in enumerate(stream.to_pylist())]
-    processor.handle(Messages(messages, [0] * len(messages), list(range(len(messages)))))
+                for i, r in enumerate(rows.to_pylist())]
+    for start in range(0, len(messages), 5000):
+        piece = messages[start:start + 5000]
+        processor.handle(Messages(piece, [0] * len(piece), list(range(start, start + len(piece)))))
+
+
+def test_the_worker_tags_rows_and_the_report_lists_each_hotspot_with_its_window_accuracy(tmp_path, capsys):
+    from enricher.pipelines.train import train
+
+    from enricher.cli import main
+    from enricher.store.reports import REPORTS, ReportStore
+
+    reference, _ = data(6000, seed=6)
+    settings, registry, processor = registered(tmp_path, reference)
+    train(registry, settings.artifacts(), "loans", log=lambda m: None)
+    rows, inside = data(2000, seed=7)
+    stream(processor, rows, "l")
     store = ReportStore(settings, registry)
     try:
         report = store.run(REPORTS["hotspots"], "loans", "1h")
@@ -112,8 +130,75 @@ def test_the_worker_tags_rows_and_the_report_lists_each_hotspot_with_its_window_
     from enricher.models.hotspots import Hotspots as H  # the artifact's own tags of the same rows
     verified = settings.artifacts().load("loans", "hotspots")
     tags = H().load(registry.get("loans"), verified.manifest, verified.blobs).transform(
-        InferenceBatch.from_reference(registry.get("loans"), stream))[OUTPUT].to_numpy(zero_copy_only=False)
+        InferenceBatch.from_reference(registry.get("loans"), rows))[OUTPUT].to_numpy(zero_copy_only=False)
     assert {h["id"]: h["rows"] for h in report["hotspots"]} == {h: int((tags == h).sum()) for h in set(tags) if h}
     processor.sink.tables.client.close()
     assert main(["--data-dir", str(settings.data_dir), "hotspots", "loans", "--window", "1h"]) == 0
     assert "h1: income" in capsys.readouterr().out
+
+
+def test_hotspots_follow_the_streams_labels_a_region_that_moved_moves_in_the_retrained_version(tmp_path, capsys):
+    """Trained on the reference (wrong for low incomes in the north); the stream's labels
+    then say the model is wrong for middling incomes in the east and right in the north:
+    the version retrained from the stream finds the east and drops the north."""
+    from enricher.pipelines.labelled import LabelledRows
+    from enricher.pipelines.train import train
+
+    from enricher.cli import main
+
+    reference, _ = data(6000, seed=8)
+    settings, registry, processor = registered(tmp_path, reference)
+    labelled = LabelledRows(settings)
+    first = train(registry, settings.artifacts(), "loans", log=lambda m: None, labelled=labelled)[0]
+    assert first.parameters["trained_on"]["stream_rows"] == 0  # nothing streamed yet
+    assert "region IN ('north')" in " ".join(_hotspots(settings, registry)[0]["rules"])
+    moved, inside = data(12000, seed=9, region="east", below=60000)
+    stream(processor, moved, "m")
+    second = train(registry, settings.artifacts(), "loans", log=lambda m: None, labelled=labelled)[0]
+    trained_on = second.parameters["trained_on"]
+    assert (trained_on["reference_rows"], trained_on["stream_rows"]) == (6000, 12000)
+    assert second.training_rows == 18000
+    found = _hotspots(settings, registry)
+    rules = [" AND ".join(h["rules"]) for h in found]
+    assert not any("north" in r and "east" not in r for r in rules), rules  # the old region is gone
+    top = found[0]
+    assert "region IN ('east')" in rules[0], rules
+    # the rows the new hotspot selects are the moved region's (>= 80% overlap), on fresh rows
+    fresh, inside = data(6000, seed=10, region="east", below=60000)
+    artifact = settings.artifacts().load("loans", "hotspots")
+    tags = Hotspots().load(SPEC, artifact.manifest, artifact.blobs).transform(
+        InferenceBatch.from_reference(SPEC, fresh))[OUTPUT].to_numpy(zero_copy_only=False)
+    selected = tags == top["id"]
+    assert (selected & inside).sum() / max(selected.sum(), inside.sum()) >= 0.8
+    processor.sink.tables.client.close()
+    assert main(["--data-dir", str(settings.data_dir), "hotspots", "loans", "--window", "1h"]) == 0
+    assert "on 6,000 reference rows and 12,000 labelled stream rows of " in capsys.readouterr().out
+
+
+def test_the_stream_sample_is_capped_and_drawn_by_a_hash_of_the_inference_id(tmp_path):
+    from enricher.models.enrichment import stream_training
+    from enricher.pipelines.labelled import LabelledRows
+
+    reference, _ = data(2000, seed=11)
+    settings, registry, processor = registered(tmp_path, reference)
+    rows, _ = data(3000, seed=12)
+    stream(processor, rows, "s")
+    spec = registry.get("loans")
+    capped = stream_training(Hotspots(), {"stream_rows": 1000})
+    one, two = LabelledRows(settings).draw(spec, capped), LabelledRows(settings).draw(spec, capped)
+    assert one.rows == 1000 and one.table.equals(two.table)  # the same rows for the same window
+    everything = LabelledRows(settings).draw(spec, stream_training(Hotspots(), {}))
+    assert everything.rows == 3000
+    # the sample is the 1000 rows of smallest hash, not the first or the latest 1000
+    incomes = set(one.table.column("income").to_pylist())
+    assert incomes <= set(rows.column("income").to_pylist())
+    assert incomes != set(rows.column("income").to_pylist()[:1000])
+    assert incomes != set(rows.column("income").to_pylist()[-1000:])
+    none = LabelledRows(settings).draw(spec, stream_training(Hotspots(), {"stream_rows": 0}))
+    assert none.table is None and "not read" in none.note
+
+
+def _hotspots(settings, registry) -> list[dict]:
+    import json
+
+    return json.loads(settings.artifacts().load("loans", "hotspots").blobs["hotspots.json"])

@@ -131,3 +131,30 @@ def test_one_enrichment_failing_leaves_the_others_trained_and_serving(world):
     assert "below min_fidelity 0.99" in failed["message"]
     assert settings.artifacts().current_version("credit", AD) == 1
     assert not (settings.artifact_dir / "_runs" / run).exists(), "the exit handler removed the staging"
+
+
+def test_hotspots_retrain_on_their_schedule_and_on_demand_through_the_trigger(world):
+    settings, control, trigger, _ = world
+    control.patch_enrichments("credit", {"hotspots": {"enabled": True, "config": {"retrain_every": "1h"}}})
+    trigger.notice("credit", 0.0)
+    settle(trigger)
+    assert control.enrichments("credit")["hotspots"]["version"] == 1
+    trigger.rescan()  # not due yet: nothing happens
+    assert not trigger.dirty and control.enrichments("credit")["hotspots"]["status"] == "ready"
+    trigger.rescan(now=time.time() + 3601)  # an hour on: due
+    assert control.enrichments("credit")["hotspots"]["status"] == "pending"
+    settle(trigger)
+    hotspots = control.enrichments("credit")["hotspots"]
+    assert (hotspots["status"], hotspots["version"], len(trigger.submitted)) == ("ready", 2, 2)
+    manifest = settings.artifacts().load("credit", "hotspots").manifest
+    assert manifest.parameters["trained_on"]["reference_rows"] == 2000  # the run read the store (no rows yet)
+    assert "stream_rows" in manifest.parameters["trained_on"]
+    control.retrain("credit", {"enrichments": ["hotspots"]})  # on demand (what the API's POST does)
+    trigger.notice("credit", 0.0)
+    settle(trigger)
+    assert control.enrichments("credit")["hotspots"]["version"] == 3 and len(trigger.submitted) == 3
+    # an enrichment with no schedule is never due; retrain_every off turns the schedule off
+    control.patch_enrichments("credit", {AD: {"enabled": True}, "hotspots": {"config": {"retrain_every": "off"}}})
+    trigger.notice("credit", 0.0)
+    settle(trigger)
+    assert trigger.schedule("credit", now=time.time() + 10 * 86400) == []

@@ -245,6 +245,34 @@ class ControlPlane:
                        disabled=sorted(n for n, (on, *_) in changes.items() if not on))
         return self.enrichments(model_id)
 
+    def retrain(self, model_id: str, body) -> dict[str, dict]:
+        """Train enabled enrichments again, with the settings they have: body
+        {"enrichments": [NAME, ...]}, or {} for every enabled one. Each goes back
+        to pending; the trigger runs them as it runs a toggle (hotspots then learn
+        from the stream's latest labels). The serving version serves until then."""
+        with self.registry.locked():
+            self._known(model_id)
+            if not isinstance(body, dict) or set(body) - {"enrichments"}:
+                raise RequestError('body must be a JSON object: {"enrichments": ["hotspots"]}, or {} for '
+                                   "every enabled enrichment", "")
+            enabled = self.registry.enabled(model_id)
+            names = body.get("enrichments", sorted(enabled))
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise RequestError("enrichments: a list of enrichment names", "enrichments")
+            for name in names:
+                if name not in ENRICHMENTS:
+                    raise RequestError(f"unknown enrichment {name!r}; known: {', '.join(sorted(ENRICHMENTS))}",
+                                       "enrichments")
+                if name not in enabled:
+                    raise RequestError(f"{name} is off for {model_id}: turn it on (which trains it) rather "
+                                       "than retrain it", "enrichments")
+            if not names:
+                raise RequestError(f"model {model_id} has no enrichment on: nothing to retrain", "enrichments")
+            for name in names:
+                self.registry.set_status(model_id, name, "pending", reason="retrain requested")
+            self._announce("retrain_requested", model_id, enrichments=sorted(names))
+        return self.enrichments(model_id)
+
 
 def follow_announcements(settings: Settings, refresh: Callable[[], bool]) -> None:
     """Hear every announcement on the control topic (partitions assigned, no consumer

@@ -18,8 +18,12 @@ The workflow is built by pipelines/workflow.py for exactly that plan and
 handed to the runner (local processes, or an Argo Server). Runs are followed;
 each enrichment has its own branch in the run, so a failed run marks failed
 only the enrichments that did not publish, each with its own step and reason. The
-registry is also rescanned now and then, so a lost event delays a run but
-never loses it.
+registry is also rescanned now and then (ENRICHER_TRIGGER_RESCAN seconds), so a
+lost event delays a run but never loses it; the rescan also starts the runs
+that are due on a schedule (hotspots' `retrain_every`: they learn from the
+stream's labels, which change without any toggle). A user's `enricher
+enrichments retrain` (POST /models/{id}/enrichments/retrain) is announced
+like a toggle and run the same way.
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ import logging
 import signal
 import threading
 import time
+from datetime import datetime
 
 from enricher.config import Settings
+from enricher.models import ENRICHMENTS
+from enricher.models.enrichment import stream_training
 from enricher.models.registry import ModelRegistry
 from enricher.pipelines.runners import ArgoRunner, LocalRunner, RunnerError
 from enricher.pipelines.workflow import WorkflowOptions, branch_steps, workflow_dict
 from enricher.stream.topics import ensure_topics
 
 log = logging.getLogger("enricher.trigger")
-WATCHED = ("model_registered", "enrichments_changed")
+WATCHED = ("model_registered", "enrichments_changed", "retrain_requested")
 
 
 class Trigger:
@@ -63,10 +70,40 @@ class Trigger:
         except (ValueError, AttributeError):
             log.warning("ignoring a control event that is not JSON: %r", raw[:200])
 
-    def rescan(self) -> None:
+    def rescan(self, now: float | None = None) -> None:
         for model_id in self.registry.ids():
+            self.schedule(model_id, now)
             if self._waiting(model_id) and model_id not in self.dirty:
                 self.notice(model_id, 0.0)
+
+    def schedule(self, model_id: str, now: float | None = None) -> list[str]:
+        """Enrichments that retrain on a schedule (hotspots, from the stream's labels:
+        `retrain_every`) whose last run, published or failed, ended longer ago than
+        that go back to pending; the rescan's run then takes them up. Returns them."""
+        now = time.time() if now is None else now
+        due = []
+        try:
+            enabled = self.registry.enabled(model_id)
+        except KeyError:
+            return due
+        for name, config in enabled.items():
+            try:
+                following = stream_training(ENRICHMENTS[name], config)
+            except ValueError:  # settings refused: its own run says so
+                continue
+            if following is None or following.every is None:
+                continue
+            st = self._state(model_id, name)
+            if st.get("state") not in ("ready", "failed") or not st.get("updated_at"):
+                continue
+            age = now - datetime.fromisoformat(st["updated_at"]).timestamp()
+            if age >= following.every:
+                log.info("model %s: %s is due (retrains every %s; last run %.0f s ago)", model_id, name,
+                         following.texts["retrain_every"], age)
+                self.registry.set_status(model_id, name, "pending",
+                                         reason=f"scheduled: retrains every {following.texts['retrain_every']}")
+                due.append(name)
+        return due
 
     def adopt(self) -> None:
         """At start: take over the runs a previous trigger left going. A run
@@ -213,7 +250,7 @@ def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None
             for message in consumer.consume(100, timeout=0.2):
                 if not message.error():
                     trigger.on_event(message.value())
-            if time.monotonic() - last_scan > 30:
+            if time.monotonic() - last_scan > settings.trigger_rescan:
                 trigger.rescan()
                 last_scan = time.monotonic()
             trigger.tick()

@@ -201,6 +201,12 @@ def _model_routes(app, http: Responder, control: ControlPlane, serving, reports:
             await asyncio.to_thread(serving.refresh)
             return result
 
+    @app.page("/models/{model_id}/enrichments/retrain")
+    class RetrainView(faust.web.View):
+        async def post(self, request, model_id):
+            """Train enabled enrichments again: {"enrichments": [NAME, ...]} or {} for all."""
+            return await http.answer(self, lambda body: control.retrain(model_id, body), request, write=True)
+
     @app.page("/models/{model_id}/bias/curves")
     class BiasCurvesView(faust.web.View):
         async def get(self, request, model_id):

@@ -4,7 +4,9 @@ The hotspots themselves come from the serving `hotspots` artifact
 (models/hotspots.py: rules, size and accuracy on the training rows, when
 found); the window adds, per hotspot, the rows the worker tagged with it
 (`hotspot_id`) and the accuracy of those whose label has arrived, counted in
-ClickHouse SQL. `enricher hotspots MODEL`, `GET /models/{id}/hotspots`.
+ClickHouse SQL; and what the version was trained on (reference rows, and the
+labelled stream rows of which window). `enricher hotspots MODEL`,
+`GET /models/{id}/hotspots`.
 """
 
 from __future__ import annotations
@@ -43,13 +45,21 @@ def measure(store, spec: ModelSpec, start: float, end: float, options: dict, lim
         out.append({"id": h["id"], "rules": h["rules"], "training_rows": h["rows"],
                     "training_accuracy": h["accuracy"], "found_at": h["found_at"], "rows": rows,
                     "labelled": labelled, "accuracy": right / labelled if labelled else None})
-    return {"version": verified.manifest.version, "rows_scored_by_this_version": scored,
+    trained_on = verified.manifest.parameters.get("trained_on", {})
+    return {"version": verified.manifest.version, "trained_at": verified.manifest.created_at,
+            "trained_on": trained_on, "rows_scored_by_this_version": scored,
             "rows_in_hotspots": sum(h["rows"] for h in out), "quality": artifact.quality, "hotspots": out}
 
 
 def text(report: dict) -> list:
     out = [f"{report['model_id']}: {len(report['hotspots'])} hotspot(s) of hotspots v{report['version']}; the window "
            f"{report['start']} to {report['end']} ({report['rows_scored_by_this_version']:,} rows scored by it, {report['rows_in_hotspots']:,} in a hotspot)"]
+    on = report.get("trained_on") or {}
+    if on:
+        out.append(f"trained {report['trained_at']} on {on.get('reference_rows', 0):,} reference rows and "
+                   f"{on.get('stream_rows', 0):,} labelled stream rows"
+                   + (f" of {on['stream_from']} to {on['stream_to']}" if on.get("stream_rows") else "")
+                   + (f" ({on['stream_note']})" if on.get("stream_note") else ""))
     if not report["hotspots"]:
         out.append("no region where the model is often wrong was found in training")
     for h in report["hotspots"]:
