@@ -15,7 +15,7 @@ from enricher.broker import EmbeddedBroker
 from enricher.config import Settings
 from enricher.errors import EnricherError, RequestError, UserError
 from enricher.store.queries import jsonable, query_user_ddl
-from enricher.store.query import ask, drop_rows, format_table, store_tables
+from enricher.store.query import ask, drop_rows, format_table, report_text, store_tables
 from enricher.store.query import report as query_report
 from enricher.store.reports import REPORTS
 from enricher.windows import parse_window
@@ -140,8 +140,7 @@ def cmd_report(args) -> int:
     if args.format == "json":
         print(json.dumps(doc, indent=2))
         return 0
-    for part in report.module().text(doc):
-        print(part if isinstance(part, str) else format_table(*part))
+    print(report_text(report.name, doc))
     if plot:
         print(f"chart written to {plot}")
     return 0

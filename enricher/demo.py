@@ -1,14 +1,15 @@
 """`enricher demo`: the whole toggle-driven flow on one machine, then what a user wants to see.
 
 Starts the embedded broker, a worker and the trigger (local runner); registers
-a sample model through the worker's API; streams inferences while anomaly
-detection and explanations are off (rows land with NULL scores); turns both
-on with one PATCH;
-the trigger builds and runs the training workflow, the artifact is published,
-the worker swaps it in without stopping; streams more inferences (planted
-anomalies and malformed messages among them) and shows the columns that
-appeared, all queried back from ClickHouse and the dead-letter topic.
-Everything it started, it stops.
+a sample model through the worker's API; streams inferences while every
+enrichment is off (rows land with NULL scores); turns all four on (anomaly
+detection, explanations, bias mitigation, hotspots) with one PATCH; the
+trigger builds and runs the training workflow, the artifacts are published,
+the worker swaps them in without stopping; streams more inferences (planted
+anomalies and malformed messages among them), then their labels, late, as
+label updates; and shows the columns that appeared and the three label-driven
+reports (performance, fairness, hotspots), all queried back from ClickHouse
+and the dead-letter topic. Everything it started, it stops.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from enricher import sample
 from enricher.broker import EmbeddedBroker, free_port
 from enricher.config import Settings
 from enricher.errors import UserError
-from enricher.store.query import format_table, query
+from enricher.store.query import format_table, query, report, report_text
 from enricher.stream import deadletters
 from enricher.stream.producer import InferenceProducer
 from enricher.stream.topics import ensure_topics
@@ -90,6 +91,7 @@ def run_demo(args) -> int:
     try:
         settings = Settings.from_env(data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
                                      session_timeout=6.0, max_message_bytes=max_bytes, refresh_interval=0.5,
+                                     label_sweep_interval=1.0,
                                      clickhouse_url=f"chdb://{data_dir / 'clickhouse'}",
                                      # the reference is registered through the worker's API: from here only
                                      reference_roots=str(data_dir))
@@ -113,19 +115,20 @@ def run_demo(args) -> int:
         producer = InferenceProducer(settings, batch="json", batch_rows=1000)
         bad = sample.malformed(max_bytes=max_bytes)
         say(f"== 4/7 stream {before:,} inferences with every enrichment off")
-        first, _ = sample.inferences(before, id_prefix="before")
+        first, _ = sample.inferences(before, id_prefix="before", labels=[])  # scored by the sample model
         producer.send_many(first)
         producer.flush()
         worker.wait_for(lambda s: s["enriched"] >= before, timeout=max(120, before / 500))
         say(f"   {before:,} rows written, anomaly_score NULL (off)")
 
-        say(f"== 5/7 turn anomaly detection and explanations on: PATCH {worker.url}/models/{sample.MODEL_ID}"
+        say(f"== 5/7 turn all four enrichments on with one PATCH {worker.url}/models/{sample.MODEL_ID}"
             "/enrichments")
         toggled = time.monotonic()
-        names = ("anomaly_detection", "explainability")
+        names = ("anomaly_detection", "explainability", "bias_mitigation", "hotspots")
         doc = api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments", "PATCH",
                   {"anomaly_detection": {"enabled": True, "config": {"n_estimators": 100}},
-                   "explainability": {"enabled": True}})
+                   "explainability": {"enabled": True}, "bias_mitigation": {"enabled": True},
+                   "hotspots": {"enabled": True}})
         say(f"   status {doc['anomaly_detection']['status']}; the trigger builds the workflow "
             "(prepare -> per enrichment: train -> validate -> publish) and runs it")
         seen = None
@@ -133,8 +136,7 @@ def run_demo(args) -> int:
             states = api(f"{worker.url}/models/{sample.MODEL_ID}/enrichments")
             now = tuple(states[n]["status"] for n in names)
             if now != seen:
-                say(f"   {time.monotonic() - toggled:5.1f}s  " + ", ".join(f"{n} {st}" for n, st in zip(names, now))
-                    + f"  (workflow {states[names[0]]['workflow']})")
+                say(f"   {time.monotonic() - toggled:5.1f}s  " + ", ".join(f"{n} {st}" for n, st in zip(names, now)))
                 seen = now
             if all(st in ("ready", "failed") for st in now) or time.monotonic() - toggled > 300:
                 break
@@ -143,15 +145,27 @@ def run_demo(args) -> int:
             say(f"   training did not finish: {states}; see {data_dir / 'trigger.log'}")
             return 1
         worker.wait_for(lambda s: all(s["serving"].get(sample.MODEL_ID, {}).get(n) for n in names), timeout=60)
-        quality = states["explainability"]["quality"]
-        say(f"   {time.monotonic() - toggled:5.1f}s  the worker serves anomaly_detection "
-            f"v{states['anomaly_detection']['version']} and explainability v{states['explainability']['version']} "
-            f"(surrogate fidelity: {quality['metric']} {quality['fidelity']:.3f} on {quality['holdout_rows']:,} "
-            "held-out reference rows; hot swap, no restart)")
+        quality = {n: states[n]["quality"] or {} for n in names}
+        say(f"   {time.monotonic() - toggled:5.1f}s  the worker serves "
+            + ", ".join(f"{n} v{states[n]['version']}" for n in names)
+            + f" from one workflow ({states[names[0]]['workflow']}); hot swap, no restart")
+        say(f"   explanations: surrogate fidelity {quality['explainability']['metric']} "
+            f"{quality['explainability']['fidelity']:.3f} on {quality['explainability']['holdout_rows']:,} held-out "
+            f"reference rows; hotspots: {quality['hotspots'].get('hotspots', 0)} found in "
+            f"{quality['hotspots'].get('rows', 0):,} labelled reference rows")
+        curves = api(f"{worker.url}/models/{sample.MODEL_ID}/bias/curves")
+        chosen = curves["chosen"]
+        point, raw = curves["curves"][chosen["constraint"]][chosen["index"]], curves["raw"][chosen["constraint"]]
+        say(f"   bias mitigation on {curves['attribute']!r} ({curves['mode']}): {chosen['constraint']}, point "
+            f"{chosen['index']} of {len(curves['curves'][chosen['constraint']])} on its curve: gap {point['gap']:.3f} "
+            f"at accuracy {point['accuracy']:.3f} on the reference (the raw decision: gap {raw['gap']:.3f}, "
+            f"accuracy {raw['accuracy']:.3f})")
 
+        labels: list[bytes] = []
         say(f"== 6/7 stream {after:,} more inferences ({anomalies} planted anomalies, "
-            f"{len(bad)} malformed messages)")
-        messages, planted = sample.inferences(after, anomalies=anomalies, seed=12, id_prefix="after")
+            f"{len(bad)} malformed messages), then 80% of their labels, late")
+        messages, planted = sample.inferences(after, anomalies=anomalies, seed=12, id_prefix="after",
+                                              labels=labels)
         started = time.monotonic()  # this step's clock: its rates count its own rows and seconds
         chunk = 10_000
         for k, i in enumerate(range(0, len(messages), chunk)):
@@ -162,8 +176,6 @@ def run_demo(args) -> int:
         for raw, _ in bad[k + 1:]:
             producer.send_alone(raw)
         producer.flush()
-        sent = producer.messages
-        del producer  # closes its connections before the broker goes away
         _progress_end()
 
         def show(status):
@@ -172,8 +184,21 @@ def run_demo(args) -> int:
         final = worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= total + len(bad),
                                 timeout=max(120, total / 500), on_status=show)
         _progress_end()
-        say(f"   {final['enriched']:,} enriched, {final['dead_lettered']} dead-lettered in all "
-            f"({sent:,} Kafka messages)")
+        # Labels come later than their inferences; the worker's label sweep brings them to their rows.
+        late = [raw for i, raw in enumerate(labels) if i % 5]
+        producer.send_many(late)
+        producer.flush()
+        sent = producer.messages
+        del producer  # closes its connections before the broker goes away
+        view = f"{settings.clickhouse_database}.{sample.MODEL_ID}"
+        deadline = time.monotonic() + max(120, len(late) / 500)
+        while time.monotonic() < deadline:
+            labelled = query(settings, f"SELECT countIf(label IS NOT NULL) FROM {view}")[1][0][0]
+            if labelled >= len(late):
+                break
+            time.sleep(0.5)
+        say(f"   {final['enriched']:,} enriched, {final['dead_lettered']} dead-lettered in all; "
+            f"{labelled:,} of {len(late):,} late labels reached their rows ({sent:,} Kafka messages)")
         worker.stop()
         worker = None
 
@@ -222,7 +247,21 @@ def run_demo(args) -> int:
                    f"round(explanation_f3, 3) AS f3, round(explanation_region, 3) AS region, "
                    f"explainability_version FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC NULLS LAST "
                    "LIMIT 3")
-        say(f"\nQuery it yourself: {Path(sys.executable).parent / 'enricher'} --data-dir {data_dir} query "
+        show_query("every row says which artifact version made each enrichment's values",
+                   f"SELECT anomaly_detection_version AS anomaly, explainability_version AS explanations, "
+                   f"bias_mitigation_version AS bias, hotspots_version AS hotspots, count() AS rows, "
+                   f"countIf(bias_mitigated_prediction IS NOT NULL) AS bias_decided, "
+                   f"countIf(hotspot_id IS NOT NULL) AS in_a_hotspot FROM {db}.{sample.MODEL_ID} "
+                   f"GROUP BY ALL ORDER BY ALL")
+        for name, options, title in (
+                ("performance", {"by": "region"}, "performance on the labelled rows, by region (enricher "
+                 "performance ID --by region)"),
+                ("fairness", {}, "fairness: raw decision against bias_mitigated_prediction (enricher fairness ID)"),
+                ("hotspots", {}, "hotspots: where the model is often wrong (enricher hotspots ID)")):
+            say(f"\n-- {title}\n")
+            say(report_text(name, report(settings, name, sample.MODEL_ID, "1d", options=options)))
+        cli = Path(sys.executable).parent / "enricher"
+        say(f"\nQuery it yourself: {cli} --data-dir {data_dir} query "
             f"\"SELECT * FROM {db}.{sample.MODEL_ID} ORDER BY anomaly_score DESC LIMIT 5\"")
         return 0
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
 """Sample model and data for the demo, the tests and the benchmarks.
 
 A credit-scoring-like binary classifier: 10 numeric features and one
-categorical, a sensitive attribute, reference data drawn from one
-distribution, and inferences from the same one with a few planted anomalies
+categorical, a sensitive attribute (its groups scored unequally), a region
+where the model is mostly wrong (HOTSPOT), labelled reference data drawn from
+one distribution, and inferences from the same one with a few planted anomalies
 (far outside the reference on several features at once, with an unseen
 category) and, on request, malformed messages of every kind the worker must
 dead-letter.
@@ -67,25 +68,48 @@ def _features(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     return cols
 
 
+#: Where the sample model is wrong most of the time (its hotspot): these rows' labels
+#: disagree with its decision 85% of the time, in the reference data and the stream alike.
+HOTSPOT = {"region": "south", "f1_above": 1.5}
+
+
+def _outcomes(rng: np.random.Generator, cols: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sample model's score, the true label and the sensitive attribute, for drawn features.
+
+    The score is calibrated, except in HOTSPOT, where the labels mostly contradict it;
+    `sex` is drawn with f is more likely where f0 (which raises the score) is low, so
+    the raw decision selects fewer f's: a disparity for bias mitigation to close."""
+    n = len(cols["f0"])
+    logit = 0.8 * cols["f0"] - 0.5 * cols["f3"] + 0.3 * (cols["region"] == "west")
+    prediction = 1 / (1 + np.exp(-logit))
+    label = rng.random(n) < prediction
+    blind = (cols["region"] == HOTSPOT["region"]) & (cols["f1"] > HOTSPOT["f1_above"])
+    label = np.where(blind & (rng.random(n) < 0.85), prediction < 0.5, label)
+    sex = np.where(rng.random(n) < 1 / (1 + np.exp(1.2 * cols["f0"])), "f", "m")
+    return prediction, label.astype(np.int64), sex
+
+
 def reference_table(n: int = 10_000, seed: int = 7) -> pa.Table:
     rng = np.random.default_rng(seed)
     cols = _features(rng, n)
-    logit = 0.8 * cols["f0"] - 0.5 * cols["f3"] + 0.3 * (cols["region"] == "west")
-    prediction = 1 / (1 + np.exp(-logit))
-    cols["prediction"] = prediction
-    cols["label"] = (rng.random(n) < prediction).astype(np.int64)
-    cols["sex"] = rng.choice(["f", "m"], size=n)
+    cols["prediction"], cols["label"], cols["sex"] = _outcomes(rng, cols)
     return pa.table(cols)
 
 
 def inferences(n: int, anomalies: int = 0, seed: int = 11, model_id: str | list[str] = MODEL_ID,
                id_prefix: str = "inf", start_ms: int | None = None, attributes: bool = True,
-               decimals: int | None = None) -> tuple[list[bytes], set[str]]:
+               decimals: int | None = None, labels: list | None = None) -> tuple[list[bytes], set[str]]:
     """`n` JSON messages (`anomalies` of them planted, spread evenly) and the
     set of planted inference ids. A list of model ids spreads the messages
-    over those models at random; `decimals` rounds the numbers (shorter messages)."""
+    over those models at random; `decimals` rounds the numbers (shorter messages).
+
+    By default the prediction is a random number and `sex` alternates; given a
+    list as `labels`, the sample model scores each row, `sex` is drawn as in the
+    reference data, and the list receives each row's label update (a message with
+    `model_id`, `inference_id` and `label`, to send later: a late label)."""
     rng = np.random.default_rng(seed)
     cols = _features(rng, n)
+    outcomes = _outcomes(np.random.default_rng(seed + 1), cols) if labels is not None else None
     planted_rows = set(np.linspace(0, n - 1, anomalies, dtype=int).tolist()) if anomalies else set()
     # one millisecond apart, the last one now: a generated backlog never lies in the future
     # (a worker dead-letters timestamps ahead of its clock by more than ENRICHER_MAX_FUTURE_SKEW)
@@ -108,5 +132,10 @@ def inferences(n: int, anomalies: int = 0, seed: int = 11, model_id: str | list[
                "timestamp": start + i, "features": feats, "prediction": round(float(rng.random()), 4)}
         if attributes:
             msg["attributes"] = {"sex": "f" if i % 2 else "m"}
+        if outcomes is not None:
+            msg["prediction"] = round(float(outcomes[0][i]), 4)
+            msg["attributes"] = {"sex": str(outcomes[2][i])}
+            labels.append(orjson.dumps({"model_id": msg["model_id"], "inference_id": iid,
+                                        "label": int(outcomes[1][i])}))
         out.append(orjson.dumps(msg))
     return out, planted

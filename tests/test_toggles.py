@@ -27,6 +27,12 @@ def call(url, method, body):
         return resp.status, json.loads(resp.read())
 
 
+def get(url):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
 def test_a_toggle_trains_and_the_running_worker_starts_scoring_without_losing_a_row(make_settings, tmp_path):
     # A long refresh interval: the worker must learn of the new artifact from its announcement.
     settings = make_settings(batch_size=500, batch_timeout=0.1, refresh_interval=300, api_token=TOKEN)
@@ -101,6 +107,68 @@ def test_a_toggle_trains_and_the_running_worker_starts_scoring_without_losing_a_
         assert tuple(rows[0]) == (1000, 1000)
         assert "refreshed on an announcement" in (tmp_path / "worker.log").read_text()
         print(f"first scored row {first_scored:.1f}s after the PATCH")
+    finally:
+        trigger.stop()
+        worker.stop()
+
+
+def test_one_patch_turns_bias_mitigation_and_hotspots_on_and_their_columns_appear_with_versions(
+        make_settings, tmp_path):
+    settings = make_settings(batch_size=500, batch_timeout=0.1, refresh_interval=300, api_token=TOKEN,
+                             label_sweep_interval=0.5)
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, log_path=tmp_path / "worker.log", extra_env={"ENRICHER_API_TOKEN": TOKEN})
+    worker.start()
+    # The hotspots step reads the stream's labelled rows through the worker's /query: the
+    # trigger (and so its runs) holds the token, as a deployment's Secret gives it.
+    trigger = TriggerProcess(settings, log_path=tmp_path / "trigger.log",
+                             extra_env={"ENRICHER_API_TOKEN": TOKEN}).start()
+    try:
+        worker.wait_for(lambda s: s["uptime_s"] >= 0, timeout=60)
+        reference = tmp_path / "reference.parquet"
+        pq.write_table(sample.reference_table(10_000), reference)
+        call(f"{worker.url}/models/{sample.MODEL_ID}", "PUT", {"schema": sample.SCHEMA, "reference": str(reference)})
+        status, doc = call(f"{worker.url}/models/{sample.MODEL_ID}/enrichments", "PATCH",
+                           {"bias_mitigation": {"enabled": True}, "hotspots": {"enabled": True}})
+        assert status == 200 and {doc[n]["status"] for n in ("bias_mitigation", "hotspots")} == {"pending"}
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            states = get(f"{worker.url}/models/{sample.MODEL_ID}/enrichments")
+            if all(states[n]["status"] in ("ready", "failed") for n in ("bias_mitigation", "hotspots")):
+                break
+            time.sleep(0.5)
+        assert [states[n]["status"] for n in ("bias_mitigation", "hotspots")] == ["ready", "ready"], states
+        assert states["bias_mitigation"]["workflow"] == states["hotspots"]["workflow"]  # one run for both
+        labels: list[bytes] = []
+        messages, _ = sample.inferences(4000, id_prefix="both", labels=labels)
+        producer = InferenceProducer(settings, batch="json", batch_rows=500)
+        producer.send_many(messages)
+        producer.flush()
+        worker.wait_for(lambda s: s["enriched"] >= 4000, timeout=120)
+        producer.send_many(labels)  # late labels
+        producer.flush()
+        _, rows = query(settings, f"SELECT count(), countIf(bias_mitigated_prediction IN (0, 1)), "
+                                  f"groupUniqArray(bias_mitigation_version), countIf(hotspot_id IS NOT NULL), "
+                                  f"groupUniqArray(hotspots_version), groupUniqArray(hotspot_id) "
+                                  f"FROM enricher.{sample.MODEL_ID}")
+        count, decided, bias_versions, in_hotspot, hotspot_versions, ids = rows[0]
+        assert (count, decided, bias_versions, hotspot_versions) == (4000, 4000, [1], [1])
+        assert in_hotspot > 0 and "h1" in ids
+        deadline = time.time() + 60
+        while time.time() < deadline and query(settings, f"SELECT countIf(label IS NOT NULL) FROM "
+                                                         f"enricher.{sample.MODEL_ID}")[1][0][0] < 4000:
+            time.sleep(0.5)
+        from enricher.store.query import report
+
+        fair = report(settings, "fairness", sample.MODEL_ID, "1h")
+        gaps = fair["attributes"][0]["gaps"]  # the sample scores f lower than m at equal merit
+        assert gaps["mitigated"]["equal_opportunity"] < gaps["raw"]["equal_opportunity"] / 2, gaps
+        spots = report(settings, "hotspots", sample.MODEL_ID, "1h")
+        assert sum(h["rows"] for h in spots["hotspots"]) == in_hotspot
+        assert {h["id"] for h in spots["hotspots"] if h["rows"]} == set(ids) - {None}
+        # the sample's planted region among them, and the model as wrong there in the stream
+        south = next(h for h in spots["hotspots"] if "region IN ('south')" in h["rules"])
+        assert south["rows"] and south["labelled"] == south["rows"] and south["accuracy"] < 0.4, spots
     finally:
         trigger.stop()
         worker.stop()

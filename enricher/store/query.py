@@ -95,6 +95,11 @@ def report(settings: Settings, name: str, model_id: str, window: str | None = No
     return worker_or_direct(settings, direct, "GET", f"/models/{quote(model_id, safe='')}/{name}?{params}", name)
 
 
+def report_text(name: str, doc: dict) -> str:
+    """A window report as `enricher NAME` prints it (its module's text, tables laid out)."""
+    return "\n".join(part if isinstance(part, str) else format_table(*part) for part in REPORTS[name].module().text(doc))
+
+
 def store_tables(settings: Settings):
     """The enriched tables for a maintenance command (migrate): straight to the store."""
     from enricher.store.clickhouse import EnrichedTables, connect  # lazy: clickhouse_connect, pyarrow
