@@ -11,6 +11,9 @@ writes to its own fresh chDB store, one after the other on this machine:
 - each enrichment's transform alone against the plain library call;
 - exact explanations (benchmarks/explain.py) against shap, LightGBM and XGBoost,
   and the worker with explanations on every row;
+- on the sample model with its sensitive attribute: bias mitigation alone,
+  hotspots alone and all four enrichments, each against anomaly detection
+  alone on the same workload;
 - worker peak memory and throughput with 1, 100 and 1,000 registered models,
   the stream mixed over all of them;
 - the CLI's start-up for simple commands (benchmarks/cli.py).
@@ -70,9 +73,11 @@ def log(text: str) -> None:
 
 
 # -- workload -----------------------------------------------------------------
-def workload(n: int, models: list[str] | None = None, seed: int = 11) -> list[bytes]:
-    msgs, _ = sample.inferences(n, anomalies=max(1, n // 10_000), seed=seed,
-                                model_id=models or sample.MODEL_ID, attributes=False, decimals=5)
+def workload(n: int, models: list[str] | None = None, seed: int = 11, attributes: bool = False) -> list[bytes]:
+    """`attributes`: scored by the sample model, with its sensitive attribute (`sex`), for the
+    enrichments that use one; else random scores and no attribute."""
+    msgs, _ = sample.inferences(n, anomalies=max(1, n // 10_000), seed=seed, model_id=models or sample.MODEL_ID,
+                                attributes=False, decimals=5, labels=[] if attributes else None)
     return msgs
 
 
@@ -127,24 +132,31 @@ def fitted_artifact():
     return fitted, forest
 
 
-def prepare_models(data_dir: Path, model_ids: list[str], enrichment: bool, fitted, explained=None) -> None:
+def label_artifacts() -> dict:
+    """Bias mitigation and hotspots fitted on the sample model's labelled reference data
+    (with its sensitive attribute), defaults as a user gets them."""
+    spec = ModelSpec.from_json(sample.MODEL_ID, sample.SCHEMA)
+    reference = normalise(spec, sample.reference_table(10_000))
+    return {name: ENRICHMENTS[name].fit(spec, reference, {}) for name in ("bias_mitigation", "hotspots")}
+
+
+def prepare_models(data_dir: Path, model_ids: list[str], enrichment: bool, fitted, others=None,
+                   schema: dict = SCHEMA) -> None:
     """Register the models; publish the same fitted artifact for each (fitting
-    a thousand forests would measure training, not serving). `explained`: an
-    explainability artifact to publish and switch on too."""
+    a thousand forests would measure training, not serving). `enrichment`: anomaly
+    detection on (`fitted`); `others`: {enrichment: fitted artifact} to publish and
+    switch on too (explanations, bias mitigation, hotspots)."""
     reference = data_dir / "reference.parquet"
     pq.write_table(sample.reference_table(2000), reference)
     registry = ModelRegistry(data_dir / "registry")
     store = ArtifactStore(data_dir / "artifacts")
-    blobs = fitted.to_blobs()
+    published = ({"anomaly_detection": fitted} if enrichment else {}) | (others or {})
+    blobs = {name: artifact.to_blobs() for name, artifact in published.items()}
     for model_id in model_ids:
-        registry.register(model_id, SCHEMA, reference)
-        if enrichment:
-            registry.set_enrichment(model_id, "anomaly_detection", True)
-            store.publish(model_id, "anomaly_detection", blobs, 10_000, fitted.parameters)
-        if explained is not None:
-            registry.set_enrichment(model_id, "explainability", True)
-            store.publish(model_id, "explainability", explained.to_blobs(), 20_000,
-                          published_parameters(explained))
+        registry.register(model_id, schema, reference)
+        for name, artifact in published.items():
+            registry.set_enrichment(model_id, name, True)
+            store.publish(model_id, name, blobs[name], 10_000, published_parameters(artifact))
     registry.touch()
 
 
@@ -186,12 +198,12 @@ def run_pipe(kind: str, n: int, tmp: Path, extra: list[str], messages: list[byte
 def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrichment: bool,
                model_ids: list[str], fitted, extra_env: dict | None = None,
                hostile: list[tuple[bytes, str | None]] | None = None, code: Path | None = None,
-               explained=None, analysts: int = 0) -> dict:
+               others=None, analysts: int = 0, schema: dict = SCHEMA) -> dict:
     """`code`: a checkout of another release, whose worker runs instead of this one.
     `analysts`: that many callers send heavy queries to /query, one after another, while the stream runs."""
     data_dir = tmp / f"worker-{time.time_ns()}"
     data_dir.mkdir()
-    prepare_models(data_dir, model_ids, enrichment, fitted, explained)
+    prepare_models(data_dir, model_ids, enrichment, fitted, others, schema)
     with EmbeddedBroker(port=free_port()) as broker:
         sent = produce(broker.url.split("://")[1], "bench", messages, batch, hostile)
         settings = Settings.from_env(env={}, data_dir=str(data_dir), broker=broker.url, http_port=free_port(),
@@ -616,6 +628,13 @@ def targets(results: dict) -> list[dict]:
     r = ratio("worker_json_batches_anomaly_explain", "worker_json_batches_anomaly")
     target("worker with anomaly detection and explanations on every row: >= 0.5x anomaly detection alone", r,
            f"{r or 0:.2f}x", (r or 0) >= 0.5)
+    r = ratio("worker_json_batches_all_four", "worker_json_batches_anomaly_attributes")
+    target("all four enrichments (explanations on every row), batched: >= 0.4x anomaly detection alone", r,
+           f"{r or 0:.2f}x", (r or 0) >= 0.4)
+    for name in ("bias", "hotspots"):
+        r = ratio(f"worker_json_batches_{name}", "worker_json_batches_anomaly_attributes")
+        target(f"{'bias mitigation' if name == 'bias' else name} alone, batched: >= 0.9x anomaly detection alone", r,
+               f"{r or 0:.2f}x", (r or 0) >= 0.9)
     r = ratio("worker_1000_models", "worker_1_model")
     rss = p.get("worker_1000_models", {}).get("peak_rss_mb")
     target("1,000 models in one stream: >= 70% of single-model throughput", r,
@@ -651,6 +670,14 @@ def main() -> int:
             surrogate.append(explain.fitted_explainer()[2])
         return surrogate[0]
 
+    attributed = workload(n, attributes=True)
+    fitted_labelled = {}
+
+    def labelled():
+        if not fitted_labelled:
+            fitted_labelled.update(label_artifacts())
+        return fitted_labelled
+
     model_dir = tmp / "model"
     model_dir.mkdir()
     (model_dir / "encoder.json").write_bytes(fitted.to_blobs()["encoder.json"])
@@ -673,7 +700,22 @@ def main() -> int:
             ("worker_arrow_batches_anomaly", lambda: run_worker(n, tmp, messages, "arrow", True, single, fitted)),
             # anomaly detection and exact explanations on every row (a surrogate of 100 trees, depth 4)
             ("worker_json_batches_anomaly_explain",
-             lambda: run_worker(n, tmp, messages, "json", True, single, fitted, explained=explained())),
+             lambda: run_worker(n, tmp, messages, "json", True, single, fitted,
+                                others={"explainability": explained()})),
+            # The enrichments that need a sensitive attribute and labels, on the sample model with its
+            # attribute (the workload above has none): anomaly detection alone is their reference line.
+            ("worker_json_batches_anomaly_attributes",
+             lambda: run_worker(n, tmp, attributed, "json", True, single, fitted, schema=sample.SCHEMA)),
+            ("worker_json_batches_bias",
+             lambda: run_worker(n, tmp, attributed, "json", False, single, fitted, schema=sample.SCHEMA,
+                                others={"bias_mitigation": labelled()["bias_mitigation"]})),
+            ("worker_json_batches_hotspots",
+             lambda: run_worker(n, tmp, attributed, "json", False, single, fitted, schema=sample.SCHEMA,
+                                others={"hotspots": labelled()["hotspots"]})),
+            # all four, explanations on every row
+            ("worker_json_batches_all_four",
+             lambda: run_worker(n, tmp, attributed, "json", True, single, fitted, schema=sample.SCHEMA,
+                                others={"explainability": explained(), **labelled()})),
             # the same while four analysts send heavy queries to /query, one after another
             ("worker_json_batches_anomaly_under_queries",
              lambda: run_worker(n, tmp, messages, "json", True, single, fitted, analysts=4)),

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 
 from .artifact import Manifest
 from .enrichment import InferenceBatch, Output, Unusable
+from .hashing import id_hashes
 from .spec import ModelSpec
 
 NAME = "bias_mitigation"
@@ -165,8 +166,6 @@ class BiasArtifact:
                 p[rows] = (positive_probability(self.rules[name], s[rows]) if self.mode == "randomised"
                            else deterministic_probability(self.thresholds[name], s[rows]))
         if self.mode == "randomised":
-            from ._compiled import id_hashes  # lazy: numba
-
             u = id_hashes(batch.inference_id).astype(np.float64) / 18446744073709551616.0
             decision = u < p
         else:

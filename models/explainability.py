@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from .artifact import Manifest
 from .encoding import FeatureEncoder
 from .enrichment import InferenceBatch, ModelFile, Output, Unusable, per_feature
+from .hashing import id_hashes
 from .spec import ModelSpec
 
 # models/treeshap.py (numba) is imported where an artifact is fitted or loaded, so that a
@@ -305,8 +306,6 @@ class Explainability:
 def sampled(inference_id: pa.Array, rate: float) -> np.ndarray:
     """Which rows a sample rate explains: a 64-bit hash of each inference id (FNV-1a,
     then MurmurHash3's finaliser) below rate * 2^64, so the same ids are chosen on every replay, in any batch."""
-    from ._compiled import id_hashes  # lazy: numba
-
     hashes = id_hashes(inference_id)
     return hashes < np.uint64(min(rate, 1.0) * 18446744073709549568.0)  # the largest float64 below 2^64
 

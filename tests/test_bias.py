@@ -135,3 +135,24 @@ def test_each_relaxed_point_is_fairlearns_own_fit_at_that_tol(fitted, constraint
         optimizer.fit(s.reshape(-1, 1), y, sensitive_features=g)
         want = {str(a): rule_from_fairlearn(b) for a, b in optimizer.interpolated_thresholder_.interpolation_dict.items()}
         assert curve[k]["rules"] == want, (constraint, k)
+
+
+def test_the_decision_draw_is_fnv1a_with_murmur3s_finaliser_over_the_ids_utf8_bytes():
+    """The randomised decisions' draw must stay the same hash across releases (a replay after
+    an upgrade decides the same): checked against a plain-Python FNV-1a + fmix64."""
+    import pyarrow as pa
+    from enricher.models.hashing import id_hashes
+
+    def reference(text: str) -> int:
+        mask, h = (1 << 64) - 1, 14695981039346656037
+        for b in text.encode():
+            h = ((h ^ b) * 1099511628211) & mask
+        for shift, mul in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53), (33, None)):
+            h ^= h >> shift
+            if mul:
+                h = (h * mul) & mask
+        return h
+
+    ids = ["inf-0000001", "inf-0000002", "", "é☃" * 40, "a" * 300, "3f2b8c1e-1d2a-4c8e-9d1b-0a9e2f4c6b7d"]
+    array = pa.array(["x", *ids, None]).slice(1, len(ids))  # an offset, as a batch's slice has
+    assert [int(h) for h in id_hashes(array)] == [reference(t) for t in ids]
