@@ -51,7 +51,7 @@ def populated(tmp_path):
         spread.append(orjson.dumps(doc))
     messages = spread
     processor.handle(Messages(messages, [0] * 3000, list(range(3000))))
-    labels = [orjson.dumps({"model_id": sample.MODEL_ID, "inference_id": f"inf-{i:07d}", "label": i % 2})
+    labels = [orjson.dumps({"model_id": sample.MODEL_ID, "inference_id": f"inf-{i:07d}", "label": (i // 6) % 2})
               for i in range(0, 3000, 3)]
     processor.handle(Messages(labels, [0] * len(labels), list(range(3000, 3000 + len(labels)))))
     LabelSweep(processor.sink.tables).run()
@@ -60,9 +60,9 @@ def populated(tmp_path):
     processor.sink.tables.client.close()
 
 
-def test_the_readme_has_the_five_dashboard_queries():
+def test_the_readme_has_the_six_dashboard_queries():
     queries = dashboard_queries()
-    assert len(queries) == 5
+    assert len(queries) == 6
     assert all("$__timeFilter(timestamp)" in q for q in queries)
 
 
@@ -73,10 +73,13 @@ def test_each_dashboard_query_answers_what_its_panel_shows(populated):
     # (the worker's drift export writes the reference histograms; here the first measure does)
     expected = drift.measure(sample.MODEL_ID, end - start, feature="f0", end=end).features[0].psi
     try:
-        rate, top, psi, accuracy, coverage = [(a.columns, a.rows) for a in (runner.run(expand(q, start, end))
-                                                                            for q in dashboard_queries())]
+        rate, top, psi, accuracy, coverage, _ = [(a.columns, a.rows) for a in (runner.run(expand(q, start, end))
+                                                                               for q in dashboard_queries())]
+        # the fairness panel over one bucket as wide as the report's window
+        fairness_panel = runner.run(expand(dashboard_queries()[5], start, end, interval_s=7200))
         reports = ReportStore(settings, drift.registry)
         performance = reports.run(REPORTS["performance"], sample.MODEL_ID, "1h", end)
+        fairness = reports.run(REPORTS["fairness"], sample.MODEL_ID, "1h", end)
         reports.close()
     finally:
         runner.close()
@@ -95,3 +98,7 @@ def test_each_dashboard_query_answers_what_its_panel_shows(populated):
     assert columns == ["time", "labelled", "label_delay_seconds"]
     labelled = sum(r[1] for r in rows) / len(rows)
     assert 0.30 < labelled < 0.37 and all(r[2] is None or r[2] >= 0 for r in rows)
+    columns, rows = fairness_panel.columns, fairness_panel.rows  # the panel's gap is the report's
+    [sex] = fairness["attributes"]
+    assert columns == ["time", "gap_raw", "gap_mitigated"] and len(rows) == 1
+    assert abs(rows[0][1] - sex["gaps"]["raw"]["equal_opportunity"]) < 1e-9 and rows[0][1] > 0
