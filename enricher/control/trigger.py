@@ -96,7 +96,12 @@ class Trigger:
             st = self._state(model_id, name)
             if st.get("state") not in ("ready", "failed") or not st.get("updated_at"):
                 continue
-            age = now - datetime.fromisoformat(st["updated_at"]).timestamp()
+            try:
+                age = now - datetime.fromisoformat(st["updated_at"]).timestamp()
+            except (TypeError, ValueError):  # a status written by hand: not a reason to stop the trigger
+                log.warning("model %s: %s has an unreadable updated_at %r; not scheduling it", model_id, name,
+                            st.get("updated_at"))
+                continue
             if age >= following.every:
                 log.info("model %s: %s is due (retrains every %s; last run %.0f s ago)", model_id, name,
                          following.texts["retrain_every"], age)
