@@ -298,7 +298,8 @@ def run_latency(tmp: Path, rate: float, seconds: float, fitted) -> dict:
                           "json", f"SELECT quantiles(0.5, 0.95, 0.99)(dateDiff('millisecond', timestamp, "
                                   f"_ingested_at)) AS q FROM enricher.{sample.MODEL_ID}"],
                          capture_output=True, text=True, check=True)
-    q = json.loads(out.stdout)["q"]
+    [row] = json.loads(out.stdout)  # one document: a list of row objects
+    q = row["q"]
     return {"target_rate": round(rate), "achieved_rate": round(achieved), "rows": n,
             "p50_ms": q[0], "p95_ms": q[1], "p99_ms": q[2]}
 

@@ -51,6 +51,11 @@ class InvalidArgument(RequestError, ValueError):
     (`field`: which, when the caller names it)."""
 
 
+class Unavailable(EnricherError, RuntimeError):
+    """A service that may answer later: busy (HTTP 429), failing (5xx) or unreachable.
+    Unlike a UserError, trying again may succeed (a training step is retried on it)."""
+
+
 class BrokerUnavailable(EnricherError, RuntimeError):
     """No Kafka broker answers where the settings point (or the embedded one did not start)."""
 

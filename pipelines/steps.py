@@ -32,7 +32,7 @@ from enricher.models.enrichment import InferenceBatch, ModelFile, Unusable, publ
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
 
-from enricher.errors import EnricherError
+from enricher.errors import EnricherError, UserError
 
 from .labelled import LabelledRows, combined
 
@@ -118,8 +118,13 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str
     trained_on = {"reference_rows": reference.num_rows}
     rows = reference
     if following is not None:
-        # A store that does not answer raises (not a StepError): the step is retried.
-        drawn = labelled.draw(spec, following) if labelled else None
+        # A store that is busy or does not answer raises Unavailable (or a connection error):
+        # the step is retried. A read refused (no token or a wrong one, a query the guard or
+        # ClickHouse refuses) fails the same way every time: permanent.
+        try:
+            drawn = labelled.draw(spec, following) if labelled else None
+        except UserError as exc:
+            raise StepError(f"model {model_id}: {enrichment}: the labelled rows could not be read: {exc}") from None
         trained_on.update(drawn.record() if drawn else {"stream_rows": 0, "stream_note": "the store was not read"})
         if drawn:
             rows = combined(reference, drawn)

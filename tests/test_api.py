@@ -1,6 +1,9 @@
 """The worker's HTTP API for models and their enrichments, as a client sees it."""
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -138,6 +141,27 @@ def test_a_retrain_request_sends_enabled_enrichments_back_to_the_trigger_and_ref
     events = [json.loads(m.value()) for m in read_topic(settings, settings.control_topic, expected=100, timeout=5)]
     mine = [e for e in events if e["model_id"] == "api_five"]
     assert mine[-1]["event"] == "retrain_requested" and mine[-1]["enrichments"] == ["hotspots"]
+
+
+def test_a_hotspots_step_the_worker_refuses_fails_for_good_and_with_the_token_it_trains(api):
+    """The hotspots step reads labelled rows through the worker's /query: a wrong token is
+    a permanent failure (exit 3, not retried: it will not change), named as such."""
+    worker, settings, reference = api
+    call(worker, "PUT", "/models/api_seven", {"schema": sample.SCHEMA, "reference": reference})
+
+    def step(name, token):
+        command = [sys.executable, "-m", "enricher.cli", "--data-dir", settings.data_dir, "pipeline", name,
+                   "--model", "api_seven", "--run", "run-seven"] + (["--enrichment", "hotspots"] if name == "train"
+                                                                     else [])
+        return subprocess.run(command, env={**os.environ, "ENRICHER_API_TOKEN": token}, capture_output=True,
+                              text=True, timeout=120)
+    assert step("prepare", TOKEN).returncode == 0
+    refused = step("train", "not-the-token")
+    assert refused.returncode == 3, refused.stderr
+    assert "labelled rows could not be read" in refused.stderr and "bearer token" in refused.stderr
+    assert "not-the-token" not in refused.stderr
+    trained = step("train", TOKEN)
+    assert trained.returncode == 0, trained.stderr
 
 
 def test_an_unknown_model_is_404_and_a_body_that_is_not_json_is_400(api):

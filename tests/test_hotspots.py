@@ -202,3 +202,40 @@ def _hotspots(settings, registry) -> list[dict]:
     import json
 
     return json.loads(settings.artifacts().load("loans", "hotspots").blobs["hotspots.json"])
+
+
+def test_a_store_that_does_not_answer_is_retried_and_a_refused_read_is_not(tmp_path):
+    """The hotspots step's read of labelled rows: an unreachable ClickHouse server may answer on
+    the next attempt (Unavailable: the step exits for a retry), a read the engine refuses will
+    not change (a StepError: exit EXIT_PERMANENT, which the workflow does not retry)."""
+    import dataclasses
+
+    from enricher.pipelines import steps
+    from enricher.pipelines.labelled import LabelledRows
+
+    from enricher.errors import Unavailable
+
+    reference, _ = data(2000, seed=13)
+    settings, registry, processor = registered(tmp_path, reference)
+    processor.sink.tables.client.close()
+    store = settings.artifacts()
+    steps.prepare(registry, store, "loans", "run-1")
+    away = dataclasses.replace(settings, clickhouse_url="http://127.0.0.1:1", clickhouse_timeout=2.0)
+    with pytest.raises(Unavailable, match="ClickHouse did not answer"):
+        steps.train(registry, store, "loans", "run-1", "hotspots", {}, LabelledRows(away))
+    with pytest.raises(steps.StepError, match="labelled rows could not be read"):
+        steps.train(registry, store, "loans", "run-1", "hotspots", {}, RefusingRows(settings))
+
+
+class RefusingRows:
+    """Draws with a query the real engine refuses (a column the model's view lacks)."""
+
+    def __init__(self, settings):
+        from enricher.pipelines.labelled import LabelledRows
+
+        self.rows = LabelledRows(settings)
+
+    def draw(self, spec, training, now=None):
+        from enricher.store.query import ask
+
+        ask(self.rows.settings, f"SELECT no_such_column FROM {spec.model_id}")

@@ -15,6 +15,7 @@ from enricher.store.query import query
 from enricher.stream.producer import InferenceProducer
 from enricher.stream.topics import ensure_topics
 from enricher.supervise import TriggerProcess, WorkerProcess
+from tests.test_dashboards import ONE_BUCKET, dashboard_queries, expand
 
 pytestmark = pytest.mark.timeout(400)
 TOKEN = "s3cret-token"
@@ -163,6 +164,12 @@ def test_one_patch_turns_bias_mitigation_and_hotspots_on_and_their_columns_appea
         fair = report(settings, "fairness", sample.MODEL_ID, "1h")
         gaps = fair["attributes"][0]["gaps"]  # the sample scores f lower than m at equal merit
         assert gaps["mitigated"]["equal_opportunity"] < gaps["raw"]["equal_opportunity"] / 2, gaps
+        # the README's fairness panel, over one bucket as wide as the report's hour, shows both gaps
+        now = time.time()
+        columns, panel = query(settings, expand(dashboard_queries()[5], now - 3600, now, interval_s=ONE_BUCKET))
+        assert columns == ["time", "gap_raw", "gap_mitigated"] and len(panel) == 1
+        assert abs(panel[0][1] - gaps["raw"]["equal_opportunity"]) < 1e-9
+        assert abs(panel[0][2] - gaps["mitigated"]["equal_opportunity"]) < 1e-9
         spots = report(settings, "hotspots", sample.MODEL_ID, "1h")
         assert sum(h["rows"] for h in spots["hotspots"]) == in_hotspot
         assert {h["id"] for h in spots["hotspots"] if h["rows"]} == set(ids) - {None}

@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 from urllib.parse import quote, urlencode
 
 from enricher.config import Settings
-from enricher.errors import UserError
+from enricher.errors import Unavailable, UserError
 from enricher.store.queries import Answer, QueryRunner
 from enricher.store.reports import REPORTS, ReportStore
 from enricher.store.sqlguard import QueryRefused
@@ -30,7 +30,8 @@ def worker_or_direct(settings: Settings, direct: Callable[[], T], method: str, p
                      body: dict | None = None, timeout: float = 300) -> T | dict:
     """`direct()` when no worker holds the embedded store, else the running worker's JSON
     answer to `method path` (None for an empty answer); an error answer becomes a UserError
-    that says what was being done (`what`) and the worker's own message."""
+    that says what was being done (`what`) and the worker's own message, or Unavailable
+    when the worker is busy or failing (429, 5xx: asking again may work)."""
     worker = running_worker(settings)
     if worker is None:
         return direct()
@@ -48,7 +49,8 @@ def worker_or_direct(settings: Settings, direct: Callable[[], T], method: str, p
             message = json.loads(answer)["error"]
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {exc.code}: {answer[:300].decode('utf-8', 'replace')}"
-        raise UserError(f"{what} through the running worker at {worker} failed: {message}") from None
+        kind = Unavailable if exc.code == 429 or exc.code >= 500 else UserError
+        raise kind(f"{what} through the running worker at {worker} failed: {message}") from None
     return json.loads(data) if data else None
 
 
@@ -62,12 +64,14 @@ def ask(settings: Settings, sql: str) -> Answer:
     """Run a read-only query: reads of the enriched tables only, within the query
     limits; the answer says whether rows were cut at ENRICHER_QUERY_MAX_ROWS."""
     def direct() -> Answer:
-        from clickhouse_connect.driver.exceptions import ClickHouseError  # lazy: clickhouse_connect
+        from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError  # lazy: clickhouse_connect
 
         try:
             return QueryRunner(settings).run(sql)
         except QueryRefused as exc:
             raise UserError(f"query refused: {exc}") from None
+        except OperationalError as exc:  # the server unreachable, or failing after the client's retries
+            raise Unavailable(f"ClickHouse did not answer the query: {exc}") from None
         except ClickHouseError as exc:
             raise UserError(f"ClickHouse refused the query: {exc}") from None
     doc = worker_or_direct(settings, direct, "POST", "/query", "query", body={"sql": sql},
