@@ -45,17 +45,17 @@ SIMPLE = {"models list", f"enrichments show {MODEL}", f"query SELECT count() FRO
 def prepare(data_dir: Path) -> dict[str, str]:
     """A data directory as a user has it after the quick start, and the environment to reach it."""
     import pyarrow.parquet as pq
-    from enricher.models.registry import ModelRegistry
     from enricher.pipelines.train import train
 
     from enricher import sample
     from enricher.config import Settings
+    from enricher.control.registry import open_registry
     from enricher.store.clickhouse import EnrichedTables, connect
 
     settings = Settings.from_env(env={}, data_dir=str(data_dir), broker="kafka://127.0.0.1:1")
     reference = data_dir.parent / "reference.parquet"
     pq.write_table(sample.reference_table(2000), reference)
-    registry = ModelRegistry(settings.registry_dir)
+    registry = open_registry(settings)
     registry.register(MODEL, sample.SCHEMA, reference)
     registry.set_enrichment(MODEL, "anomaly_detection", True, {"n_estimators": 50})
     train(registry, settings.artifacts(), MODEL, log=lambda _: None)

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from enricher import sample  # noqa: E402
 from enricher.broker import EmbeddedBroker, free_port  # noqa: E402
 from enricher.config import Settings  # noqa: E402
+from enricher.control.registry import open_registry  # noqa: E402
 from enricher.stream.contract import to_ipc  # noqa: E402
 from enricher.supervise import WorkerProcess  # noqa: E402
 
@@ -163,7 +164,6 @@ def ingest(tmp: Path, models: int, rows_per_model: int, days: float) -> dict:
 
 def query_phase(data_dir: str) -> dict:
     """Step 3, in a process of its own (chDB opens one store per process)."""
-    from enricher.models.registry import ModelRegistry
 
     from enricher.store.clickhouse import EnrichedTables, connect
     from enricher.store.drift import Drift
@@ -171,7 +171,7 @@ def query_phase(data_dir: str) -> dict:
     settings = Settings.from_env(env={}, data_dir=data_dir)
     client = connect(settings)
     tables = EnrichedTables.from_settings(client, settings)
-    registry = ModelRegistry(settings.registry_dir)
+    registry = open_registry(settings)
     Drift(tables, registry, settings.drift_bins).ensure_reference(registry.get(MODEL))
     client.command("CREATE DATABASE IF NOT EXISTS bench")
     client.command("DROP TABLE IF EXISTS bench.best")

@@ -57,6 +57,7 @@ from enricher.models.spec import ModelSpec  # noqa: E402
 from enricher import sample  # noqa: E402
 from enricher.broker import EmbeddedBroker, free_port  # noqa: E402
 from enricher.config import Settings  # noqa: E402
+from enricher.control.registry import open_registry  # noqa: E402
 from enricher.stream.producer import InferenceProducer  # noqa: E402
 from enricher.stream.topics import ensure_topics  # noqa: E402
 from enricher.supervise import WorkerProcess  # noqa: E402
@@ -392,7 +393,7 @@ def run_hot_swap(n: int, tmp: Path, messages: list[bytes], fitted) -> dict:
         published_at = None
         try:
             worker.wait_for(lambda s: s["enriched"] >= n * 0.5, timeout=600, interval=0.05)
-            registry, store = ModelRegistry(settings.registry_dir), settings.artifacts()
+            registry, store = open_registry(settings), settings.artifacts()
             version = store.publish(sample.MODEL_ID, "anomaly_detection", fitted.to_blobs(), 10_000,
                                     fitted.parameters, workflow="bench-swap").version
             registry.touch()

@@ -28,9 +28,9 @@ def _settings(args, **extra) -> Settings:
 
 
 def _registry(settings: Settings):
-    from enricher.models.registry import ModelRegistry  # lazy: pyarrow
+    from enricher.control.registry import open_registry  # lazy: pyarrow
 
-    return ModelRegistry(settings.registry_dir)
+    return open_registry(settings)
 
 
 # -- broker ------------------------------------------------------------------
@@ -455,7 +455,7 @@ def cmd_produce(args) -> int:
     total = counts["inferences"] + counts["labels"] + counts["unchecked"] + sum(refused.values())
     what = f"{counts['inferences']} inferences, {counts['labels']} label updates"
     if counts["unchecked"]:
-        what += (f", {counts['unchecked']} for models not registered in {settings.registry_dir} "
+        what += (f", {counts['unchecked']} for models not registered in {registry.where()} "
                  "(not checked here: the worker checks them)")
     if producer is not None:
         print(f"produced {total} lines ({what}) in {producer.messages} messages to {producer.topic}")
@@ -468,7 +468,7 @@ def cmd_produce(args) -> int:
         for reason, n in refused.most_common():
             print(f"  {reason}\t{n}\te.g. {examples[reason]}", file=sys.stderr)
     if not known:
-        print(f"note: no model is registered in {settings.registry_dir}: model ids and features were not "
+        print(f"note: no model is registered in {registry.where()}: model ids and features were not "
               "checked here", file=sys.stderr)
     return 0
 

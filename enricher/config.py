@@ -125,6 +125,7 @@ class Settings:
     object_store_region: str = ""
     refresh_interval: float = 2.0
     artifact_key: bytes | None = field(default=None, repr=False)
+    control_store: str = "directory"     # models, toggles, statuses: directory (<data_dir>/registry) or clickhouse
     runner: str = "local"                # where training runs: local processes or an Argo Server
     argo_url: str = ""
     argo_namespace: str = "argo"
@@ -285,6 +286,8 @@ class Settings:
             raise ConfigError("ENRICHER_QUERY_ENDPOINT=on with a ClickHouse server needs ENRICHER_QUERY_USER (and "
                               "ENRICHER_QUERY_PASSWORD or ENRICHER_QUERY_PASSWORD_FILE): a read-only user whose "
                               "grants and settings profile confine the queries (enricher schema --query-user)")
+        if self.control_store not in ("directory", "clickhouse"):
+            raise ConfigError(f"ENRICHER_CONTROL_STORE={self.control_store!r}: use directory or clickhouse")
         if self.runner not in ("local", "argo"):
             raise ConfigError(f"ENRICHER_RUNNER={self.runner!r}: use local or argo")
         if self.runner == "argo" and not self.argo_url.startswith(("http://", "https://")):
@@ -377,6 +380,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "artifact_key": ("ENRICHER_ARTIFACT_KEY", "secret", None),
     "artifact_store_url": ("ENRICHER_ARTIFACT_STORE", "str", None),
     "artifact_keep": ("ENRICHER_ARTIFACT_KEEP", "int", 1),
+    "control_store": ("ENRICHER_CONTROL_STORE", "lower", None),
     "runner": ("ENRICHER_RUNNER", "lower", None),
     "argo_url": ("ENRICHER_ARGO_URL", "str", None),
     "argo_namespace": ("ENRICHER_ARGO_NAMESPACE", "str", None),

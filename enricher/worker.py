@@ -41,8 +41,8 @@ from enricher import metrics
 from enricher.config import RETRY_MAX_SECONDS, Settings
 from enricher.control.locations import Locations
 from enricher.control.plane import ControlEvents, ControlPlane, follow_announcements
+from enricher.control.registry import open_registry
 from enricher.http.api import check_exposure, install, scheme, web_options
-from enricher.models.registry import ModelRegistry
 from enricher.store.labels import LabelSweeper
 from enricher.store.reports import ReportExporter
 from enricher.store.sink import ClickHouseSink, StoreUnavailable
@@ -144,7 +144,7 @@ def build_app(settings: Settings) -> faust.App:
         broker_max_poll_records=max(500, settings.batch_size),
         consumer_max_fetch_size=8 * 1024 * 1024,
     )
-    registry = ModelRegistry(settings.registry_dir)
+    registry = open_registry(settings)
     store = settings.artifacts()
     serving = Serving(registry, store)
     processor = BatchProcessor(settings, serving, ClickHouseSink(settings))

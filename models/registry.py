@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -56,14 +57,23 @@ class UnknownModel(EnricherError, KeyError):
         return f"model {self.args[0]!r} is not registered (see `enricher models list`)"
 
 
-class ModelRegistry:
+class DirectoryState:
+    """Where the registry keeps its state: one directory (the layout above), one
+    machine or a shared volume. `enricher/store/control_state.py` keeps the same
+    in ClickHouse and the object store, for deployments with no shared volume."""
+
+    description = "directory"
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def where(self) -> str:
+        return str(self.root)
 
     @contextlib.contextmanager
     def locked(self):
         """Exclusive access to the registry for one read-modify-write; re-entrant
-        within a thread (whichever ModelRegistry object of the same root holds it)."""
+        within a thread (whichever registry object of the same root holds it)."""
         held = _HELD.__dict__.setdefault("roots", {})
         key = str(self.root.resolve())
         if held.get(key):
@@ -82,6 +92,135 @@ class ModelRegistry:
             finally:
                 held[key] = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- models ---------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "spec.json").is_file())
+
+    def spec(self, model_id: str) -> dict | None:
+        try:
+            return json.loads((self.root / model_id / "spec.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def slots(self, model_id: str) -> dict | None:
+        try:
+            return json.loads((self.root / model_id / "slots.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def put_model(self, model_id: str, spec: dict, assigned: dict, reference: pa.Table,
+                  model_file: tuple[str, bytes] | None) -> None:
+        folder = self.root / model_id
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".reference.", suffix=".parquet")
+        os.close(fd)
+        try:
+            pq.write_table(reference, tmp)
+            with self.locked():
+                os.replace(tmp, folder / "reference.parquet")
+                files = folder / "model_file"
+                if files.is_dir():
+                    for old in files.iterdir():
+                        old.unlink()
+                if model_file is not None:
+                    files.mkdir(exist_ok=True)
+                    _write_bytes(files / model_file[0], model_file[1])
+                # Slots before the spec: a reader that sees the new spec finds its slots.
+                _write_json(folder / "slots.json", assigned)
+                _write_json(folder / "spec.json", spec)
+                if not (folder / "enrichments.json").exists():
+                    _write_json(folder / "enrichments.json", {})
+                self.touch()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def reference(self, model_id: str) -> pa.Table:
+        return pq.read_table(self.root / model_id / "reference.parquet")
+
+    def reference_schema(self, model_id: str) -> pa.Schema:
+        return pq.read_schema(self.root / model_id / "reference.parquet")
+
+    def reference_digest(self, model_id: str) -> str:
+        """sha256 of the stored reference data (cached by size and mtime)."""
+        path = self.root / model_id / "reference.parquet"
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _DIGESTS:
+            h = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(chunk)
+            _DIGESTS[key] = h.hexdigest()
+        return _DIGESTS[key]
+
+    def model_file(self, model_id: str) -> tuple[str, bytes] | None:
+        folder = self.root / model_id / "model_file"
+        found = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+        return (found[0].name, found[0].read_bytes()) if found else None
+
+    # -- toggles, status, change detection --------------------------------
+    def toggles(self, model_id: str) -> dict[str, dict]:
+        try:
+            return json.loads((self.root / model_id / "enrichments.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def set_toggle(self, model_id: str, name: str, enabled: bool | None, config: dict | None) -> None:
+        with self.locked():
+            current = self.toggles(model_id)
+            entry = current.setdefault(name, {"enabled": False, "config": {}})
+            if config is not None:
+                entry["config"] = config
+            if enabled is not None:
+                entry["enabled"] = bool(enabled)
+            _write_json(self.root / model_id / "enrichments.json", current)
+            self.touch()
+
+    # One file per enrichment: the control plane, the trigger and the
+    # workflow's steps each write their own transitions, never a shared file.
+    def status(self, model_id: str, name: str) -> dict:
+        try:
+            return json.loads((self.root / model_id / "status" / f"{name}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def set_status(self, model_id: str, name: str, doc: dict) -> None:
+        folder = self.root / model_id / "status"
+        folder.mkdir(parents=True, exist_ok=True)
+        with self.locked():
+            _write_json(folder / f"{name}.json", doc)
+
+    def generation(self) -> int:
+        try:
+            return int((self.root / "GENERATION").read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def touch(self) -> None:
+        with self.locked():
+            _write_text(self.root / "GENERATION", str(self.generation() + 1))
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+class ModelRegistry:
+    """Models, toggles and statuses, checked here and kept by a state backend
+    (`DirectoryState` for a path; `Settings.registry()` picks what the settings name)."""
+
+    def __init__(self, root: str | Path | DirectoryState):
+        self.state = root if hasattr(root, "put_model") else DirectoryState(root)
+
+    def locked(self):
+        return self.state.locked()
+
+    def where(self) -> str:
+        """Where the state is kept, for messages."""
+        return self.state.where()
 
     # -- models ---------------------------------------------------------
     def register(self, model_id: str, schema: dict, reference_path: str | Path,
@@ -105,58 +244,27 @@ class ModelRegistry:
             except (usermodels.ModelFileError, ReferenceDataError) as exc:
                 raise SpecError(f"model_file: {exc}") from None
             model = (name, data)
-        folder = self.root / model_id
-        if (folder / "spec.json").is_file():  # what is on must still be usable with the new schema
+        if self.state.spec(check_model_id(model_id)) is not None:  # what is on must still be usable
             for name in self.enabled(model_id):
                 ENRICHMENTS[name].check_model(spec, reference.schema)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".reference.", suffix=".parquet")
-        os.close(fd)
-        try:
-            pq.write_table(reference, tmp)
-            with self.locked():
-                os.replace(tmp, folder / "reference.parquet")
-                files = folder / "model_file"
-                if files.is_dir():
-                    for old in files.iterdir():
-                        old.unlink()
-                if model is not None:
-                    files.mkdir(exist_ok=True)
-                    _write_bytes(files / model[0], model[1])
-                # Slots before the spec: a reader that sees the new spec finds its slots.
-                _write_json(folder / "slots.json", slots.assign(spec.columns, self._slots(model_id)))
-                _write_json(folder / "spec.json", spec.to_json())
-                if not (folder / "enrichments.json").exists():
-                    _write_json(folder / "enrichments.json", {})
-                self.touch()
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        self.state.put_model(model_id, spec.to_json(), slots.assign(spec.columns, self._slots(model_id)),
+                             reference, model)
         return self.get(model_id)
 
     def _slots(self, model_id: str) -> dict:
-        folder = self.root / model_id
-        try:
-            return json.loads((folder / "slots.json").read_text())
-        except FileNotFoundError:
-            pass
-        try:  # registered before slots existed: its columns took them in order
-            old = ModelSpec.from_json(model_id, json.loads((folder / "spec.json").read_text()), stored=True)
-        except FileNotFoundError:
-            return {}
-        return slots.assign(old.columns)
+        stored = self.state.slots(model_id)
+        if stored is not None:
+            return stored
+        old = self.state.spec(model_id)  # registered before slots existed: its columns took them in order
+        return {} if old is None else slots.assign(ModelSpec.from_json(model_id, old, stored=True).columns)
 
     def ids(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "spec.json").is_file())
+        return self.state.model_ids()
 
     def get(self, model_id: str) -> ModelSpec:
-        path = self.root / check_model_id(model_id) / "spec.json"
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UnknownModel(model_id) from None
+        doc = self.state.spec(check_model_id(model_id))
+        if doc is None:
+            raise UnknownModel(model_id)
         spec = ModelSpec.from_json(model_id, doc, stored=True)
         assigned = slots.assign(spec.columns, self._slots(model_id))
         return dataclasses.replace(spec, slots=slots.column_names(spec.columns, assigned))
@@ -166,19 +274,22 @@ class ModelRegistry:
 
     def reference(self, model_id: str) -> pa.Table:
         self.get(model_id)
-        return pq.read_table(self.root / model_id / "reference.parquet")
+        return self.state.reference(model_id)
+
+    def reference_digest(self, model_id: str) -> str:
+        """sha256 of the stored reference data: what drift's reference histograms were made from."""
+        self.get(model_id)
+        return self.state.reference_digest(model_id)
 
     def model_file(self, model_id: str) -> tuple[str, bytes] | None:
         """The registered model file (name, bytes), or None."""
         self.get(model_id)
-        folder = self.root / model_id / "model_file"
-        found = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-        return (found[0].name, found[0].read_bytes()) if found else None
+        return self.state.model_file(model_id)
 
     def reference_schema(self, model_id: str) -> pa.Schema:
         """The normalised reference data's columns and types (what `check_model` asks about)."""
         self.get(model_id)
-        return pq.read_schema(self.root / model_id / "reference.parquet")
+        return self.state.reference_schema(model_id)
 
     def check_usable(self, model_id: str, name: str) -> None:
         """Raise `Unusable` (a SpecError) saying why, if the model cannot use the enrichment."""
@@ -188,10 +299,7 @@ class ModelRegistry:
     def enrichments(self, model_id: str) -> dict[str, dict]:
         """Every known enrichment with its toggle: {"enabled": bool, "config": {...}}."""
         self.get(model_id)
-        try:
-            stored = json.loads((self.root / model_id / "enrichments.json").read_text())
-        except FileNotFoundError:
-            stored = {}
+        stored = self.state.toggles(model_id)
         return {name: {"enabled": bool(stored.get(name, {}).get("enabled", False)),
                        "config": stored.get(name, {}).get("config", {})}
                 for name in ENRICHMENTS}
@@ -208,48 +316,30 @@ class ModelRegistry:
             ENRICHMENTS[name].check_config(config)
         if enabled:
             self.check_usable(model_id, name)
-        with self.locked():
-            current = self.enrichments(model_id)
-            entry = current[name]
-            if config is not None:
-                entry["config"] = config
-            if enabled is not None:
-                entry["enabled"] = bool(enabled)
-            _write_json(self.root / model_id / "enrichments.json", current)
-            self.touch()
-        return current
+        self.get(model_id)
+        self.state.set_toggle(model_id, name, enabled, config)
+        return self.enrichments(model_id)
 
     # -- training status -----------------------------------------------
-    # One file per enrichment: the control plane, the trigger and the
-    # workflow's steps each write their own transitions, never a shared file.
     def status(self, model_id: str, name: str) -> dict:
-        try:
-            return json.loads((self.root / check_model_id(model_id) / "status" / f"{name}.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
+        return self.state.status(check_model_id(model_id), name)
 
     def set_status(self, model_id: str, name: str, state: str, **fields) -> dict:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
         doc = {"state": state, "updated_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                **fields}
-        folder = self.root / check_model_id(model_id) / "status"
-        folder.mkdir(parents=True, exist_ok=True)
-        with self.locked():
-            _write_json(folder / f"{name}.json", doc)
+        self.state.set_status(check_model_id(model_id), name, doc)
         return doc
 
     # -- change detection ----------------------------------------------
+    # Readers poll the generation (one small read) to learn that something changed.
     def generation(self) -> int:
-        try:
-            return int((self.root / "GENERATION").read_text() or 0)
-        except (FileNotFoundError, ValueError):
-            return 0
+        return self.state.generation()
 
     def touch(self) -> None:
         """Announce a change (a registration, a toggle, a published artifact)."""
-        with self.locked():
-            _write_text(self.root / "GENERATION", str(self.generation() + 1))
+        self.state.touch()
 
 
 def _write_json(path: Path, doc: dict) -> None:

@@ -18,6 +18,7 @@ from enricher.pipelines.train import train
 from enricher import sample
 from enricher.broker import EmbeddedBroker, free_port
 from enricher.config import Settings
+from enricher.control.registry import open_registry
 
 _counter = itertools.count()
 
@@ -51,7 +52,7 @@ def register_sample(settings: Settings, tmp_path, enable: bool = True, trained: 
                     model_id: str = sample.MODEL_ID, rows: int = 5000) -> ModelRegistry:
     reference = tmp_path / f"reference-{model_id}.parquet"
     pq.write_table(sample.reference_table(rows), reference)
-    registry = ModelRegistry(settings.registry_dir)
+    registry = open_registry(settings)
     registry.register(model_id, sample.SCHEMA, reference)
     if enable:
         registry.set_enrichment(model_id, "anomaly_detection", True)
@@ -67,3 +68,39 @@ def offline_registry(tmp_path, reference_rows: int):
     reference = tmp_path / "reference.parquet"
     pq.write_table(sample.reference_table(reference_rows), reference)
     return settings, ModelRegistry(settings.registry_dir), reference
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 endpoint over HTTP (moto's server), with one bucket."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from enricher.broker import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="artifacts")
+    yield f"s3://artifacts/enricher?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def server(tmp_path):
+    """ClickHouse's HTTP interface over the real engine (tests/clickhouse_http.py)."""
+    from .clickhouse_http import ClickHouseHTTP
+
+    front = ClickHouseHTTP(tmp_path / "server").start()
+    yield front
+    front.stop()

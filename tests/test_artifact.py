@@ -139,32 +139,6 @@ def test_a_version_folder_without_manifest_is_not_a_version(tmp_path, fitted):
     assert store.load(SPEC.model_id, AD.name).manifest.version == 1
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A real S3 endpoint over HTTP (moto's server), with one bucket."""
-    import os
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from enricher.broker import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="artifacts")
-    yield f"s3://artifacts/enricher?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def test_an_object_store_holds_versions_the_same_way(s3, fitted):
     store = ArtifactStore(s3, signing_key=b"k", keep=2)
     for _ in range(3):

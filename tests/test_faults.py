@@ -27,13 +27,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = ClickHouseHTTP(tmp_path / "server").start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def worker_over_http(make_settings, tmp_path, server):
     from enricher.supervise import WorkerProcess
 

@@ -45,8 +45,8 @@ def test_every_change_from_threads_and_processes_is_counted(tmp_path):
     registry = registered(tmp_path)
     start = registry.generation()
     spawn = multiprocessing.get_context("spawn")
-    processes = [spawn.Process(target=_touch_many, args=(str(registry.root), 100)) for _ in range(2)]
-    threads = [threading.Thread(target=_touch_many, args=(str(registry.root), 100)) for _ in range(4)]
+    processes = [spawn.Process(target=_touch_many, args=(str(registry.state.root), 100)) for _ in range(2)]
+    threads = [threading.Thread(target=_touch_many, args=(str(registry.state.root), 100)) for _ in range(4)]
     errors = []
 
     def guarded(t):
@@ -72,13 +72,13 @@ def test_every_change_from_threads_and_processes_is_counted(tmp_path):
 def test_two_patches_at_once_from_two_processes_lose_no_toggle(tmp_path):
     registry = registered(tmp_path)
     spawn = multiprocessing.get_context("spawn")
-    writers = [spawn.Process(target=_patch_many, args=(str(registry.root), str(tmp_path / "artifacts"), kind))
+    writers = [spawn.Process(target=_patch_many, args=(str(registry.state.root), str(tmp_path / "artifacts"), kind))
                for kind in ("enabled", "config")]
     for p in writers:
         p.start()
     seen = 0
     while any(p.is_alive() for p in writers):  # readers meanwhile never see a half-written file
-        json.loads((registry.root / sample.MODEL_ID / "enrichments.json").read_text())
+        json.loads((registry.state.root / sample.MODEL_ID / "enrichments.json").read_text())
         registry.status(sample.MODEL_ID, "anomaly_detection")
         seen += 1
     for p in writers:
@@ -88,12 +88,12 @@ def test_two_patches_at_once_from_two_processes_lose_no_toggle(tmp_path):
     assert toggle == {"enabled": True, "config": {"n_estimators": 10 + ROUNDS - 1}}, \
         "each PATCH changed only what it named, on the state the other left"
     assert seen > 0
-    assert not [p for p in registry.root.rglob(".*") if p.name != ".lock"], "no temporary file left behind"
+    assert not [p for p in registry.state.root.rglob(".*") if p.name != ".lock"], "no temporary file left behind"
 
 
 def test_patches_from_threads_of_one_process_lose_no_toggle(tmp_path):
     registry = registered(tmp_path)
-    threads = [threading.Thread(target=_patch_many, args=(str(registry.root), str(tmp_path / "a"), kind))
+    threads = [threading.Thread(target=_patch_many, args=(str(registry.state.root), str(tmp_path / "a"), kind))
                for kind in ("enabled", "config", "enabled", "config")]
     for t in threads:
         t.start()

@@ -30,7 +30,7 @@ def test_every_report_is_a_command_with_its_options_and_a_module_that_measures_a
 def test_a_report_from_the_cli_without_a_worker_reads_the_store_and_names_what_is_wrong(store, capsys):  # noqa: F811
     send, drift, registry, client = store
     send(shifted(300, seed=3, shift=2.0))
-    data_dir = registry.root.parent
+    data_dir = registry.state.root.parent
     client.close()  # chDB: the CLI opens the store itself, as a user's shell would
     assert main(["--data-dir", str(data_dir), "drift", sample.MODEL_ID, "--window", "1h", "--feature", "f0",
                  "--format", "json"]) == 0

@@ -48,7 +48,7 @@ def test_damaged_reference_data_fails_the_run_and_the_previous_artifact_keeps_se
     try:
         produce(settings, sample.inferences(1000, id_prefix="before")[0], batch="json")
         worker.wait_for(lambda s: s["enriched"] >= 1000, timeout=120)
-        reference = registry.root / sample.MODEL_ID / "reference.parquet"
+        reference = registry.state.root / sample.MODEL_ID / "reference.parquet"
         if damage == "missing":
             reference.unlink()
         else:

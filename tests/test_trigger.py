@@ -153,7 +153,7 @@ def test_hotspots_retrain_on_their_schedule_and_on_demand_through_the_trigger(wo
     trigger.notice("credit", 0.0)
     settle(trigger)
     assert control.enrichments("credit")["hotspots"]["version"] == 3 and len(trigger.submitted) == 3
-    status = control.registry.root / "credit" / "status" / "hotspots.json"  # a status edited by hand
+    status = control.registry.state.root / "credit" / "status" / "hotspots.json"  # a status edited by hand
     status.write_text(status.read_text().replace(control.registry.status("credit", "hotspots")["updated_at"],
                                                  "last tuesday"))
     assert trigger.schedule("credit", now=time.time() + 7200) == []  # skipped, and the trigger goes on

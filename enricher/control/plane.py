@@ -20,6 +20,7 @@ from typing import Callable
 
 from enricher.config import Settings
 from enricher.control.locations import LocationRefused, Locations
+from enricher.control.registry import open_registry
 from enricher.errors import NotFound, RequestError
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactError, ArtifactStore
@@ -75,7 +76,7 @@ class ControlPlane:
 
     @classmethod
     def from_settings(cls, settings: Settings, announce: bool = True) -> "ControlPlane":
-        return cls(ModelRegistry(settings.registry_dir), settings.artifacts(),
+        return cls(open_registry(settings), settings.artifacts(),
                    ControlEvents(settings) if announce else None)
 
     def _announce(self, event: str, model_id: str, **fields) -> None:

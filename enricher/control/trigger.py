@@ -36,6 +36,7 @@ import time
 from datetime import datetime
 
 from enricher.config import Settings
+from enricher.control.registry import open_registry
 from enricher.models import ENRICHMENTS
 from enricher.models.enrichment import stream_training
 from enricher.models.registry import ModelRegistry
@@ -239,7 +240,7 @@ def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None
     stop = stop or threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ensure_topics(settings)
-    trigger = Trigger(ModelRegistry(settings.registry_dir), make_runner(settings), workflow_options(settings),
+    trigger = Trigger(open_registry(settings), make_runner(settings), workflow_options(settings),
                       debounce=settings.trigger_debounce)
     session_ms = int(settings.session_timeout * 1000)
     consumer = Consumer({**settings.kafka_config(), "group.id": f"{settings.consumer_group}-trigger",

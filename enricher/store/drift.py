@@ -33,11 +33,9 @@ window of fewer than `min_rows` values are marked `significant: false`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -95,22 +93,6 @@ class DriftReport:
                 "min_rows": self.min_rows, "features": [f.as_dict() for f in self.features]}
 
 
-_DIGESTS: dict[tuple, str] = {}
-
-
-def reference_digest(path: Path) -> str:
-    """sha256 of the reference file (cached by size and mtime)."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 class Drift:
     """Reference profiles in ClickHouse, and drift measured against them."""
 
@@ -126,7 +108,7 @@ class Drift:
         self._written: set[tuple[str, str]] = set() if written is None else written
 
     def reference_id(self, model_id: str) -> str:
-        digest = reference_digest(self.registry.root / model_id / "reference.parquet")
+        digest = self.registry.reference_digest(model_id)
         return f"{digest[:32]}-{self.bins}"
 
     def ensure_reference(self, spec: ModelSpec) -> str:

@@ -88,9 +88,9 @@ def report(settings: Settings, name: str, model_id: str, window: str | None = No
     options = {k: v for k, v in (options or {}).items() if v is not None}
 
     def direct() -> dict:
-        from enricher.models.registry import ModelRegistry  # lazy: pyarrow
+        from enricher.control.registry import open_registry  # lazy: pyarrow
 
-        store = ReportStore(settings, ModelRegistry(settings.registry_dir))
+        store = ReportStore(settings, open_registry(settings))
         try:
             return store.run(REPORTS[name], model_id, window, end, options)
         finally:
