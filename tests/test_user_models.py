@@ -274,10 +274,9 @@ def test_a_damaged_model_file_is_refused_with_a_reason_never_a_crash(name, edits
     assert phi.shape == (3, N_FEATURES)
 
 
-from .test_artifact import s3  # noqa: E402,F401 - the object-store fixture
 
 
-def test_a_model_file_may_come_from_an_object_store(tmp_path, s3):  # noqa: F811
+def test_a_model_file_may_come_from_an_object_store(tmp_path, s3):
     import boto3
 
     X, models = fitted_models("regression")
