@@ -92,6 +92,24 @@ def test_steps_are_commands_of_this_package_with_retries_and_resources():
     assert doc["metadata"]["labels"]["enricher.io/model"] == "credit-default"
 
 
+def test_with_the_registry_in_clickhouse_the_steps_mount_no_data_volume(validator):
+    from enricher.config import Settings
+    from enricher.control.trigger import workflow_options
+
+    shared = Settings.from_env(env={"ENRICHER_CONTROL_STORE": "clickhouse", "ENRICHER_RUNNER": "argo",
+                                    "ENRICHER_ARGO_URL": "https://argo:2746", "ENRICHER_ARGO_NAMESPACE": "ml"},
+                               data_dir="/tmp/unused")
+    doc = workflow_dict("credit_default", plan_for(ENRICHMENTS), workflow_options(shared))
+    assert not list(validator.iter_errors(doc))
+    for t in (t for t in doc["spec"]["templates"] if "container" in t):
+        assert [v["name"] for v in t["volumes"]] == ["secrets"]  # the secret files only: no claim
+        assert [m["name"] for m in t["container"]["volumeMounts"]] == ["secrets"]
+    directory = Settings.from_env(env={}, data_dir="/tmp/unused")
+    doc = workflow_dict("credit_default", plan_for(ENRICHMENTS), workflow_options(directory))
+    claims = [v for t in doc["spec"]["templates"] for v in t.get("volumes", []) if "persistentVolumeClaim" in v]
+    assert claims and all(v["persistentVolumeClaim"]["claimName"] == "enricher-data" for v in claims)
+
+
 def test_names_are_valid_kubernetes_names_even_for_long_model_ids():
     long_id = "m" + "x_" * 31
     doc = workflow_dict(long_id, plan_for(ENRICHMENTS))

@@ -228,9 +228,12 @@ def make_runner(settings: Settings):
 
 
 def workflow_options(settings: Settings) -> WorkflowOptions:
+    """The workflow's pods mount the data volume only where the registry lives on it: with
+    ENRICHER_CONTROL_STORE=clickhouse they reach ClickHouse and the artifact store, no disk."""
+    volume = {} if settings.control_store == "directory" else {"data_claim": None}
     return WorkflowOptions(image=settings.image, namespace=settings.argo_namespace if settings.runner == "argo"
                            else None, service_account=settings.argo_service_account,
-                           retries=settings.step_retries, step_deadline=settings.step_deadline)
+                           retries=settings.step_retries, step_deadline=settings.step_deadline, **volume)
 
 
 def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None:
