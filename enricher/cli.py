@@ -104,6 +104,23 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+def cmd_models_copy_registry(args) -> int:
+    from enricher.models.registry import ModelRegistry  # lazy: pyarrow
+
+    settings = _settings(args)
+    if settings.control_store == "directory":
+        raise UserError("copy-registry copies DATA_DIR/registry into the control store ENRICHER_CONTROL_STORE "
+                        "names; set ENRICHER_CONTROL_STORE=clickhouse (and ENRICHER_CLICKHOUSE_URL, "
+                        "ENRICHER_ARTIFACT_STORE) first")
+    source = ModelRegistry(settings.registry_dir)
+    if not source.ids():
+        raise UserError(f"no model is registered in {settings.registry_dir}: nothing to copy")
+    target = _registry(settings)
+    copied = source.copy_to(target)
+    print(f"copied {len(copied)} model(s) from {settings.registry_dir} to {target.where()}: {', '.join(copied)}")
+    return 0
+
+
 def cmd_models_show(args) -> int:
     settings = _settings(args)
     registry = _registry(settings)
@@ -583,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(.skops); never a pickle")
     r.set_defaults(func=cmd_models_register)
     m.add_parser("list", help="registered models").set_defaults(func=cmd_models_list)
+    m.add_parser("copy-registry", help="copy DATA_DIR/registry into the control store ENRICHER_CONTROL_STORE "
+                                       "names (moving to clickhouse)").set_defaults(func=cmd_models_copy_registry)
     s = m.add_parser("show", help="a model's schema, enrichments and artifacts")
     s.add_argument("model_id")
     s.set_defaults(func=cmd_models_show)

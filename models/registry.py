@@ -332,6 +332,24 @@ class ModelRegistry:
         self.state.set_status(check_model_id(model_id), name, doc)
         return doc
 
+    def copy_to(self, target: "ModelRegistry") -> list[str]:
+        """Every model of this registry, with its reference data, model file, toggles and
+        statuses, into `target` (another state backend); returns the models copied."""
+        copied = []
+        for model_id in self.ids():
+            spec = self.state.spec(model_id)
+            target.state.put_model(model_id, spec, self._slots(model_id), self.state.reference(model_id),
+                                   self.state.model_file(model_id))
+            for name, toggle in self.state.toggles(model_id).items():
+                target.state.set_toggle(model_id, name, toggle.get("enabled"), toggle.get("config"))
+            for name in ENRICHMENTS:
+                status = self.state.status(model_id, name)
+                if status:
+                    target.state.set_status(model_id, name, status)
+            copied.append(model_id)
+        target.touch()
+        return copied
+
     # -- change detection ----------------------------------------------
     # Readers poll the generation (one small read) to learn that something changed.
     def generation(self) -> int:

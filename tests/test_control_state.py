@@ -107,3 +107,29 @@ def test_the_control_store_setting_is_checked():
     with pytest.raises(ConfigError, match="ENRICHER_CONTROL_STORE='shared'"):
         Settings.from_env(env={"ENRICHER_CONTROL_STORE": "shared"}, data_dir="/tmp/x").validate()
     assert json.dumps(Settings.from_env(env={}, data_dir="/tmp/x").control_store) == '"directory"'
+
+
+def test_a_directory_registry_is_copied_into_clickhouse_whole(tmp_path, server):
+    from enricher.cli import main
+
+    reference = tmp_path / "reference.parquet"
+    pq.write_table(sample.reference_table(400), reference)
+    settings = machine(tmp_path, server, "a")
+    directory = ModelRegistry(settings.registry_dir)
+    directory.register(sample.MODEL_ID, sample.SCHEMA, reference)
+    directory.set_enrichment(sample.MODEL_ID, "anomaly_detection", True, {"n_estimators": 60})
+    directory.set_status(sample.MODEL_ID, "anomaly_detection", "ready", version=2)
+    env = {"ENRICHER_CONTROL_STORE": "clickhouse", "ENRICHER_CLICKHOUSE_URL": server.url(),
+           "ENRICHER_ARTIFACT_STORE": str(tmp_path / "object-store")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert main(["--data-dir", str(settings.data_dir), "models", "copy-registry"]) == 0
+    copied = open_registry(machine(tmp_path, server, "b"))
+    assert copied.ids() == [sample.MODEL_ID] and copied.get(sample.MODEL_ID) == directory.get(sample.MODEL_ID)
+    assert copied.enrichments(sample.MODEL_ID) == directory.enrichments(sample.MODEL_ID)
+    assert copied.status(sample.MODEL_ID, "anomaly_detection") == directory.status(sample.MODEL_ID,
+                                                                                     "anomaly_detection")
+    assert copied.reference(sample.MODEL_ID).equals(directory.reference(sample.MODEL_ID))
+    # with the directory still the control store, the command says what to set
+    assert main(["--data-dir", str(settings.data_dir), "models", "copy-registry"]) == 2

@@ -50,7 +50,9 @@ from enricher.models.artifact import Files
 from enricher.store.clickhouse import connect, quote
 
 TABLE = "control"
-CACHE_SECONDS = 0.2  # a model's rows, re-read at most this often (own writes drop them at once)
+# A model's rows are re-read at most this often; own writes, and a new generation seen
+# by `generation()` (what the worker polls), drop them at once.
+CACHE_SECONDS = 0.2
 
 
 class ClickHouseState:
@@ -64,6 +66,7 @@ class ClickHouseState:
         self._local = threading.local()
         self._lock = threading.RLock()
         self._cache: dict[str, tuple[float, dict]] = {}
+        self._generation = 0
         self._ready = False
         self.writer = uuid.uuid4().hex[:12]
 
@@ -211,7 +214,11 @@ class ClickHouseState:
         """The server time of the latest change (microseconds): it moves on every write."""
         rows = self._client().query(f"SELECT toUnixTimestamp64Micro(max(written_at)) FROM {self.table} "
                                     f"WHERE model_id = '' AND key = 'generation'").result_rows
-        return int(rows[0][0] or 0) if rows else 0
+        generation = int(rows[0][0] or 0) if rows else 0
+        if generation != self._generation:  # a change seen: what was cached before it is not read again
+            self._generation = generation
+            self._cache.clear()
+        return generation
 
     def touch(self) -> None:
         self._write("", {"generation": ""})
