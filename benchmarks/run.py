@@ -218,7 +218,11 @@ def run_worker(n_rows: int, tmp: Path, messages: list[bytes], batch: str, enrich
         [c.start() for c in callers]
         try:
             # Timed by the worker itself: from taking its first batch to acknowledging its last.
-            status = worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= n_rows, timeout=900)
+            try:
+                status = worker.wait_for(lambda s: s["enriched"] + s["dead_lettered"] >= n_rows, timeout=900)
+            except RuntimeError as exc:  # the run's directory goes when the run ends: say why here
+                tail = (data_dir / "worker.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{exc}\n--- the end of its log:\n{tail}") from None
             rss = peak_rss_mb(worker.process.pid)
         finally:
             done.set()
