@@ -62,8 +62,6 @@ class DirectoryState:
     machine or a shared volume. `enricher/store/control_state.py` keeps the same
     in ClickHouse and the object store, for deployments with no shared volume."""
 
-    description = "directory"
-
     def __init__(self, root: str | Path):
         self.root = Path(root)
 

@@ -56,7 +56,7 @@ CACHE_SECONDS = 0.2
 
 
 class ClickHouseState:
-    description = "clickhouse"
+    """The registry's state in ClickHouse and the artifact store (see above)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
