@@ -135,6 +135,7 @@ class Settings:
     argo_service_account: str | None = None
     image: str = "inference-enricher:latest"
     trigger_debounce: float = 1.0
+    trigger_metrics_port: int = 6067      # the trigger's /metrics (training runs); 0: not served
     trigger_rescan: float = 30.0          # seconds between the trigger's looks at every model (lost events, schedules)
     step_retries: int = 2                 # retries of a failed training step (not of a permanent failure)
     step_deadline: int = 3600             # seconds one attempt of a training step may take
@@ -391,6 +392,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "image": ("ENRICHER_IMAGE", "str", None),
     "trigger_debounce": ("ENRICHER_TRIGGER_DEBOUNCE", "float", 0),
     "trigger_rescan": ("ENRICHER_TRIGGER_RESCAN", "float", 0.1),
+    "trigger_metrics_port": ("ENRICHER_TRIGGER_METRICS_PORT", "int", 0),
     "step_retries": ("ENRICHER_STEP_RETRIES", "int", 0),
     "step_deadline": ("ENRICHER_STEP_DEADLINE", "int", 1),
     "api_token": ("ENRICHER_API_TOKEN", "secret", None),

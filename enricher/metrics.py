@@ -62,7 +62,30 @@ PERFORMANCE = Gauge("enricher_performance", "A model's performance over the last
 FAIRNESS_GAP = Gauge("enricher_fairness_gap", "The largest difference between groups of a sensitive attribute "
                      "over the last day (README: Fairness): constraint demographic_parity, equal_opportunity or "
                      "equalized_odds; decision raw or mitigated", ["model", "attribute", "constraint", "decision"])
-ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused", ["enrichment", "result"])
+ARTIFACT_LOADS = Counter("enricher_artifact_loads", "Artifact versions loaded or refused",
+                         ["model", "enrichment", "result"])
+ARTIFACT_VERSION = Gauge("enricher_artifact_version", "The artifact version serving each enabled enrichment of each "
+                         "model this worker has loaded (absent: not loaded, not trained yet, or turned off)",
+                         ["model", "enrichment"])
+CONSUMER_LAG = Gauge("enricher_consumer_lag", "Messages of a partition this worker holds that are not enriched yet: "
+                     "the high watermark of the latest fetch response minus the next offset to process (a "
+                     "partition appears once a batch of it was processed since its assignment)",
+                     ["topic", "partition"])
+CONSUMER_HIGHWATER = Gauge("enricher_consumer_highwater", "High watermark of a partition this worker holds, from "
+                           "the latest fetch response (the offset the next produced message will get)",
+                           ["topic", "partition"])
+
+# The trigger's own (served on ENRICHER_TRIGGER_METRICS_PORT): training runs it submitted and followed.
+TRAINING_SUBMITTED = Counter("enricher_training_runs_submitted", "Training workflow runs the trigger submitted",
+                             ["model"])
+TRAINING_RUNS = Counter("enricher_training_runs", "Training workflow runs followed to their end: result is "
+                        "succeeded, failed (a step failed) or error (the runner could not run it); a run "
+                        "stopped because a newer one superseded it is counted as stopped", ["model", "result"])
+TRAINING_SECONDS = Histogram("enricher_training_run_seconds", "From submission to the end of a training run",
+                             ["result"], buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200))
+TRAINING_RUNNING = Gauge("enricher_training_runs_running", "Training runs submitted and not ended yet")
+SUBMIT_FAILURES = Counter("enricher_training_submit_failures", "Runs the runner refused to take (Argo Server "
+                          "unreachable or refusing the workflow)", ["model"])
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:

@@ -43,6 +43,7 @@ from enricher.control.locations import Locations
 from enricher.control.plane import ControlEvents, ControlPlane, follow_announcements
 from enricher.control.registry import open_registry
 from enricher.http.api import check_exposure, install, scheme, web_options
+from enricher.models import ENRICHMENTS
 from enricher.store.labels import LabelSweeper
 from enricher.store.reports import ReportExporter
 from enricher.store.sink import ClickHouseSink, StoreUnavailable
@@ -146,6 +147,8 @@ def build_app(settings: Settings) -> faust.App:
     )
     registry = open_registry(settings)
     store = settings.artifacts()
+    for name in ENRICHMENTS:  # at zero from the start: a series born at its first batch hides that batch from rate()
+        metrics.ENRICHMENT_SECONDS.labels(name)
     serving = Serving(registry, store)
     processor = BatchProcessor(settings, serving, ClickHouseSink(settings))
     progress = Progress()
@@ -154,6 +157,9 @@ def build_app(settings: Settings) -> faust.App:
     inferences = app.topic(settings.inference_topic, value_serializer="raw", key_serializer="raw",
                            partitions=settings.topic_partitions)
     dead_letters = app.topic(settings.dlq_topic, value_serializer="raw", key_serializer="raw")
+
+    processed: dict[int, int] = {}  # partition -> last offset made durable since its assignment
+    lag_series: set[int] = set()
 
     @app.agent(inferences)
     async def enrich(stream):
@@ -165,7 +171,8 @@ def build_app(settings: Settings) -> faust.App:
             # Batched messages make a take of N messages far more than N rows:
             # work through it in pieces of at most ENRICHER_BATCH_BYTES.
             for piece in _pieces(events, settings.batch_bytes):
-                outcome = await _handle_until_done(app, processor, _messages(piece), settings)
+                messages = _messages(piece)
+                outcome = await _handle_until_done(app, processor, messages, settings)
                 await deadletters.send(dead_letters, outcome.dead, settings)
                 for event in piece:  # durable: Faust's ack will be the final one
                     event.message.decref()
@@ -175,6 +182,34 @@ def build_app(settings: Settings) -> faust.App:
                 progress.enriched += sum(outcome.written.values())
                 progress.dead_lettered += len(outcome.dead)
                 progress.last_batch_at = time.time()
+                # Offsets rise within a partition: the last one of each wins (in C, not per row).
+                processed.update(zip(messages.partitions, messages.offsets))
+
+    @app.timer(1.0)
+    async def export_lag():
+        # Lag from the high watermark the fetch responses carry (aiokafka keeps
+        # it per partition): no extra request, and right on brokers whose
+        # ListOffsets is not (Tansu's). Partitions this worker lost go away.
+        try:
+            held = {tp.partition: tp for tp in app.consumer.assignment() if tp.topic == settings.inference_topic}
+        except Exception:  # noqa: BLE001 - not started or rebalancing: next tick
+            return
+        for partition in lag_series - held.keys():
+            processed.pop(partition, None)
+            metrics.CONSUMER_LAG.remove(settings.inference_topic, str(partition))
+            metrics.CONSUMER_HIGHWATER.remove(settings.inference_topic, str(partition))
+            lag_series.discard(partition)
+        for partition, tp in held.items():
+            try:
+                highwater = app.consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - assignment moved under us: next tick
+                continue
+            if highwater is None or partition not in processed:
+                continue
+            labels = (settings.inference_topic, str(partition))
+            metrics.CONSUMER_HIGHWATER.labels(*labels).set(highwater)
+            metrics.CONSUMER_LAG.labels(*labels).set(max(highwater - processed[partition] - 1, 0))
+            lag_series.add(partition)
 
     @app.task
     async def hear_announcements():

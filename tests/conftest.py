@@ -8,6 +8,11 @@ so tests never see each other's messages or tables.
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
 import uuid
 
 import pyarrow.parquet as pq
@@ -34,6 +39,7 @@ def make_settings(tmp_path, broker):
     def make(**overrides) -> Settings:
         tag = f"{next(_counter)}-{uuid.uuid4().hex[:6]}"
         values = dict(data_dir=str(tmp_path / "data"), broker=broker.url, http_port=free_port(),
+                      trigger_metrics_port=free_port(),
                       inference_topic=f"inferences-{tag}", dlq_topic=f"dlq-{tag}",
                       consumer_group=f"enricher-{tag}", session_timeout=6.0, topic_partitions=2,
                       batch_size=2000, batch_timeout=0.2, max_message_bytes=16_384, refresh_interval=0.5,
@@ -104,3 +110,49 @@ def server(tmp_path):
     front = ClickHouseHTTP(tmp_path / "server").start()
     yield front
     front.stop()
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """A real Prometheus (Debian's) scraping the given host:port targets every second; yields its URL."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: `make test` installs Debian's package (apt-get install prometheus)")
+    procs = []
+
+    def start(*targets: str) -> str:
+        port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n"
+                          f"scrape_configs:\n  - job_name: enricher\n    static_configs:\n"
+                          f"      - targets: {list(targets)}\n")
+        subprocess.run([shutil.which("promtool"), "check", "config", str(config)], check=True, capture_output=True)
+        procs.append(subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+def promql(base: str, expr: str) -> list:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.loads(resp.read())["data"]["result"]
+    except OSError:
+        return []
+
+
+def promql_range(base: str, expr: str, start: float, end: float, step: float = 1.0) -> list:
+    """A range query, as a dashboard panel sends it; [] when Prometheus is not answering yet."""
+    url = f"{base}/api/v1/query_range?" + urllib.parse.urlencode(
+        {"query": expr, "start": start, "end": end, "step": step})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read())["data"]["result"]
+    except OSError:
+        return []

@@ -63,9 +63,9 @@ def populated(tmp_path):
     processor.sink.tables.client.close()
 
 
-def test_the_readme_has_the_six_dashboard_queries():
+def test_the_readme_has_the_seven_dashboard_queries():
     queries = dashboard_queries()
-    assert len(queries) == 6
+    assert len(queries) == 7
     assert all("$__timeFilter(timestamp)" in q for q in queries)
 
 
@@ -76,7 +76,7 @@ def test_each_dashboard_query_answers_what_its_panel_shows(populated):
     # (the worker's drift export writes the reference histograms; here the first measure does)
     expected = drift.measure(sample.MODEL_ID, end - start, feature="f0", end=end).features[0].psi
     try:
-        rate, top, psi, accuracy, coverage, _ = [(a.columns, a.rows) for a in (runner.run(expand(q, start, end))
+        rate, top, psi, accuracy, coverage, _, hotspots = [(a.columns, a.rows) for a in (runner.run(expand(q, start, end))
                                                                                for q in dashboard_queries())]
         # the fairness panel over one bucket holding the whole range (buckets align to the epoch)
         fairness_panel = runner.run(expand(dashboard_queries()[5], start, end, interval_s=ONE_BUCKET))
@@ -101,6 +101,9 @@ def test_each_dashboard_query_answers_what_its_panel_shows(populated):
     assert columns == ["time", "labelled", "label_delay_seconds"]
     labelled = sum(r[1] for r in rows) / len(rows)
     assert 0.30 < labelled < 0.37 and all(r[2] is None or r[2] >= 0 for r in rows)
+    columns, rows = hotspots  # no hotspots trained here: every row outside
+    assert columns == ["time", "in_hotspots", "inferences"] and sum(r[2] for r in rows) == 3000
+    assert sum(r[1] for r in rows) == 0
     columns, rows = fairness_panel.columns, fairness_panel.rows  # the panel's gap is the report's
     [sex] = fairness["attributes"]
     assert columns == ["time", "gap_raw", "gap_mitigated"] and len(rows) == 1

@@ -1,56 +1,16 @@
 """A real Prometheus (Debian's) scrapes a real worker: the PromQL a dashboard uses answers."""
 
-import json
-import shutil
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
 
 from enricher import sample
-from enricher.broker import free_port
 from enricher.supervise import WorkerProcess
 
-from .conftest import register_sample
+from .conftest import promql, register_sample
 from .test_stream import produce
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def prometheus(tmp_path):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is not installed: `make test` installs Debian's package (apt-get install prometheus)")
-    procs = []
-
-    def start(target: str) -> str:
-        port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n"
-                          f"scrape_configs:\n  - job_name: enricher\n    static_configs:\n"
-                          f"      - targets: ['{target}']\n")
-        subprocess.run([shutil.which("promtool"), "check", "config", str(config)], check=True, capture_output=True)
-        procs.append(subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for p in procs:
-        p.terminate()
-        p.wait(10)
-
-
-def promql(base: str, expr: str) -> list:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return json.loads(resp.read())["data"]["result"]
-    except OSError:
-        return []
 
 
 def test_prometheus_scrapes_the_worker_and_answers_dashboard_queries(make_settings, tmp_path, prometheus):
@@ -82,6 +42,18 @@ def test_prometheus_scrapes_the_worker_and_answers_dashboard_queries(make_settin
             time.sleep(0.5)
         assert sorted(r["metric"]["feature"] for r in psi) == sorted(sample.NUMERIC + ["region", "sex"])
         assert all(float(r["value"][1]) >= 0 for r in psi)
+        # lag per partition from the fetch responses' high watermark: every message was produced
+        # (the high watermarks add up to them) and enriched (no lag left)
+        deadline = time.monotonic() + 30
+        high = []
+        while time.monotonic() < deadline and not (high and float(high[0]["value"][1]) == 4000 + len(bad)):
+            high = promql(base, "sum(enricher_consumer_highwater)")
+            time.sleep(0.5)
+        assert float(high[0]["value"][1]) == 4000 + len(bad)
+        lag = promql(base, "enricher_consumer_lag")
+        assert len(lag) == settings.topic_partitions and all(float(r["value"][1]) == 0 for r in lag)
+        version = promql(base, 'enricher_artifact_version{model="credit_default", enrichment="anomaly_detection"}')
+        assert [float(r["value"][1]) for r in version] == [1.0]
         up = promql(base, 'up{job="enricher"}')
         assert float(up[0]["value"][1]) == 1
     finally:

@@ -35,7 +35,7 @@ def publish(registry, store, fitted):
 
 
 def refused_count():
-    return metrics.ARTIFACT_LOADS.labels(AD, "refused")._value.get()
+    return metrics.ARTIFACT_LOADS.labels(sample.MODEL_ID, AD, "refused")._value.get()
 
 
 def test_a_published_version_is_swapped_in_on_refresh(world):

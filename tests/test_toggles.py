@@ -3,6 +3,7 @@ trigger runs the training workflow (local runner); the worker starts adding
 scores without a restart, and nothing is lost or doubled across the swap."""
 
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -11,11 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from enricher import sample
+from enricher.observe import dashboard
 from enricher.store.query import query
 from enricher.stream.producer import InferenceProducer
 from enricher.stream.topics import ensure_topics
 from enricher.supervise import TriggerProcess, WorkerProcess
+from tests.conftest import promql_range
 from tests.test_dashboards import ONE_BUCKET, dashboard_queries, expand
+from tests.test_stream import produce
 
 pytestmark = pytest.mark.timeout(400)
 TOKEN = "s3cret-token"
@@ -114,9 +118,11 @@ def test_a_toggle_trains_and_the_running_worker_starts_scoring_without_losing_a_
 
 
 def test_one_patch_turns_bias_mitigation_and_hotspots_on_and_their_columns_appear_with_versions(
-        make_settings, tmp_path):
+        make_settings, tmp_path, prometheus):
+    """Also the dashboard, proven here: a real Prometheus scrapes this worker and trigger while the
+    stream is enriched and the workflow runs; every panel's query returns data."""
     settings = make_settings(batch_size=500, batch_timeout=0.1, refresh_interval=300, api_token=TOKEN,
-                             label_sweep_interval=0.5)
+                             label_sweep_interval=0.5, drift_interval=1.0)
     ensure_topics(settings)
     worker = WorkerProcess(settings, log_path=tmp_path / "worker.log", extra_env={"ENRICHER_API_TOKEN": TOKEN})
     worker.start()
@@ -126,11 +132,14 @@ def test_one_patch_turns_bias_mitigation_and_hotspots_on_and_their_columns_appea
                              extra_env={"ENRICHER_API_TOKEN": TOKEN}).start()
     try:
         worker.wait_for(lambda s: s["uptime_s"] >= 0, timeout=60)
+        started = time.time()
+        prom = prometheus(f"127.0.0.1:{settings.http_port}", f"127.0.0.1:{settings.trigger_metrics_port}")
         reference = tmp_path / "reference.parquet"
         pq.write_table(sample.reference_table(10_000), reference)
         call(f"{worker.url}/models/{sample.MODEL_ID}", "PUT", {"schema": sample.SCHEMA, "reference": str(reference)})
         status, doc = call(f"{worker.url}/models/{sample.MODEL_ID}/enrichments", "PATCH",
-                           {"bias_mitigation": {"enabled": True}, "hotspots": {"enabled": True}})
+                           {"anomaly_detection": {"enabled": True}, "bias_mitigation": {"enabled": True},
+                            "hotspots": {"enabled": True}})
         assert status == 200 and {doc[n]["status"] for n in ("bias_mitigation", "hotspots")} == {"pending"}
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -145,7 +154,9 @@ def test_one_patch_turns_bias_mitigation_and_hotspots_on_and_their_columns_appea
         producer = InferenceProducer(settings, batch="json", batch_rows=500)
         producer.send_many(messages)
         producer.flush()
-        worker.wait_for(lambda s: s["enriched"] >= 4000, timeout=120)
+        bad = [m for m, _ in sample.malformed(max_bytes=settings.max_message_bytes)]
+        produce(settings, bad)
+        worker.wait_for(lambda s: s["enriched"] >= 4000 and s["dead_lettered"] >= len(bad), timeout=120)
         producer.send_many(labels)  # late labels
         producer.flush()
         _, rows = query(settings, f"SELECT count(), countIf(bias_mitigated_prediction IN (0, 1)), "
@@ -176,6 +187,36 @@ def test_one_patch_turns_bias_mitigation_and_hotspots_on_and_their_columns_appea
         # the sample's planted region among them, and the model as wrong there in the stream
         south = next(h for h in spots["hotspots"] if "region IN ('south')" in h["rules"])
         assert south["rows"] and south["labelled"] == south["rows"] and south["accuracy"] < 0.4, spots
+        empty = panels_without_data(prom, settings, started)
+        assert not empty, f"dashboard panels with no data: {empty}"
     finally:
         trigger.stop()
         worker.stop()
+
+
+def panels_without_data(prom: str, settings, since: float, patience: float = 90) -> list:
+    """Every query of every panel of the committed dashboard, as Grafana would send it for the
+    sample model: PromQL as a range query over the test's time (a finite point somewhere), SQL
+    through the worker's /query (at least one row). What stays empty after `patience` s is returned."""
+    doc = json.loads(dashboard.OUTPUT.read_text())
+    grafana = {"$model": sample.MODEL_ID, "$__rate_interval": "15s", "$__range": "1h"}
+    deadline = time.time() + patience
+    while True:
+        empty = []
+        for title, ds, target in dashboard.targets(doc):
+            if ds == "prometheus":
+                expr = target["expr"]
+                for name, value in grafana.items():
+                    expr = expr.replace(name, value)
+                points = [float(v) for series in promql_range(prom, expr, since, time.time())
+                          for _, v in series["values"]]
+                if not any(math.isfinite(v) for v in points):
+                    empty.append((title, expr))
+            else:
+                now = time.time()
+                sql = target["rawSql"].replace("${database}", "enricher").replace("${model}", sample.MODEL_ID)
+                if not query(settings, expand(sql, now - 3600, now))[1]:
+                    empty.append((title, sql))
+        if not empty or time.time() > deadline:
+            return empty
+        time.sleep(2)

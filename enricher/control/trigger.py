@@ -35,6 +35,9 @@ import threading
 import time
 from datetime import datetime
 
+from prometheus_client import start_http_server
+
+from enricher import metrics
 from enricher.config import Settings
 from enricher.control.registry import open_registry
 from enricher.models import ENRICHMENTS
@@ -46,6 +49,7 @@ from enricher.stream.topics import ensure_topics
 
 log = logging.getLogger("enricher.trigger")
 WATCHED = ("model_registered", "enrichments_changed", "retrain_requested")
+RESULTS = ("succeeded", "failed", "error", "stopped")  # how a run ends (Argo's phases, and superseded)
 
 
 class Trigger:
@@ -58,6 +62,9 @@ class Trigger:
         self.dirty: dict[str, float] = {}             # model -> time of its latest change
         self.running: dict[str, tuple[str, list]] = {}  # model -> (workflow, enrichments it trains)
         self.submitted: list[str] = []                # every workflow submitted, oldest first
+        self.started: dict[str, float] = {}           # workflow -> when it was submitted (its duration)
+        for result in RESULTS:  # zero before the first run ends, so increase() and rate() see it
+            metrics.TRAINING_SECONDS.labels(result)
 
     # -- what changed ---------------------------------------------------------
     def notice(self, model_id: str, at: float | None = None) -> None:
@@ -175,10 +182,13 @@ class Trigger:
                 log.info("model %s: %s trains only what was turned off; stopping it", model_id, current[0])
                 self.runner.stop(current[0])
                 del self.running[model_id]
+                self._ended(model_id, current[0], "stopped")
             return None
         if current:
             log.info("model %s: %s is superseded by a newer run", model_id, current[0])
             self.runner.stop(current[0])
+            del self.running[model_id]
+            self._ended(model_id, current[0], "stopped")
         doc = workflow_dict(model_id, plan, self.options)
         name = doc["metadata"]["name"]
         for enrichment in plan:  # before submitting: the run's steps check this name
@@ -186,12 +196,18 @@ class Trigger:
         try:
             name = self.runner.submit(doc)
         except RunnerError as exc:
+            metrics.SUBMIT_FAILURES.labels(model_id).inc()
             for enrichment in plan:
                 self.registry.set_status(model_id, enrichment, "failed", workflow=name, step="submit",
                                          message=str(exc))
             raise
         self.running[model_id] = (name, sorted(plan))
         self.submitted.append(name)
+        self.started[name] = time.monotonic()
+        metrics.TRAINING_SUBMITTED.labels(model_id).inc()
+        for result in RESULTS:
+            metrics.TRAINING_RUNS.labels(model_id, result)
+        metrics.TRAINING_RUNNING.set(len(self.running))
         log.info("model %s: submitted %s training %s", model_id, name, ", ".join(sorted(plan)))
         return name
 
@@ -205,6 +221,7 @@ class Trigger:
             if not status.done:
                 continue
             del self.running[model_id]
+            self._ended(model_id, name, status.phase.lower())
             if status.phase == "Succeeded":
                 log.info("model %s: %s succeeded", model_id, name)
                 continue
@@ -218,6 +235,14 @@ class Trigger:
                 step, message = status.failure(branch_steps(enrichment)) or (status.failed_step, status.message)
                 self.registry.set_status(model_id, enrichment, "failed", workflow=name, step=step,
                                          message=message)
+
+
+    def _ended(self, model_id: str, name: str, result: str) -> None:
+        metrics.TRAINING_RUNS.labels(model_id, result).inc()
+        started = self.started.pop(name, None)
+        if started is not None:  # runs adopted from before a restart have no known start
+            metrics.TRAINING_SECONDS.labels(result).observe(time.monotonic() - started)
+        metrics.TRAINING_RUNNING.set(len(self.running))
 
 
 def make_runner(settings: Settings):
@@ -243,6 +268,9 @@ def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None
     stop = stop or threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ensure_topics(settings)
+    if settings.trigger_metrics_port:
+        # Only metrics here (no data, no control): open like the worker's /metrics.
+        start_http_server(settings.trigger_metrics_port, addr=settings.http_host)
     trigger = Trigger(open_registry(settings), make_runner(settings), workflow_options(settings),
                       debounce=settings.trigger_debounce)
     session_ms = int(settings.session_timeout * 1000)

@@ -52,6 +52,7 @@ class Serving:
         self._active: dict[str, dict[str, Active]] = {}
         # (model, enrichment) -> (version refused, when it may be tried again: never for a bad one)
         self._refused: dict[tuple[str, str], tuple[int, float]] = {}
+        self._exported: set[tuple[str, str]] = set()  # (model, enrichment) in enricher_artifact_version
         self.retry_unreadable = RETRY_UNREADABLE_SECONDS
         self._retry_at = math.inf  # when to look again at what could not be read
         self.refresh()
@@ -75,6 +76,7 @@ class Serving:
                 if loaded is None:
                     loaded = self._load(model_id, {})
                     self._active[model_id] = loaded
+                    self._export_versions()
         return loaded
 
     # -- change handling ----------------------------------------------
@@ -107,7 +109,18 @@ class Serving:
                     active[model_id] = self._load(model_id, keep)
             self._active = active
             self._generation = generation
+            self._export_versions()
         return True
+
+    def _export_versions(self) -> None:
+        """enricher_artifact_version follows what serves: set for each loaded
+        enrichment, removed for what stopped serving (turned off, model gone)."""
+        now = {(m, n): a.version for m, act in self._active.items() for n, a in act.items()}
+        for gone in self._exported - now.keys():
+            metrics.ARTIFACT_VERSION.remove(*gone)
+        for key, version in now.items():
+            metrics.ARTIFACT_VERSION.labels(*key).set(version)
+        self._exported = set(now)
 
     def _load(self, model_id: str, previous: dict[str, Active]) -> dict[str, Active]:
         spec = self._specs.get(model_id)
@@ -140,7 +153,7 @@ class Serving:
                 artifact = self.store.load(model_id, name, version)
                 fitted = ENRICHMENTS[name].load(spec, artifact.manifest, artifact.blobs)
             except Exception as exc:  # any failure: refuse this version, keep serving the old one
-                metrics.ARTIFACT_LOADS.labels(name, "refused").inc()
+                metrics.ARTIFACT_LOADS.labels(model_id, name, "refused").inc()
                 # What it holds is bad (never again), or it could not be read (again later).
                 bad = isinstance(exc, (ArtifactError, ValueError, KeyError, TypeError))
                 self._refused[(model_id, name)] = (version, math.inf if bad else
@@ -151,7 +164,7 @@ class Serving:
                     out[name] = old
                 continue
             self._refused.pop((model_id, name), None)
-            metrics.ARTIFACT_LOADS.labels(name, "loaded").inc()
+            metrics.ARTIFACT_LOADS.labels(model_id, name, "loaded").inc()
             log.info("model %s: serving %s artifact v%s", model_id, name, version)
             out[name] = Active(name, version, fitted)
         return out

@@ -1,0 +1,1 @@
+"""Observing the system: the Grafana dashboard and the Prometheus alert rules."""
