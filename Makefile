@@ -15,19 +15,34 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# The Compose specification's JSON schema that docker/compose.yaml is checked against:
+# the newest our machines reach is the one docker-compose 1.29.2 (PyPI, May 2021) ships.
+COMPOSE_SPEC := $(VENV)/share/compose-spec/compose_spec.json
+
 # The tests' extras too (shap, LightGBM, XGBoost, moto...): the tests' reference libraries.
-$(BIN)/.installed-test: $(BIN)/.installed
+$(BIN)/.installed-test: $(BIN)/.installed $(COMPOSE_SPEC)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
+
+$(COMPOSE_SPEC): $(BIN)/.installed
+	rm -rf $(VENV)/share/compose-spec/wheel && mkdir -p $(VENV)/share/compose-spec/wheel
+	$(BIN)/pip download --quiet --no-deps --dest $(VENV)/share/compose-spec/wheel docker-compose==1.29.2
+	$(BIN)/python -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); open(sys.argv[2], 'wb').write(z.read('compose/config/compose_spec.json'))" \
+	  $(VENV)/share/compose-spec/wheel/docker_compose-1.29.2-py2.py3-none-any.whl $@
 
 setup: $(BIN)/.installed
 setup-test: $(BIN)/.installed-test
 
-## Services the tests start themselves but cannot pip-install: Debian's Prometheus.
+## Services the tests start themselves but cannot pip-install: Debian's Prometheus;
+## and kubectl (its Kustomize renders k8s/), where the machine does not have it.
 services:
 	@command -v prometheus >/dev/null || { \
 	  echo "installing Debian's prometheus (a test has it scrape a real worker)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v kubectl >/dev/null || { \
+	  echo "installing kubectl (Debian's kubernetes-client) to render k8s/ with its Kustomize"; \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends kubernetes-client \
+	  || echo "no kubectl package here: the tests skip only the Kustomize rendering, and say so"; }
 
 ## The main job on the embedded default: broker, train, stream, enrich, show.
 demo: setup

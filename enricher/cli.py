@@ -9,6 +9,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 from enricher.broker import EmbeddedBroker
@@ -253,6 +254,80 @@ def cmd_enrichments_show(args) -> int:
         print(f"{name}\t{'on' if e['enabled'] else 'off'}\t{e['status']}\t{trained}\t"
               f"config {json.dumps(e['config'])}{made}{why}")
     return 0
+
+
+# -- the sample model, for a stack to show something (docker/compose.yaml's producer) --------
+def cmd_sample_register(args) -> int:
+    """The sample model (credit_default) with 10,000 reference rows, registered through the
+    control plane like `models register`, and the enrichments named turned on (the trigger trains them)."""
+    import pyarrow.parquet as pq  # lazy: pyarrow
+
+    from enricher import sample  # lazy: pyarrow
+
+    settings = _settings(args)
+    unknown = sorted(set(args.enable) - set(_enrichment_names()))
+    if unknown:
+        raise UserError(f"--enable: unknown enrichment(s) {unknown}; known: {', '.join(_enrichment_names())}")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    reference = settings.data_dir / "sample-reference.parquet"
+    pq.write_table(sample.reference_table(10_000), reference)
+    control = _control(settings)
+    try:
+        created, _ = control.put_model(sample.MODEL_ID, {"schema": sample.SCHEMA, "reference": str(reference)})
+        if args.enable:
+            control.patch_enrichments(sample.MODEL_ID, {n: {"enabled": True} for n in args.enable})
+    except RequestError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{'registered' if created else 're-registered'} {sample.MODEL_ID} (10,000 reference rows)"
+          + (f"; turned on: {', '.join(args.enable)}" if args.enable else ""))
+    return 0
+
+
+def cmd_sample_stream(args) -> int:
+    """Sample inferences at about --rate a second (one JSON array message per second), and
+    the labels of --label-share of them --label-delay seconds later, until --count or Ctrl-C."""
+    import collections
+
+    from enricher import sample  # lazy: pyarrow
+    from enricher.stream.producer import InferenceProducer  # lazy: confluent_kafka, pyarrow
+    from enricher.stream.topics import ensure_topics  # lazy: confluent_kafka
+
+    if args.rate < 1 or args.count < 0 or not 0 <= args.label_share <= 1 or args.label_delay < 0:
+        raise UserError("--rate >= 1, --count >= 0 (0: forever), --label-share in [0, 1], --label-delay >= 0")
+    settings = _settings(args)
+    ensure_topics(settings)
+    producer = InferenceProducer(settings, batch="json", batch_rows=max(args.rate, 1))
+    late: collections.deque = collections.deque()  # (when due, label messages)
+    sent, second = 0, 0
+    try:
+        while args.count == 0 or sent < args.count:
+            started = time.monotonic()
+            n = args.rate if args.count == 0 else min(args.rate, args.count - sent)
+            labels: list[bytes] = []
+            messages, _ = sample.inferences(n, anomalies=1 if second % 10 == 9 else 0, seed=second,
+                                            id_prefix=f"s{int(time.time())}-{second}", labels=labels)
+            producer.send_many(messages)
+            keep = labels[: round(len(labels) * args.label_share)]
+            late.append((started + args.label_delay, keep))
+            while late and late[0][0] <= time.monotonic():
+                producer.send_many(late.popleft()[1])
+            producer.flush()
+            sent += n
+            second += 1
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+        for _, labels in late:  # the labels still owed, before leaving
+            producer.send_many(labels)
+        producer.flush()
+    except KeyboardInterrupt:
+        pass
+    print(f"sent {sent:,} inferences to {settings.inference_topic}")
+    return 0
+
+
+def _enrichment_names() -> list[str]:
+    from enricher.models import ENRICHMENTS  # lazy: pyarrow
+
+    return sorted(ENRICHMENTS)
 
 
 def cmd_train(args) -> int:
@@ -646,6 +721,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model_id")
     t.add_argument("--enrichment", action="append", help="only this one (repeatable)")
     t.set_defaults(func=cmd_train)
+
+    sa = sub.add_parser("sample", help="the sample model (credit_default): register it, stream inferences "
+                                       "and late labels (a stack's producer)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    sr = sa.add_parser("register", help="register it with 10,000 reference rows; --enable turns enrichments on")
+    sr.add_argument("--enable", action="append", default=[], metavar="ENRICHMENT", help="repeatable")
+    sr.set_defaults(func=cmd_sample_register)
+    ss = sa.add_parser("stream", help="inferences at --rate a second, labels of some of them later")
+    ss.add_argument("--rate", type=int, default=100, help="inferences a second (default 100)")
+    ss.add_argument("--count", type=int, default=0, help="stop after this many (default 0: until stopped)")
+    ss.add_argument("--label-share", type=float, default=0.8, help="share of inferences whose label is sent")
+    ss.add_argument("--label-delay", type=float, default=30.0, help="seconds before a label is sent")
+    ss.set_defaults(func=cmd_sample_stream)
 
     tr = sub.add_parser("trigger", help="watch toggles and registrations, launch training workflows")
     tr.add_argument("--runner", choices=["local", "argo"], help="ENRICHER_RUNNER (default local)")

@@ -106,7 +106,7 @@ def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOption
     enrichments = sorted(plan)
     env = [Env(name=k, value=v) for k, v in sorted(options.extra_env.items())]
     env_from = [ConfigMapEnvFrom(name=options.env_config_map, optional=True)] if options.env_config_map else []
-    volumes = []  # the same mounts as the worker's Deployment (k8s/worker.yaml)
+    volumes = []  # the secret files, as the Deployments mount them (k8s/base/); the claim only with a directory registry
     if options.data_claim:
         volumes.append(ExistingVolume(name="data", claim_name=options.data_claim, mount_path=options.data_path))
     if options.secrets:

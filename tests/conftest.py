@@ -14,6 +14,7 @@ import subprocess
 import urllib.parse
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -156,3 +157,28 @@ def promql_range(base: str, expr: str, start: float, end: float, step: float = 1
             return json.loads(resp.read())["data"]["result"]
     except OSError:
         return []
+
+
+ARGO = Path(__file__).resolve().parent.parent.parent / "shared" / "argo"
+SCHEMA_FILE = ARGO / "workflow-schema-v4.0.5.json"
+WORKFLOW = "io.argoproj.workflow.v1alpha1.Workflow"
+
+
+@pytest.fixture(scope="module")
+def validator():
+    import copy
+
+    import jsonschema
+
+    if not SCHEMA_FILE.exists():
+        pytest.skip(f"Argo's schema is not beside the checkout ({SCHEMA_FILE}); CI has it")
+    doc = json.loads(SCHEMA_FILE.read_text())
+    definitions = copy.deepcopy(doc["definitions"])
+    # Quirk 1 (../shared/argo/README.md): IntOrString is typed "string" only.
+    definitions["io.k8s.apimachinery.pkg.util.intstr.IntOrString"] = {"type": ["string", "integer"]}
+    # Quirk 2: nothing forbids unknown fields; forbid them so a misspelt field fails.
+    for d in definitions.values():
+        if d.get("type") == "object" and "properties" in d and "additionalProperties" not in d:
+            d["additionalProperties"] = False
+    schema = {"$schema": doc["$schema"], "$ref": f"#/definitions/{WORKFLOW}", "definitions": definitions}
+    return jsonschema.Draft202012Validator(schema)

@@ -236,3 +236,30 @@ def test_a_bug_keeps_its_traceback_and_an_exit_code_other_than_2(files, capsys, 
             "sys.exit(c.main(['models', 'list']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr
+
+
+def test_sample_registers_the_sample_model_and_streams_inferences_then_labels(files, capsys, broker, monkeypatch):
+    """What docker/compose.yaml's producer runs: the model registered with enrichments on,
+    then inferences at a rate and the labels of a share of them, later."""
+    monkeypatch.setenv("ENRICHER_BROKER", broker.url)
+    monkeypatch.setenv("ENRICHER_INFERENCE_TOPIC", "cli-sample")
+    code, out, _ = run(capsys, "sample", "register", "--enable", "anomaly_detection", "--enable", "hotspots")
+    assert code == 0 and "registered credit_default (10,000 reference rows); turned on: anomaly_detection, hotspots" in out
+    code, out, _ = run(capsys, "enrichments", "show", sample.MODEL_ID)
+    states = {line.split("\t")[0]: line.split("\t")[1:3] for line in out.splitlines()}
+    assert states["anomaly_detection"] == ["on", "pending"] and states["explainability"][0] == "off"
+    code, out, _ = run(capsys, "sample", "stream", "--rate", "150", "--count", "300", "--label-share", "0.5",
+                       "--label-delay", "0")
+    assert code == 0 and "sent 300 inferences to cli-sample" in out
+    from enricher.config import Settings
+    from enricher.stream.topics import read_topic
+    rows = [r for m in read_topic(Settings.from_env(), "cli-sample", expected=4, timeout=10)
+            for r in orjson.loads(m.value())]
+    inferences = [r for r in rows if "features" in r]
+    labels = [r for r in rows if "features" not in r]
+    assert len(inferences) == 300 and len({r["inference_id"] for r in inferences}) == 300
+    assert len(labels) == 150 and {r["inference_id"] for r in labels} <= {r["inference_id"] for r in inferences}
+    code, _, err = run(capsys, "sample", "stream", "--rate", "0")
+    assert code == 2 and "--rate >= 1" in err
+    code, _, err = run(capsys, "sample", "register", "--enable", "telepathy")
+    assert code == 2 and "unknown enrichment(s) ['telepathy']" in err

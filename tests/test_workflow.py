@@ -1,38 +1,14 @@
 """Generated training workflows: valid for Argo (its own JSON Schema), and
 holding exactly the branches of the enrichments a model has switched on."""
 
-import copy
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 from enricher.models import ENRICHMENTS
 from enricher.pipelines.workflow import WorkflowOptions, build_workflow, k8s_name, workflow_dict
 
-ARGO = Path(__file__).resolve().parent.parent.parent / "shared" / "argo"
-SCHEMA_FILE = ARGO / "workflow-schema-v4.0.5.json"
-WORKFLOW = "io.argoproj.workflow.v1alpha1.Workflow"
-
 COMBINATIONS = [set(c) for n in range(1, len(ENRICHMENTS) + 1) for c in itertools.combinations(sorted(ENRICHMENTS), n)]
-
-
-@pytest.fixture(scope="module")
-def validator():
-    import jsonschema
-
-    if not SCHEMA_FILE.exists():
-        pytest.skip(f"Argo's schema is not beside the checkout ({SCHEMA_FILE}); CI has it")
-    doc = json.loads(SCHEMA_FILE.read_text())
-    definitions = copy.deepcopy(doc["definitions"])
-    # Quirk 1 (../shared/argo/README.md): IntOrString is typed "string" only.
-    definitions["io.k8s.apimachinery.pkg.util.intstr.IntOrString"] = {"type": ["string", "integer"]}
-    # Quirk 2: nothing forbids unknown fields; forbid them so a misspelt field fails.
-    for d in definitions.values():
-        if d.get("type") == "object" and "properties" in d and "additionalProperties" not in d:
-            d["additionalProperties"] = False
-    schema = {"$schema": doc["$schema"], "$ref": f"#/definitions/{WORKFLOW}", "definitions": definitions}
-    return jsonschema.Draft202012Validator(schema)
 
 
 def plan_for(names):
@@ -80,7 +56,7 @@ def test_steps_are_commands_of_this_package_with_retries_and_resources():
         assert t["retryStrategy"]["limit"] == 3
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
         assert {"configMapRef": {"name": "enricher-config", "optional": True}} in c["envFrom"]
-        # the same registry volume and secret files as the worker's Deployment (k8s/worker.yaml)
+        # a directory registry: its volume, and the secret files (as k8s/base/ mounts them)
         assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]} == {
             "data": "/var/lib/enricher", "secrets": "/etc/enricher/secrets"}
         volumes = {v["name"]: v for v in t["volumes"]}
