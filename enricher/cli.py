@@ -566,7 +566,27 @@ def cmd_produce(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    for statement in query_user_ddl(_settings(args)):
+    """SQL for a DBA: the query user's (--query-user), or the tables and the registered
+    models' views, for one server or ON CLUSTER (--cluster, or ENRICHER_CLICKHOUSE_CLUSTER)."""
+    from enricher.store.clickhouse import Topology, schema_ddl  # lazy: clickhouse_connect, pyarrow
+
+    settings = _settings(args)
+    if args.query_user:
+        statements = query_user_ddl(settings)
+    else:
+        cluster = settings.clickhouse_cluster if args.cluster is None else args.cluster
+        try:
+            topology = Topology(settings.clickhouse_database, cluster)
+        except ValueError:
+            raise UserError(f"--cluster {cluster!r}: the cluster's name as in the server's remote_servers "
+                            f"(letters, digits and _)") from None
+        registry = _registry(settings)
+        specs = [registry.get(m) for m in registry.ids()]
+        statements = schema_ddl(topology, settings.retention_days, specs)
+        print(f"-- {len(specs)} registered model(s); "
+              + (f"cluster {cluster}: Replicated tables *_local ON CLUSTER, Distributed tables over them"
+                 if cluster else "one server"))
+    for statement in statements:
         print(statement + ";")
     return 0
 
@@ -806,8 +826,12 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--bytes", type=int, default=200, help="table: show this much of each value (default 200)")
     dl.set_defaults(func=cmd_deadletters)
 
-    sc = sub.add_parser("schema", help="SQL for a DBA to review and run on a ClickHouse server")
-    sc.add_argument("--query-user", action="store_true", required=True,
+    sc = sub.add_parser("schema", help="SQL for a DBA to review and run on a ClickHouse server: the tables and "
+                                       "the registered models' views (the worker runs the same on first use)")
+    sc.add_argument("--cluster", metavar="NAME", help="for a replicated, sharded cluster: tables ON CLUSTER NAME, "
+                                                      "Replicated engines, Distributed tables (default: "
+                                                      "ENRICHER_CLICKHOUSE_CLUSTER; '' for one server)")
+    sc.add_argument("--query-user", action="store_true",
                     help="the read-only user /query runs as on a server (ENRICHER_QUERY_USER, its password from "
                          "ENRICHER_QUERY_PASSWORD[_FILE]): settings profile with fixed limits, role, grants, user")
     sc.set_defaults(func=cmd_schema)

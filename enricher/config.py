@@ -84,6 +84,7 @@ class Settings:
     session_timeout: float = 10.0
     clickhouse_url: str = ""
     clickhouse_database: str = ""
+    clickhouse_cluster: str = ""  # a replicated, sharded cluster: tables ON CLUSTER, Replicated*, Distributed
     clickhouse_password: str | None = field(default=None, repr=False)
     clickhouse_timeout: float = 30.0      # seconds an insert or query may take before it counts as failed
     retention_days: int = 0               # enriched rows older than this (by timestamp) are dropped; 0: kept
@@ -289,6 +290,13 @@ class Settings:
                               "grants and settings profile confine the queries (enricher schema --query-user)")
         if self.control_store not in ("directory", "clickhouse"):
             raise ConfigError(f"ENRICHER_CONTROL_STORE={self.control_store!r}: use directory or clickhouse")
+        if self.clickhouse_cluster:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", self.clickhouse_cluster):
+                raise ConfigError(f"ENRICHER_CLICKHOUSE_CLUSTER={self.clickhouse_cluster!r}: the cluster's name "
+                                  f"as in the server's remote_servers (letters, digits and _)")
+            if self.clickhouse_url.startswith("chdb:"):
+                raise ConfigError("ENRICHER_CLICKHOUSE_CLUSTER needs ENRICHER_CLICKHOUSE_URL to name a server of "
+                                  "that cluster (http(s)://...): the embedded engine is one node")
         if self.runner not in ("local", "argo"):
             raise ConfigError(f"ENRICHER_RUNNER={self.runner!r}: use local or argo")
         if self.runner == "argo" and not self.argo_url.startswith(("http://", "https://")):
@@ -382,6 +390,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "artifact_store_url": ("ENRICHER_ARTIFACT_STORE", "str", None),
     "artifact_keep": ("ENRICHER_ARTIFACT_KEEP", "int", 1),
     "control_store": ("ENRICHER_CONTROL_STORE", "lower", None),
+    "clickhouse_cluster": ("ENRICHER_CLICKHOUSE_CLUSTER", "str", None),
     "runner": ("ENRICHER_RUNNER", "lower", None),
     "argo_url": ("ENRICHER_ARGO_URL", "str", None),
     "argo_namespace": ("ENRICHER_ARGO_NAMESPACE", "str", None),

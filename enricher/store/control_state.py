@@ -47,9 +47,8 @@ import pyarrow.parquet as pq
 
 from enricher.config import Settings
 from enricher.models.artifact import Files
-from enricher.store.clickhouse import connect, quote
+from enricher.store.clickhouse import CONTROL, Topology, connect, control_ddl
 
-TABLE = "control"
 # A model's rows are re-read at most this often; own writes, and a new generation seen
 # by `generation()` (what the worker polls), drop them at once.
 CACHE_SECONDS = 0.2
@@ -60,7 +59,8 @@ class ClickHouseState:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.table = f"{quote(settings.clickhouse_database + '_store')}.{quote(TABLE)}"
+        self.topology = Topology(settings.clickhouse_database, settings.clickhouse_cluster)
+        self.table = self.topology.table(CONTROL)
         artifacts = settings.artifact_store_url or str(settings.artifact_dir)
         self.files = Files(artifacts)
         self._local = threading.local()
@@ -79,11 +79,8 @@ class ClickHouseState:
         if client is None:
             client = self._local.client = connect(self.settings)
         if not self._ready:
-            database = quote(self.settings.clickhouse_database + "_store")
-            client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-            client.command(f"CREATE TABLE IF NOT EXISTS {self.table} (model_id String, key String, value String, "
-                           f"written_at DateTime64(6, 'UTC'), writer String) "
-                           f"ENGINE = ReplacingMergeTree(written_at) ORDER BY (model_id, key)")
+            for statement in self.topology.databases()[1:] + control_ddl(self.topology):
+                client.command(statement)
             self._ready = True
         return client
 
