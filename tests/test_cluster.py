@@ -100,3 +100,17 @@ def test_the_cluster_setting_is_checked():
 def test_a_bad_cluster_name_on_the_command_line_says_what_to_fix(registered, capsys):
     assert main(["schema", "--cluster", "two words"]) == 2
     assert "--cluster 'two words': the cluster's name" in capsys.readouterr().err
+
+
+def test_the_query_users_ddl_on_a_cluster_reaches_every_node_and_the_stored_tables(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("ENRICHER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ENRICHER_CLICKHOUSE_URL", "http://admin@clickhouse-1:8123/enricher")
+    monkeypatch.setenv("ENRICHER_QUERY_PASSWORD", "reader-secret")
+    plain = schema(capsys, "--query-user")
+    monkeypatch.setenv("ENRICHER_CLICKHOUSE_CLUSTER", "analytics")
+    statements = schema(capsys, "--query-user")
+    assert all(ok for ok, _ in parse(statements)), parse(statements)
+    assert all("ON CLUSTER `analytics`" in s for s in statements)
+    assert not any("ON CLUSTER" in s for s in plain)
+    assert "GRANT ON CLUSTER `analytics` SELECT ON `enricher_store`.`enriched_local`" in "\n".join(statements)
+    assert "reader-secret" not in "\n".join(statements)

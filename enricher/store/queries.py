@@ -220,12 +220,16 @@ def query_user_ddl(settings: Settings, salt: str | None = None) -> list[str]:
         return f"'{v}'" if isinstance(v, str) else repr(v)
 
     constraints = ", ".join(f"{k} = {value(v)} CONST" for k, v in limits.items())
+    # On a cluster: on every node (a Distributed read runs on the shards), and on the tables the rows live in.
+    cluster = settings.clickhouse_cluster
+    on = f" ON CLUSTER {quote(cluster)}" if cluster else ""
+    tables = [*STORE_TABLES, *(f"{t}_local" for t in STORE_TABLES)] if cluster else list(STORE_TABLES)
     statements = [
-        f"CREATE SETTINGS PROFILE OR REPLACE {profile} SETTINGS readonly = 2, {constraints}",
-        f"CREATE ROLE OR REPLACE {role}",
-        f"GRANT SELECT ON {quote(db)}.* TO {role}",
+        f"CREATE SETTINGS PROFILE OR REPLACE {profile}{on} SETTINGS readonly = 2, {constraints}",
+        f"CREATE ROLE OR REPLACE {role}{on}",
+        f"GRANT{on} SELECT ON {quote(db)}.* TO {role}",
     ]
-    statements += [f"GRANT SELECT ON {quote(store)}.{quote(t)} TO {role}" for t in STORE_TABLES]
-    statements.append(f"CREATE USER OR REPLACE {quote(user)} IDENTIFIED WITH sha256_hash BY '{digest}' "
+    statements += [f"GRANT{on} SELECT ON {quote(store)}.{quote(t)} TO {role}" for t in tables]
+    statements.append(f"CREATE USER OR REPLACE {quote(user)}{on} IDENTIFIED WITH sha256_hash BY '{digest}' "
                       f"SALT '{salt}' DEFAULT ROLE {role} SETTINGS PROFILE {profile} DEFAULT DATABASE {quote(db)}")
     return statements
