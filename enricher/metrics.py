@@ -69,7 +69,7 @@ ARTIFACT_VERSION = Gauge("enricher_artifact_version", "The artifact version serv
                          ["model", "enrichment"])
 CONSUMER_LAG = Gauge("enricher_consumer_lag", "Messages of a partition this worker holds that are not enriched yet: "
                      "the high watermark of the latest fetch response minus the next offset to process (a "
-                     "partition appears once a batch of it was processed since its assignment)",
+                     "partition appears once the worker knows where it resumes: a batch processed, or the group's committed offset)",
                      ["topic", "partition"])
 CONSUMER_HIGHWATER = Gauge("enricher_consumer_highwater", "High watermark of a partition this worker holds, from "
                            "the latest fetch response (the offset the next produced message will get)",

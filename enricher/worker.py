@@ -199,16 +199,21 @@ def build_app(settings: Settings) -> faust.App:
             metrics.CONSUMER_LAG.remove(settings.inference_topic, str(partition))
             metrics.CONSUMER_HIGHWATER.remove(settings.inference_topic, str(partition))
             lag_series.discard(partition)
+        committed = getattr(app.consumer, "_committed_offset", {})
         for partition, tp in held.items():
             try:
                 highwater = app.consumer.highwater(tp)
             except Exception:  # noqa: BLE001 - assignment moved under us: next tick
                 continue
-            if highwater is None or partition not in processed:
+            # The next offset to process: after the last durable one, or before any, the
+            # group's committed offset (Faust reads it at assignment and keeps it as Kafka
+            # does: the next offset), so a worker stuck from its start (store down) shows lag.
+            upcoming = processed[partition] + 1 if partition in processed else committed.get(tp)
+            if highwater is None or upcoming is None:
                 continue
             labels = (settings.inference_topic, str(partition))
             metrics.CONSUMER_HIGHWATER.labels(*labels).set(highwater)
-            metrics.CONSUMER_LAG.labels(*labels).set(max(highwater - processed[partition] - 1, 0))
+            metrics.CONSUMER_LAG.labels(*labels).set(max(highwater - upcoming, 0))
             lag_series.add(partition)
 
     @app.task

@@ -1,5 +1,6 @@
 """A real Prometheus (Debian's) scrapes a real worker: the PromQL a dashboard uses answers."""
 
+import dataclasses
 import time
 
 import pytest
@@ -58,3 +59,39 @@ def test_prometheus_scrapes_the_worker_and_answers_dashboard_queries(make_settin
         assert float(up[0]["value"][1]) == 1
     finally:
         worker.stop()
+
+
+def test_a_worker_stuck_from_its_start_shows_its_lag(make_settings, tmp_path):
+    """The store is down from the moment a worker starts: no batch is ever processed, and the
+    lag per partition still shows what waits (from the group's committed offset to the high
+    watermark), which is what the EnricherLagGrowing alert watches."""
+    import re
+
+    settings = make_settings()
+    register_sample(settings, tmp_path)
+    produce(settings, sample.inferences(1000, id_prefix="before")[0])
+    first = WorkerProcess(settings, log_path=tmp_path / "first.log").start()
+    try:
+        first.wait_for(lambda s: s["consumed"] >= 1000, timeout=120)
+    finally:
+        first.stop()  # commits what it wrote
+    produce(settings, sample.inferences(700, id_prefix="after")[0])
+    down = dataclasses.replace(settings, clickhouse_url="http://127.0.0.1:1/enricher")
+    stuck = WorkerProcess(down, log_path=tmp_path / "stuck.log").start()
+    try:
+        deadline = time.monotonic() + 90
+        lag = {}
+        while time.monotonic() < deadline:
+            try:
+                text = stuck.metrics()
+            except OSError:  # not serving yet
+                text = ""
+            lag = {m.group(1): float(m.group(2)) for m in
+                   re.finditer(r'^enricher_consumer_lag\{partition="(\d+)",topic="[^"]+"\} (\S+)$', text, re.M)}
+            if len(lag) == settings.topic_partitions and sum(lag.values()) == 700:
+                break
+            time.sleep(0.5)
+        assert len(lag) == settings.topic_partitions and sum(lag.values()) == 700, lag
+        assert stuck.status()["enriched"] == 0
+    finally:
+        stuck.stop()
