@@ -31,8 +31,11 @@ class InferenceProducer:
             raise InvalidArgument(f"batch must be one of {', '.join(BATCH_FORMATS)}, got {batch!r}")
         if batch_rows < 1 or batch_bytes < 1:
             raise InvalidArgument("batch_rows and batch_bytes must be positive")
+        # No sticky partitioning: librdkafka would put every keyless message of a burst on one
+        # partition (all of a file's batched messages, a worker's worth of rows each), so one
+        # worker of the group would do all the work; each message takes a random partition.
         conf = {**settings.kafka_config(), "linger.ms": 20, "batch.num.messages": 10000,
-                "enable.idempotence": True, **kafka_overrides}
+                "enable.idempotence": True, "sticky.partitioning.linger.ms": 0, **kafka_overrides}
         self.producer = Producer(conf)
         self.topic = topic or settings.inference_topic
         self.batch = batch
