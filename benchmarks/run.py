@@ -16,7 +16,8 @@ writes to its own fresh chDB store, one after the other on this machine:
   alone on the same workload;
 - worker peak memory and throughput with 1, 100 and 1,000 registered models,
   the stream mixed over all of them;
-- the CLI's start-up for simple commands (benchmarks/cli.py).
+- the CLI's start-up for simple commands (benchmarks/cli.py);
+- onboarding: `enricher train --all` on 1,000 models (benchmarks/onboarding.py).
 
 Writes benchmarks/results/latest.json, .md and .png. Speeds are reported as
 ratios to the reference lines measured in the same run; absolute numbers are
@@ -537,6 +538,11 @@ def write_report(results: dict, name: str) -> None:
     if results.get("cli"):
         lines += ["", "CLI start-up (benchmarks/cli.py; also cli.md):", ""]
         lines += (RESULTS / f"cli{'-smoke' if name == 'smoke' else ''}.md").read_text().splitlines()
+    if results.get("onboarding"):
+        import onboarding
+
+        lines += ["", "Onboarding (benchmarks/onboarding.py; also onboarding.md):", ""]
+        lines += onboarding.markdown(results["onboarding"])
     if results.get("queries"):
         import queries
 
@@ -754,6 +760,13 @@ def main() -> int:
             log("-- cli: start-up of simple commands (benchmarks/cli.py)")
             results["cli"] = cli.run(3 if args.smoke else 5)
             cli.write(results["cli"], args.smoke)
+        if want("onboarding"):
+            import onboarding
+
+            log("-- onboarding: enricher train --all (benchmarks/onboarding.py)")
+            results["onboarding"] = onboarding.run(*((20, 1000) if args.smoke else (1000, 5000)))
+            onboarding.write(results["onboarding"], args.smoke)
+            log(f"   {results['onboarding']['train_all_seconds']} s for {results['onboarding']['models']:,} models")
         for count in (1, 100, 1000):
             key = f"worker_{count}_model{'s' if count > 1 else ''}"
             if want(key) and not (args.smoke and count == 1000):

@@ -13,6 +13,7 @@ nothing else (no announcement: workers see the registry's new generation).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from enricher.models.artifact import ArtifactStore, Manifest
 from enricher.models.registry import ModelRegistry
@@ -86,3 +87,95 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str,
                              f"(each keeps serving its current version, if any){kept}. "
                              + " | ".join(f"{n}: {why}" for n, why in sorted(failed.items())), published)
     return published
+
+
+# -- many models in one process (onboarding) -----------------------------------------------
+@dataclass
+class Outcome:
+    """One model's training: what it published (enrichment -> version) and, if any failed, why."""
+
+    model_id: str
+    published: dict[str, int]
+    failure: str | None = None
+
+
+def candidates(registry: ModelRegistry, only: list[str] | None) -> list[str]:
+    """`--all`: every registered model with an enrichment enabled (with one of `only`, if given)."""
+    out = []
+    for model_id in registry.ids():
+        enabled = registry.enabled(model_id)
+        if enabled and (not only or any(n in enabled for n in only)):
+            out.append(model_id)
+    return out
+
+
+def train_one(registry: ModelRegistry, store: ArtifactStore, model_id: str, only: list[str] | None,
+              labelled: LabelledRows | None) -> Outcome:
+    """train(), with its failure as a reason instead of an exception: one model's trouble is its own."""
+    if only:  # with --all, a model trains the named enrichments it has on
+        try:
+            only = [n for n in only if n in registry.enabled(model_id)] or only
+        except Exception:  # noqa: BLE001 - an unreadable model: train() says why below
+            pass
+    try:
+        manifests = train(registry, store, model_id, only, log=lambda message: None, labelled=labelled)
+    except TrainingFailed as exc:
+        return Outcome(model_id, {m.enrichment: m.version for m in exc.published}, str(exc))
+    except EnricherError as exc:
+        return Outcome(model_id, {}, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug or a broken file in one model stops no other
+        return Outcome(model_id, {}, f"{type(exc).__name__}: {exc}")
+    return Outcome(model_id, {m.enrichment: m.version for m in manifests})
+
+
+# Each pool process opens its own registry, store and store connection once (initializer).
+_worker_state: dict = {}
+
+
+def _pool_init(settings, open_registry) -> None:
+    _worker_state.update(registry=open_registry(settings), store=settings.artifacts(),
+                         labelled=LabelledRows(settings))
+
+
+def _pool_train(model_id: str, only: list[str] | None) -> Outcome:
+    s = _worker_state
+    return train_one(s["registry"], s["store"], model_id, only, s["labelled"])
+
+
+def train_many(settings, registry: ModelRegistry, model_ids: list[str], only: list[str] | None = None,
+               jobs: int = 1, progress=None, open_registry=None) -> list[Outcome]:
+    """Train several models, each published on its own as it finishes; `jobs` processes
+    (fitting is CPU-bound and holds the GIL in places: processes, not threads), each
+    opening the registry with `open_registry(settings)` (a module-level function: it is
+    sent to them by name).
+    `progress(done, failed, total)` is called after each model. Outcomes in the order given."""
+    outcomes: dict[str, Outcome] = {}
+    failed = 0
+
+    def record(outcome: Outcome) -> None:
+        nonlocal failed
+        outcomes[outcome.model_id] = outcome
+        failed += outcome.failure is not None
+        if progress:
+            progress(len(outcomes), failed, len(model_ids))
+
+    if jobs <= 1 or len(model_ids) <= 1:
+        labelled = LabelledRows(settings)
+        for model_id in model_ids:
+            record(train_one(registry, settings.artifacts(), model_id, only, labelled))
+    else:
+        if open_registry is None:
+            raise ValueError("train_many with jobs > 1 needs open_registry, for its pool's processes")
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: the pool's processes start clean (no copy of this one's threads or connections)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_pool_init, initargs=(settings, open_registry)) as pool:
+            futures = {pool.submit(_pool_train, m, only): m for m in model_ids}
+            for future in as_completed(futures):
+                try:
+                    record(future.result())
+                except Exception as exc:  # noqa: BLE001 - the pool process died (killed, out of memory)
+                    record(Outcome(futures[future], {}, f"its training process failed: {exc}"))
+    return [outcomes[m] for m in model_ids]

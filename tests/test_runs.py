@@ -188,3 +188,52 @@ def test_training_by_hand_publishes_what_passes_and_names_what_failed(setup, cap
     failed = registry.status("credit", "explainability")
     assert failed["state"] == "failed" and failed["step"] == "validate"
     assert not any((settings.artifact_dir / "_runs").glob("*")), "staging removed"
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_train_all_fits_every_model_in_one_process_and_a_broken_one_stops_no_other(tmp_path, capsys, jobs):
+    """`enricher train --all`: every registered model with an enrichment on, each published as it
+    finishes; one whose reference data went bad is named with its reason, the others are published."""
+    from enricher.cli import main
+
+    settings, registry, reference = offline_registry(tmp_path, 1000)
+    names = [f"m{i}" for i in range(5)]
+    for name in names:
+        registry.register(name, sample.SCHEMA, reference)
+        registry.set_enrichment(name, "anomaly_detection", True, {"n_estimators": 10})
+    registry.register("idle", sample.SCHEMA, reference)  # nothing on: not a candidate
+    # m3's stored reference is damaged after registration (a disk error, a bad copy)
+    stored = next(p for p in settings.registry_dir.rglob("*") if p.is_file() and "m3" in str(p)
+                  and p.suffix == ".parquet")
+    stored.write_bytes(b"not parquet at all")
+    code = main(["--data-dir", str(settings.data_dir), "train", "--all", "--jobs", jobs])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "trained 4 of 5 models (4 artifacts published)" in out and f"with {jobs} process(es)" in out
+    assert "1 failed" in err and "  m3: " in err
+    store = settings.artifacts()
+    for name in names:
+        assert store.current_version(name, "anomaly_detection") == (None if name == "m3" else 1), name
+        assert registry.status(name, "anomaly_detection")["state"] == ("failed" if name == "m3" else "ready")
+    assert store.current_version("idle", "anomaly_detection") is None
+    assert "trained 5/5 models, 1 failed" in err  # the progress line (one per tenth on a non-terminal)
+
+
+def test_train_names_several_models_and_refuses_what_makes_no_sense(tmp_path, capsys):
+    from enricher.cli import main
+
+    settings, registry, reference = offline_registry(tmp_path, 1000)
+    for name in ("a", "b"):
+        registry.register(name, sample.SCHEMA, reference)
+        registry.set_enrichment(name, "anomaly_detection", True, {"n_estimators": 10})
+    data = ["--data-dir", str(settings.data_dir)]
+    assert main([*data, "train", "a", "b", "ghost", "--jobs", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "trained 2 of 3 models" in out and "  ghost: " in err and "not registered" in err.lower()
+    assert settings.artifacts().current_version("b", "anomaly_detection") == 1
+    assert main([*data, "train", "a", "--all"]) == 2
+    assert "give model ids or --all, not both" in capsys.readouterr().err
+    assert main([*data, "train"]) == 2
+    assert "or --all" in capsys.readouterr().err
+    assert main([*data, "train", "a", "b", "--jobs", "0"]) == 2
+    assert "--jobs: at least 1" in capsys.readouterr().err
