@@ -263,6 +263,20 @@ class TreeEnsemble:
                   # a categorical split's bitset inside cat_bits
                   and bool(np.all((self.cat_offset >= 0) & (self.cat_words >= 0)
                                   & (self.cat_offset + self.cat_words <= len(self.cat_bits)))))
+        if ok and nodes:
+            # Every node but a root is the child of exactly one node: a damaged file can
+            # leave orphans (a split turned leaf) or a node with two parents, which the
+            # libraries walk happily but which no training ever writes, and which would
+            # make the expected value and the attributions disagree with the prediction.
+            children = np.concatenate([self.left[inner], self.right[inner]])
+            parents = np.bincount(children, minlength=nodes)
+            root = np.zeros(nodes, bool)
+            root[self.node_start[:-1]] = True
+            bad = np.flatnonzero(parents != ~root)
+            if len(bad):
+                tree = int(np.searchsorted(self.node_start, bad[0], side="right")) - 1
+                raise ValueError(f"tree {tree}: node {int(bad[0] - self.node_start[tree])} has "
+                                 f"{int(parents[bad[0]])} parents (every node but the root has one)")
         if not ok:
             raise ValueError("tree ensemble arrays are inconsistent")
 

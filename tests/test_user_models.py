@@ -269,9 +269,34 @@ def test_a_damaged_model_file_is_refused_with_a_reason_never_a_crash(name, edits
         assert str(exc)
         return
     # a damaged file that still loads is still a valid ensemble: it explains, additively
+    # (to the precision of the largest term: a damaged leaf may hold 1e16)
     phi, base, out = model.ensemble.explain(np.zeros((3, N_FEATURES), np.float32))
-    assert np.allclose(phi.sum(axis=1) + base, out, atol=1e-6 * max(1.0, float(np.abs(out).max())))
+    scale = max(1.0, *(float(np.abs(a).max()) for a in (out, base, phi)))
+    assert np.allclose(phi.sum(axis=1) + base, out, rtol=0, atol=1e-9 * scale)
     assert phi.shape == (3, N_FEATURES)
+
+
+def test_a_tree_with_an_orphan_or_a_node_of_two_parents_is_refused():
+    """Found by the fuzzer: a split turned leaf leaves its subtree unreachable; the
+    expected value then counted leaves no row reaches, and explanations did not add up."""
+    import json
+
+    from enricher.models.usermodels import ModelFileError, load
+
+    model = json.loads(SMALL["m.json"])
+    tree = model["learner"]["gradient_booster"]["model"]["trees"][1]
+    orphaned = json.loads(json.dumps(model))
+    t = orphaned["learner"]["gradient_booster"]["model"]["trees"][1]
+    t["left_children"][0] = t["right_children"][0] = -1
+    with pytest.raises(ModelFileError, match="tree 1: node 1 has 0 parents"):
+        load("m.json", json.dumps(orphaned).encode(), N_FEATURES)
+    shared = json.loads(json.dumps(model))
+    t = shared["learner"]["gradient_booster"]["model"]["trees"][1]
+    inner = [i for i, c in enumerate(tree["left_children"]) if c >= 0 and i > 0]
+    t["right_children"][inner[0]] = t["left_children"][inner[0]]
+    with pytest.raises(ModelFileError, match="parents"):
+        load("m.json", json.dumps(shared).encode(), N_FEATURES)
+    assert load("m.json", SMALL["m.json"], N_FEATURES).ensemble.n_trees == 3
 
 
 
