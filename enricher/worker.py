@@ -150,6 +150,9 @@ def build_app(settings: Settings) -> faust.App:
     for name in ENRICHMENTS:  # at zero from the start: a series born at its first batch hides that batch from rate()
         metrics.ENRICHMENT_SECONDS.labels(name)
     serving = Serving(registry, store)
+    loading = time.monotonic()
+    serving.maintain()  # every enabled model's artifacts loaded, and pooled, before the first batch
+    log.info("serving %d models' artifacts (loaded in %.1f s)", len(serving.describe()), time.monotonic() - loading)
     processor = BatchProcessor(settings, serving, ClickHouseSink(settings))
     progress = Progress()
     app.enricher_progress = progress  # read by tests
@@ -225,10 +228,11 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.timer(settings.refresh_interval)
     async def refresh_models():
-        # Picks up registrations, toggles and newly published artifacts;
-        # loading happens off the event loop, and batches switch between runs.
+        # Picks up registrations, toggles and newly published artifacts, loads what
+        # is enabled ahead of its first batch and pools it; all off the event loop,
+        # and batches switch between runs.
         try:
-            await asyncio.to_thread(serving.refresh)
+            await asyncio.to_thread(serving.maintain)
         except Exception:  # noqa: BLE001 - a registry it cannot read now: what serves, serves; try next tick
             log.exception("refreshing models from the registry failed; trying again in %ss",
                           settings.refresh_interval)

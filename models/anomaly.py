@@ -11,11 +11,13 @@ vectorised walk, and that load without unpickling anything.
 from __future__ import annotations
 
 import json
+from typing import Mapping
 
+import numpy as np
 import pyarrow as pa
 
 from .artifact import Manifest
-from .encoding import FeatureEncoder
+from .encoding import EncoderPool, FeatureEncoder
 from .enrichment import InferenceBatch, Output
 from .forest import CompactForest
 from .spec import ModelSpec
@@ -37,6 +39,32 @@ class AnomalyArtifact:
 
     def to_blobs(self) -> dict[str, bytes]:
         return {"encoder.json": json.dumps(self.encoder.to_json()).encode(), "forest.npz": self.forest.to_bytes()}
+
+
+class AnomalyPool:
+    """Anomaly artifacts of one layout and tree count scored together: one encoding and one
+    forest walk for the rows of all of them (a stream spread over many models pays one
+    model's per-batch cost). Scores equal each artifact's own `transform`."""
+
+    def __init__(self, artifacts: list[AnomalyArtifact]):
+        from .forestpool import ForestPool  # lazy: numba
+
+        self.encoders = EncoderPool([a.encoder for a in artifacts])
+        self.forests = ForestPool([a.forest for a in artifacts])
+
+    def __len__(self) -> int:
+        return len(self.forests)
+
+    @property
+    def features(self) -> list[str]:
+        """The columns `transform` reads."""
+        return self.encoders.names
+
+    def transform(self, columns: Mapping[str, pa.Array], num_rows: int, member: np.ndarray) -> dict[str, pa.Array]:
+        """The outputs for rows of several models: `columns` the features of all the rows,
+        `member[i]` the position of row i's artifact in the list this pool was built from."""
+        X = self.encoders.transform(columns, num_rows, member)
+        return {"anomaly_score": pa.array(self.forests.score(X, member), pa.float64())}
 
 
 class AnomalyDetection:
@@ -79,6 +107,17 @@ class AnomalyDetection:
         if forest.n_features != len(encoder.names):
             raise ValueError(f"forest has {forest.n_features} features, the encoder {len(encoder.names)}")
         return AnomalyArtifact(encoder, forest, manifest.parameters)
+
+    def pool(self, artifacts: list[AnomalyArtifact]) -> list[tuple[AnomalyPool, list[int]]]:
+        """Serving many models: the artifacts (by position in the list) that can be scored
+        together, each group as one pool. Artifacts pool with those of the same features
+        and kinds and the same number of trees."""
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(artifacts):
+            key = (tuple(a.encoder.names), tuple(a.encoder.kinds), len(a.forest.roots), a.forest.n_features)
+            groups.setdefault(key, []).append(i)
+        # a group of one is a pool too: the compiled walk is ~3x the vectorised one on one model
+        return [(AnomalyPool([artifacts[i] for i in idx]), idx) for idx in groups.values()]
 
 
 def _parameters(config: dict) -> dict:

@@ -126,3 +126,64 @@ def _to_numpy(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     return values.to_numpy(zero_copy_only=False)
+
+
+class EncoderPool:
+    """Many models' encoders of one layout (the same features, in order, of the same
+    kinds) applied to their rows together, as each would encode its own.
+
+    Each row carries its member's index. A numeric null takes its member's fill
+    value; a categorical value is looked up once in the union of the members'
+    categories, then in a sorted table of (member, category) keys, so the work
+    is per batch, not per model, and the tables hold each member's categories
+    once (no members x categories matrix).
+    """
+
+    def __init__(self, encoders: list[FeatureEncoder]):
+        first = encoders[0]
+        if any(e.names != first.names or e.kinds != first.kinds for e in encoders):
+            raise ValueError("pooled encoders must share their features and kinds")
+        self.names, self.kinds = first.names, first.kinds
+        self._fill: dict[str, np.ndarray] = {}
+        self._union: dict[str, pa.Array] = {}
+        self._keys: dict[str, np.ndarray] = {}
+        self._values: dict[str, np.ndarray] = {}
+        self._unseen: dict[str, np.ndarray] = {}
+        for name, kind in zip(self.names, self.kinds):
+            if kind == "numeric":
+                self._fill[name] = np.array([e.medians[name] if e.nulls == "median" else np.nan for e in encoders],
+                                            np.float64)
+                continue
+            index: dict[str, int] = {}
+            keys, values = [], []
+            for m, e in enumerate(encoders):
+                lookup = e._freq_lookup[name]
+                codes = np.array([index.setdefault(c, len(index)) for c in e.categories[name]], np.int64)
+                keys.append(codes)  # the member is folded in below, once the union's size is known
+                values.append(np.asarray(lookup[:len(codes)], np.float64))
+            width = max(len(index), 1)
+            keys = np.concatenate([k + m * width for m, k in enumerate(keys)]) if keys else np.zeros(0, np.int64)
+            values = np.concatenate(values) if values else np.zeros(0)
+            order = np.argsort(keys, kind="stable")
+            self._union[name] = pa.array(list(index), pa.string())
+            self._keys[name], self._values[name] = keys[order], values[order]
+            self._unseen[name] = np.array([e._freq_lookup[name][-1] for e in encoders], np.float64)
+
+    def transform(self, columns: Columns, num_rows: int, member: np.ndarray) -> np.ndarray:
+        out = np.empty((num_rows, len(self.names)), dtype=np.float64)
+        for j, (name, kind) in enumerate(zip(self.names, self.kinds)):
+            values = columns[name]
+            if kind == "numeric":
+                out[:, j] = _to_numpy(values)
+                if values.null_count:
+                    nulls = _to_numpy(values.is_null())
+                    out[nulls, j] = self._fill[name][member[nulls]]
+                continue
+            union = self._union[name]
+            code = _to_numpy(pc.fill_null(pc.index_in(values, value_set=union), -1)).astype(np.int64)
+            keys = member.astype(np.int64) * max(len(union), 1) + code
+            table = self._keys[name]
+            at = np.minimum(np.searchsorted(table, keys), max(len(table) - 1, 0))
+            hit = (code >= 0) & (table[at] == keys) if len(table) else np.zeros(num_rows, bool)
+            out[:, j] = np.where(hit, self._values[name][at] if len(table) else 0.0, self._unseen[name][member])
+        return out

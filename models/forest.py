@@ -136,3 +136,4 @@ def _float32_floor(values: np.ndarray) -> np.ndarray:
     above = f32.astype(np.float64) > values
     f32[above] = np.nextafter(f32[above], np.float32(-np.inf))
     return f32
+

@@ -16,9 +16,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enricher.store.clickhouse import FIXED_COLUMNS, spec_columns
+from enricher.stream.contract import joined as join_rows
 
 
 def storage_group(spec) -> tuple:
+    """`group_key`, remembered per spec object (specs are immutable; called per model and batch)."""
+    known = _GROUPS.get(id(spec))
+    if known is None or known[0] is not spec:
+        if len(_GROUPS) > 100_000:
+            _GROUPS.clear()
+        known = _GROUPS[id(spec)] = (spec, group_key(spec))
+    return known[1]
+
+
+_GROUPS: dict[int, tuple] = {}
+
+
+def group_key(spec) -> tuple:
     """Models with the same group key are enriched into one table together (enrich_many):
     same inputs, same storage columns (slots and the enrichments' outputs)."""
     return spec.layout, tuple(spec.storage_columns.items()), tuple(spec_columns(spec))
@@ -41,8 +55,7 @@ def storage_rows(parts: list, outputs: dict[str, list[pa.Array | None]], ingeste
             for k, a in enumerate(arrays)])
 
     def joined(get) -> pa.Array:
-        arrays = [get(rows) for rows in parts]
-        return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
+        return join_rows(parts, get)
 
     model_ids = pa.array([rows.spec.model_id for rows in parts])
     owner = np.repeat(np.arange(len(parts), dtype=np.int32), counts)
@@ -60,8 +73,8 @@ def storage_rows(parts: list, outputs: dict[str, list[pa.Array | None]], ingeste
     label_at = columns["timestamp"].cast(pa.int64()).cast(pa.timestamp("ms", tz="UTC"))
     columns["label_at"] = pc.if_else(pc.is_valid(label), label_at, pa.scalar(None, label_at.type))
     columns["_ingested_at"] = columns["_written_at"] = pa.array(np.full(n, ingested_at_us, np.int64))
-    columns["_partition"] = pa.array(np.concatenate([r.partition for r in parts]), pa.uint32())
-    columns["_offset"] = pa.array(np.concatenate([r.offset for r in parts]), pa.uint64())
+    columns["_partition"] = pa.array(joined(lambda r: r.partition), pa.uint32())
+    columns["_offset"] = pa.array(joined(lambda r: r.offset), pa.uint64())
 
     # Only the columns something was computed for: an enrichment that is off (or
     # failed on the batch) is left out of the insert, and ClickHouse stores NULL

@@ -36,7 +36,7 @@ from enricher.config import Settings
 from enricher.store.labels import label_table
 from enricher.store.rows import storage_group
 from enricher.store.sink import ClickHouseSink, StoreRejected, StoreUnavailable
-from enricher.stream.contract import DeadLetter, ParsedBatch, parse_batch
+from enricher.stream.contract import DeadLetter, ParsedBatch, joined, parse_batch
 from enricher.stream.enrich import enrich_many
 from enricher.stream.serving import Serving
 
@@ -146,7 +146,7 @@ class BatchProcessor:
         for model_id, rows in parsed.models.items():
             groups.setdefault(storage_group(rows.spec), []).append((rows, self.serving.active(model_id)))
         tables = [enrich_many(parts, ingested_at_us) for parts in groups.values()]
-        origin = np.concatenate([rows.origin for parts in groups.values() for rows, _ in parts])
+        origin = joined([rows for parts in groups.values() for rows, _ in parts], lambda r: r.origin)
         # Groups use different slot columns: the one insert has them all, NULL where unused.
         return (tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")), origin
 

@@ -42,6 +42,7 @@ import reprlib
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -247,7 +248,7 @@ def _parse_batch(values, partitions, offsets, specs, max_bytes, content_types) -
         start = 0
         for model_id, count in zip(model_ids, counts.tolist()):
             if count:
-                parts.setdefault(model_id, []).append(_slice(group_rows, specs(model_id), start, count))
+                parts.setdefault(model_id, []).append(SlicedRows(group_rows, specs(model_id), start, count))
             start += count
     label_parts: dict[str, list[LabelRows]] = {}
     for model_id, order in items.labels_by_model.items():
@@ -406,13 +407,54 @@ class _Items:
                                         self.offsets[i], self.pos[k]))
 
 
-def _slice(rows: ModelRows, spec: ModelSpec, start: int, count: int) -> ModelRows:
-    """Rows start..start+count as another model's rows (zero-copy)."""
-    end = start + count
-    return ModelRows(spec, rows.inference_id.slice(start, count), rows.timestamp.slice(start, count),
-                     rows.prediction.slice(start, count), rows.label.slice(start, count),
-                     {k: v.slice(start, count) for k, v in rows.values.items()},
-                     rows.partition[start:end], rows.offset[start:end], rows.origin[start:end])
+class SlicedRows(ModelRows):
+    """Rows start..start+count of a layout group's validated rows, as one model's.
+
+    A batch spread over a thousand models has a few rows per model: slicing
+    every column for every model costs more than validating them did, and the
+    stream mostly joins the models' rows back together (storage rows, pooled
+    scoring: `joined`). So each column is sliced only where something reads it
+    (zero-copy, then kept), and `joined` takes consecutive slices of one group
+    as a single slice of the group's column.
+    """
+
+    def __init__(self, source: ModelRows, spec: ModelSpec, start: int, count: int):  # no dataclass fields set
+        self.spec, self.source, self.start, self.count = spec, source, start, count
+
+    @property
+    def num_rows(self) -> int:
+        return self.count
+
+    def _cut(self, array):
+        return array.slice(self.start, self.count) if isinstance(array, (pa.Array, pa.ChunkedArray)) \
+            else array[self.start:self.start + self.count]
+
+    inference_id = cached_property(lambda self: self._cut(self.source.inference_id))
+    timestamp = cached_property(lambda self: self._cut(self.source.timestamp))
+    prediction = cached_property(lambda self: self._cut(self.source.prediction))
+    label = cached_property(lambda self: self._cut(self.source.label))
+    values = cached_property(lambda self: {k: self._cut(v) for k, v in self.source.values.items()})
+    partition = cached_property(lambda self: self._cut(self.source.partition))
+    offset = cached_property(lambda self: self._cut(self.source.offset))
+    origin = cached_property(lambda self: self._cut(self.source.origin))
+
+
+def joined(parts: list[ModelRows], get: Callable):
+    """`get(rows)` (an Arrow array or a numpy array) of each part, one after the other: one slice
+    of the group's column when the parts are consecutive slices of one group (SlicedRows)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return get(first)
+    if isinstance(first, SlicedRows):
+        at = first.start
+        for p in parts:
+            if not (isinstance(p, SlicedRows) and p.source is first.source and p.start == at):
+                break
+            at += p.count
+        else:
+            return SlicedRows(first.source, first.spec, first.start, at - first.start)._cut(get(first.source))
+    arrays = [get(p) for p in parts]
+    return np.concatenate(arrays) if isinstance(arrays[0], np.ndarray) else pa.concat_arrays(arrays)
 
 
 def _concat(parts: list[ModelRows]) -> ModelRows:

@@ -12,7 +12,7 @@ from enricher import metrics
 from enricher.models.catalog import checked_output, model_outputs
 from enricher.models.enrichment import version_column
 from enricher.store.rows import storage_rows
-from enricher.stream.contract import ModelRows
+from enricher.stream.contract import ModelRows, joined
 from enricher.stream.serving import Active
 
 log = logging.getLogger(__name__)
@@ -40,28 +40,85 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
 
 def enrichment_outputs(parts: list[tuple[ModelRows, dict[str, Active]]]) -> dict[str, list[pa.Array | None]]:
     """What each model's serving enrichments compute on its rows: storage column -> one
-    array per part (None where that model's enrichment did not compute it)."""
+    array per part (None where that model's enrichment did not compute it).
+
+    Artifacts held in a pool (serving.py `maintain`) are applied to the rows of all
+    their models at once, one call per pool; the others, and any model of a pool
+    that fails, each on its own rows."""
     spec = parts[0][0].spec
     storage = {name: {o.name: o.storage for o in outs} for name, outs in model_outputs(spec)}
     outputs: dict[str, list[pa.Array | None]] = {}
+
+    def put(k: int, name: str, act: Active, out: dict[str, pa.Array]) -> None:
+        if version_column(name) not in out:  # a pooled output carries its slice of the versions
+            out[version_column(name)] = pa.array(np.full(parts[k][0].num_rows, act.version, np.uint32))
+        for col, arr in out.items():
+            outputs.setdefault(storage[name][col], [None] * len(parts))[k] = arr
+
+    pools: dict[tuple[str, int], list[int]] = {}
     for k, (rows, active) in enumerate(parts):
-        batch = rows.batch()
         for name, act in active.items():
             if name not in storage:  # not one this model can use (its view has no such columns)
                 continue
-            started = time.perf_counter()
-            try:
-                out = checked_output(name, rows.spec, act.fitted.transform(batch), rows.num_rows)
-            except Exception:  # noqa: BLE001 - whatever an enrichment does, the rows go on
-                metrics.ENRICHMENT_ERRORS.labels(rows.spec.model_id, name).inc()
-                log.exception("model %s: %s v%s failed on a batch of %d rows; its columns are NULL",
-                              rows.spec.model_id, name, act.version, rows.num_rows)
+            if act.pooled is not None and rows.num_rows:
+                pools.setdefault((name, id(act.pooled[0])), []).append(k)
                 continue
-            metrics.ENRICHMENT_SECONDS.labels(name).observe(time.perf_counter() - started)
-            nulls = next(iter(out.values())).null_count if out else 0
-            if nulls:
-                metrics.ENRICHMENT_NULLS.labels(rows.spec.model_id, name).inc(nulls)
-            out[version_column(name)] = pa.array(np.full(rows.num_rows, act.version, np.uint32))
-            for col, arr in out.items():
-                outputs.setdefault(storage[name][col], [None] * len(parts))[k] = arr
+            out = _apply(name, rows, act)
+            if out is not None:
+                put(k, name, act, out)
+    for (name, _), ks in pools.items():
+        acts = [parts[k][1][name] for k in ks]
+        done = _apply_pooled(name, [parts[k][0] for k in ks], acts)
+        done = {k: done[i] for i, k in enumerate(ks)} if done is not None else \
+            {k: _apply(name, parts[k][0], act) for k, act in zip(ks, acts)}
+        for k, act in zip(ks, acts):
+            if done[k] is not None:
+                put(k, name, act, done[k])
     return outputs
+
+
+def _apply(name: str, rows: ModelRows, act: Active) -> dict[str, pa.Array] | None:
+    """One model's enrichment on its rows, checked; None (and counted) if it failed."""
+    started = time.perf_counter()
+    try:
+        out = checked_output(name, rows.spec, act.fitted.transform(rows.batch()), rows.num_rows)
+    except Exception:  # noqa: BLE001 - whatever an enrichment does, the rows go on
+        metrics.ENRICHMENT_ERRORS.labels(rows.spec.model_id, name).inc()
+        log.exception("model %s: %s v%s failed on a batch of %d rows; its columns are NULL",
+                      rows.spec.model_id, name, act.version, rows.num_rows)
+        return None
+    metrics.ENRICHMENT_SECONDS.labels(name).observe(time.perf_counter() - started)
+    nulls = next(iter(out.values())).null_count if out else 0
+    if nulls:
+        metrics.ENRICHMENT_NULLS.labels(rows.spec.model_id, name).inc(nulls)
+    return out
+
+
+def _apply_pooled(name: str, parts: list[ModelRows], acts: list[Active]) -> list[dict[str, pa.Array]] | None:
+    """Several models' rows through one pool (every act of the same pool), split back per
+    model; None if the pool failed (the caller applies each model on its own)."""
+    pool = acts[0].pooled[0]
+    counts = [rows.num_rows for rows in parts]
+    total = sum(counts)
+    started = time.perf_counter()
+    try:
+        columns = {f: joined(parts, lambda r, f=f: r.values[f]) for f in pool.features}
+        member = np.repeat(np.array([act.pooled[1] for act in acts], np.intp), counts)
+        out = checked_output(name, parts[0].spec, pool.transform(columns, total, member), total)
+    except Exception:  # noqa: BLE001 - each model on its own then, so a failure stays its own
+        log.exception("%s: a pool of %d models failed on %d rows; each model is applied on its own",
+                      name, len(parts), total)
+        return None
+    metrics.ENRICHMENT_SECONDS.labels(name).observe(time.perf_counter() - started)
+    out[version_column(name)] = pa.array(np.repeat(np.array([act.version for act in acts], np.uint32), counts))
+    nulls = next(iter(out.values())).null_count
+    split, at = [], 0
+    for rows, n in zip(parts, counts):
+        piece = {col: arr.slice(at, n) for col, arr in out.items()}
+        if nulls and piece:
+            counted = next(iter(piece.values())).null_count
+            if counted:
+                metrics.ENRICHMENT_NULLS.labels(rows.spec.model_id, name).inc(counted)
+        split.append(piece)
+        at += n
+    return split

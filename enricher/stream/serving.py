@@ -9,6 +9,13 @@ unusable) is not read again; one refused because it could not be read (the
 object store did not answer, an I/O error) is tried again after
 RETRY_UNREADABLE_SECONDS, so a passing outage does not leave its columns NULL
 until a newer version is published.
+
+Many models: `maintain` (the worker's refresh timer, off the event loop) also
+loads every enabled model's artifacts ahead of its first batch, and holds the
+artifacts of an enrichment that pools (anomaly detection) in pools, so that a
+batch spread over a thousand models is scored in one pass per pool
+(stream/enrich.py). A version loaded since the last pooling serves on its own
+until the next tick pools it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from enricher import metrics
 from enricher.models import ENRICHMENTS
@@ -37,6 +44,8 @@ class Active:
     name: str
     version: int
     fitted: object
+    #: (pool, member) when this artifact is scored together with other models' (maintain)
+    pooled: tuple | None = None
 
 
 class Serving:
@@ -55,6 +64,7 @@ class Serving:
         self._exported: set[tuple[str, str]] = set()  # (model, enrichment) in enricher_artifact_version
         self.retry_unreadable = RETRY_UNREADABLE_SECONDS
         self._retry_at = math.inf  # when to look again at what could not be read
+        self._pooled: dict[str, list] = {}  # enrichment -> the (model, fitted) its pools were built from
         self.refresh()
 
     # -- lookups used on the hot path ----------------------------------
@@ -111,6 +121,42 @@ class Serving:
             self._generation = generation
             self._export_versions()
         return True
+
+    def maintain(self) -> None:
+        """The refresh timer's work, off the event loop: re-read the registry, load what is
+        enabled but not loaded yet (ahead of its model's first batch), and pool what pools."""
+        self.refresh()
+        for model_id in list(self._specs):
+            if model_id not in self._active:
+                self.active(model_id)  # one model at a time: the lock is held briefly
+        self.pool()
+
+    def pool(self) -> None:
+        """(Re)build the pools of each enrichment that pools, when what serves has changed
+        since the last build. Built outside the lock; an artifact swapped meanwhile keeps
+        serving on its own until the next build."""
+        for name, enrichment in ENRICHMENTS.items():
+            make = getattr(enrichment, "pool", None)
+            if make is None:
+                continue
+            serving = [(m, act[name]) for m, act in list(self._active.items()) if name in act]
+            built_from = [(m, a.fitted) for m, a in serving]
+            before = self._pooled.get(name)
+            if before is not None and len(before) == len(built_from) and all(
+                    m == n and f is g for (m, f), (n, g) in zip(before, built_from)):
+                continue
+            try:
+                pools = make([a.fitted for _, a in serving]) if serving else []
+            except Exception:  # noqa: BLE001 - each model serves on its own, as before pooling
+                log.exception("%s: pooling %d artifacts failed; each serves on its own", name, len(serving))
+                pools = []
+            with self._lock:
+                pooled = {i: (pool, j) for pool, members in pools for j, i in enumerate(members)}
+                for i, (model_id, act) in enumerate(serving):
+                    current = self._active.get(model_id, {})
+                    if current.get(name) is act:  # not swapped or turned off meanwhile
+                        self._active[model_id] = {**current, name: replace(act, pooled=pooled.get(i))}
+            self._pooled[name] = built_from
 
     def _export_versions(self) -> None:
         """enricher_artifact_version follows what serves: set for each loaded
