@@ -183,3 +183,26 @@ def test_the_stream_scores_a_mixed_piece_through_pools_as_each_model_would_alone
             assert set(got[m][1]) == {version}
         serving.maintain()
     assert all(serving.active(m)[AD].pooled is not None for m in ids[:6])
+
+
+def test_a_pool_that_fails_on_a_batch_hands_each_model_its_own_rows(world, monkeypatch, caplog):
+    registry, store, _ = world
+    ids = ["p0", "p1", "p2"]
+    for i, m in enumerate(ids):
+        register(world, m, sample.SCHEMA, sample.reference_table(400, seed=200 + i))
+        publish(world, m, sample.SCHEMA, sample.reference_table(400, seed=200 + i))
+    serving = Serving(registry, store, min_refresh=0)
+    serving.maintain()
+    pool = serving.active("p0")[AD].pooled[0]
+    assert all(serving.active(m)[AD].pooled[0] is pool for m in ids)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the pool")
+
+    monkeypatch.setattr(pool, "transform", broken)
+    messages, _ = sample.inferences(90, seed=8, model_id=ids)
+    got = scores_by_model(serving, messages)
+    assert "a pool of 3 models failed" in caplog.text
+    for m in ids:  # every row still scored, by its own model
+        np.testing.assert_allclose(got[m][0], own_scores(world, serving, messages, m, 1), rtol=0, atol=1e-12)
+        assert set(got[m][1]) == {1}
