@@ -26,6 +26,10 @@ the scores agree to ~1e-15.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+
 import numba
 import numpy as np
 
@@ -49,7 +53,9 @@ class ForestPool:
         # One member at a time, each pointed at its records as soon as they are written: its
         # own arrays go then, so the nodes are held about once even while the pool is built
         # (the table's pages are only taken as they are written).
-        for f, start, size in zip(forests, self.offset, sizes):
+        for k, (f, start, size) in enumerate(zip(forests, self.offset, sizes)):
+            if k % 128 == 127:
+                _give_back_freed_memory()
             rows = slice(start, start + size)
             leaf = f.children[:, 0] == np.arange(size)
             records[rows, 0] = f.feature
@@ -62,6 +68,7 @@ class ForestPool:
         self.denominator = np.array([f.denominator for f in forests], np.float64)
         self.depth = max(f.depth for f in forests)
         self.n_features = widths.pop()
+        _give_back_freed_memory()
         self.score(np.zeros((1, self.n_features), np.float32), np.zeros(1, np.intp))  # compiled now, not on a batch
 
     def __len__(self) -> int:
@@ -78,6 +85,8 @@ class ForestPool:
             raise ValueError(f"forests expect {self.n_features} features, got {X.shape[1]}")
         X = np.ascontiguousarray(X, dtype=np.float32)
         member = np.asarray(member, np.intp)
+        if len(member) != len(X):
+            raise ValueError(f"{len(member)} member indexes for {len(X)} rows")
         if len(member) and (member.min() < 0 or member.max() >= len(self.offset)):
             raise ValueError("member index out of range")
         order = np.argsort(member, kind="stable")
@@ -88,6 +97,24 @@ class ForestPool:
             scores = np.exp2(-paths / denominator)
         scores[denominator == 0] = 1.0
         return scores
+
+
+def _give_back_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). The members'
+    own arrays, freed as the pool takes their nodes, sit in the heap, which glibc does not
+    shrink by itself: without this a worker of 1,000 models kept ~0.25 GB it no longer
+    used. Elsewhere than glibc, nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 _LANES = 16  # trees of one row walked in lockstep: independent chains of loads the CPU overlaps
