@@ -103,7 +103,6 @@ class Settings:
     batch_timeout: float = 0.2
     batch_bytes: int = 8 * 1024 * 1024
     fetch_max_wait_ms: int = 100
-    eager_handover: bool = True
     max_message_bytes: int = 1_048_576
     max_future_skew: float = 300.0        # seconds a timestamp may be ahead of the worker's clock (0: any)
     dlq_max_bytes: int = 900_000          # under the usual 1 MB broker limit, with room for headers
@@ -364,7 +363,6 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "batch_timeout": ("ENRICHER_BATCH_TIMEOUT", "float", 0.001),
     "batch_bytes": ("ENRICHER_BATCH_BYTES", "int", 1024),
     "fetch_max_wait_ms": ("ENRICHER_FETCH_MAX_WAIT_MS", "int", 1),
-    "eager_handover": ("ENRICHER_EAGER_HANDOVER", "flag", None),
     "max_message_bytes": ("ENRICHER_MAX_MESSAGE_BYTES", "int", 64),
     "max_future_skew": ("ENRICHER_MAX_FUTURE_SKEW", "float", 0),
     "dlq_max_bytes": ("ENRICHER_DLQ_MAX_BYTES", "int", 1024),

@@ -1,29 +1,24 @@
-"""The streaming worker: a Faust agent over the inference topic.
+"""The streaming worker: Faust's app and consumer group over the inference topic.
 
-Per batch (up to ENRICHER_BATCH_SIZE messages or ENRICHER_BATCH_TIMEOUT
-seconds): parse and validate once, enrich, insert into ClickHouse, send dead
-letters, and only then acknowledge the messages. Faust commits acknowledged
-offsets, so an offset is committed only after its row is in ClickHouse and
-its dead letter is on the broker (at-least-once); a redelivered batch is
-absorbed by the table's view (see clickhouse.py).
+Faust's consumer hands the worker each partition's fetched records at once
+(stream/intake.py, through the pinned adjustment in stream/faust_patches.py):
+no Faust event per message. Per batch (up to ENRICHER_BATCH_SIZE messages
+or ENRICHER_BATCH_TIMEOUT seconds): parse and validate once, enrich, insert
+into ClickHouse, send dead letters, and only then acknowledge the batch's
+offsets. Faust commits acknowledged offsets, so an offset is committed only
+after its row is in ClickHouse and its dead letter is on the broker
+(at-least-once); a redelivered batch is absorbed by the table's view (see
+clickhouse.py). What was taken but is not durable is never acknowledged,
+however the worker stops (SIGTERM, a crash, a rebalance): it comes back on
+restart or to the partition's next owner.
 
-Faust's `take_events` acknowledges a batch's events when the agent asks for
-the next one, which is after the body below has written them, or when the
-take is closed early (a shutdown closes it from the stream's side, while the
-body is still at work; a rebalance or a crash), whatever the body had done.
-So the body holds one reference of its own on every event of the take from
-the moment it gets it, and lets go of a piece's events only once that
-piece's rows and dead letters are durable: Faust's ack is then their final
-one. Events not yet durable keep the body's reference however the take
-ends: they are not acknowledged, not committed, and come back on restart or
-to the partition's next owner.
-
-This module is the composition root: the Faust app, the agent and the jobs it
-schedules. What they run lives along the flow: the batch (stream/batch.py),
-dead letters and their sending (stream/deadletters.py), the label sweep
-(store/labels.py), the window reports' gauges (store/reports.py), the
-announcements (control/plane.py), Kafka credentials (config.py), the
-shutdown deadline and Faust's adjustments (stream/faust_patches.py).
+This module is the composition root: the Faust app, the batch loop and the
+jobs it schedules. What they run lives along the flow: the intake
+(stream/intake.py), the batch (stream/batch.py), dead letters and their
+sending (stream/deadletters.py), the label sweep (store/labels.py), the
+window reports' gauges (store/reports.py), the announcements
+(control/plane.py), Kafka credentials (config.py), the shutdown deadline and
+Faust's adjustments (stream/faust_patches.py).
 """
 
 from __future__ import annotations
@@ -49,31 +44,12 @@ from enricher.store.reports import ReportExporter
 from enricher.store.sink import ClickHouseSink, StoreUnavailable
 from enricher.stream import deadletters
 from enricher.stream.batch import BatchProcessor, Messages, Outcome
-from enricher.stream.contract import content_type
-from enricher.stream.faust_patches import EnricherWorker, eager_hand_over, shorten_fetch_wait
+from enricher.stream.faust_patches import EnricherWorker, batched_intake, shorten_fetch_wait
+from enricher.stream.intake import RecordIntake, messages, pieces
 from enricher.stream.serving import Serving
 from enricher.stream.topics import ensure_topics
 
 log = logging.getLogger("enricher.worker")
-
-
-def _pieces(events: list, max_bytes: int):
-    """Consecutive runs of events whose values add up to about max_bytes."""
-    start, size = 0, 0
-    for i, event in enumerate(events):
-        size += len(event.message.value or b"")
-        if size >= max_bytes:
-            yield events[start:i + 1]
-            start, size = i + 1, 0
-    if start < len(events):
-        yield events[start:]
-
-
-def _messages(events: list) -> Messages:
-    messages = [e.message for e in events]
-    headers = [m.headers for m in messages]
-    return Messages([m.value for m in messages], [m.partition for m in messages], [m.offset for m in messages],
-                    [content_type(h) for h in headers] if any(headers) else None)
 
 
 class Progress:
@@ -95,6 +71,9 @@ class Progress:
 
 
 class EnricherApp(faust.App):
+    # topic -> its RecordIntake: the patched consumer hands these topics' records over whole
+    record_intakes: dict[str, RecordIntake] = {}
+
     def on_init_dependencies(self):
         services = super().on_init_dependencies()
         # Faust's Monitor sensor keeps per-event statistics nobody here reads
@@ -106,6 +85,8 @@ class EnricherApp(faust.App):
     # when there is none (we removed the only one); record our own instead.
     def on_rebalance_start(self) -> None:
         super().on_rebalance_start()
+        for intake in self.record_intakes.values():  # before Faust forgets the revoked partitions' acks
+            intake.revoke()
         self._rebalancing_sensor_state = self._rebalancing_sensor_state or {"time_start": time.monotonic()}
 
     def on_rebalance_end(self) -> None:
@@ -140,8 +121,6 @@ def build_app(settings: Settings) -> faust.App:
         # Records over this are refused by the producer itself (MessageSizeTooLargeError):
         # dead letters are then cut further (see deadletters.send).
         producer_max_request_size=settings.max_request_bytes,
-        # The buffer must hold a whole batch or take_events can never fill one.
-        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         broker_max_poll_records=max(500, settings.batch_size),
         consumer_max_fetch_size=8 * 1024 * 1024,
     )
@@ -161,32 +140,46 @@ def build_app(settings: Settings) -> faust.App:
                            partitions=settings.topic_partitions)
     dead_letters = app.topic(settings.dlq_topic, value_serializer="raw", key_serializer="raw")
 
+    # No agent: the consumer hands this topic's records to the intake (stream/intake.py);
+    # adding the topic to the conductor is what subscribes the consumer group to it.
+    app.topics.add(inferences)
+    intake = RecordIntake(settings.inference_topic, max_records=max(4096, settings.batch_size * 2))
+    app.record_intakes = {settings.inference_topic: intake}
+
     processed: dict[int, int] = {}  # partition -> last offset made durable since its assignment
     lag_series: set[int] = set()
 
-    @app.agent(inferences)
-    async def enrich(stream):
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout):
+    @app.task
+    async def enrich():
+        try:
+            await enrich_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug here would stall the stream silently: stop instead
+            log.exception("the batch loop failed; stopping the worker (nothing it had not made durable is "
+                          "committed: a restart takes it up again)")
+            await app.crash(exc)
+
+    async def enrich_forever():
+        while True:
+            chunks = await intake.take(settings.batch_size, settings.batch_timeout)
             if progress.first_batch_at is None:
                 progress.first_batch_at = time.time()
-            for event in events:  # held until durable (see module doc)
-                event.message.incref()
             # Batched messages make a take of N messages far more than N rows:
             # work through it in pieces of at most ENRICHER_BATCH_BYTES.
-            for piece in _pieces(events, settings.batch_bytes):
-                messages = _messages(piece)
-                outcome = await _handle_until_done(app, processor, messages, settings)
+            for piece in pieces(chunks, settings.batch_bytes):
+                batch = messages(piece)
+                outcome = await _handle_until_done(app, processor, batch, settings)
                 await deadletters.send(dead_letters, outcome.dead, settings)
-                for event in piece:  # durable: Faust's ack will be the final one
-                    event.message.decref()
+                intake.acknowledge(app.consumer, piece)  # durable: Faust may commit these offsets
                 processor.count(outcome)
                 progress.batches += 1
-                progress.consumed += len(piece)
+                progress.consumed += len(batch)
                 progress.enriched += sum(outcome.written.values())
                 progress.dead_lettered += len(outcome.dead)
                 progress.last_batch_at = time.time()
                 # Offsets rise within a partition: the last one of each wins (in C, not per row).
-                processed.update(zip(messages.partitions, messages.offsets))
+                processed.update(zip(batch.partitions, batch.offsets))
 
     @app.timer(1.0)
     async def export_lag():
@@ -276,7 +269,7 @@ def build_app(settings: Settings) -> faust.App:
     return app
 
 
-async def _handle_until_done(app, processor: BatchProcessor, messages: Messages, settings: Settings) -> Outcome:
+async def _handle_until_done(app, processor: BatchProcessor, batch: Messages, settings: Settings) -> Outcome:
     """Handle the batch; while the store cannot take it, try again with backoff.
 
     Meanwhile the stream waits (no offset moves past rows that are not
@@ -289,7 +282,7 @@ async def _handle_until_done(app, processor: BatchProcessor, messages: Messages,
     try:
         while True:
             try:
-                return await asyncio.to_thread(processor.handle, messages)
+                return await asyncio.to_thread(processor.handle, batch)
             except StoreUnavailable as exc:
                 metrics.STORE_RETRIES.inc()
                 paused |= _pause(app, settings)
@@ -328,12 +321,13 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         mode.loop.use("uvloop")
     except ImportError:
         pass
+    if not batched_intake():  # the worker has no other path: refuse to start rather than run unchecked code
+        raise SystemExit("the installed faust-streaming is not the one the worker's consumer adjustment was "
+                         "written against (see the warning above): install faust-streaming==0.15.3")
     check_exposure(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # a fresh machine has none yet
     ensure_topics(settings)
     shorten_fetch_wait(settings.fetch_max_wait_ms)
-    if settings.eager_handover:
-        eager_hand_over()
     app = build_app(settings)
     try:
         EnricherWorker.grace = settings.shutdown_grace

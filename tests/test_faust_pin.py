@@ -23,14 +23,6 @@ def test_aiokafka_reads_the_fetch_wait_from_the_attribute_we_set():
     assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in source
 
 
-def test_take_events_still_acks_on_the_next_take():
-    # worker.py gives every message one extra reference so that this ack is not the final one.
-    import faust.streams
-
-    source = inspect.getsource(faust.streams.Stream.take_events)
-    assert "await self.ack(event)" in source
-
-
 def test_the_adjusted_consumer_waits_as_configured(broker):
     import asyncio
 
@@ -49,47 +41,70 @@ def test_the_adjusted_consumer_waits_as_configured(broker):
     assert asyncio.run(build()) == 77
 
 
-# -- the consumer loop's hand-over (enricher/stream/faust_patches.py) ------------------
+# -- the batched intake (enricher/stream/faust_patches.py, enricher/stream/intake.py) ----
 def _code_lines(source: str) -> list[str]:
     import textwrap
 
     lines = textwrap.dedent(source).splitlines()
-    return [line for line in lines if not line.strip().startswith("#")]
+    return [line for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
-def test_faust_consumer_loop_is_the_one_the_patch_was_written_against():
+def test_faust_code_the_intake_replaces_or_relies_on_is_the_code_it_was_written_against():
     from faust.transport import consumer
 
-    from enricher.stream.faust_patches import DRAIN_MESSAGES_SHA256, _upstream, source_sha256
+    from enricher.stream.faust_patches import (
+        ACK_SHA256,
+        GETMANY_SHA256,
+        NEW_OFFSET_SHA256,
+        PERFORM_SEEK_SHA256,
+        _upstream,
+        source_sha256,
+    )
 
-    assert source_sha256(_upstream(consumer.Consumer._drain_messages)) == DRAIN_MESSAGES_SHA256, (
-        "faust-streaming changed Consumer._drain_messages: re-check enricher/stream/faust_patches.py against it")
+    for function, digest in ((_upstream(consumer.Consumer.getmany), GETMANY_SHA256),
+                             (consumer.Consumer.ack, ACK_SHA256),
+                             (consumer.Consumer._new_offset, NEW_OFFSET_SHA256),
+                             (consumer.Consumer.perform_seek, PERFORM_SEEK_SHA256)):
+        assert source_sha256(function) == digest, (
+            f"faust-streaming changed Consumer.{function.__name__}: re-check enricher/stream/intake.py against it")
 
 
-def test_the_patched_loop_differs_from_upstream_only_in_the_hand_over():
+def test_the_patched_fetch_differs_from_upstream_only_in_the_hand_over():
     import difflib
 
     from faust.transport import consumer
 
     from enricher.stream import faust_patches
 
-    upstream = _code_lines(inspect.getsource(faust_patches._upstream(consumer.Consumer._drain_messages)))
-    ours = _code_lines(inspect.getsource(faust_patches._drain_messages))
-    removed = [line[2:].strip() for line in difflib.ndiff(upstream, ours) if line.startswith("- ")]
-    added = [line[2:].strip() for line in difflib.ndiff(upstream, ours) if line.startswith("+ ")]
-    assert removed == ["await self.wait_first(", "callback(message), self.suspend_flow.wait()", ")"]
-    assert added == ["await _hand_over(self, callback, message)  # changed: was wait_first(...)"]
+    upstream = _code_lines(inspect.getsource(faust_patches._upstream(consumer.Consumer.getmany)))
+    ours = _code_lines(inspect.getsource(faust_patches._getmany))
+    diff = list(difflib.ndiff(upstream, ours))
+    removed = [line[2:].strip() for line in diff if line.startswith("- ")]
+    added = [line[2:].strip() for line in diff if line.startswith("+ ")]
+    assert removed == ["async def getmany(self, timeout: float) -> AsyncIterator[Tuple[TP, Message]]:"]
+    assert added == ["async def _getmany(self, timeout: float) -> AsyncIterator[Tuple[TP, Message]]:  # pragma: no cover",
+                     "records = await _hand_over_batches(self, records, active_partitions, generation_id)  # added"]
 
 
-def test_installing_the_patch_replaces_the_loop_once_and_keeps_the_original():
+def test_what_the_intake_writes_is_what_faust_acks_and_commits_from():
+    # RecordIntake.acknowledge fills these in place of Consumer.ack: the names must still be Faust's.
+    from faust.transport import consumer
+
+    ack = inspect.getsource(consumer.Consumer.ack)
+    for line in ("acked_index = self._acked_index[tp]", "acked_for_tp = self._acked[tp]", "self._n_acked += 1",
+                 "notify(self._waiting_for_ack)", "with ack_lock:"):
+        assert line in ack
+    assert "batch = next(consecutive_numbers(acked))" in inspect.getsource(consumer.Consumer._new_offset)
+
+
+def test_installing_the_patch_replaces_the_fetch_once_and_keeps_the_original():
     from faust.transport import consumer
 
     from enricher.stream import faust_patches
 
-    assert faust_patches.eager_hand_over() and faust_patches.eager_hand_over()
-    assert consumer.Consumer._drain_messages is faust_patches._drain_messages
-    assert faust_patches.source_sha256(consumer.Consumer._drain_messages.__wrapped__) == \
-        faust_patches.DRAIN_MESSAGES_SHA256
+    assert faust_patches.batched_intake() and faust_patches.batched_intake()
+    assert consumer.Consumer.getmany is faust_patches._getmany
+    assert faust_patches.source_sha256(consumer.Consumer.getmany.__wrapped__) == faust_patches.GETMANY_SHA256
 
 
 def test_aiokafka_start_is_pinned_by_its_hash_in_the_product_code():
@@ -112,7 +127,7 @@ def test_without_readable_sources_no_adjustment_is_applied(monkeypatch, caplog):
     monkeypatch.setattr(inspect, "getsource", no_source)
     assert faust_patches.source_sha256(test_without_readable_sources_no_adjustment_is_applied) is None
     assert faust_patches.shorten_fetch_wait(100) is False
-    assert faust_patches.eager_hand_over() is False
+    assert faust_patches.batched_intake() is False
     assert "cannot be read" in caplog.text
 
 

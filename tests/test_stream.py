@@ -297,7 +297,7 @@ def test_a_rebalance_mid_stream_loses_nothing_shows_each_once_and_commits_to_the
     # Two workers of one group sharing one ClickHouse (over HTTP: chDB is one
     # process's). The second joining and then the first leaving are two
     # rebalances: partitions are revoked, the flow suspended and resumed, the
-    # fetcher paused. Faust's consumer loop runs with our eager hand-over.
+    # fetcher paused; chunks taken before a rebalance are written but not acknowledged.
     from .clickhouse_http import ClickHouseHTTP
 
     server = ClickHouseHTTP(tmp_path / "server").start()
@@ -377,3 +377,37 @@ def test_a_row_from_the_future_is_dead_lettered_by_the_worker_with_its_reason(ma
         _, err = follower.communicate(timeout=20)
     assert follower.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_a_bug_in_the_batch_loop_stops_the_worker_and_a_restart_loses_nothing(make_settings, tmp_path, worker_for):
+    # Not a stall: a worker whose batch loop fails exits (an orchestrator restarts it),
+    # having committed nothing it had not made durable.
+    import os
+
+    settings = make_settings()
+    register_sample(settings, tmp_path)
+    valid, _ = sample.inferences(2000)
+    produce(settings, valid[:1000] + [b"not json"] + valid[1000:])
+    broken = ("import sys\n"
+              "from enricher.stream import deadletters\n"
+              "async def send(*args, **kwargs):\n"
+              "    raise RuntimeError('a bug in the batch loop')\n"
+              "deadletters.send = send\n"
+              "from enricher.cli import main\n"
+              "sys.exit(main(['worker']))\n")
+    with open(tmp_path / "broken.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-c", broken], env={**os.environ, **settings.to_env()},
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError("the worker kept running with its batch loop dead")
+    assert code != 0
+    assert "a bug in the batch loop" in (tmp_path / "broken.log").read_text()
+    assert committed_offsets(settings) == [-1001] * settings.topic_partitions  # nothing committed
+
+    worker = worker_for(settings)
+    worker.wait_for(lambda s: s["consumed"] >= 2001, timeout=120)
+    assert count_rows(settings) == (2000, 2000)
+    assert [r.reason for r in deadletters.read(settings, expected=1)] == ["invalid_json"]

@@ -1,30 +1,30 @@
 """Three adjustments to faust-streaming 0.15 (and its mode), pinned to those versions.
 
-Each replaces or extends code Faust gives no setting for. The first two Each checks, before applying,
-that the upstream code it replaces is byte for byte the code it was written
-against (a SHA-256 of the source); if not, it leaves Faust alone and logs why.
-tests/test_faust_pin.py fails when an upgrade changes that code, so the
-adjustment is re-checked by a person, never silently applied to new code.
+Each replaces or extends code Faust gives no setting for. Each checks, before
+applying, that the upstream code it replaces or relies on is byte for byte
+the code it was written against (a SHA-256 of the source); if not, it leaves
+Faust alone and logs why. tests/test_faust_pin.py fails when an upgrade
+changes that code, so the adjustment is re-checked by a person, never
+silently applied to new code.
 
 1. `shorten_fetch_wait`: Faust builds its aiokafka consumer with a fixed
    fetch_max_wait_ms=1500. A broker that holds a fetch for the whole wait even
    when records are there (Tansu does) then adds up to 1.5 s to every
    inference's latency.
 
-2. `eager_hand_over`: Faust's consumer loop hands each message to the
-   conductor with `await self.wait_first(callback(message),
-   self.suspend_flow.wait())`, so that a hand-over blocked on a full stream
-   buffer, on flow control or on producer back-pressure is abandoned when a
-   rebalance suspends the flow. That costs four asyncio tasks created and
-   three cancelled per message: about a third of the event loop's time with
-   one inference per message (see benchmarks/README.md). Almost always the
-   hand-over completes without waiting at all (it puts the event in a queue
-   that has room). The patched loop first runs the hand-over eagerly, up to its
-   first suspension, with no task; only if it does suspend is the rest run as
-   a task raced against `suspend_flow` exactly as upstream does, and when the
-   flow is already suspended the upstream call is made unchanged. The
-   observable behaviour on rebalance, pause and commit is upstream's
-   (tests/test_faust_pin.py and tests/test_stream.py show it).
+2. `batched_intake`: Faust turns every fetched record into a message and an
+   event, one at a time, on its way to an agent: conductor, stream buffer,
+   take_events, a per-event ack. With one inference per message that per-event
+   path, not the enrichment, is what bounds the worker (benchmarks/README.md).
+   The patched `Consumer.getmany` (upstream's, plus one line) first gives the
+   records of every topic that has an intake (`app.record_intakes`) to that
+   intake, a partition's records at a time, with upstream's checks made per
+   partition (flow active, same generation, partition not paused); what the
+   intake does with them, and how their offsets reach Faust's commits, is in
+   enricher/stream/intake.py. Other topics take upstream's path unchanged.
+   Pinned with it: `ack` (whose bookkeeping the intake fills), `_new_offset`
+   (the commit scan that reads it) and `perform_seek` (what brings records a
+   rebalance dropped back).
 
 3. `EnricherWorker`: a deadline on shutdown. mode's Worker stops on SIGTERM by
    scheduling `_stop_on_signal` from `_schedule_shutdown`, and waits for it
@@ -36,22 +36,26 @@ adjustment is re-checked by a person, never silently applied to new code.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import logging
 import os
 import threading
-from typing import AsyncIterator, cast
+from typing import AsyncIterator, Tuple
 
 import faust
-from faust.transport.consumer import CONSUMER_FETCHING
-from mode import Service, ServiceT
+from faust.types import TP, Message
 
 log = logging.getLogger("enricher.faust")
 
-# SHA-256 of the upstream source each adjustment replaces (faust-streaming 0.15.3).
-DRAIN_MESSAGES_SHA256 = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
+# SHA-256 of the upstream source each adjustment replaces or relies on (faust-streaming 0.15.3).
+# Consumer.getmany is replaced; ack's bookkeeping (_acked, _acked_index, _n_acked) is what
+# RecordIntake.acknowledge fills in its stead; _new_offset is the commit scan that reads it
+# (sorted, no offset twice); perform_seek is what brings back records a rebalance dropped.
+GETMANY_SHA256 = "4b168d84882a70d6e3e2f9804430a63b92f8fd117d3187cbb4aeb54305bda34e"
+ACK_SHA256 = "5fcf41cf45153475de3790dc56fec1b83335956dc8b3bf7ff6bbb2b57627f03f"
+NEW_OFFSET_SHA256 = "1d2c7ea89a7ad4f1a216c1d51936e569162cd66bd56f889e13fd29c910b58eb0"
+PERFORM_SEEK_SHA256 = "0e8c130ff4b0afd82c0be9c5fd831316e10febc62c94032833911096e156d7c6"
 CREATE_WORKER_CONSUMER_SHA256 = "c2701bfc3e6f6cad95c2be36d6a255a86e2c57d18d36cc1082b5fb5c482d99d7"
 # aiokafka's AIOKafkaConsumer.start (0.14.0), which reads the private `_fetch_max_wait_ms`
 # that shorten_fetch_wait sets: the attribute is aiokafka's, not ours, so it is pinned too.
@@ -103,139 +107,92 @@ def shorten_fetch_wait(max_wait_ms: int) -> bool:
     return True
 
 
-async def _finish(coro, yielded):
-    """Drive a coroutine that already ran up to its first suspension (it
-    yielded `yielded`) to its end, as an asyncio Task would have: wait for the
-    future it waits for, then resume it; pass exceptions, cancellation
-    included, into it at the point where it waits."""
-    while True:
-        try:
-            if yielded is None:  # a bare yield (asyncio.sleep(0)): one loop turn
-                await asyncio.sleep(0)
-            elif asyncio.isfuture(yielded):
-                # The coroutine's own await marked the future as yielded to a
-                # task; a Task clears the mark when it takes the future, and
-                # awaiting it again refuses a marked future. Do as Task does.
-                yielded._asyncio_future_blocking = False
-                await yielded
-            else:
-                raise RuntimeError(f"hand-over yielded {yielded!r}, not a future")
-        except BaseException as exc:  # noqa: BLE001 - handed to the coroutine, which decides
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
+async def _hand_over_batches(consumer, records, active_partitions, generation_id):
+    """Give each partition's records of a topic with an intake to the intake,
+    whole; return the records of the other topics, for Faust's own path.
+
+    Upstream's checks, made per partition instead of per record: nothing is
+    handed over once the flow stops or the generation changes (a rebalance),
+    nor from a partition that is not active (paused).
+    """
+    intakes = getattr(consumer.app, "record_intakes", None)
+    if not intakes or not consumer.flow_active:
+        return records  # upstream's path unchanged (it seeks back when the flow is not active)
+    rest = {}
+    for tp, batch in records.items():
+        intake = intakes.get(tp.topic)
+        if intake is None:
+            rest[tp] = batch
             continue
-        try:
-            yielded = coro.send(None)
-        except StopIteration as stop:
-            return stop.value
+        if not consumer.flow_active or consumer.app.consumer_generation_id != generation_id:
+            return {}
+        if not batch or not (active_partitions is None or tp in active_partitions
+                             or tp in consumer._buffered_partitions):
+            continue
+        if not await intake.hand_over(consumer, tp, batch):
+            return {}  # a rebalance suspended the flow while the intake was full
+    return rest
 
 
-async def _hand_over(consumer, callback, message) -> None:
-    suspend_flow = consumer.suspend_flow
-    if suspend_flow.is_set():  # flow already suspended: upstream's call, unchanged
-        await consumer.wait_first(callback(message), suspend_flow.wait())
+async def _getmany(self, timeout: float) -> AsyncIterator[Tuple[TP, Message]]:  # pragma: no cover
+    """Fetch batch of messages from server."""
+    # Upstream's Consumer.getmany (faust-streaming 0.15.3), line for line,
+    # except the one marked "added" (tests/test_faust_pin.py diffs them).
+    records, active_partitions = await self._wait_next_records(timeout)
+    generation_id = self.app.consumer_generation_id
+    if records is None or self.should_stop:
         return
-    coro = callback(message)
-    try:
-        yielded = coro.send(None)
-    except StopIteration:
-        return  # handed over without waiting: the usual case, no task at all
-    # It waits (full buffer, flow control, producer back-pressure): finish it
-    # as a task raced against a suspended flow, as upstream does.
-    await consumer.wait_first(asyncio.ensure_future(_finish(coro, yielded)), suspend_flow.wait())
+
+    records = await _hand_over_batches(self, records, active_partitions, generation_id)  # added
+    records_it = self.scheduler.iterate(records)
+    to_message = self._to_message  # localize
+    if self.flow_active:
+        for tp, record in records_it:
+            if not self.flow_active:
+                break
+            new_generation_id = self.app.consumer_generation_id
+            if new_generation_id != generation_id:
+                self.log.dev(
+                    "Generation id changed from %r to %r. Cancelling getmany.",
+                    generation_id,
+                    new_generation_id,
+                )
+                break
+            if (
+                active_partitions is None
+                or tp in active_partitions
+                or tp in self._buffered_partitions
+            ):
+                highwater_mark = self.highwater(tp)
+                self.app.monitor.track_tp_end_offset(tp, highwater_mark)
+                # convert timestamp to seconds from int milliseconds.
+                yield tp, to_message(tp, record)
+    else:
+        self.log.dev(
+            "getmany called while flow not active. Seek back to committed offsets."
+        )
+        try:
+            await self.perform_seek()
+        except Exception as ex:
+            self.log.warning(f"exception performing seek when flow not active {ex}")
 
 
-async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover
-    # Upstream's Consumer._drain_messages (faust-streaming 0.15.3), line for
-    # line, except the one marked "changed" (tests/test_faust_pin.py diffs them).
-    callback = self.callback
-    getmany = self.getmany
-    consumer_should_stop = cast(Service, self)._stopped.is_set
-    fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
-
-    get_read_offset = self._read_offset.__getitem__
-    set_read_offset = self._read_offset.__setitem__
-    flag_consumer_fetching = CONSUMER_FETCHING
-    set_flag = self.diag.set_flag
-    unset_flag = self.diag.unset_flag
-    commit_every = self._commit_every
-    acks_enabled_for = self.app.topics.acks_enabled_for
-
-    yield_every = 100
-    num_since_yield = 0
-    sleep = asyncio.sleep
-
-    try:
-        while not (consumer_should_stop() or fetcher_should_stop()):
-            set_flag(flag_consumer_fetching)
-            ait = cast(AsyncIterator, getmany(timeout=1.0))
-
-            # Sleeping because sometimes getmany is called in a loop
-            # never releasing to the event loop
-            await self.sleep(0)
-            if not self.should_stop:
-                async for tp, message in ait:
-                    num_since_yield += 1
-                    if num_since_yield > yield_every:
-                        await sleep(0)
-                        num_since_yield = 0
-
-                    offset = message.offset
-                    r_offset = get_read_offset(tp)
-                    if r_offset is None or offset >= r_offset:
-                        gap = offset - (r_offset or 0)
-                        # We have a gap in income messages
-                        if gap > 1 and r_offset:
-                            acks_enabled = acks_enabled_for(message.topic)
-                            if acks_enabled:
-                                await self._add_gap(tp, r_offset + 1, offset)
-                        if commit_every is not None:
-                            if self._n_acked >= commit_every:
-                                self._n_acked = 0
-                                await self.commit()
-                        await _hand_over(self, callback, message)  # changed: was wait_first(...)
-                        set_read_offset(tp, offset)
-                    else:
-                        self.log.dev(
-                            "DROPPED MESSAGE ROFF %r: k=%r v=%r",
-                            offset,
-                            message.key,
-                            message.value,
-                        )
-                unset_flag(flag_consumer_fetching)
-
-    except self.consumer_stopped_errors:
-        if self.transport.app.should_stop:
-            # we're already stopping so ignore
-            self.log.info("Broker stopped consumer, shutting down...")
-            return
-        raise
-    except asyncio.CancelledError:
-        if self.transport.app.should_stop:
-            # we're already stopping so ignore
-            self.log.info("Consumer shutting down for user cancel.")
-            return
-        raise
-    except Exception as exc:
-        self.log.exception("Drain messages raised: %r", exc)
-        raise
-    finally:
-        unset_flag(flag_consumer_fetching)
-
-
-def eager_hand_over() -> bool:
-    """Install the patched consumer loop; returns whether it is in place."""
+def batched_intake() -> bool:
+    """Install the consumer fetch that hands whole partitions' records to
+    intakes (enricher/stream/intake.py); returns whether it is in place."""
     from faust.transport import consumer as upstream
 
-    original = _upstream(upstream.Consumer._drain_messages)
-    if source_sha256(original) != DRAIN_MESSAGES_SHA256:
-        log.warning("faust-streaming's consumer loop changed upstream (or its source cannot be read): "
-                    "per-message hand-over left as is")
-        return False
-    _drain_messages.__wrapped__ = original
-    upstream.Consumer._drain_messages = _drain_messages
+    checks = ((_upstream(upstream.Consumer.getmany), GETMANY_SHA256, "its fetch (getmany)"),
+              (upstream.Consumer.ack, ACK_SHA256, "its acknowledgement bookkeeping (ack)"),
+              (upstream.Consumer._new_offset, NEW_OFFSET_SHA256, "its commit scan (_new_offset)"),
+              (upstream.Consumer.perform_seek, PERFORM_SEEK_SHA256, "its seek to committed offsets"))
+    for function, digest, what in checks:
+        if source_sha256(function) != digest:
+            log.warning("faust-streaming changed %s upstream (or its source cannot be read): "
+                        "records are handed over one event per message", what)
+            return False
+    _getmany.__wrapped__ = _upstream(upstream.Consumer.getmany)
+    upstream.Consumer.getmany = _getmany
     return True
 
 
