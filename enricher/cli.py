@@ -432,6 +432,8 @@ def cmd_pipeline(args) -> int:
 
     settings = _settings(args)
     registry, store = _registry(settings), settings.artifacts()
+    if args.step != "cleanup" and not args.model:
+        raise UserError(f"{args.step} needs --model ID")
     if args.step in ("train", "validate", "publish") and not args.enrichment:
         raise UserError(f"{args.step} needs --enrichment NAME")
     try:
@@ -825,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="one step of a training run (what each workflow step runs)")
     pl.add_argument("step", choices=["prepare", "train", "validate", "publish", "cleanup"])
-    pl.add_argument("--model", required=True)
+    pl.add_argument("--model", help="the model of this step (every step but cleanup, which clears the whole run)")
     pl.add_argument("--run", required=True, help="the run's name (the workflow's)")
     pl.add_argument("--enrichment", help="train, validate, publish: the enrichment of this branch")
     pl.add_argument("--config", help="train: its settings, JSON")

@@ -135,6 +135,7 @@ class Settings:
     argo_service_account: str | None = None
     image: str = "inference-enricher:latest"
     trigger_debounce: float = 1.0
+    trigger_batch: int = 25               # most models one training run trains (toggles that arrive together)
     trigger_metrics_port: int = 6067      # the trigger's /metrics (training runs); 0: not served
     trigger_rescan: float = 30.0          # seconds between the trigger's looks at every model (lost events, schedules)
     step_retries: int = 2                 # retries of a failed training step (not of a permanent failure)
@@ -398,6 +399,7 @@ SETTINGS: dict[str, tuple[str, str, float | None]] = {
     "argo_service_account": ("ENRICHER_ARGO_SERVICE_ACCOUNT", "str", None),
     "image": ("ENRICHER_IMAGE", "str", None),
     "trigger_debounce": ("ENRICHER_TRIGGER_DEBOUNCE", "float", 0),
+    "trigger_batch": ("ENRICHER_TRIGGER_BATCH", "int", 1),
     "trigger_rescan": ("ENRICHER_TRIGGER_RESCAN", "float", 0.1),
     "trigger_metrics_port": ("ENRICHER_TRIGGER_METRICS_PORT", "int", 0),
     "step_retries": ("ENRICHER_STEP_RETRIES", "int", 0),

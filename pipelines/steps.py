@@ -9,7 +9,7 @@
     cleanup   remove the run's staging (the workflow's exit handler)
 
 Steps hand over through the run's staging folder in the artifact store
-(`<store>/_runs/<run>/`), never through local disk, so each may run in its
+(`<store>/_runs/<run>/<model>/`), never through local disk, so each may run in its
 own container on its own machine, as Argo runs them. A failing step raises
 StepError; an enrichment is published only if its own train and validate
 passed, whatever became of the others.
@@ -44,30 +44,33 @@ class StepError(EnricherError, RuntimeError):
     """A step that cannot succeed; the message says why."""
 
 
-def _staged(store: ArtifactStore, run: str, *parts: str) -> str:
-    return store.files.path("_runs", run, *parts)
+def _staged(store: ArtifactStore, run: str, model_id: str, *parts: str) -> str:
+    # A run may train a batch of models: each has its own folder in the run's.
+    return store.files.path("_runs", run, model_id, *parts)
 
 
-def _read(store: ArtifactStore, run: str, *parts: str) -> bytes:
+def _read(store: ArtifactStore, run: str, model_id: str, *parts: str) -> bytes:
     try:
-        return store.files.read(_staged(store, run, *parts))
+        return store.files.read(_staged(store, run, model_id, *parts))
     except FileNotFoundError:
-        raise StepError(f"run {run}: {'/'.join(parts)} is not staged (did the step before it run?)") from None
+        raise StepError(f"run {run}: {model_id}/{'/'.join(parts)} is not staged (did the step before it run?)") \
+            from None
 
 
 def _spec(store: ArtifactStore, run: str, model_id: str) -> ModelSpec:
-    return ModelSpec.from_json(model_id, json.loads(_read(store, run, "spec.json")), stored=True)
+    return ModelSpec.from_json(model_id, json.loads(_read(store, run, model_id, "spec.json")), stored=True)
 
 
-def _reference(store: ArtifactStore, run: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(_read(store, run, "reference.parquet")))
+def _reference(store: ArtifactStore, run: str, model_id: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(_read(store, run, model_id, "reference.parquet")))
 
 
-def _model_file(store: ArtifactStore, run: str) -> ModelFile | None:
-    staged = [i for i in store.files.listing(_staged(store, run, "model_file")) if i.type == pafs.FileType.File]
+def _model_file(store: ArtifactStore, run: str, model_id: str) -> ModelFile | None:
+    staged = [i for i in store.files.listing(_staged(store, run, model_id, "model_file"))
+              if i.type == pafs.FileType.File]
     if not staged:
         return None
-    return ModelFile(staged[0].base_name, _read(store, run, "model_file", staged[0].base_name))
+    return ModelFile(staged[0].base_name, _read(store, run, model_id, "model_file", staged[0].base_name))
 
 
 def prepare(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str) -> int:
@@ -85,11 +88,11 @@ def prepare(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: s
         raise StepError(f"model {model_id}: the reference data has no rows")
     buf = io.BytesIO()
     pq.write_table(reference, buf)
-    store.files.write(_staged(store, run, "spec.json"), json.dumps(spec.to_json()).encode())
-    store.files.write(_staged(store, run, "reference.parquet"), buf.getvalue())
+    store.files.write(_staged(store, run, model_id, "spec.json"), json.dumps(spec.to_json()).encode())
+    store.files.write(_staged(store, run, model_id, "reference.parquet"), buf.getvalue())
     model_file = registry.model_file(model_id)
     if model_file is not None:  # the user's own model, for the enrichments that explain it
-        store.files.write(_staged(store, run, "model_file", model_file[0]), model_file[1])
+        store.files.write(_staged(store, run, model_id, "model_file", model_file[0]), model_file[1])
     log.info("run %s: staged %d reference rows of %s", run, reference.num_rows, model_id)
     return reference.num_rows
 
@@ -99,14 +102,26 @@ def _known(enrichment: str) -> None:
         raise StepError(f"unknown enrichment {enrichment!r}; known: {', '.join(sorted(ENRICHMENTS))}")
 
 
+def _still_this_runs(registry: ModelRegistry, model_id: str, run: str, enrichment: str) -> None:
+    """A newer run took this enrichment over (a toggle while this run went on): train nothing,
+    and leave its status, which names the newer run, alone. (A run of one model is stopped
+    when superseded; a batch run goes on for its other models, and this is what stops its
+    branch for this one.)"""
+    status = registry.status(model_id, enrichment)
+    current = status.get("workflow")
+    if status.get("state") in ("pending", "training") and current not in (None, run):
+        raise StepError(f"run {run}: {model_id} {enrichment} is now trained by {current}; this run's branch stops")
+
+
 def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str, enrichment: str,
           config: dict, labelled: LabelledRows | None = None) -> dict:
     """Fit one enrichment on the staged reference data; one that learns from the stream
     (hotspots) also on the labelled rows `labelled` draws from the store (None: the
     reference data alone, and the manifest says so)."""
     _known(enrichment)
+    _still_this_runs(registry, model_id, run, enrichment)
     registry.set_status(model_id, enrichment, "training", workflow=run)
-    spec, reference = _spec(store, run, model_id), _reference(store, run)
+    spec, reference = _spec(store, run, model_id), _reference(store, run, model_id)
     try:  # checked when it was switched on; the schema or reference may have changed since
         ENRICHMENTS[enrichment].check_model(spec, reference.schema)
     except Unusable as exc:
@@ -129,28 +144,28 @@ def train(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: str
         if drawn:
             rows = combined(reference, drawn)
     try:
-        fitted = ENRICHMENTS[enrichment].fit(spec, rows, config, _model_file(store, run))
+        fitted = ENRICHMENTS[enrichment].fit(spec, rows, config, _model_file(store, run, model_id))
     except ValueError as exc:  # the inputs refused (a model file, a setting): the same on every retry
         raise StepError(f"model {model_id}: {enrichment}: {exc}") from None
     blobs = fitted.to_blobs()
     for name, data in blobs.items():
-        store.files.write(_staged(store, run, enrichment, name), data)
+        store.files.write(_staged(store, run, model_id, enrichment, name), data)
     parameters = published_parameters(fitted)
     if following is not None:  # where its rows came from, on the manifest
         parameters["trained_on"] = trained_on
     meta = {"training_rows": rows.num_rows, "parameters": parameters,
             "files": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}}
-    store.files.write(_staged(store, run, enrichment, "meta.json"), json.dumps(meta).encode())
+    store.files.write(_staged(store, run, model_id, enrichment, "meta.json"), json.dumps(meta).encode())
     log.info("run %s: trained %s on %d rows (%s)", run, enrichment, rows.num_rows,
              ", ".join(f"{k} {v}" for k, v in trained_on.items()))
     return meta
 
 
 def _staged_result(store: ArtifactStore, run: str, model_id: str, enrichment: str):
-    meta = json.loads(_read(store, run, enrichment, "meta.json"))
+    meta = json.loads(_read(store, run, model_id, enrichment, "meta.json"))
     blobs = {}
     for name, digest in meta["files"].items():
-        data = _read(store, run, enrichment, name)
+        data = _read(store, run, model_id, enrichment, name)
         if hashlib.sha256(data).hexdigest() != digest:
             raise StepError(f"run {run}: staged {enrichment}/{name} changed after training")
         blobs[name] = data
@@ -162,7 +177,7 @@ def validate(registry: ModelRegistry, store: ArtifactStore, model_id: str, run: 
     """Load the staged result the way a worker will and score reference rows with it;
     returns how many rows it was checked on."""
     _known(enrichment)
-    spec, reference = _spec(store, run, model_id), _reference(store, run)
+    spec, reference = _spec(store, run, model_id), _reference(store, run, model_id)
     sample = reference.slice(0, VALIDATION_ROWS)
     batch = InferenceBatch.from_reference(spec, sample)
     meta, blobs = _staged_result(store, run, model_id, enrichment)

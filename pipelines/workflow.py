@@ -1,18 +1,25 @@
 """One Argo Workflow per training run, built with hera for exactly the
-enrichments a model has switched on.
+enrichments a model has switched on; or for a batch of models at once (the
+trigger puts the toggles that arrive together into one run).
 
     prepare ─┬─> train-<a> ──> validate-<a> ──> publish-<a>
              └─> train-<b> ──> validate-<b> ──> publish-<b>     (one branch per enrichment)
     on exit: cleanup
 
+A batch holds that graph once per model, side by side in one DAG, each
+model's tasks prefixed with its name (`credit-prepare`, `credit-train-...`)
+and naming the model as an input, so one template per step serves them all.
+
 Every step is a command of this package (`enricher pipeline STEP ...`), run
 by the same container image as the worker, reading and writing the artifact
-store: `prepare` stages the model's reference data under the run's folder,
+store: `prepare` stages the model's reference data under the run's folder
+(`_runs/<run>/<model>/`),
 each `train-*` fits one enrichment on it and stages the result, `validate-*`
 loads it through the same code the workers use and checks what it produces
 on the reference data, and `publish-*` makes it the current version and
-announces it. The branches are independent (the DAG does not fail fast): an
-enrichment whose training or validation fails publishes nothing, its current
+announces it. The branches are independent (the DAG does not fail fast): a
+model whose preparation fails, or an enrichment whose training or
+validation fails, publishes nothing, its current
 version keeps serving, and the other branches still train and publish. The
 run then ends Failed, naming the step. `cleanup`, the workflow's exit
 handler, removes the run's staging however the run ended (Argo runs exit
@@ -86,24 +93,51 @@ def k8s_name(model_id: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", model_id.lower()).strip("-")[:40] or "model"
 
 
-def run_id(model_id: str, plan: dict, now: float | None = None) -> str:
-    """A run's name: model, then a short digest of what it trains and when."""
-    digest = hashlib.sha256(json.dumps([model_id, plan, now or time.time()], sort_keys=True).encode())
-    return f"enrich-{k8s_name(model_id)}-{digest.hexdigest()[:8]}"
+def task_prefixes(models) -> dict[str, str]:
+    """What each model's tasks are prefixed with in a run: nothing when the run
+    trains one model; the model's name when it trains several (one DAG holds
+    them all). Raises InvalidArgument when two ids make the same name (they
+    share their first 40 characters): such models go to different runs."""
+    models = sorted(models)
+    if len(models) == 1:
+        return {models[0]: ""}
+    prefixes = {m: f"{k8s_name(m)}-" for m in models}
+    if len(set(prefixes.values())) < len(models):
+        raise InvalidArgument(f"models {models} do not all have distinct workflow names: train them in separate runs")
+    return prefixes
 
 
-def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOptions | None = None,
+def run_id(plans: dict[str, dict], now: float | None = None) -> str:
+    """A run's name: its model (or how many models it trains), then a short digest of what and when."""
+    digest = hashlib.sha256(json.dumps([plans, now or time.time()], sort_keys=True).encode()).hexdigest()[:8]
+    if len(plans) == 1:
+        return f"enrich-{k8s_name(next(iter(plans)))}-{digest}"
+    return f"enrich-{len(plans)}-models-{digest}"
+
+
+def trains_many(run: str) -> bool:
+    """Whether a run (by its name, from run_id) trains a batch of models: its tasks are then prefixed."""
+    return re.fullmatch(r"enrich-\d+-models-[0-9a-f]{8}", run) is not None
+
+
+def build_workflow(plans: dict[str, dict[str, dict]], options: WorkflowOptions | None = None,
                    name: str | None = None) -> Workflow:
-    """The training workflow for `plan`: {enrichment: config} of the enabled
-    enrichments to train. Raises InvalidArgument (a ValueError) for an empty plan (nothing to train)."""
-    if not plan:
-        raise InvalidArgument(f"model {model_id!r}: no enrichment to train")
-    unknown = sorted(set(plan) - set(ENRICHMENTS))
-    if unknown:
-        raise InvalidArgument(f"unknown enrichment(s) {unknown}; known: {sorted(ENRICHMENTS)}")
+    """The training workflow for `plans`: {model_id: {enrichment: config}}, the
+    enabled enrichments to train of one model, or of a batch of models (the
+    trigger's toggles that arrive together). Raises InvalidArgument (a
+    ValueError) for nothing to train or an unknown enrichment."""
+    if not plans:
+        raise InvalidArgument("no model to train")
+    for model_id, plan in plans.items():
+        if not plan:
+            raise InvalidArgument(f"model {model_id!r}: no enrichment to train")
+        unknown = sorted(set(plan) - set(ENRICHMENTS))
+        if unknown:
+            raise InvalidArgument(f"unknown enrichment(s) {unknown}; known: {sorted(ENRICHMENTS)}")
+    prefixes = task_prefixes(plans)
     options = options or WorkflowOptions()
-    name = name or run_id(model_id, plan)
-    enrichments = sorted(plan)
+    name = name or run_id(plans)
+    models = sorted(plans)
     env = [Env(name=k, value=v) for k, v in sorted(options.extra_env.items())]
     env_from = [ConfigMapEnvFrom(name=options.env_config_map, optional=True)] if options.env_config_map else []
     volumes = []  # the secret files, as the Deployments mount them (k8s/base/); the claim only with a directory registry
@@ -131,35 +165,43 @@ def build_workflow(model_id: str, plan: dict[str, dict], options: WorkflowOption
             active_deadline_seconds=options.step_deadline,
         )
 
-    common = ["--model", "{{workflow.parameters.model_id}}", "--run", "{{workflow.name}}"]
+    # Each task names its model (an input): one template per step serves every model of a batch.
+    common = ["--model", "{{inputs.parameters.model}}", "--run", "{{workflow.name}}"]
+    labels = {LABEL_RUN: name, "app.kubernetes.io/name": "inference-enricher"}
+    if len(models) == 1:
+        labels[LABEL_MODEL] = k8s_name(models[0])
     with Workflow(
         name=name,
         namespace=options.namespace,
         entrypoint="run",
         service_account_name=options.service_account,
-        labels={LABEL_MODEL: k8s_name(model_id), LABEL_RUN: name, "app.kubernetes.io/name": "inference-enricher"},
-        annotations={ANNOTATION_MODEL: model_id, ANNOTATION_ENRICHMENTS: ",".join(enrichments)},
-        arguments=[Parameter(name="model_id", value=model_id),
-                   Parameter(name="enrichments", value=",".join(enrichments))],
+        labels=labels,
+        annotations={ANNOTATION_MODEL: ",".join(models),
+                     ANNOTATION_ENRICHMENTS: json.dumps({m: sorted(plans[m]) for m in models})},
+        arguments=[Parameter(name="models", value=",".join(models)),
+                   Parameter(name="plans", value=json.dumps({m: sorted(plans[m]) for m in models}))],
         on_exit="cleanup",
     ) as workflow:
-        prepare = step("prepare", common, [], options.step_cpu, options.step_memory)
+        prepare = step("prepare", common, ["model"], options.step_cpu, options.step_memory)
         train = step("train", [*common, "--enrichment", "{{inputs.parameters.enrichment}}",
                                "--config", "{{inputs.parameters.config}}"],
-                     ["enrichment", "config"], options.train_cpu, options.train_memory)
+                     ["model", "enrichment", "config"], options.train_cpu, options.train_memory)
         one = [*common, "--enrichment", "{{inputs.parameters.enrichment}}"]
-        validate = step("validate", one, ["enrichment"], options.step_cpu, options.step_memory)
-        publish = step("publish", one, ["enrichment"], options.step_cpu, options.step_memory)
-        step("cleanup", common, [], options.step_cpu, options.step_memory)
-        # fail_fast off: one enrichment's failure must not stop the others' branches.
+        validate = step("validate", one, ["model", "enrichment"], options.step_cpu, options.step_memory)
+        publish = step("publish", one, ["model", "enrichment"], options.step_cpu, options.step_memory)
+        step("cleanup", ["--run", "{{workflow.name}}"], [], options.step_cpu, options.step_memory)
+        # fail_fast off: one enrichment's (or one model's) failure must not stop the other branches.
         with DAG(name="run", fail_fast=False):
-            first = prepare(name="prepare")
-            for e in enrichments:
-                trained = train(name=task_name("train", e),
-                                arguments={"enrichment": e, "config": json.dumps(plan[e], sort_keys=True)})
-                checked = validate(name=task_name("validate", e), arguments={"enrichment": e})
-                published = publish(name=task_name("publish", e), arguments={"enrichment": e})
-                first >> trained >> checked >> published
+            for m in models:
+                prefix = prefixes[m]
+                first = prepare(name=f"{prefix}prepare", arguments={"model": m})
+                for e in sorted(plans[m]):
+                    trained = train(name=prefix + task_name("train", e),
+                                    arguments={"model": m, "enrichment": e,
+                                               "config": json.dumps(plans[m][e], sort_keys=True)})
+                    checked = validate(name=prefix + task_name("validate", e), arguments={"model": m, "enrichment": e})
+                    published = publish(name=prefix + task_name("publish", e), arguments={"model": m, "enrichment": e})
+                    first >> trained >> checked >> published
     return workflow
 
 
@@ -168,11 +210,12 @@ def task_name(step: str, enrichment: str) -> str:
     return f"{step}-{enrichment.replace('_', '-')}"
 
 
-def branch_steps(enrichment: str) -> list[str]:
-    """The tasks whose failure is `enrichment`'s own, in the order they run."""
-    return [task_name(s, enrichment) for s in ("train", "validate", "publish")]
+def branch_steps(enrichment: str, prefix: str = "") -> list[str]:
+    """The tasks whose failure is `enrichment`'s own, in the order they run: its
+    model's prepare (`prefix`: the model's, from task_prefixes), then its branch."""
+    return [f"{prefix}prepare"] + [prefix + task_name(s, enrichment) for s in ("train", "validate", "publish")]
 
 
-def workflow_dict(model_id: str, plan: dict[str, dict], options: WorkflowOptions | None = None,
+def workflow_dict(plans: dict[str, dict[str, dict]], options: WorkflowOptions | None = None,
                   name: str | None = None) -> dict:
-    return build_workflow(model_id, plan, options, name).to_dict()
+    return build_workflow(plans, options, name).to_dict()

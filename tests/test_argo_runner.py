@@ -66,7 +66,7 @@ def runner_for(httpserver, **kw):
 
 
 def doc():
-    return workflow_dict("credit", {"anomaly_detection": {"n_estimators": 50}},
+    return workflow_dict({"credit": {"anomaly_detection": {"n_estimators": 50}}},
                          WorkflowOptions(namespace="ml", image="reg/enricher:1"), name="enrich-credit-0001")
 
 

@@ -144,7 +144,7 @@ def test_the_workflow_the_trigger_submits_here_validates_and_names_what_the_mani
     from enricher.control.trigger import workflow_options
     docs = rendered(OVERLAY)
     settings, _ = overlay_settings(docs, tmp_path)
-    doc = workflow_dict("credit_default", {n: {} for n in ENRICHMENTS}, workflow_options(settings))
+    doc = workflow_dict({"credit_default": {n: {} for n in ENRICHMENTS}}, workflow_options(settings))
     assert not list(validator.iter_errors(doc))  # Argo's schema, with its IntOrString quirk handled
     assert doc["metadata"]["namespace"] == "ml-enricher"
     find(docs, "ServiceAccount", doc["spec"]["serviceAccountName"])

@@ -25,7 +25,7 @@ def setup(tmp_path):
 
 def test_the_local_runner_executes_the_dag_and_the_artifact_is_published(setup):
     settings, registry, runner = setup
-    doc = workflow_dict("credit", {"anomaly_detection": {"n_estimators": 20}}, WorkflowOptions(retries=0))
+    doc = workflow_dict({"credit": {"anomaly_detection": {"n_estimators": 20}}}, WorkflowOptions(retries=0))
     name = runner.submit(doc)
     status = runner.wait(name, timeout=240)
     assert status.phase == "Succeeded", (status.failed_step, status.message)
@@ -43,7 +43,7 @@ def test_the_local_runner_executes_the_dag_and_the_artifact_is_published(setup):
 
 def test_a_failure_a_retry_cannot_change_is_not_retried_and_is_reported_with_its_step_and_reason(setup):
     settings, registry, runner = setup
-    doc = workflow_dict("nosuch", {"anomaly_detection": {}}, WorkflowOptions(retries=2))
+    doc = workflow_dict({"nosuch": {"anomaly_detection": {}}}, WorkflowOptions(retries=2))
     status = runner.wait(runner.submit(doc), timeout=120)
     assert status.phase == "Failed" and status.failed_step == "prepare"
     assert status.message.startswith("exit 3 after 1 attempt(s)") and "not registered" in status.message
@@ -57,7 +57,7 @@ def test_a_failure_a_retry_cannot_change_is_not_retried_and_is_reported_with_its
 def test_a_step_past_its_deadline_is_killed_and_retried_by_the_policy_then_reported(setup):
     settings, registry, runner = setup
     # a training that would take far longer than its deadline (a real fit, not a sleep)
-    doc = workflow_dict("credit", {"anomaly_detection": {"n_estimators": 5_000_000}},
+    doc = workflow_dict({"credit": {"anomaly_detection": {"n_estimators": 5_000_000}}},
                         WorkflowOptions(retries=1, step_deadline=8))  # prepare alone takes ~3 s (imports)
     started = time.monotonic()
     status = runner.wait(runner.submit(doc), timeout=120)
@@ -84,7 +84,7 @@ def test_a_stopped_run_ends_at_once_and_runs_nothing_after(setup):
 
 
 def test_dag_order_puts_dependencies_first_and_refuses_cycles():
-    doc = workflow_dict("credit", {"anomaly_detection": {}})
+    doc = workflow_dict({"credit": {"anomaly_detection": {}}})
     assert [t["name"] for t, _ in dag_order(doc)] == ["prepare", "train-anomaly-detection",
                                                       "validate-anomaly-detection", "publish-anomaly-detection"]
     cyclic = {"spec": {"entrypoint": "run", "templates": [{"name": "run", "dag": {"tasks": [
@@ -96,10 +96,14 @@ def test_dag_order_puts_dependencies_first_and_refuses_cycles():
 def test_publish_leaves_alone_what_a_newer_run_or_a_toggle_has_taken_over(setup):
     settings, registry, _ = setup
     store = settings.artifacts()
-    for run in ("run-old", "run-new"):
+    for run in ("run-old", "run-new"):  # as the trigger submits them: the status names the run first
+        registry.set_status("credit", "anomaly_detection", "pending", workflow=run)
         steps.prepare(registry, store, "credit", run)
         steps.train(registry, store, "credit", run, "anomaly_detection", {"n_estimators": 10})
-    # run-new's train ran last: the status names it; run-old must not publish over it.
+    # run-new took over: run-old must neither train again (a batch run's branch goes on) nor publish over it.
+    with pytest.raises(steps.StepError, match="now trained by run-new"):
+        steps.train(registry, store, "credit", "run-old", "anomaly_detection", {"n_estimators": 10})
+    assert registry.status("credit", "anomaly_detection")["workflow"] == "run-new"
     assert steps.publish(registry, store, "credit", "run-old", "anomaly_detection") is None
     assert steps.publish(registry, store, "credit", "run-new", "anomaly_detection") == 1
     steps.prepare(registry, store, "credit", "run-off")
@@ -114,7 +118,7 @@ def test_validation_refuses_a_staged_result_changed_after_training(setup):
     store = settings.artifacts()
     steps.prepare(registry, store, "credit", "run-x")
     steps.train(registry, store, "credit", "run-x", "anomaly_detection", {"n_estimators": 10})
-    store.files.write(store.files.path("_runs", "run-x", "anomaly_detection", "forest.npz"), b"garbage")
+    store.files.write(store.files.path("_runs", "run-x", "credit", "anomaly_detection", "forest.npz"), b"garbage")
     with pytest.raises(steps.StepError, match="changed after training"):
         steps.validate(registry, store, "credit", "run-x", "anomaly_detection")
 
@@ -123,7 +127,7 @@ def test_an_explanation_surrogate_below_the_fidelity_bar_fails_validation_and_th
     settings, registry, runner = setup
     store = settings.artifacts()
     registry.set_enrichment("credit", "explainability", True, {"n_estimators": 30})
-    first = runner.submit(workflow_dict("credit", {"explainability": {"n_estimators": 30}}, WorkflowOptions(retries=0)))
+    first = runner.submit(workflow_dict({"credit": {"explainability": {"n_estimators": 30}}}, WorkflowOptions(retries=0)))
     assert runner.wait(first, timeout=240).phase == "Succeeded"
     manifest = store.load("credit", "explainability").manifest
     quality = manifest.parameters["quality"]
@@ -131,7 +135,7 @@ def test_an_explanation_surrogate_below_the_fidelity_bar_fails_validation_and_th
     # a bar no surrogate of 5 trees meets: the run trains, then validation refuses it, saying why
     bar = {"n_estimators": 5, "min_fidelity": 0.99}
     registry.set_enrichment("credit", "explainability", True, bar)
-    name = runner.submit(workflow_dict("credit", {"explainability": bar}, WorkflowOptions(retries=2)))
+    name = runner.submit(workflow_dict({"credit": {"explainability": bar}}, WorkflowOptions(retries=2)))
     status = runner.wait(name, timeout=240)
     assert status.phase == "Failed" and status.failed_step == "validate-explainability"
     assert "below min_fidelity 0.99" in status.message and "held-out reference rows" in status.message
@@ -148,7 +152,7 @@ def test_a_fit_refused_for_its_inputs_is_not_retried(tmp_path):
     pq.write_table(sample.reference_table(15), few)
     registry.register("tiny", sample.SCHEMA, few)
     runner = LocalRunner(env=settings.to_env())
-    doc = workflow_dict("tiny", {"explainability": {"n_estimators": 5}}, WorkflowOptions(retries=2))
+    doc = workflow_dict({"tiny": {"explainability": {"n_estimators": 5}}}, WorkflowOptions(retries=2))
     status = runner.wait(runner.submit(doc), timeout=120)
     assert status.phase == "Failed" and status.failed_step == "train-explainability", status.message
     assert status.message.startswith("exit 3 after 1 attempt(s)") and "at least 10 to fit on" in status.message

@@ -162,3 +162,83 @@ def test_hotspots_retrain_on_their_schedule_and_on_demand_through_the_trigger(wo
     trigger.notice("credit", 0.0)
     settle(trigger)
     assert trigger.schedule("credit", now=time.time() + 10 * 86400) == []
+
+
+# -- toggles of many models that arrive together: one run per batch ---------------------------------
+@pytest.fixture
+def fleet(world):
+    settings, control, trigger, runner = world
+    reference = settings.data_dir.parent / "reference.parquet"
+    for model_id in ("loans", "churn"):
+        control.put_model(model_id, {"schema": sample.SCHEMA, "reference": str(reference)})
+    return settings, control, trigger, runner
+
+
+def toggle_together(control, trigger, models, before_the_run=None):
+    for model_id in models:
+        control.patch_enrichments(model_id, {AD: {"enabled": True, "config": {"n_estimators": 10}}})
+        trigger.notice(model_id, 0.0)
+    if before_the_run:
+        before_the_run()
+    trigger.tick()
+
+
+def test_toggles_of_many_models_arriving_together_make_one_run_and_each_model_publishes(fleet):
+    settings, control, trigger, runner = fleet
+    toggle_together(control, trigger, ["credit", "loans", "churn"])
+    [run] = trigger.submitted
+    assert {m: trigger.running[m][0] for m in ("credit", "loans", "churn")} == dict.fromkeys(
+        ("credit", "loans", "churn"), run)
+    settle(trigger, timeout=240)
+    status = runner.status(run)
+    assert status.phase == "Succeeded"
+    assert {"credit-prepare", "loans-train-anomaly-detection", "churn-publish-anomaly-detection"} <= set(status.steps)
+    for model_id in ("credit", "loans", "churn"):
+        e = control.enrichments(model_id)[AD]
+        assert (e["status"], e["version"], e["workflow"]) == ("ready", 1, run)
+        assert settings.artifacts().load(model_id, AD).manifest.workflow == run
+    assert not (settings.artifact_dir / "_runs" / run).exists(), "the exit handler removed every model's staging"
+
+
+def test_in_a_batch_run_one_models_failure_is_its_own_and_the_others_publish(fleet):
+    settings, control, trigger, runner = fleet
+    # loans' reference data breaks behind the registry's back (after its toggle was accepted)
+    toggle_together(control, trigger, ["credit", "loans", "churn"], lambda: (
+        settings.registry_dir / "loans" / "reference.parquet").write_bytes(b"not parquet"))
+    [run] = trigger.submitted
+    settle(trigger, timeout=240)
+    assert runner.status(run).phase == "Failed"
+    failed = control.enrichments("loans")[AD]
+    assert (failed["status"], failed["step"], failed["workflow"]) == ("failed", "loans-prepare", run)
+    assert "reference data cannot be read" in failed["message"]
+    for model_id in ("credit", "churn"):
+        e = control.enrichments(model_id)[AD]
+        assert (e["status"], e["version"], e["workflow"]) == ("ready", 1, run) and not e["message"]
+
+
+def test_a_model_toggled_again_leaves_the_batch_run_which_goes_on_for_the_others(fleet):
+    settings, control, trigger, runner = fleet
+    toggle_together(control, trigger, ["credit", "loans"])
+    [batch] = trigger.submitted
+    control.patch_enrichments("credit", {AD: {"config": {"n_estimators": 40}}})
+    trigger.notice("credit", 0.0)
+    trigger.tick()
+    newer = trigger.submitted[-1]
+    assert newer != batch and trigger.running["credit"][0] == newer and trigger.running["loans"][0] == batch
+    assert not runner.status(batch).done, "the batch run is not stopped: loans still trains in it"
+    settle(trigger, timeout=240)
+    loans = control.enrichments("loans")[AD]
+    assert (loans["status"], loans["workflow"]) == ("ready", batch)
+    credit = settings.artifacts().manifests("credit", AD)
+    assert [m.workflow for m in credit] == [newer] and credit[0].parameters["n_estimators"] == 40
+    assert control.enrichments("credit")[AD]["workflow"] == newer
+
+
+def test_a_batch_holds_at_most_the_configured_number_of_models(fleet):
+    settings, control, trigger, runner = fleet
+    trigger.batch = 2
+    toggle_together(control, trigger, ["credit", "loans", "churn"])
+    assert len(trigger.submitted) == 2
+    assert sorted(len([m for m, (run, _) in trigger.running.items() if run == r]) for r in trigger.submitted) == [1, 2]
+    settle(trigger, timeout=240)
+    assert all(control.enrichments(m)[AD]["status"] == "ready" for m in ("credit", "loans", "churn"))

@@ -44,7 +44,14 @@ from enricher.models import ENRICHMENTS
 from enricher.models.enrichment import stream_training
 from enricher.models.registry import ModelRegistry
 from enricher.pipelines.runners import ArgoRunner, LocalRunner, RunnerError
-from enricher.pipelines.workflow import WorkflowOptions, branch_steps, workflow_dict
+from enricher.pipelines.workflow import (
+    WorkflowOptions,
+    branch_steps,
+    k8s_name,
+    task_prefixes,
+    trains_many,
+    workflow_dict,
+)
 from enricher.stream.topics import ensure_topics
 
 log = logging.getLogger("enricher.trigger")
@@ -54,18 +61,19 @@ RESULTS = ("succeeded", "failed", "error", "stopped")  # how a run ends (Argo's 
 
 class Trigger:
     def __init__(self, registry: ModelRegistry, runner, options: WorkflowOptions | None = None,
-                 debounce: float = 1.0):
+                 debounce: float = 1.0, batch: int = 25):
         self.registry = registry
         self.runner = runner
         self.options = options or WorkflowOptions()
         self.debounce = debounce
+        self.batch = max(1, batch)                      # most models one run trains
         self.dirty: dict[str, float] = {}             # model -> time of its latest change
         self.running: dict[str, tuple[str, list]] = {}  # model -> (workflow, enrichments it trains)
+        self.prefixes: dict[str, dict[str, str]] = {}  # workflow -> {model: its tasks' prefix}
         self.submitted: list[str] = []                # every workflow submitted, oldest first
         self.started: dict[str, float] = {}           # workflow -> when it was submitted (its duration)
         for result in RESULTS:  # zero before the first run ends, so increase() and rate() see it
             metrics.TRAINING_SECONDS.labels(result)
-
     # -- what changed ---------------------------------------------------------
     def notice(self, model_id: str, at: float | None = None) -> None:
         self.dirty[model_id] = at if at is not None else time.monotonic()
@@ -137,6 +145,8 @@ class Trigger:
                     continue
                 trained = self.running.get(model_id, (run, []))[1]
                 self.running[model_id] = (run, sorted(set(trained) | {name}))
+        for model_id, (run, _) in self.running.items():
+            self.prefixes.setdefault(run, {})[model_id] = f"{k8s_name(model_id)}-" if trains_many(run) else ""
 
     # -- what to do -------------------------------------------------------------
     def _state(self, model_id: str, name: str) -> dict:
@@ -165,84 +175,153 @@ class Trigger:
 
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        for model_id, changed in list(self.dirty.items()):
-            if now - changed >= self.debounce:
-                del self.dirty[model_id]
-                try:
-                    self.reconcile(model_id)
-                except Exception:  # one model's trouble must not stop the others'
-                    log.exception("model %s: could not start its training run", model_id)
+        due = [model_id for model_id, changed in self.dirty.items() if now - changed >= self.debounce]
+        for model_id in due:
+            del self.dirty[model_id]
+        if due:
+            self.reconcile(*due)
         self.follow()
 
-    def reconcile(self, model_id: str) -> str | None:
+    def reconcile(self, *model_ids: str) -> list[str]:
+        """Start what these models' toggles ask for: the models with something to
+        train go into runs of up to `batch` models each. Returns the runs submitted."""
+        plans = {}
+        for model_id in model_ids:
+            try:
+                plan = self._settle(model_id)
+            except Exception:  # one model's trouble must not stop the others'
+                log.exception("model %s: could not plan its training run", model_id)
+                continue
+            if plan:
+                plans[model_id] = plan
+        runs = []
+        for batch in _batches(plans, self.batch):
+            try:
+                runs.append(self._submit(batch))
+            except Exception:  # noqa: BLE001 - its models are marked failed (submit) or retried on the rescan
+                log.exception("could not start the training run of %s", ", ".join(sorted(batch)))
+        return runs
+
+    def _settle(self, model_id: str) -> dict[str, dict]:
+        """The model's plan, after its run still going is let go of (superseded, or
+        training only what was turned off)."""
         plan = self.plan(model_id)
         current = self.running.get(model_id)
-        if not plan:
-            if current and not any(self.registry.enrichments(model_id)[n]["enabled"] for n in current[1]):
-                log.info("model %s: %s trains only what was turned off; stopping it", model_id, current[0])
-                self.runner.stop(current[0])
-                del self.running[model_id]
-                self._ended(model_id, current[0], "stopped")
-            return None
-        if current:
-            log.info("model %s: %s is superseded by a newer run", model_id, current[0])
-            self.runner.stop(current[0])
-            del self.running[model_id]
-            self._ended(model_id, current[0], "stopped")
-        doc = workflow_dict(model_id, plan, self.options)
+        if not current:
+            return plan
+        if not plan and any(self.registry.enrichments(model_id)[n]["enabled"] for n in current[1]):
+            return plan  # nothing new, and what the run trains is still wanted: let it be
+        why = "is superseded by a newer run" if plan else "trains only what was turned off"
+        self._let_go(model_id, current[0], why)
+        return plan
+
+    def _let_go(self, model_id: str, run: str, why: str) -> None:
+        """A run of this model alone is stopped. A run it shares with other models goes
+        on for them: this model's branches stop by themselves (its steps check that the
+        model's status still names their run, and that the enrichment is still on)."""
+        del self.running[model_id]
+        members = self.prefixes.get(run, {})
+        members.pop(model_id, None)
+        if not members:
+            log.info("model %s: %s %s; stopping it", model_id, run, why)
+            self.runner.stop(run)
+            self.prefixes.pop(run, None)
+            self._ended(model_id, run, "stopped")
+        else:
+            log.info("model %s: %s %s; its branches there stop, the run goes on for %d other model(s)",
+                     model_id, run, why, len(members))
+            metrics.TRAINING_RUNS.labels(model_id, "stopped").inc()
+
+    def _submit(self, plans: dict[str, dict[str, dict]]) -> str:
+        doc = workflow_dict(plans, self.options)
         name = doc["metadata"]["name"]
-        for enrichment in plan:  # before submitting: the run's steps check this name
-            self.registry.set_status(model_id, enrichment, "pending", workflow=name)
+        for model_id, plan in plans.items():  # before submitting: the run's steps check this name
+            for enrichment in plan:
+                self.registry.set_status(model_id, enrichment, "pending", workflow=name)
         try:
             name = self.runner.submit(doc)
         except RunnerError as exc:
-            metrics.SUBMIT_FAILURES.labels(model_id).inc()
-            for enrichment in plan:
-                self.registry.set_status(model_id, enrichment, "failed", workflow=name, step="submit",
-                                         message=str(exc))
+            for model_id, plan in plans.items():
+                metrics.SUBMIT_FAILURES.labels(model_id).inc()
+                for enrichment in plan:
+                    self.registry.set_status(model_id, enrichment, "failed", workflow=name, step="submit",
+                                             message=str(exc))
             raise
-        self.running[model_id] = (name, sorted(plan))
+        self.prefixes[name] = task_prefixes(plans)
+        for model_id, plan in plans.items():
+            self.running[model_id] = (name, sorted(plan))
+            metrics.TRAINING_SUBMITTED.labels(model_id).inc()
+            for result in RESULTS:
+                metrics.TRAINING_RUNS.labels(model_id, result)
         self.submitted.append(name)
         self.started[name] = time.monotonic()
-        metrics.TRAINING_SUBMITTED.labels(model_id).inc()
-        for result in RESULTS:
-            metrics.TRAINING_RUNS.labels(model_id, result)
-        metrics.TRAINING_RUNNING.set(len(self.running))
-        log.info("model %s: submitted %s training %s", model_id, name, ", ".join(sorted(plan)))
+        metrics.TRAINING_RUNNING.set(len(self.prefixes))
+        log.info("submitted %s training %s", name,
+                 "; ".join(f"{m}: {', '.join(sorted(p))}" for m, p in sorted(plans.items())))
         return name
 
     def follow(self) -> None:
-        for model_id, (name, enrichments) in list(self.running.items()):
+        runs: dict[str, list[str]] = {}
+        for model_id, (name, _) in self.running.items():
+            runs.setdefault(name, []).append(model_id)
+        for name, models in runs.items():
             try:
                 status = self.runner.status(name)
             except RunnerError as exc:
-                log.warning("model %s: cannot follow %s: %s", model_id, name, exc)
+                log.warning("cannot follow %s (%s): %s", name, ", ".join(models), exc)
                 continue
             if not status.done:
                 continue
-            del self.running[model_id]
-            self._ended(model_id, name, status.phase.lower())
-            if status.phase == "Succeeded":
-                log.info("model %s: %s succeeded", model_id, name)
-                continue
-            log.error("model %s: %s %s at step %s: %s", model_id, name, status.phase.lower(),
-                      status.failed_step, status.message)
-            for enrichment in enrichments:
-                st = self._state(model_id, enrichment)
-                if st.get("workflow") != name or st.get("state") == "ready":
-                    continue  # published by its own branch, or taken over by a newer run
-                # Its own branch's failure if it had one; else what stopped the run before it.
-                step, message = status.failure(branch_steps(enrichment)) or (status.failed_step, status.message)
-                self.registry.set_status(model_id, enrichment, "failed", workflow=name, step=step,
-                                         message=message)
+            prefixes = self.prefixes.pop(name, {})
+            for model_id in models:
+                enrichments = self.running.pop(model_id)[1]
+                # Not published by this run, and not taken over by a newer one: what failed here.
+                unfinished = [e for e in enrichments if self._state(model_id, e).get("workflow") == name
+                              and self._state(model_id, e).get("state") != "ready"]
+                if status.phase == "Succeeded" or not unfinished:  # in a batch, another model's failure
+                    self._ended(model_id, name, "succeeded")   # is not this one's
+                    log.info("model %s: %s succeeded for it", model_id, name)
+                    continue
+                self._ended(model_id, name, status.phase.lower())
+                self._failed(model_id, name, status, unfinished, prefixes.get(model_id, ""))
 
+    def _failed(self, model_id: str, name: str, status, enrichments: list[str], prefix: str) -> None:
+        mine = [step for e in enrichments for step in branch_steps(e, prefix)]
+        # In a run of many models, what stopped the run may be another model's: say so.
+        step, message = status.failure(mine) or ((status.failed_step, status.message) if not prefix else
+                                                 (None, f"the run ended {status.phase.lower()} before this "
+                                                        f"model's branches finished: {status.message}"))
+        log.error("model %s: %s %s at step %s: %s", model_id, name, status.phase.lower(), step, message)
+        for enrichment in enrichments:
+            # Its own branch's failure if it had one; else what stopped the run before it.
+            own = status.failure(branch_steps(enrichment, prefix)) or (step, message)
+            self.registry.set_status(model_id, enrichment, "failed", workflow=name, step=own[0], message=own[1])
 
     def _ended(self, model_id: str, name: str, result: str) -> None:
         metrics.TRAINING_RUNS.labels(model_id, result).inc()
+        if name not in self.prefixes:  # the run itself is over: its duration
+            self._observe(name, result)
+        metrics.TRAINING_RUNNING.set(len(self.prefixes))
+
+    def _observe(self, name: str, result: str) -> None:
         started = self.started.pop(name, None)
         if started is not None:  # runs adopted from before a restart have no known start
             metrics.TRAINING_SECONDS.labels(result).observe(time.monotonic() - started)
-        metrics.TRAINING_RUNNING.set(len(self.running))
+
+
+def _batches(plans: dict[str, dict], size: int):
+    """Runs of up to `size` models, keeping apart models whose workflow names would collide."""
+    batch: dict[str, dict] = {}
+    names: set[str] = set()
+    for model_id in sorted(plans):
+        name = k8s_name(model_id)
+        if len(batch) >= size or name in names:
+            yield batch
+            batch, names = {}, set()
+        batch[model_id] = plans[model_id]
+        names.add(name)
+    if batch:
+        yield batch
 
 
 def make_runner(settings: Settings):
@@ -272,7 +351,7 @@ def run_trigger(settings: Settings, stop: threading.Event | None = None) -> None
         # Only metrics here (no data, no control): open like the worker's /metrics.
         start_http_server(settings.trigger_metrics_port, addr=settings.http_host)
     trigger = Trigger(open_registry(settings), make_runner(settings), workflow_options(settings),
-                      debounce=settings.trigger_debounce)
+                      debounce=settings.trigger_debounce, batch=settings.trigger_batch)
     session_ms = int(settings.session_timeout * 1000)
     consumer = Consumer({**settings.kafka_config(), "group.id": f"{settings.consumer_group}-trigger",
                          "auto.offset.reset": "earliest", "enable.auto.commit": True,
