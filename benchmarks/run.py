@@ -29,10 +29,12 @@ specific to the machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -507,6 +509,13 @@ def write_report(results: dict, name: str) -> None:
         for load, r in results["latency"].items():
             lines.append(f"| {load} | {r['target_rate']:,} | {r['achieved_rate']:,} | {r['p50_ms']:.0f} | "
                          f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
+    if results.get("spread"):
+        lines += ["", "Each comparison again in alternating order (the reference lines move from run to run):", "",
+                  "| comparison | rounds | min | median | max |", "| --- | ---: | ---: | ---: | ---: |"]
+        for what, r in results["spread"].items():
+            ratios = sorted(r["ratios"])
+            lines.append(f"| {what} | {len(ratios)} | {ratios[0]:.2f} | {statistics.median(ratios):.2f} | "
+                         f"{ratios[-1]:.2f} |")
     if results.get("transforms"):
         lines += ["", "Enrichment transform alone vs the plain library call, same batch:", "",
                   "| enrichment | batch | transform rows/s | library rows/s | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -587,6 +596,13 @@ def chart(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# Each target's comparison (ours, its reference), repeated for the spread.
+SPREAD = [("one inference/message vs batched Faust agent", "worker_single_anomaly", "faust_batched_agent"),
+          ("JSON-array messages vs raw pipe", "worker_json_batches_anomaly", "raw_pipe_orjson"),
+          ("Arrow IPC messages vs raw pipe", "worker_arrow_batches_anomaly", "raw_pipe_orjson"),
+          ("1,000 models vs 1 model", "worker_1000_models", "worker_1_model")]
+
+
 def targets(results: dict) -> list[dict]:
     p = results["pipelines"]
     out = []
@@ -663,11 +679,16 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--smoke", action="store_true", help="a small, quick run (CI): 5,000 rows, no latency sweep")
     parser.add_argument("--only", help="comma-separated scenario names")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of each target's comparison, in alternating order, for the spread of its ratio "
+                             "(default 3; 1 with --smoke)")
     parser.add_argument("--baseline", default=BASELINE,
                         help=f"a git revision whose worker's ingest is measured in the same run (default {BASELINE}, "
                              "the last release with storage layout v1; 'none' to skip)")
     args = parser.parse_args()
     n = 5000 if args.smoke else args.rows
+    if args.smoke:
+        args.repeat = 1
     only = set(args.only.split(",")) if args.only else None
     name = "smoke" if args.smoke else ("partial" if only else "latest")  # a partial run never overwrites latest
     want = lambda key: only is None or key in only  # noqa: E731
@@ -700,7 +721,7 @@ def main() -> int:
     (model_dir / "forest.pkl").write_bytes(pickle.dumps(forest))  # for the reference agent, which uses sklearn
     results = {"machine": {"cores": os.cpu_count(), "platform": platform.platform()}, "versions": versions(),
                "workload": {"rows": n, "message_bytes": round(sum(map(len, messages)) / n), "batch_rows": BATCH_ROWS},
-               "pipelines": {}, "latency": {}, "transforms": {}}
+               "pipelines": {}, "latency": {}, "transforms": {}, "spread": {}}
     pipes = results["pipelines"]
     single = [sample.MODEL_ID]
     poison, poison_rows = hostile_messages(max(1, n // (2 * BATCH_ROWS)))
@@ -739,6 +760,7 @@ def main() -> int:
             ("worker_json_batches_anomaly_hostile",
              lambda: run_worker(n + poison_rows, tmp, messages, "json", True, single, fitted, hostile=poison)),
         ]
+        lines = dict(steps)  # every line by name, for the repeated comparisons below
         for key, step in steps:
             if want(key):
                 log(f"-- {key}")
@@ -779,9 +801,23 @@ def main() -> int:
                 log(f"-- {key}")
                 ids = [sample.MODEL_ID] if count == 1 else [f"model_{i:04d}" for i in range(count)]
                 mixed = workload(n, models=ids, seed=5)
-                pipes[key] = run_worker(n, tmp, mixed, "json", True, ids, fitted,
-                                        others={"explainability": explained()} if explaining else None)
+                lines[key] = functools.partial(run_worker, n, tmp, mixed, "json", True, ids, fitted,
+                                               others={"explainability": explained()} if explaining else None)
+                pipes[key] = lines[key]()
                 log(f"   {pipes[key]['rows_per_second']:,.0f} rows/s, peak RSS {pipes[key]['peak_rss_mb']} MB")
+        # The reference lines move from run to run: each comparison again, in alternating order
+        # (the first round above measured the reference first), and the spread of its ratio.
+        for round_ in range(1, args.repeat):
+            for what, ours, reference in SPREAD:
+                if ours not in pipes or reference not in pipes:
+                    continue
+                order = (ours, reference) if round_ % 2 else (reference, ours)
+                log(f"-- spread, round {round_ + 1}: {' then '.join(order)}")
+                rate = {key: lines[key]()["rows_per_second"] for key in order}
+                ratios = results["spread"].setdefault(what, {"lines": [ours, reference], "ratios": [
+                    pipes[ours]["rows_per_second"] / pipes[reference]["rows_per_second"]]})["ratios"]
+                ratios.append(rate[ours] / rate[reference])
+                log(f"   {ratios[-1]:.2f}")
         code = None
         if args.baseline != "none" and any(want(f"baseline_{k}") for k in BASELINE_KEYS):
             try:

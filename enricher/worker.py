@@ -85,7 +85,8 @@ class EnricherApp(faust.App):
     # when there is none (we removed the only one); record our own instead.
     def on_rebalance_start(self) -> None:
         super().on_rebalance_start()
-        for intake in self.record_intakes.values():  # before Faust forgets the revoked partitions' acks
+        # Called from Faust's consumer thread, before Faust forgets the revoked partitions' acks.
+        for intake in self.record_intakes.values():
             intake.revoke()
         self._rebalancing_sensor_state = self._rebalancing_sensor_state or {"time_start": time.monotonic()}
 

@@ -188,3 +188,32 @@ def test_a_timestamp_ahead_of_the_clock_by_more_than_the_skew_is_dead_lettered_i
     assert "future_timestamp" in REASONS
     # without a skew (what-if, tests, ENRICHER_MAX_FUTURE_SKEW=0), any timestamp up to 2299 is taken
     assert len(parse(msgs).models[sample.MODEL_ID].inference_id) == 4
+
+
+def test_a_batched_message_of_one_model_reads_as_the_same_rows_as_its_inferences_sent_alone():
+    # The bulk path for an array of one registered model's inferences gives what one by one gives.
+    rows = [good(inference_id=f"r{i}", features={**{n: i + 0.5 for n in sample.NUMERIC}, "region": "north"})
+            for i in range(5)]
+    alone = parse([orjson.dumps(r) for r in rows])
+    batched = parse([orjson.dumps(rows)])
+    assert batched.models[sample.MODEL_ID].values["f0"].equals(alone.models[sample.MODEL_ID].values["f0"])
+    assert batched.models[sample.MODEL_ID].num_rows == 5 and not batched.dead
+    # one bad element in the array: the rest goes in, and it leaves with its position
+    mixed = parse([orjson.dumps(rows[:2] + [good(model_id="ghost")] + rows[2:] + [{"label": 1}])])
+    assert mixed.models[sample.MODEL_ID].num_rows == 5
+    assert sorted((d.reason, d.index) for d in mixed.dead) == [("missing_field", 6), ("unknown_model", 2)]
+
+
+def test_parsing_holds_the_cycle_collector_off_only_while_it_runs():
+    import gc
+
+    seen = []
+    specs = lambda model_id: seen.append(gc.isenabled()) or SPECS(model_id)  # noqa: E731
+    parse_batch([orjson.dumps(good())], [0], [0], specs, 65_536)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()  # an application that turned it off keeps it off
+    try:
+        parse_batch([orjson.dumps(good())], [0], [0], specs, 65_536)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -121,6 +121,27 @@ def test_a_rebalance_drops_what_is_held_and_refuses_acks_of_what_was_taken(consu
     run(main())
 
 
+def test_a_rebalance_signalled_from_fausts_consumer_thread_drops_the_held_chunks_on_the_loop(consumer):
+    import threading
+
+    async def main():
+        intake = RecordIntake(TOPIC, max_records=1000)
+        await intake.hand_over(consumer, P0, records(P0, range(0, 4)))
+        taken = await intake.take(100, 0.01)
+        await intake.hand_over(consumer, P0, records(P0, range(4, 8)))
+        async def listener():  # aiokafka's rebalance listener: in Faust's consumer thread, on its own loop
+            intake.revoke()
+
+        thread = threading.Thread(target=lambda: asyncio.run(listener()))
+        thread.start()
+        thread.join()
+        assert intake.acknowledge(consumer, taken) == 0  # the epoch moved at once
+        await asyncio.sleep(0)  # the held chunks go on this loop's next turn
+        assert intake.held == 0
+
+    run(main())
+
+
 def test_a_take_stops_at_the_batch_size_mid_chunk_and_the_rest_comes_next(consumer):
     async def main():
         intake = RecordIntake(TOPIC, max_records=1000)

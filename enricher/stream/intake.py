@@ -78,10 +78,12 @@ class RecordIntake:
         self._held = 0
         self._arrived: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         if self._arrived is None:  # made on the event loop that uses them
             self._arrived, self._room = asyncio.Event(), asyncio.Event()
+            self._loop = asyncio.get_running_loop()
         return self._arrived, self._room
 
     @property
@@ -124,8 +126,22 @@ class RecordIntake:
         return True
 
     def revoke(self) -> None:
-        """A rebalance begins: drop what is held and refuse acknowledgements of what was taken."""
+        """A rebalance begins: refuse acknowledgements of what was taken, and drop what is held.
+
+        Faust calls its rebalance hook from its consumer thread (aiokafka's
+        listener): the epoch moves at once, and what is held is dropped on the
+        event loop that owns it."""
         self.epoch += 1
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is None or running is self._loop:
+            self._drop_held()
+        else:
+            self._loop.call_soon_threadsafe(self._drop_held)
+
+    def _drop_held(self) -> None:
         self._chunks.clear()
         self._held = 0
         if self._room is not None:
