@@ -130,27 +130,10 @@ def build_app(settings: Settings) -> faust.App:
     for name in ENRICHMENTS:  # at zero from the start: a series born at its first batch hides that batch from rate()
         metrics.ENRICHMENT_SECONDS.labels(name)
     serving = Serving(registry, store)
-    processor = BatchProcessor(settings, serving, ClickHouseSink(settings))
-
-    def maintain(views: bool = True) -> None:
-        serving.maintain()
-        if not views:
-            return
-        # Each model's view too, ahead of its first rows (one DDL statement per model: a
-        # thousand at a first batch held it ~4 s). A no-op once made; a store that is
-        # down now is met again by the batch, which prepares what is missing itself.
-        try:
-            processor.sink.prepare(serving.specs())
-        except Exception as exc:  # noqa: BLE001 - see above
-            log.warning("could not make the models' views ahead of their rows (%s); each batch makes its own",
-                        str(exc)[:300])
-
     loading = time.monotonic()
-    # Every enabled model's artifacts loaded and pooled before the first batch; the views too
-    # with the embedded store, which cannot hang the start (a server's are made by the first
-    # refresh tick, ENRICHER_REFRESH_INTERVAL after the start, or by the first batch that needs them).
-    maintain(views=settings.clickhouse_url.startswith("chdb://"))
+    serving.maintain()  # every enabled model's artifacts loaded, and pooled, before the first batch
     log.info("serving %d models' artifacts (loaded in %.1f s)", len(serving.describe()), time.monotonic() - loading)
+    processor = BatchProcessor(settings, serving, ClickHouseSink(settings))
     progress = Progress()
     app.enricher_progress = progress  # read by tests
 
@@ -243,7 +226,7 @@ def build_app(settings: Settings) -> faust.App:
         # is enabled ahead of its first batch and pools it; all off the event loop,
         # and batches switch between runs.
         try:
-            await asyncio.to_thread(maintain)
+            await asyncio.to_thread(serving.maintain)
         except Exception:  # noqa: BLE001 - a registry it cannot read now: what serves, serves; try next tick
             log.exception("refreshing models from the registry failed; trying again in %ss",
                           settings.refresh_interval)
