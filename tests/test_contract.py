@@ -203,17 +203,3 @@ def test_a_batched_message_of_one_model_reads_as_the_same_rows_as_its_inferences
     assert mixed.models[sample.MODEL_ID].num_rows == 5
     assert sorted((d.reason, d.index) for d in mixed.dead) == [("missing_field", 6), ("unknown_model", 2)]
 
-
-def test_parsing_holds_the_cycle_collector_off_only_while_it_runs():
-    import gc
-
-    seen = []
-    specs = lambda model_id: seen.append(gc.isenabled()) or SPECS(model_id)  # noqa: E731
-    parse_batch([orjson.dumps(good())], [0], [0], specs, 65_536)
-    assert seen and not any(seen) and gc.isenabled()
-    gc.disable()  # an application that turned it off keeps it off
-    try:
-        parse_batch([orjson.dumps(good())], [0], [0], specs, 65_536)
-        assert not gc.isenabled()
-    finally:
-        gc.enable()

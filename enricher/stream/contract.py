@@ -34,15 +34,12 @@ of the batch goes on.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import contextvars
-import gc
 import itertools
 import json
 import logging
 import math
 import reprlib
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -196,41 +193,9 @@ def parse_batch(values: list[bytes], partitions: list[int], offsets: list[int],
     """
     token = _FUTURE.set((int(time.time() * 1000), max_future_skew) if max_future_skew > 0 else None)
     try:
-        with _collector_paused():
-            return _parse_batch(values, partitions, offsets, specs, max_bytes, content_types)
+        return _parse_batch(values, partitions, offsets, specs, max_bytes, content_types)
     finally:
         _FUTURE.reset(token)
-
-
-_paused_lock = threading.Lock()
-_paused = 0
-_resume = True
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cycle collector held off while a batch is decoded and validated.
-
-    Decoding allocates a dict per inference and more per field, and every 700
-    allocations the collector runs; its older generations then walk every live
-    object, the batch's own and each loaded model's. JSON makes no reference
-    cycles (reference counting frees it all), so those passes find nothing:
-    they cost ~30% of decoding, more with many models loaded
-    (benchmarks/README.md, item 13). The collector runs again as soon as the
-    last batch in flight is parsed, its objects gone."""
-    global _paused, _resume
-    with _paused_lock:
-        _paused += 1
-        if _paused == 1:
-            _resume = gc.isenabled()  # an application that turned it off keeps it off
-            gc.disable()
-    try:
-        yield
-    finally:
-        with _paused_lock:
-            _paused -= 1
-            if _paused == 0 and _resume:
-                gc.enable()
 
 
 # For the batch being parsed (parse_batch sets it): (now in ms, the skew allowed in s), or None.
