@@ -61,12 +61,14 @@ class Progress:
         self.dead_lettered = 0
         self.batches = 0
         self.started = time.time()
+        self.consuming_at: float | None = None  # when the batch loop began (views made, with the embedded store)
         self.first_batch_at: float | None = None  # when the first batch was taken
         self.last_batch_at: float | None = None   # when the latest batch was acknowledged
 
     def as_dict(self) -> dict:
         return {"consumed": self.consumed, "enriched": self.enriched, "dead_lettered": self.dead_lettered,
                 "batches": self.batches, "uptime_s": round(time.time() - self.started, 1),
+                "consuming_at": self.consuming_at,
                 "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at}
 
 
@@ -134,6 +136,22 @@ def build_app(settings: Settings) -> faust.App:
     serving.maintain()  # every enabled model's artifacts loaded, and pooled, before the first batch
     log.info("serving %d models' artifacts (loaded in %.1f s)", len(serving.describe()), time.monotonic() - loading)
     processor = BatchProcessor(settings, serving, ClickHouseSink(settings))
+
+    def make_views() -> None:
+        # Every registered model's view ahead of its rows: one DDL statement per model,
+        # and a thousand of them at a first batch held it ~4 s. A no-op once made; a
+        # store that cannot take them now is met again by the batch, which makes what
+        # its models miss itself.
+        try:
+            processor.sink.prepare(serving.specs())
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("could not make the models' views ahead of their rows (%s); each batch makes its own",
+                        str(exc)[:300])
+
+    def maintain() -> None:
+        serving.maintain()
+        make_views()
+
     progress = Progress()
     app.enricher_progress = progress  # read by tests
 
@@ -153,6 +171,14 @@ def build_app(settings: Settings) -> faust.App:
     @app.task
     async def enrich():
         try:
+            announce()
+            if settings.clickhouse_url.startswith("chdb://"):
+                # The embedded store's views before the first batch: they cannot hang the
+                # start. (A server's are made by the first refresh tick, or by the batches.)
+                # Not before the announce: the store opens here, and `enricher query` must
+                # find this worker rather than open the store beside it.
+                await asyncio.to_thread(make_views)
+            progress.consuming_at = time.time()
             await enrich_forever()
         except asyncio.CancelledError:
             raise
@@ -223,10 +249,10 @@ def build_app(settings: Settings) -> faust.App:
     @app.timer(settings.refresh_interval)
     async def refresh_models():
         # Picks up registrations, toggles and newly published artifacts, loads what
-        # is enabled ahead of its first batch and pools it; all off the event loop,
+        # is enabled ahead of its first batch and pools it, makes new models' views; all off the event loop,
         # and batches switch between runs.
         try:
-            await asyncio.to_thread(serving.maintain)
+            await asyncio.to_thread(maintain)
         except Exception:  # noqa: BLE001 - a registry it cannot read now: what serves, serves; try next tick
             log.exception("refreshing models from the registry failed; trying again in %ss",
                           settings.refresh_interval)
@@ -258,8 +284,7 @@ def build_app(settings: Settings) -> faust.App:
             run = exporter.run if holds_first_partition() else exporter.clear
             await asyncio.get_running_loop().run_in_executor(exporter.thread, run)
 
-    @app.task
-    async def announce():
+    def announce() -> None:
         # Lets `enricher query` reach this process while it holds the embedded store.
         info = {"pid": os.getpid(), "url": f"{scheme(settings)}://{settings.http_host}:{settings.http_port}"}
         settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -411,3 +411,12 @@ def test_a_bug_in_the_batch_loop_stops_the_worker_and_a_restart_loses_nothing(ma
     worker.wait_for(lambda s: s["consumed"] >= 2001, timeout=120)
     assert count_rows(settings) == (2000, 2000)
     assert [r.reason for r in deadletters.read(settings, expected=1)] == ["invalid_json"]
+
+
+def test_a_registered_models_view_is_there_before_its_first_inference(settings, tmp_path, worker_for):
+    # Made when the worker starts (and on each refresh), not by the first batch of the model's rows.
+    register_sample(settings, tmp_path)
+    ensure_topics(settings)
+    worker = worker_for(settings)
+    worker.wait_for(lambda s: s["consuming_at"] is not None, timeout=120)
+    assert count_rows(settings) == (0, 0)

@@ -470,8 +470,9 @@ class EnrichedTables:
             return
         self.ensure_columns(spec_columns(spec))
         with self.schema.lock:
-            self.client.command(view_ddl(self.topology, spec))
-            self.schema.views[spec.model_id] = spec
+            if self.schema.views.get(spec.model_id) != spec:  # another thread may have made it meanwhile
+                self.client.command(view_ddl(self.topology, spec))
+                self.schema.views[spec.model_id] = spec
 
     def insert(self, table: pa.Table, token: str | None = None) -> None:
         """One INSERT; the table and columns must exist (ensure_view ran before, once).

@@ -77,6 +77,10 @@ class Serving:
             spec = self._specs.get(model_id)
         return spec
 
+    def specs(self) -> list[ModelSpec]:
+        """Every registered model's spec, as last read from the registry."""
+        return list(self._specs.values())
+
     def active(self, model_id: str) -> dict[str, Active]:
         """The enrichments serving this model now; loads artifacts on first use."""
         loaded = self._active.get(model_id)
