@@ -165,6 +165,56 @@ def test_models_sharing_a_layout_are_validated_together_and_each_keeps_its_own_r
         assert rows.offset.tolist() == wanted and rows.prediction.to_pylist() == [i / 100 for i in wanted]
 
 
+def test_arrays_mixing_models_give_each_model_its_own_rows_in_order_and_each_bad_element_its_reason():
+    # What a producer of many models batches: arrays whose elements belong to several
+    # models (two of one layout, one of another), with label updates, unknown models,
+    # non-objects and invalid rows among them. Each model gets exactly its valid rows,
+    # in the order they were sent, with their own values, message and position.
+    narrow = {**sample.SCHEMA, "features": sample.SCHEMA["features"][:3], "attributes": []}
+    specs = {"a": ModelSpec.from_json("a", sample.SCHEMA), "b": ModelSpec.from_json("b", sample.SCHEMA),
+             "c": ModelSpec.from_json("c", narrow)}
+    expected, dead, labels = {"a": [], "b": [], "c": []}, [], []
+    arrays = []
+    for m in range(6):
+        elements = []
+        for pos in range(11):
+            i = m * 11 + pos
+            model = "bca"[(i * 5) % 3] if i % 4 else "a"
+            features = {c["name"]: float(i) for c in (narrow if model == "c" else sample.SCHEMA)["features"]}
+            if model != "c":
+                features["region"] = f"r{i}"
+            element = {"model_id": model, "inference_id": f"{model}-{i}", "timestamp": 1764000000000 + i,
+                       "features": features, "prediction": i / 100}
+            if i % 13 == 5:
+                element = {"model_id": "ghost", "features": features}
+                dead.append((m, pos, "unknown_model", "ghost"))
+            elif i % 17 == 3:
+                element = [i]
+                dead.append((m, pos, "not_an_object", None))
+            elif i % 10 == 9:
+                element = {"model_id": model, "inference_id": f"{model}-{i - 1}", "label": 1.0}
+                labels.append((model, f"{model}-{i - 1}"))
+            elif i % 11 == 7 and model != "c":
+                del element["features"]["f2"]
+                dead.append((m, pos, "missing_feature", model))
+            else:
+                expected[model].append((i, m, pos))
+            elements.append(element)
+        arrays.append(orjson.dumps(elements))
+    batch = parse_batch(arrays, [3] * len(arrays), list(range(100, 100 + len(arrays))), specs.get, 1 << 20)
+    assert sorted((d.offset - 100, d.index, d.reason, d.model_id) for d in batch.dead) == sorted(dead)
+    for model, wanted in expected.items():
+        rows = batch.models[model]
+        assert rows.spec is specs[model]
+        assert rows.inference_id.to_pylist() == [f"{model}-{i}" for i, _, _ in wanted]
+        assert rows.values["f0"].to_pylist() == [float(i) for i, _, _ in wanted]
+        assert rows.prediction.to_pylist() == [i / 100 for i, _, _ in wanted]
+        assert rows.offset.tolist() == [100 + m for _, m, _ in wanted]
+        assert batch.dead_letter(int(rows.origin[0]), "x", "y", model).index == wanted[0][2]
+    assert sorted((model, rid) for model, rows in batch.labels.items()
+                  for rid in rows.inference_id.to_pylist()) == sorted(labels)
+
+
 def test_a_timestamp_ahead_of_the_clock_by_more_than_the_skew_is_dead_lettered_in_json_and_arrow():
     import time
 
