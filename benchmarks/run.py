@@ -817,7 +817,7 @@ def main() -> int:
                 ratios = results["spread"].setdefault(what, {"lines": [ours, reference], "ratios": [
                     pipes[ours]["rows_per_second"] / pipes[reference]["rows_per_second"]]})["ratios"]
                 ratios.append(rate[ours] / rate[reference])
-                log(f"   {ratios[-1]:.2f}")
+                log(f"   {ratios[-1]:.2f} ({', '.join(f'{k} {v:,.0f} rows/s' for k, v in rate.items())})")
         code = None
         if args.baseline != "none" and any(want(f"baseline_{k}") for k in BASELINE_KEYS):
             try:

@@ -48,6 +48,7 @@ class ForestPool:
         if sizes.sum() >= np.iinfo(np.int32).max:
             raise ValueError("too many nodes for one pool")
         self.offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.size = sizes
         records = np.empty((int(sizes.sum()), 4), np.int32)
         real = records.view(np.float32)
         # One member at a time, each pointed at its records as soon as they are written: its
@@ -90,8 +91,10 @@ class ForestPool:
         if len(member) and (member.min() < 0 or member.max() >= len(self.offset)):
             raise ValueError("member index out of range")
         order = np.argsort(member, kind="stable")
+        rows = np.bincount(member, minlength=len(self.offset))
         paths = np.zeros(len(X))
-        _walk(X, member, order, self.records, self.real, self.roots, self.offset, self.depth, paths)
+        _walk(X, member, order, rows, self.records, self.real, self.roots, self.offset, self.size, self.depth,
+              paths)
         denominator = self.denominator[member]
         with np.errstate(divide="ignore", invalid="ignore"):
             scores = np.exp2(-paths / denominator)
@@ -119,15 +122,31 @@ def _malloc_trim():
 
 _LANES = 16  # trees of one row walked in lockstep: independent chains of loads the CPU overlaps
 
+# A member with this many rows in a call has its records read once in sequence before
+# its rows are walked. A thousand forests (~200 MB) are far beyond the caches, and the
+# walk reaches a member's nodes at scattered places: each a wait on memory. Read in
+# sequence (one load per 64-byte line: the prefetcher runs ahead), the member's ~200 KB
+# are then in L2 for its walk. On our machines (1,000 members, 100 trees): 277k -> 354k
+# rows/s at 30 rows per member, 194k -> 251k at 10, 126k -> 137k at 3; at 1 row per
+# member reading the whole forest costs more than the one path it spares (109k -> 76k).
+_READ_AHEAD_ROWS = 4
+
 
 @numba.njit(cache=True, nogil=True)
-def _walk(X, member, order, records, real, roots, offset, depth, paths):  # pragma: no cover - compiled
+def _walk(X, member, order, rows, records, real, roots, offset, size, depth, paths):  # pragma: no cover - compiled
     n, trees = len(order), roots.shape[1]
     node = np.empty(_LANES, np.int64)
+    last = -1
+    read = 0
     for k in range(n):  # each member's rows together: its trees' tops stay in cache
         i = order[k]
         m = member[i]
         base = offset[m]
+        if m != last:
+            last = m
+            if rows[m] >= _READ_AHEAD_ROWS:
+                for g in range(base, base + size[m], 4):  # 4 records of 16 bytes: a cache line
+                    read += records[g, 0]
         total = 0.0
         for lo in range(0, trees, _LANES):
             width = min(_LANES, trees - lo)
@@ -142,3 +161,4 @@ def _walk(X, member, order, records, real, roots, offset, depth, paths):  # prag
             for t in range(width):  # tree order, as the model's own sum
                 total += real[node[t], 1]
         paths[i] = total
+    return read  # used, so the compiler keeps the reads

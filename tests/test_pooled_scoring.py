@@ -15,7 +15,7 @@ from enricher.models.spec import ModelSpec
 
 from enricher import sample
 from enricher.stream.contract import parse_batch
-from enricher.stream.enrich import enrichment_outputs
+from enricher.stream.enrich import enrich_many
 from enricher.stream.serving import Serving
 
 AD = "anomaly_detection"
@@ -123,17 +123,20 @@ def publish(world, model_id: str, schema: dict, reference: pa.Table, trees: int 
 
 
 def scores_by_model(serving: Serving, messages: list[bytes]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """What the stream writes for each model: (anomaly_score, its version column), by model."""
+    """What the stream writes for each model: (anomaly_score, its version column), by model,
+    read from the rows it would insert (None where a model's column is all NULL)."""
     parsed = parse_batch(messages, [0] * len(messages), list(range(len(messages))), serving.spec, 1 << 20)
     assert not parsed.dead
-    parts = [(rows, serving.active(m)) for m, rows in parsed.models.items()]
-    out = enrichment_outputs(parts)
+    table = enrich_many([(rows, serving.active(m)) for m, rows in parsed.models.items()], 0)
+    model_of = np.asarray(table.column("model_id").to_pylist())
     result = {}
-    for k, (rows, _) in enumerate(parts):
-        score = out.get("anomaly_score", [None] * len(parts))[k]
-        version = out.get("anomaly_detection_version", [None] * len(parts))[k]
-        result[rows.spec.model_id] = (None if score is None else score.to_numpy(zero_copy_only=False),
-                                      None if version is None else version.to_numpy())
+    for model_id in parsed.models:
+        mine = pa.array(model_of == model_id)
+        got = []
+        for col in ("anomaly_score", "anomaly_detection_version"):
+            arr = table.column(col).filter(mine) if col in table.column_names else None
+            got.append(None if arr is None or arr.null_count == len(arr) else arr.to_numpy())
+        result[model_id] = tuple(got)
     return result
 
 

@@ -38,21 +38,29 @@ def group_key(spec) -> tuple:
     return spec.layout, tuple(spec.storage_columns.items()), tuple(spec_columns(spec))
 
 
-def storage_rows(parts: list, outputs: dict[str, list[pa.Array | None]], ingested_at_us: int) -> pa.Table:
+def storage_rows(parts: list, outputs: dict[str, list[tuple[int, int, pa.Array]]], ingested_at_us: int) -> pa.Table:
     """The rows of `parts` (stream/contract.py ModelRows of one storage group, each a model's
-    batch) with the enrichment `outputs` (storage column -> one array per part, None where
-    not computed), as the storage table's insert."""
+    batch) with the enrichment `outputs` (storage column -> spans: first part, number of
+    parts, the array over their rows; NULL where no span covers a part), as the storage
+    table's insert."""
     spec = parts[0].spec
     counts = [rows.num_rows for rows in parts]
     n = sum(counts)
     own = spec_columns(spec)  # the same for every model of the group
 
     columns: dict[str, pa.Array] = {}
-    for col, arrays in outputs.items():
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()  # row where each part begins
+    for col, spans in outputs.items():
         arrow_type = own[col][1]
-        columns[col] = pa.concat_arrays([
-            pa.nulls(counts[k], arrow_type) if a is None else (a if a.type == arrow_type else a.cast(arrow_type))
-            for k, a in enumerate(arrays)])
+        arrays, at = [], 0
+        for k, m, arr in sorted(spans, key=lambda span: span[0]):
+            if starts[k] > starts[at]:
+                arrays.append(pa.nulls(starts[k] - starts[at], arrow_type))
+            arrays.append(arr if arr.type == arrow_type else arr.cast(arrow_type))
+            at = k + m
+        if starts[at] < n:
+            arrays.append(pa.nulls(n - starts[at], arrow_type))
+        columns[col] = arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
     def joined(get) -> pa.Array:
         return join_rows(parts, get)

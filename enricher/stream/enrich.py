@@ -38,22 +38,27 @@ def enrich_many(parts: list[tuple[ModelRows, dict[str, Active]]], ingested_at_us
     return storage_rows([rows for rows, _ in parts], enrichment_outputs(parts), ingested_at_us)
 
 
-def enrichment_outputs(parts: list[tuple[ModelRows, dict[str, Active]]]) -> dict[str, list[pa.Array | None]]:
-    """What each model's serving enrichments compute on its rows: storage column -> one
-    array per part (None where that model's enrichment did not compute it).
+# An enrichment's output over consecutive parts of a group: (first part, number of
+# parts, the array over their rows, in order). A pool computes all its models at once,
+# and its models' parts are mostly consecutive: its output stays whole (cut only where
+# its run of parts breaks), not sliced per model to be joined again (store/rows.py).
+Span = tuple[int, int, pa.Array]
+
+
+def enrichment_outputs(parts: list[tuple[ModelRows, dict[str, Active]]]) -> dict[str, list[Span]]:
+    """What each model's serving enrichments compute on its rows: storage column -> spans
+    of parts (`Span`); a part no span covers gets NULL (its enrichment did not compute it).
 
     Artifacts held in a pool (serving.py `maintain`) are applied to the rows of all
     their models at once, one call per pool; the others, and any model of a pool
     that fails, each on its own rows."""
     spec = parts[0][0].spec
     storage = {name: {o.name: o.storage for o in outs} for name, outs in model_outputs(spec)}
-    outputs: dict[str, list[pa.Array | None]] = {}
+    outputs: dict[str, list[Span]] = {}
 
-    def put(k: int, name: str, act: Active, out: dict[str, pa.Array]) -> None:
-        if version_column(name) not in out:  # a pooled output carries its slice of the versions
-            out[version_column(name)] = pa.array(np.full(parts[k][0].num_rows, act.version, np.uint32))
+    def put(k: int, m: int, name: str, out: dict[str, pa.Array]) -> None:
         for col, arr in out.items():
-            outputs.setdefault(storage[name][col], [None] * len(parts))[k] = arr
+            outputs.setdefault(storage[name][col], []).append((k, m, arr))
 
     pools: dict[tuple[str, int], list[int]] = {}
     for k, (rows, active) in enumerate(parts):
@@ -65,15 +70,27 @@ def enrichment_outputs(parts: list[tuple[ModelRows, dict[str, Active]]]) -> dict
                 continue
             out = _apply(name, rows, act)
             if out is not None:
-                put(k, name, act, out)
+                out.setdefault(version_column(name), pa.array(np.full(rows.num_rows, act.version, np.uint32)))
+                put(k, 1, name, out)
     for (name, _), ks in pools.items():
         acts = [parts[k][1][name] for k in ks]
-        done = _apply_pooled(name, [parts[k][0] for k in ks], acts)
-        done = {k: done[i] for i, k in enumerate(ks)} if done is not None else \
-            {k: _apply(name, parts[k][0], act) for k, act in zip(ks, acts)}
-        for k, act in zip(ks, acts):
-            if done[k] is not None:
-                put(k, name, act, done[k])
+        out = _apply_pooled(name, [parts[k][0] for k in ks], acts)
+        if out is None:  # each model on its own then, so a failure stays its own
+            for k, act in zip(ks, acts):
+                own = _apply(name, parts[k][0], act)
+                if own is not None:
+                    own.setdefault(version_column(name),
+                                   pa.array(np.full(parts[k][0].num_rows, act.version, np.uint32)))
+                    put(k, 1, name, own)
+            continue
+        # the pool's rows, cut where its parts stop being consecutive
+        at = first = 0
+        for i in range(1, len(ks) + 1):
+            if i == len(ks) or ks[i] != ks[i - 1] + 1:
+                n = sum(parts[k][0].num_rows for k in ks[first:i])
+                put(ks[first], i - first, name, out if i - first == len(ks) else
+                    {col: arr.slice(at, n) for col, arr in out.items()})
+                at, first = at + n, i
     return outputs
 
 
@@ -94,9 +111,10 @@ def _apply(name: str, rows: ModelRows, act: Active) -> dict[str, pa.Array] | Non
     return out
 
 
-def _apply_pooled(name: str, parts: list[ModelRows], acts: list[Active]) -> list[dict[str, pa.Array]] | None:
-    """Several models' rows through one pool (every act of the same pool), split back per
-    model; None if the pool failed (the caller applies each model on its own)."""
+def _apply_pooled(name: str, parts: list[ModelRows], acts: list[Active]) -> dict[str, pa.Array] | None:
+    """Several models' rows through one pool (every act of the same pool), their outputs one
+    after the other, version column included; None if the pool failed (the caller applies
+    each model on its own)."""
     pool = acts[0].pooled[0]
     counts = [rows.num_rows for rows in parts]
     total = sum(counts)
@@ -111,14 +129,11 @@ def _apply_pooled(name: str, parts: list[ModelRows], acts: list[Active]) -> list
         return None
     metrics.ENRICHMENT_SECONDS.labels(name).observe(time.perf_counter() - started)
     out[version_column(name)] = pa.array(np.repeat(np.array([act.version for act in acts], np.uint32), counts))
-    nulls = next(iter(out.values())).null_count
-    split, at = [], 0
-    for rows, n in zip(parts, counts):
-        piece = {col: arr.slice(at, n) for col, arr in out.items()}
-        if nulls and piece:
-            counted = next(iter(piece.values())).null_count
-            if counted:
-                metrics.ENRICHMENT_NULLS.labels(rows.spec.model_id, name).inc(counted)
-        split.append(piece)
-        at += n
-    return split
+    first = next(iter(out.values()))
+    if first.null_count:  # counted per model, as _apply counts them
+        missing = np.add.reduceat(first.is_null().to_numpy(zero_copy_only=False).astype(np.int64),
+                                  np.cumsum([0] + counts[:-1]))
+        for rows, nulls in zip(parts, missing.tolist()):
+            if nulls:
+                metrics.ENRICHMENT_NULLS.labels(rows.spec.model_id, name).inc(nulls)
+    return out
