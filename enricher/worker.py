@@ -24,6 +24,7 @@ Faust's adjustments (stream/faust_patches.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -178,6 +179,11 @@ def build_app(settings: Settings) -> faust.App:
                 # Not before the announce: the store opens here, and `enricher query` must
                 # find this worker rather than open the store beside it.
                 await asyncio.to_thread(make_views)
+            # What is alive now lives as long as the worker: the app, every loaded artifact
+            # and pool, the store's client. Kept out of the cycle collector's passes from
+            # here on (gc.freeze), which otherwise walk all of it again and again while
+            # batches allocate a dict per inference (benchmarks/README.md item 15).
+            gc.freeze()
             progress.consuming_at = time.time()
             await enrich_forever()
         except asyncio.CancelledError:

@@ -90,7 +90,7 @@ class Serving:
                 if loaded is None:
                     loaded = self._load(model_id, {})
                     self._active[model_id] = loaded
-                    self._export_versions()
+                    self._export_versions(model_id)
         return loaded
 
     # -- change handling ----------------------------------------------
@@ -162,9 +162,16 @@ class Serving:
                         self._active[model_id] = {**current, name: replace(act, pooled=pooled.get(i))}
             self._pooled[name] = built_from
 
-    def _export_versions(self) -> None:
+    def _export_versions(self, model_id: str | None = None) -> None:
         """enricher_artifact_version follows what serves: set for each loaded
-        enrichment, removed for what stopped serving (turned off, model gone)."""
+        enrichment, removed for what stopped serving (turned off, model gone).
+        `model_id`: only that model was loaded (first use), and only its series are
+        set: all of them on each of a thousand models' first loads took seconds."""
+        if model_id is not None:
+            for name, a in self._active.get(model_id, {}).items():
+                metrics.ARTIFACT_VERSION.labels(model_id, name).set(a.version)
+                self._exported.add((model_id, name))
+            return
         now = {(m, n): a.version for m, act in self._active.items() for n, a in act.items()}
         for gone in self._exported - now.keys():
             metrics.ARTIFACT_VERSION.remove(*gone)
