@@ -70,7 +70,6 @@ def enrichment_outputs(parts: list[tuple[ModelRows, dict[str, Active]]]) -> dict
                 continue
             out = _apply(name, rows, act)
             if out is not None:
-                out.setdefault(version_column(name), pa.array(np.full(rows.num_rows, act.version, np.uint32)))
                 put(k, 1, name, out)
     for (name, _), ks in pools.items():
         acts = [parts[k][1][name] for k in ks]
@@ -79,8 +78,6 @@ def enrichment_outputs(parts: list[tuple[ModelRows, dict[str, Active]]]) -> dict
             for k, act in zip(ks, acts):
                 own = _apply(name, parts[k][0], act)
                 if own is not None:
-                    own.setdefault(version_column(name),
-                                   pa.array(np.full(parts[k][0].num_rows, act.version, np.uint32)))
                     put(k, 1, name, own)
             continue
         # the pool's rows, cut where its parts stop being consecutive
@@ -95,7 +92,8 @@ def enrichment_outputs(parts: list[tuple[ModelRows, dict[str, Active]]]) -> dict
 
 
 def _apply(name: str, rows: ModelRows, act: Active) -> dict[str, pa.Array] | None:
-    """One model's enrichment on its rows, checked; None (and counted) if it failed."""
+    """One model's enrichment on its rows, checked, with its version column (as
+    `_apply_pooled` gives it); None (and counted) if it failed."""
     started = time.perf_counter()
     try:
         out = checked_output(name, rows.spec, act.fitted.transform(rows.batch()), rows.num_rows)
@@ -108,6 +106,7 @@ def _apply(name: str, rows: ModelRows, act: Active) -> dict[str, pa.Array] | Non
     nulls = next(iter(out.values())).null_count if out else 0
     if nulls:
         metrics.ENRICHMENT_NULLS.labels(rows.spec.model_id, name).inc(nulls)
+    out.setdefault(version_column(name), pa.array(np.full(rows.num_rows, act.version, np.uint32)))
     return out
 
 
