@@ -11,7 +11,6 @@ vectorised walk, and that load without unpickling anything.
 from __future__ import annotations
 
 import json
-from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -60,10 +59,11 @@ class AnomalyPool:
         """The columns `transform` reads."""
         return self.encoders.names
 
-    def transform(self, columns: Mapping[str, pa.Array], num_rows: int, member: np.ndarray) -> dict[str, pa.Array]:
-        """The outputs for rows of several models: `columns` the features of all the rows,
-        `member[i]` the position of row i's artifact in the list this pool was built from."""
-        X = self.encoders.transform(columns, num_rows, member)
+    def transform(self, batch: InferenceBatch, member: np.ndarray) -> dict[str, pa.Array]:
+        """The outputs for rows of several models: `batch` all the rows (its columns hold
+        `features` at least), `member[i]` the position of row i's artifact in the list this
+        pool was built from."""
+        X = self.encoders.transform(batch.columns, batch.num_rows, member)
         return {"anomaly_score": pa.array(self.forests.score(X, member), pa.float64())}
 
 

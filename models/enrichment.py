@@ -21,7 +21,13 @@ enrichment, per model:
   stream besides the reference data (labelled rows of a recent window, how
   many at most) and how often it retrains on its own (`StreamTraining`);
   without it, an enrichment learns from the reference data alone and is
-  retrained only when its model or settings change or a user asks.
+  retrained only when its model or settings change or a user asks;
+- optionally `pool(artifacts)`: which fitted artifacts (of many models) can be
+  applied together, as `(pool, positions)` pairs; a pool's `features` are the
+  columns it reads and `transform(batch, member)` its outputs for a batch of
+  several models' rows (`member[i]`: row i's artifact's position in its pool),
+  each equal to what the model's own artifact gives (a stream spread over a
+  thousand models then pays one model's per-batch cost per pool).
 
 Adding an enrichment is one module implementing this and one line in
 `models.ENRICHMENTS`; nothing in the streaming service, the training steps or

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from enricher import metrics
 from enricher.models.catalog import checked_output, model_outputs
-from enricher.models.enrichment import version_column
+from enricher.models.enrichment import InferenceBatch, version_column
 from enricher.store.rows import storage_rows
 from enricher.stream.contract import ModelRows, joined
 from enricher.stream.serving import Active
@@ -110,6 +110,16 @@ def _apply(name: str, rows: ModelRows, act: Active) -> dict[str, pa.Array] | Non
     return out
 
 
+def pooled_batch(parts: list[ModelRows], features: list[str]) -> InferenceBatch:
+    """The rows of several models (of one layout) as one batch, for a pool: its columns only
+    `features`, its spec the first model's (a pool reads each row's model from its member)."""
+    return InferenceBatch(parts[0].spec, {f: joined(parts, lambda r, f=f: r.values[f]) for f in features},
+                          sum(rows.num_rows for rows in parts),
+                          prediction=joined(parts, lambda r: r.prediction), label=joined(parts, lambda r: r.label),
+                          inference_id=joined(parts, lambda r: r.inference_id),
+                          timestamp=joined(parts, lambda r: r.timestamp))
+
+
 def _apply_pooled(name: str, parts: list[ModelRows], acts: list[Active]) -> dict[str, pa.Array] | None:
     """Several models' rows through one pool (every act of the same pool), their outputs one
     after the other, version column included; None if the pool failed (the caller applies
@@ -119,9 +129,8 @@ def _apply_pooled(name: str, parts: list[ModelRows], acts: list[Active]) -> dict
     total = sum(counts)
     started = time.perf_counter()
     try:
-        columns = {f: joined(parts, lambda r, f=f: r.values[f]) for f in pool.features}
         member = np.repeat(np.array([act.pooled[1] for act in acts], np.intp), counts)
-        out = checked_output(name, parts[0].spec, pool.transform(columns, total, member), total)
+        out = checked_output(name, parts[0].spec, pool.transform(pooled_batch(parts, pool.features), member), total)
     except Exception:  # noqa: BLE001 - each model on its own then, so a failure stays its own
         log.exception("%s: a pool of %d models failed on %d rows; each model is applied on its own",
                       name, len(parts), total)
