@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .artifact import Manifest
-from .encoding import FeatureEncoder
+from .encoding import EncoderPool, FeatureEncoder
 from .enrichment import InferenceBatch, ModelFile, Output, Unusable, per_feature
 from .hashing import id_hashes
 from .spec import ModelSpec
@@ -85,53 +85,116 @@ class ExplainabilityArtifact:
 
     def _columns(self, batch: InferenceBatch, rate: float) -> dict[str, pa.Array]:
         n = batch.num_rows
-        names = [f"{PREFIX}{f}" for f in self.encoder.names]
         chosen = np.arange(n) if rate >= 1.0 else np.flatnonzero(sampled(batch.inference_id, rate))
         if n == 0 or chosen.size == 0:
-            return {name: pa.nulls(n, pa.float64()) for name in [*names, BASE, OUTPUT]}
+            return _nulls(self.encoder.names, n)
         X = self.encoder.transform(batch.columns, n)
         if chosen.size < n:
             X = X[chosen]
-        phi, base, output = self._explain(X, batch.prediction, chosen)
-        if chosen.size == n:
-            columns = np.ascontiguousarray(phi.T)
-            out = {name: pa.array(columns[j]) for j, name in enumerate(names)}
-            out[BASE], out[OUTPUT] = pa.array(base), pa.array(output)
-            return out
-        missing = np.ones(n, bool)
-        missing[chosen] = False
-
-        def spread(values: np.ndarray) -> pa.Array:
-            full = np.zeros(n)
-            full[chosen] = values
-            return pa.array(full, mask=missing)
-
-        out = {name: spread(phi[:, j]) for j, name in enumerate(names)}
-        out[BASE], out[OUTPUT] = spread(base), spread(output)
-        return out
-
-    def _explain(self, X: np.ndarray, prediction: pa.Array, rows: np.ndarray):
-        if self.classes is None:
-            return self.ensemble.explain(X, self.score_output)
-        margins = self.ensemble.predict_raw(X)
-        single = self.ensemble.n_outputs == 1  # two classes, one output: the margin of classes[1]
-        if single:
-            own = (margins[:, 0] > 0).astype(np.int64)
-        else:
-            own = margins.argmax(axis=1)
-        told = pc.index_in(prediction.take(pa.array(rows)), value_set=self._class_codes)
-        told = told.to_numpy(zero_copy_only=False) if told.null_count == 0 else \
-            pc.fill_null(told, -1).to_numpy(zero_copy_only=False)
-        cls = np.where(told >= 0, told, own).astype(np.int64)
-        if single:
-            phi, base, output = self.ensemble.explain(X, 0)
-            sign = np.where(cls == 1, 1.0, -1.0)  # the margin of classes[0] is minus that of classes[1]
-            return phi * sign[:, None], base * sign, output * sign
-        return self.ensemble.explain(X, cls)
+        ens = self.ensemble
+        found = _attributions(X, batch.prediction, chosen, self._class_codes, ens.n_outputs, self.score_output,
+                              ens.predict_raw, ens.explain)
+        return _as_columns(self.encoder.names, n, chosen, *found)
 
     def to_blobs(self) -> dict[str, bytes]:
         doc = {"encoder": self.encoder.to_json(), "classes": self.classes, "score_output": self.score_output}
         return {"surrogate.json": json.dumps(doc).encode(), "ensemble.npz": self.ensemble.to_bytes()}
+
+
+class ExplainabilityPool:
+    """Explainability artifacts of one layout, classes and ensemble shape applied together:
+    one encoding and one TreeSHAP call (models/treepool.py) for the rows of all of them,
+    each row under its own model's trees and sample rate. Columns equal each artifact's
+    own `transform`."""
+
+    def __init__(self, artifacts: list[ExplainabilityArtifact]):
+        from .treepool import EnsemblePool  # lazy: numba
+
+        first = artifacts[0]
+        self.encoders = EncoderPool([a.encoder for a in artifacts])
+        self.ensembles = EnsemblePool([a.ensemble for a in artifacts])
+        self.names = first.encoder.names
+        self.score_output, self._class_codes = first.score_output, first._class_codes
+        rates = np.array([min(a.parameters["sample_rate"], 1.0) for a in artifacts])
+        self._every_row = rates >= 1.0
+        self._below = np.array([_hash_bound(r) for r in rates], np.uint64)
+
+    def __len__(self) -> int:
+        return len(self.ensembles)
+
+    @property
+    def features(self) -> list[str]:
+        return self.encoders.names
+
+    def transform(self, batch: InferenceBatch, member: np.ndarray) -> dict[str, pa.Array]:
+        """The rows each model's sample rate chooses explained, NULL elsewhere (`member[i]`: row
+        i's artifact's position in this pool)."""
+        n = batch.num_rows
+        member = np.asarray(member, np.intp)
+        if self._every_row.all():
+            chosen = np.arange(n)
+        else:
+            chosen = np.flatnonzero(self._every_row[member] | (id_hashes(batch.inference_id) < self._below[member]))
+        if n == 0 or chosen.size == 0:
+            return _nulls(self.names, n)
+        X = self.encoders.transform(batch.columns, n, member)
+        if chosen.size < n:
+            X, member = X[chosen], member[chosen]
+        pool = self.ensembles
+        found = _attributions(X, batch.prediction, chosen, self._class_codes, pool.n_outputs, self.score_output,
+                              lambda X: pool.predict_raw(X, member),
+                              lambda X, output: pool.explain(X, member, output))
+        return _as_columns(self.names, n, chosen, *found)
+
+
+def _attributions(X: np.ndarray, prediction: pa.Array, rows: np.ndarray, class_codes: pa.Array | None,
+                  n_outputs: int, score_output: int, predict_raw, explain):
+    """(attributions, base values, outputs) of the chosen `rows` (their encoded `X`): of a
+    numeric prediction, its output; of a class, the margin of the class the model predicted
+    on the row (the trees' own choice where the row's class is not one they know)."""
+    if class_codes is None:
+        return explain(X, score_output)
+    margins = predict_raw(X)
+    single = n_outputs == 1  # two classes, one output: the margin of classes[1]
+    if single:
+        own = (margins[:, 0] > 0).astype(np.int64)
+    else:
+        own = margins.argmax(axis=1)
+    told = pc.index_in(prediction.take(pa.array(rows)), value_set=class_codes)
+    told = told.to_numpy(zero_copy_only=False) if told.null_count == 0 else \
+        pc.fill_null(told, -1).to_numpy(zero_copy_only=False)
+    cls = np.where(told >= 0, told, own).astype(np.int64)
+    if single:
+        phi, base, output = explain(X, 0)
+        sign = np.where(cls == 1, 1.0, -1.0)  # the margin of classes[0] is minus that of classes[1]
+        return phi * sign[:, None], base * sign, output * sign
+    return explain(X, cls)
+
+
+def _nulls(features: list[str], n: int) -> dict[str, pa.Array]:
+    return {name: pa.nulls(n, pa.float64()) for name in [*(f"{PREFIX}{f}" for f in features), BASE, OUTPUT]}
+
+
+def _as_columns(features: list[str], n: int, chosen: np.ndarray, phi: np.ndarray, base: np.ndarray,
+                output: np.ndarray) -> dict[str, pa.Array]:
+    """The output columns of `n` rows from what the `chosen` ones got (NULL elsewhere)."""
+    names = [f"{PREFIX}{f}" for f in features]
+    if chosen.size == n:
+        columns = np.ascontiguousarray(phi.T)
+        out = {name: pa.array(columns[j]) for j, name in enumerate(names)}
+        out[BASE], out[OUTPUT] = pa.array(base), pa.array(output)
+        return out
+    missing = np.ones(n, bool)
+    missing[chosen] = False
+
+    def spread(values: np.ndarray) -> pa.Array:
+        full = np.zeros(n)
+        full[chosen] = values
+        return pa.array(full, mask=missing)
+
+    out = {name: spread(phi[:, j]) for j, name in enumerate(names)}
+    out[BASE], out[OUTPUT] = spread(base), spread(output)
+    return out
 
 
 class Explainability:
@@ -283,6 +346,17 @@ class Explainability:
                              f"{rows[0]}); refused rather than explained wrong: please report it with the file")
         return {"library": library, "rows": len(X), "max_difference": float(gap.max()) if gap.size else 0.0}
 
+    def pool(self, artifacts: list[ExplainabilityArtifact]) -> list[tuple[ExplainabilityPool, list[int]]]:
+        """Serving many models: artifacts of the same features and kinds, classes and ensemble
+        shape (outputs, how rows are read) explain together, one pool per group; an artifact
+        with trees too deep for tables (a deep user model) stays on its own."""
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(artifacts):
+            key = _pool_key(a)
+            if key is not None:
+                groups.setdefault(key, []).append(i)
+        return [(ExplainabilityPool([artifacts[i] for i in idx]), idx) for idx in groups.values()]
+
     def load(self, spec: ModelSpec, manifest: Manifest, blobs: dict[str, bytes]) -> ExplainabilityArtifact:
         doc = json.loads(blobs["surrogate.json"])
         encoder = FeatureEncoder.for_spec(doc["encoder"], spec)
@@ -303,11 +377,26 @@ class Explainability:
                                       manifest.parameters.get("quality", {}), score_output)
 
 
+def _pool_key(artifact: ExplainabilityArtifact) -> tuple | None:
+    """Artifacts with equal keys explain together; None: one that explains on its own (trees
+    left to the recursion: too deep for tables)."""
+    from .treepool import can_pool, pool_key  # lazy: numba
+
+    if not can_pool(artifact.ensemble):
+        return None
+    return (tuple(artifact.encoder.names), tuple(artifact.encoder.kinds),
+            tuple(artifact.classes) if artifact.classes is not None else None, artifact.score_output,
+            pool_key(artifact.ensemble))
+
+
 def sampled(inference_id: pa.Array, rate: float) -> np.ndarray:
     """Which rows a sample rate explains: a 64-bit hash of each inference id (FNV-1a,
     then MurmurHash3's finaliser) below rate * 2^64, so the same ids are chosen on every replay, in any batch."""
-    hashes = id_hashes(inference_id)
-    return hashes < np.uint64(min(rate, 1.0) * 18446744073709549568.0)  # the largest float64 below 2^64
+    return id_hashes(inference_id) < _hash_bound(rate)
+
+
+def _hash_bound(rate: float) -> np.uint64:
+    return np.uint64(min(rate, 1.0) * 18446744073709549568.0)  # the largest float64 below 2^64
 
 
 def attribution_unit(spec: ModelSpec, quality: dict, link: str | None = None, score_output: int = 0) -> str:

@@ -170,22 +170,13 @@ class TreeEnsemble:
         return self.decision, self.cat_offset, self.cat_words, self.cat_bits, self.strict
 
     def rows(self, X) -> np.ndarray:
-        """The rows as the model's library reads them: float64, rounded to float32 first
-        where the library does that, its `missing` value made NaN."""
-        X = np.asarray(X)
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ValueError(f"expected a (rows, {self.n_features}) matrix, got {X.shape}")
-        if self.precision == 32:
-            narrow = X.astype(np.float32)
-            if not math.isnan(self.missing):  # XGBoost compares with its missing value in float32
-                narrow[narrow == np.float32(self.missing)] = np.nan
-            return np.ascontiguousarray(narrow, np.float64)
-        X = np.array(X, np.float64, order="C", copy=True)
-        if self.flush_zero:  # LightGBM reads a dense row's |x| <= 1e-35 as an absent value: 0.0
-            X[np.abs(X) <= ZERO_EPSILON] = 0.0
-        if not math.isnan(self.missing):
-            X[X == self.missing] = np.nan
-        return X
+        """The rows as the model's library reads them (`library_rows`)."""
+        return library_rows(X, self.reading)
+
+    @property
+    def reading(self) -> tuple[int, int, float, bool]:
+        """How the library reads a row: (features, precision, missing, flush_zero)."""
+        return self.n_features, self.precision, self.missing, self.flush_zero
 
     def explain(self, X: np.ndarray, output: np.ndarray | int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(attributions (rows, features), base value (rows,), explained output (rows,)) for the
@@ -311,6 +302,26 @@ class TreeEnsemble:
             ok = len(np.unique(unit)) == units and bool(np.all(np.diff(t["unit_tab"]) == size))
         if not ok:
             raise ValueError("tree ensemble arrays are inconsistent")
+
+
+def library_rows(X, reading: tuple[int, int, float, bool]) -> np.ndarray:
+    """The rows as the model's library reads them (`reading`: TreeEnsemble.reading): float64,
+    rounded to float32 first where the library does that, its `missing` value made NaN."""
+    n_features, precision, missing, flush_zero = reading
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[1] != n_features:
+        raise ValueError(f"expected a (rows, {n_features}) matrix, got {X.shape}")
+    if precision == 32:
+        narrow = X.astype(np.float32)
+        if not math.isnan(missing):  # XGBoost compares with its missing value in float32
+            narrow[narrow == np.float32(missing)] = np.nan
+        return np.ascontiguousarray(narrow, np.float64)
+    X = np.array(X, np.float64, order="C", copy=True)
+    if flush_zero:  # LightGBM reads a dense row's |x| <= 1e-35 as an absent value: 0.0
+        X[np.abs(X) <= ZERO_EPSILON] = 0.0
+    if not math.isnan(missing):
+        X[X == missing] = np.nan
+    return X
 
 
 # -- precomputation ------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""A thousand models at the speed of one: anomaly artifacts held in pools score the rows of
-many models in one pass, and every score equals the one the model's own artifact gives."""
+"""A thousand models at the speed of one: artifacts held in pools (anomaly detection, explanations)
+enrich the rows of many models in one pass, and every value equals the one the model's own artifact gives."""
 
 import numpy as np
 import orjson
@@ -8,19 +8,22 @@ import pyarrow.parquet as pq
 import pytest
 from enricher.models import ENRICHMENTS
 from enricher.models.artifact import ArtifactStore
-from enricher.models.enrichment import InferenceBatch
+from enricher.models.catalog import model_outputs
+from enricher.models.enrichment import InferenceBatch, published_parameters, version_column
 from enricher.models.reference import normalise
 from enricher.models.registry import ModelRegistry
 from enricher.models.spec import ModelSpec
 
 from enricher import sample
+from enricher.stream.batch import BatchProcessor
 from enricher.stream.contract import parse_batch
-from enricher.stream.enrich import enrich_many
 from enricher.stream.serving import Serving
 
 AD = "anomaly_detection"
+EX = "explainability"
+BLOB = {AD: "forest.npz", EX: "ensemble.npz"}  # the file of each that holds its trees
 
-OTHER = {"task": "regression", "features": [{"name": "a", "type": "numeric"}, {"name": "b", "type": "numeric"},
+OTHER = {"task": "regression", "features": [{"name": "a", "type": "numeric", "nullable": True}, {"name": "b", "type": "numeric"},
                                             {"name": "kind", "type": "categorical"},
                                             {"name": "c", "type": "numeric"}, {"name": "city", "type": "categorical"}]}
 
@@ -34,9 +37,10 @@ def other_reference(n: int, seed: int) -> pa.Table:
                      "prediction": rng.normal(size=n)})
 
 
-def fit(model_id: str, schema: dict, reference: pa.Table, trees: int):
+def fit(model_id: str, schema: dict, reference: pa.Table, trees: int, name: str = AD):
     spec = ModelSpec.from_json(model_id, schema)
-    return spec, ENRICHMENTS[AD].fit(spec, normalise(spec, reference), {"n_estimators": trees, "random_state": 3})
+    config = {"n_estimators": trees, "random_state": 3} | ({"max_depth": 3, "min_fidelity": -1} if name == EX else {})
+    return spec, ENRICHMENTS[name].fit(spec, normalise(spec, reference), config)
 
 
 def hostile_batch(spec: ModelSpec, reference: pa.Table, n: int, seed: int) -> InferenceBatch:
@@ -115,86 +119,128 @@ def world(tmp_path):
     return registry, store, tmp_path
 
 
-def register(world, model_id: str, schema: dict, reference: pa.Table):
+def register(world, model_id: str, schema: dict, reference: pa.Table, name: str = AD):
     registry, _, tmp = world
     path = tmp / f"{model_id}.parquet"
     pq.write_table(reference, path)
     registry.register(model_id, schema, path)
-    registry.set_enrichment(model_id, AD, True)
+    registry.set_enrichment(model_id, name, True)
 
 
-def publish(world, model_id: str, schema: dict, reference: pa.Table, trees: int = 10) -> int:
+def publish(world, model_id: str, schema: dict, reference: pa.Table, trees: int = 10, name: str = AD) -> int:
     registry, store, _ = world
-    _, fitted = fit(model_id, schema, reference, trees)
-    version = store.publish(model_id, AD, fitted.to_blobs(), reference.num_rows, fitted.parameters).version
+    _, fitted = fit(model_id, schema, reference, trees, name)
+    version = store.publish(model_id, name, fitted.to_blobs(), reference.num_rows,
+                            published_parameters(fitted)).version
     registry.touch()
     return version
 
 
-def scores_by_model(serving: Serving, messages: list[bytes]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """What the stream writes for each model: (anomaly_score, its version column), by model,
-    read from the rows it would insert (None where a model's column is all NULL)."""
+def storage_columns(serving: Serving, model_id: str, name: str) -> dict[str, str]:
+    """The enrichment's columns for the model: storage column -> its name in the model's view."""
+    outputs = dict(model_outputs(serving.spec(model_id)))[name]
+    return {o.storage: o.name for o in outputs} | {version_column(name): version_column(name)}
+
+
+def scores_by_model(serving: Serving, messages: list[bytes], name: str = AD) -> dict[str, dict | None]:
+    """What the stream writes for each model: the enrichment's columns (its version column
+    included) by their names in the model's view, read from the rows it would insert; None
+    for a model whose columns are all NULL."""
     parsed = parse_batch(messages, [0] * len(messages), list(range(len(messages))), serving.spec, 1 << 20)
     assert not parsed.dead
-    table = enrich_many([(rows, serving.active(m)) for m, rows in parsed.models.items()], 0)
+    table, _ = BatchProcessor(None, serving, None).enrich(parsed, 0)  # as the stream does, layout by layout
     model_of = np.asarray(table.column("model_id").to_pylist())
     result = {}
     for model_id in parsed.models:
         mine = pa.array(model_of == model_id)
-        got = []
-        for col in ("anomaly_score", "anomaly_detection_version"):
-            arr = table.column(col).filter(mine) if col in table.column_names else None
-            got.append(None if arr is None or arr.null_count == len(arr) else arr.to_numpy())
-        result[model_id] = tuple(got)
+        got = {}
+        for storage, col in storage_columns(serving, model_id, name).items():
+            if storage in table.column_names:
+                got[col] = table.column(storage).filter(mine).combine_chunks()
+        result[model_id] = got if any(a.null_count < len(a) for a in got.values()) else None
     return result
 
 
-def own_scores(world, serving: Serving, messages: list[bytes], model_id: str, version: int) -> np.ndarray:
+def own_scores(world, serving: Serving, messages: list[bytes], model_id: str, version: int,
+               name: str = AD) -> dict[str, pa.Array]:
     """The model's own artifact, loaded afresh from the store, on the model's rows alone."""
     registry, store, _ = world
     mine = [m for m in messages if orjson.loads(m)["model_id"] == model_id]
     parsed = parse_batch(mine, [0] * len(mine), list(range(len(mine))), serving.spec, 1 << 20)
     spec = registry.get(model_id)
-    artifact = store.load(model_id, AD, version)
-    fitted = ENRICHMENTS[AD].load(spec, artifact.manifest, artifact.blobs)
-    return fitted.transform(parsed.models[model_id].batch())["anomaly_score"].to_numpy()
+    artifact = store.load(model_id, name, version)
+    fitted = ENRICHMENTS[name].load(spec, artifact.manifest, artifact.blobs)
+    return fitted.transform(parsed.models[model_id].batch())
 
 
-def test_the_stream_scores_a_mixed_piece_through_pools_as_each_model_would_alone(world):
+def assert_own(got: dict[str, pa.Array], own: dict[str, pa.Array], version: int, why: str = "") -> None:
+    """The stream's columns for a model are its own artifact's (to 1e-12, NULL where it gave NULL),
+    each row stamped with the artifact's version."""
+    for col, want in own.items():
+        assert got[col].is_null().equals(want.is_null()), f"{col} {why}"
+        np.testing.assert_allclose(got[col].to_numpy(zero_copy_only=False), want.to_numpy(zero_copy_only=False),
+                                   rtol=0, atol=1e-12, err_msg=f"{col} {why}")
+    versions = [v for v in got[next(c for c in got if c.endswith("_version"))].to_pylist()]
+    assert set(versions) == {version}, why
+
+
+def other_messages(n: int, model_ids: list[str], seed: int) -> list[bytes]:
+    """Inferences of OTHER's layout (a regression with two categorical features), some values missing."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        features = {"a": float(rng.normal()), "b": float(rng.exponential()), "kind": str(rng.choice(["x", "y", "w"])),
+                    "c": float(rng.integers(0, 4)), "city": str(rng.choice(["c1", "c2", "c9"]))}
+        if i % 5 == 0:
+            features["a"] = None
+        out.append(orjson.dumps({"model_id": model_ids[i % len(model_ids)], "inference_id": f"other-{i}",
+                                 "timestamp": 1_796_526_074_610 + i, "features": features,
+                                 "prediction": float(rng.normal())}))
+    return out
+
+
+@pytest.mark.parametrize("name", [AD, EX])
+def test_the_stream_enriches_a_mixed_piece_through_pools_as_each_model_would_alone(world, name):
+    """Models of two layouts in one piece, one enabled but never trained, one whose artifact is
+    refused, one swapped to a new version mid-stream: every model's columns are its own artifact's."""
     registry, store, _ = world
     ids = [f"m{i}" for i in range(8)]
+    others = ["o0", "o1"]
     for i, m in enumerate(ids):
-        register(world, m, sample.SCHEMA, sample.reference_table(500, seed=100 + i))
+        register(world, m, sample.SCHEMA, sample.reference_table(500, seed=100 + i), name)
+    for i, m in enumerate(others):
+        register(world, m, OTHER, other_reference(400, seed=300 + i), name)
+        publish(world, m, OTHER, other_reference(400, seed=300 + i), name=name)
     for m in ids[:6]:  # m6: enabled, never trained; m7: its artifact is refused
-        publish(world, m, sample.SCHEMA, sample.reference_table(500, seed=100 + ids.index(m)))
-    bad = publish(world, "m7", sample.SCHEMA, sample.reference_table(500, seed=107))
-    store.files.write(store.files.path("m7", AD, f"v{bad:06d}", "forest.npz"), b"corrupted")
+        publish(world, m, sample.SCHEMA, sample.reference_table(500, seed=100 + ids.index(m)), name=name)
+    bad = publish(world, "m7", sample.SCHEMA, sample.reference_table(500, seed=107), name=name)
+    store.files.write(store.files.path("m7", name, f"v{bad:06d}", BLOB[name]), b"corrupted")
+    served = ids[:6] + others
 
     serving = Serving(registry, store, min_refresh=0)
     serving.maintain()  # loads every model ahead of its first batch, and pools
-    assert all(serving.active(m)[AD].pooled is not None for m in ids[:6])
+    assert all(serving.active(m)[name].pooled is not None for m in served)
     assert serving.active("m6") == {} and serving.active("m7") == {}
+    assert serving.active("o0")[name].pooled[0] is not serving.active("m0")[name].pooled[0]  # a pool per layout
     messages, _ = sample.inferences(600, anomalies=12, seed=3, model_id=ids)
+    messages += other_messages(200, others, seed=4)
 
-    got = scores_by_model(serving, messages)
-    for m in ids[:6]:
-        np.testing.assert_allclose(got[m][0], own_scores(world, serving, messages, m, 1), rtol=0, atol=1e-12)
-        assert set(got[m][1]) == {1}
-    assert got["m6"] == (None, None) and got["m7"] == (None, None)
+    got = scores_by_model(serving, messages, name)
+    for m in served:
+        assert_own(got[m], own_scores(world, serving, messages, m, 1, name), 1, m)
+    assert got["m6"] is None and got["m7"] is None
 
     # m2 gets a new version mid-stream: it serves on its own until the next tick pools it
-    v2 = publish(world, "m2", sample.SCHEMA, sample.reference_table(500, seed=999))
+    v2 = publish(world, "m2", sample.SCHEMA, sample.reference_table(500, seed=999), name=name)
     serving.refresh()
-    assert serving.active("m2")[AD].pooled is None and serving.active("m2")[AD].version == v2
+    assert serving.active("m2")[name].pooled is None and serving.active("m2")[name].version == v2
     for when in ("before pooling", "after pooling"):
-        got = scores_by_model(serving, messages)
-        for m in ids[:6]:
+        got = scores_by_model(serving, messages, name)
+        for m in served:
             version = v2 if m == "m2" else 1
-            np.testing.assert_allclose(got[m][0], own_scores(world, serving, messages, m, version),
-                                       rtol=0, atol=1e-12, err_msg=f"{m} {when}")
-            assert set(got[m][1]) == {version}
+            assert_own(got[m], own_scores(world, serving, messages, m, version, name), version, f"{m} {when}")
         serving.maintain()
-    assert all(serving.active(m)[AD].pooled is not None for m in ids[:6])
+    assert all(serving.active(m)[name].pooled is not None for m in served)
 
 
 def test_a_pool_that_fails_on_a_batch_hands_each_model_its_own_rows(world, monkeypatch, caplog):
@@ -216,5 +262,4 @@ def test_a_pool_that_fails_on_a_batch_hands_each_model_its_own_rows(world, monke
     got = scores_by_model(serving, messages)
     assert "a pool of 3 models failed" in caplog.text
     for m in ids:  # every row still scored, by its own model
-        np.testing.assert_allclose(got[m][0], own_scores(world, serving, messages, m, 1), rtol=0, atol=1e-12)
-        assert set(got[m][1]) == {1}
+        assert_own(got[m], own_scores(world, serving, messages, m, 1), 1, m)
