@@ -600,7 +600,8 @@ def chart(results: dict, path: Path) -> None:
 SPREAD = [("one inference/message vs batched Faust agent", "worker_single_anomaly", "faust_batched_agent"),
           ("JSON-array messages vs raw pipe", "worker_json_batches_anomaly", "raw_pipe_orjson"),
           ("Arrow IPC messages vs raw pipe", "worker_arrow_batches_anomaly", "raw_pipe_orjson"),
-          ("1,000 models vs 1 model", "worker_1000_models", "worker_1_model")]
+          ("1,000 models vs 1 model", "worker_1000_models", "worker_1_model"),
+          ("1,000 models vs 1 model, with explanations", "worker_1000_models_explain", "worker_1_model_explain")]
 
 
 def targets(results: dict) -> list[dict]:
