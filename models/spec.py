@@ -7,6 +7,7 @@ shared by training (which fits artifacts on reference data) and serving
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,9 @@ class Column:
         return self.type == "numeric"
 
 
+_LAYOUT_IDS: dict[tuple, int] = {}  # a process sees a handful of layouts, however many models
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     model_id: str
@@ -103,12 +107,18 @@ class ModelSpec:
     def columns(self) -> tuple[Column, ...]:
         return self.features + self.attributes
 
-    @property
+    @functools.cached_property  # read per model and batch; a spec never changes
     def layout(self) -> tuple:
         """What an inference of this model looks like: models with the same
         layout are validated and stored together (sensitivity plays no part)."""
         return (self.prediction_type, tuple((c.name, c.type, c.nullable) for c in self.features),
                 tuple((c.name, c.type) for c in self.attributes))
+
+    @functools.cached_property
+    def layout_id(self) -> int:
+        """A small number per distinct layout in this process (equal layouts, equal numbers):
+        what the stream groups models by, per model and batch, without hashing the layout."""
+        return _LAYOUT_IDS.setdefault(self.layout, len(_LAYOUT_IDS))
 
     def to_json(self) -> dict:
         def col(c: Column) -> dict:

@@ -16,20 +16,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enricher.store.clickhouse import FIXED_COLUMNS, spec_columns
-from enricher.stream.contract import joined as join_rows
+from enricher.stream.contract import Joined
 
 
-def storage_group(spec) -> tuple:
-    """`group_key`, remembered per spec object (specs are immutable; called per model and batch)."""
+def storage_group(spec) -> int:
+    """`group_key` as a small number (equal keys, equal numbers), remembered per spec object
+    (specs are immutable; called per model and batch, where hashing the key would cost)."""
     known = _GROUPS.get(id(spec))
     if known is None or known[0] is not spec:
         if len(_GROUPS) > 100_000:
             _GROUPS.clear()
-        known = _GROUPS[id(spec)] = (spec, group_key(spec))
+        key = group_key(spec)
+        known = _GROUPS[id(spec)] = (spec, _GROUP_IDS.setdefault(key, len(_GROUP_IDS)))
     return known[1]
 
 
 _GROUPS: dict[int, tuple] = {}
+_GROUP_IDS: dict[tuple, int] = {}
 
 
 def group_key(spec) -> tuple:
@@ -62,9 +65,7 @@ def storage_rows(parts: list, outputs: dict[str, list[tuple[int, int, pa.Array]]
             arrays.append(pa.nulls(n - starts[at], arrow_type))
         columns[col] = arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
-    def joined(get) -> pa.Array:
-        return join_rows(parts, get)
-
+    joined = Joined(parts)
     model_ids = pa.array([rows.spec.model_id for rows in parts])
     owner = np.repeat(np.arange(len(parts), dtype=np.int32), counts)
     columns["model_id"] = pa.DictionaryArray.from_arrays(owner, model_ids).cast(pa.string())

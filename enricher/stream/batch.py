@@ -142,7 +142,7 @@ class BatchProcessor:
         """Every model's rows in the storage layout, and each row's origin in the batch."""
         if ingested_at_us is None:
             ingested_at_us = time.time_ns() // 1000
-        groups: dict[tuple, list] = {}
+        groups: dict[int, list] = {}
         for model_id, rows in parsed.models.items():
             groups.setdefault(storage_group(rows.spec), []).append((rows, self.serving.active(model_id)))
         tables = [enrich_many(parts, ingested_at_us) for parts in groups.values()]

@@ -229,9 +229,9 @@ def _parse_batch(values, partitions, offsets, specs, max_bytes, content_types) -
     # twice as slow at 1,000 models), and the validated columns are then put in
     # model order with one `take`, so each model's rows are contiguous and its
     # columns are slices of the group's.
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[int, list[str]] = {}
     for model_id in items.by_model:
-        groups.setdefault(specs(model_id).layout, []).append(model_id)
+        groups.setdefault(specs(model_id).layout_id, []).append(model_id)
     for model_ids in groups.values():
         lists = [items.by_model[m] for m in model_ids]
         if len(lists) == 1:
@@ -492,19 +492,37 @@ class SlicedRows(ModelRows):
 def joined(parts: list[ModelRows], get: Callable):
     """`get(rows)` (an Arrow array or a numpy array) of each part, one after the other: one slice
     of the group's column when the parts are consecutive slices of one group (SlicedRows)."""
+    return Joined(parts)(get)
+
+
+class Joined:
+    """`joined` for several columns of the same parts: whether they are consecutive slices of
+    one group is found once, not once per column (at 5,000 models, 5,000 parts x 30 columns)."""
+
+    def __init__(self, parts: list[ModelRows]):
+        self.parts = parts
+        self.whole = _covering(parts) if len(parts) > 1 else None
+
+    def __call__(self, get: Callable):
+        if len(self.parts) == 1:
+            return get(self.parts[0])
+        if self.whole is not None:
+            return self.whole._cut(get(self.whole.source))
+        arrays = [get(p) for p in self.parts]
+        return np.concatenate(arrays) if isinstance(arrays[0], np.ndarray) else pa.concat_arrays(arrays)
+
+
+def _covering(parts: list[ModelRows]) -> "SlicedRows | None":
+    """One slice covering the parts, if they are consecutive slices of one group."""
     first = parts[0]
-    if len(parts) == 1:
-        return get(first)
-    if isinstance(first, SlicedRows):
-        at = first.start
-        for p in parts:
-            if not (isinstance(p, SlicedRows) and p.source is first.source and p.start == at):
-                break
-            at += p.count
-        else:
-            return SlicedRows(first.source, first.spec, first.start, at - first.start)._cut(get(first.source))
-    arrays = [get(p) for p in parts]
-    return np.concatenate(arrays) if isinstance(arrays[0], np.ndarray) else pa.concat_arrays(arrays)
+    if not isinstance(first, SlicedRows):
+        return None
+    at = first.start
+    for p in parts:
+        if not (isinstance(p, SlicedRows) and p.source is first.source and p.start == at):
+            return None
+        at += p.count
+    return SlicedRows(first.source, first.spec, first.start, at - first.start)
 
 
 def _concat(parts: list[ModelRows]) -> ModelRows:

@@ -12,7 +12,7 @@ from enricher import metrics
 from enricher.models.catalog import checked_output, model_outputs
 from enricher.models.enrichment import InferenceBatch, version_column
 from enricher.store.rows import storage_rows
-from enricher.stream.contract import ModelRows, joined
+from enricher.stream.contract import Joined, ModelRows
 from enricher.stream.serving import Active
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,11 @@ def _apply(name: str, rows: ModelRows, act: Active) -> dict[str, pa.Array] | Non
 def pooled_batch(parts: list[ModelRows], features: list[str]) -> InferenceBatch:
     """The rows of several models (of one layout) as one batch, for a pool: its columns only
     `features`, its spec the first model's (a pool reads each row's model from its member)."""
-    return InferenceBatch(parts[0].spec, {f: joined(parts, lambda r, f=f: r.values[f]) for f in features},
+    joined = Joined(parts)
+    return InferenceBatch(parts[0].spec, {f: joined(lambda r, f=f: r.values[f]) for f in features},
                           sum(rows.num_rows for rows in parts),
-                          prediction=joined(parts, lambda r: r.prediction), label=joined(parts, lambda r: r.label),
-                          inference_id=joined(parts, lambda r: r.inference_id),
-                          timestamp=joined(parts, lambda r: r.timestamp))
+                          prediction=joined(lambda r: r.prediction), label=joined(lambda r: r.label),
+                          inference_id=joined(lambda r: r.inference_id), timestamp=joined(lambda r: r.timestamp))
 
 
 def _apply_pooled(name: str, parts: list[ModelRows], acts: list[Active]) -> dict[str, pa.Array] | None:
