@@ -21,7 +21,10 @@ What the stream relies on, and why each is checked:
   batches anywhere (by size, time, partition, model), so transforming a slice
   must give that slice of the whole batch's values; an empty batch gives empty
   columns;
-- values are finite (NULL where not computed) and inside declared bounds.
+- values are finite (NULL where not computed) and inside declared bounds;
+- where it pools (`pool`), each artifact is in one pool at most, and a pool
+  gives the rows of several models, mixed in one batch, what each model's own
+  artifact gives them.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def check_enrichment(enrichment: Enrichment, models: list[tuple[ModelSpec, pa.Ta
     else:
         raise AssertionError(f"{name}.check_config accepts a setting it does not know")
 
-    used = []
+    used, served = [], []
     for spec, reference in models or sample_models():
         try:
             enrichment.check_model(spec, reference.schema)
@@ -101,8 +104,10 @@ def check_enrichment(enrichment: Enrichment, models: list[tuple[ModelSpec, pa.Ta
             continue
         used.append(spec.model_id)
         _check_outputs(enrichment, spec)
-        _check_fitted(enrichment, spec, reference, defaults)
+        served.append((spec, _check_fitted(enrichment, spec, reference, defaults)))
     assert used, f"{name}: no sample model could use it"
+    if getattr(enrichment, "pool", None) is not None:
+        _check_pool(enrichment, served, models or sample_models(), defaults)
     return used
 
 
@@ -158,6 +163,52 @@ def _check_fitted(enrichment: Enrichment, spec: ModelSpec, reference: pa.Table, 
                      f"{name}.{col}: a row's value depends on the other rows of its batch")
     empty = checked_output(name, spec, loaded.transform(batch.slice(0, 0)), 0)
     assert all(len(a) == 0 for a in empty.values()), f"{name}: an empty batch must give empty columns"
+    return loaded
+
+
+def _check_pool(enrichment: Enrichment, served: list, models: list, config: dict) -> None:
+    """Each model twice (fitted on each half of its reference: two artifacts of one layout),
+    pooled; every pool's rows of one layout, mixed in one batch, against each artifact alone."""
+    name = enrichment.name
+    references = dict((spec.model_id, reference) for spec, reference in models)
+    members = []  # (spec, artifact, batch)
+    for spec, loaded in served:
+        reference = references[spec.model_id]
+        half = reference.num_rows // 2
+        other = enrichment.fit(spec, reference.slice(half), config)
+        batch = InferenceBatch.from_reference(spec, reference)
+        members += [(spec, loaded, batch.slice(0, 150)), (spec, other, batch.slice(half, 130))]
+    own = [checked_output(name, spec, a.transform(b), b.num_rows) for spec, a, b in members]
+    pools = enrichment.pool([a for _, a, _ in members])
+    placed = [i for _, idx in pools for i in idx]
+    assert len(placed) == len(set(placed)) and set(placed) <= set(range(len(members))), \
+        f"{name}.pool: each artifact in one pool at most, given by its position"
+    for pool, idx in pools:
+        layouts: dict[tuple, list[int]] = {}  # the stream hands a pool one layout's rows at a time
+        for k, i in enumerate(idx):
+            layouts.setdefault(members[i][0].layout, []).append(k)
+        for ks in layouts.values():
+            order = ks[::-1] + ks  # out of order, each member in two runs
+            batches = [members[idx[k]][2] for k in order]
+            mixed = _concat(batches, pool.features)
+            member = np.repeat(np.asarray(order, np.intp), [b.num_rows for b in batches])
+            out = checked_output(name, members[idx[order[0]]][0], pool.transform(mixed, member), mixed.num_rows)
+            at = 0
+            for k, b in zip(order, batches):
+                for col, arr in own[idx[k]].items():
+                    _assert_same(out[col].slice(at, b.num_rows), arr,
+                                 f"{name}.pool: {col} of a pooled row differs from its own artifact's")
+                at += b.num_rows
+
+
+def _concat(batches: list[InferenceBatch], features: list[str]) -> InferenceBatch:
+    def joined(get):
+        return pa.concat_arrays([get(b) for b in batches])
+
+    return InferenceBatch(batches[0].spec, {f: joined(lambda b, f=f: b.columns[f]) for f in features},
+                          sum(b.num_rows for b in batches), prediction=joined(lambda b: b.prediction),
+                          label=joined(lambda b: b.label), inference_id=joined(lambda b: b.inference_id),
+                          timestamp=joined(lambda b: b.timestamp))
 
 
 def _assert_same(a: pa.Array, b: pa.Array, message: str) -> None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from enricher.models import ENRICHMENTS
@@ -88,6 +89,21 @@ def test_the_check_catches_an_artifact_that_depends_on_its_batch():
 
     bad = _Broken(AD, fit=lambda *a: Batchy(AD.fit(*a)), load=lambda *a: Batchy(AD.load(*a)))
     with pytest.raises(AssertionError, match="depends on the other rows"):
+        check_enrichment(bad)
+
+
+def test_the_check_catches_a_pool_that_mixes_up_its_models():
+    class Mixed:
+        """Every row scored by the pool's first model."""
+
+        def __init__(self, pool):
+            self.inner, self.features = pool, pool.features
+
+        def transform(self, batch, member):
+            return self.inner.transform(batch, np.zeros_like(member))
+
+    bad = _Broken(AD, pool=lambda artifacts: [(Mixed(p), idx) for p, idx in AD.pool(artifacts)])
+    with pytest.raises(AssertionError, match="pooled row differs from its own"):
         check_enrichment(bad)
 
 
