@@ -190,7 +190,7 @@ def _check_pool(enrichment: Enrichment, served: list, models: list, config: dict
         for ks in layouts.values():
             order = ks[::-1] + ks  # out of order, each member in two runs
             batches = [members[idx[k]][2] for k in order]
-            mixed = _concat(batches, pool.features)
+            mixed = InferenceBatch.concat(batches, pool.features)
             member = np.repeat(np.asarray(order, np.intp), [b.num_rows for b in batches])
             out = checked_output(name, members[idx[order[0]]][0], pool.transform(mixed, member), mixed.num_rows)
             at = 0
@@ -199,16 +199,6 @@ def _check_pool(enrichment: Enrichment, served: list, models: list, config: dict
                     _assert_same(out[col].slice(at, b.num_rows), arr,
                                  f"{name}.pool: {col} of a pooled row differs from its own artifact's")
                 at += b.num_rows
-
-
-def _concat(batches: list[InferenceBatch], features: list[str]) -> InferenceBatch:
-    def joined(get):
-        return pa.concat_arrays([get(b) for b in batches])
-
-    return InferenceBatch(batches[0].spec, {f: joined(lambda b, f=f: b.columns[f]) for f in features},
-                          sum(b.num_rows for b in batches), prediction=joined(lambda b: b.prediction),
-                          label=joined(lambda b: b.label), inference_id=joined(lambda b: b.inference_id),
-                          timestamp=joined(lambda b: b.timestamp))
 
 
 def _assert_same(a: pa.Array, b: pa.Array, message: str) -> None:

@@ -113,6 +113,18 @@ class InferenceBatch:
                               timestamp=self.timestamp.slice(offset, n))
 
     @classmethod
+    def concat(cls, batches: list["InferenceBatch"], features: list[str]) -> "InferenceBatch":
+        """Batches (of several models of one layout) one after the other, columns only
+        `features`, spec the first's: what a pool gets (the conformance check, tests)."""
+        def joined(get):
+            return pa.concat_arrays([get(b) for b in batches])
+
+        return cls(batches[0].spec, {f: joined(lambda b, f=f: b.columns[f]) for f in features},
+                   sum(b.num_rows for b in batches), prediction=joined(lambda b: b.prediction),
+                   label=joined(lambda b: b.label), inference_id=joined(lambda b: b.inference_id),
+                   timestamp=joined(lambda b: b.timestamp))
+
+    @classmethod
     def from_reference(cls, spec: ModelSpec, table: pa.Table) -> "InferenceBatch":
         """Normalised reference rows as a batch (training's validate step, the conformance check)."""
         import time

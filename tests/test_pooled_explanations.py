@@ -12,13 +12,14 @@ import pytest
 import xgboost
 from enricher.models import ENRICHMENTS, usermodels
 from enricher.models.encoding import FeatureEncoder
+from enricher.models.enrichment import InferenceBatch
 from enricher.models.explainability import ExplainabilityArtifact
 from enricher.models.reference import normalise
 from enricher.models.spec import ModelSpec
 from enricher.models.treepool import EnsemblePool, can_pool
 
 from enricher import sample
-from tests.test_pooled_scoring import OTHER, concat, hostile_batch, other_reference
+from tests.test_pooled_scoring import OTHER, hostile_batch, other_reference
 
 EX = ENRICHMENTS["explainability"]
 
@@ -198,7 +199,7 @@ def test_pooled_explanations_equal_each_models_own_artifact():
             batch.inference_id = pa.array([f"{i}-{k}-{r}" for r in range(batch.num_rows)])
             batches.append(batch)
         member = np.repeat([idx.index(i) for i in order], [b.num_rows for b in batches])
-        pooled = pool.transform(concat(batches, pool.features), member)
+        pooled = pool.transform(InferenceBatch.concat(batches, pool.features), member)
         own = [models[i][1].transform(b) for i, b in zip(order, batches)]
         assert set(pooled) == set(own[0])
         for col in pooled:

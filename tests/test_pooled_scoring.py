@@ -66,16 +66,6 @@ def hostile_batch(spec: ModelSpec, reference: pa.Table, n: int, seed: int) -> In
                           timestamp=pa.array(np.zeros(n, "datetime64[ms]"), pa.timestamp("ms", tz="UTC")))
 
 
-def concat(batches: list[InferenceBatch], features: list[str]) -> InferenceBatch:
-    """Batches of several models one after the other, as the stream hands them to a pool."""
-    def joined(get):
-        return pa.concat_arrays([get(b) for b in batches])
-    return InferenceBatch(batches[0].spec, {f: joined(lambda b, f=f: b.columns[f]) for f in features},
-                          sum(b.num_rows for b in batches), prediction=joined(lambda b: b.prediction),
-                          label=joined(lambda b: b.label), inference_id=joined(lambda b: b.inference_id),
-                          timestamp=joined(lambda b: b.timestamp))
-
-
 def test_pooled_scores_equal_each_models_own_on_mixed_layouts_and_forest_sizes():
     models = []  # (spec, artifact, reference)
     for i in range(7):  # the sample's layout, three forest sizes (one of them alone)
@@ -92,7 +82,7 @@ def test_pooled_scores_equal_each_models_own_on_mixed_layouts_and_forest_sizes()
         order = [idx[k % len(idx)] for k in (0, 2, 1, 3, 0, 1)]  # a model twice, out of order
         batches = [hostile_batch(models[i][0], models[i][2], 17 + 5 * k, seed=k) for k, i in enumerate(order)]
         member = np.repeat([idx.index(i) for i in order], [b.num_rows for b in batches])
-        pooled = pool.transform(concat(batches, pool.features), member)["anomaly_score"].to_numpy()
+        pooled = pool.transform(InferenceBatch.concat(batches, pool.features), member)["anomaly_score"].to_numpy()
         own = np.concatenate([models[i][1].transform(b)["anomaly_score"].to_numpy() for i, b in zip(order, batches)])
         assert len(pooled) == sum(b.num_rows for b in batches)
         np.testing.assert_allclose(pooled, own, rtol=0, atol=1e-12)
